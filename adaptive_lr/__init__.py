@@ -1,0 +1,8 @@
+"""ActiveLR optimizers (per-element learning-rate gains driven by epoch-gradient signs) and the
+GreedyLR scheduler for PyTorch, with fused CPU kernels."""
+
+from .backends import available_backends
+from .optim import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+
+__all__ = ["ActiveAdaBelief", "ActiveAdamW", "ActiveRAdam", "ActiveSGD", "available_backends"]
+__version__ = "0.1.0"

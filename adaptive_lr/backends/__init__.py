@@ -1,0 +1,65 @@
+"""Backend registry: each backend is a module with ``unavailable_reason(device) -> str | None``
+(None when it can run on that device) and ``step(bucket) -> None`` (see ``bucket.py``)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+from .bucket import Boundary, Bucket
+
+# Names in order of preference for "auto" (fastest first); "reference" is never auto's choice.
+_AUTO_ORDER = {"cpu": ("cpu", "foreach"), "cuda": ("cuda", "triton", "foreach")}
+NAMES = ("reference", "foreach", "cpu", "cuda", "triton")
+
+__all__ = ["Boundary", "Bucket", "NAMES", "available_backends", "resolve"]
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+    return _module(name).unavailable_reason(torch.device(device))
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The backends that can step tensors on ``device``, e.g. ``["reference", "foreach", "cpu"]``."""
+    return [n for n in NAMES if unavailable_reason(n, device) is None]
+
+
+_warned_fallback: set[str] = set()
+
+
+def resolve(name: str, device: torch.device):
+    """The ``step`` function of backend ``name`` for ``device``.
+
+    ``"auto"`` (or the ``ADAPTIVE_LR_BACKEND`` environment variable, which overrides it) picks the
+    fastest available; an explicitly named backend that cannot run raises instead of falling back.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        name = os.environ.get("ADAPTIVE_LR_BACKEND", "auto")
+    if name != "auto":
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise RuntimeError(f"adaptive_lr backend {name!r} is unavailable on {device}: {reason}")
+        return _module(name).step
+    preferred = _AUTO_ORDER.get(device.type, ("foreach",))
+    for candidate in preferred:
+        if unavailable_reason(candidate, device) is None:
+            if candidate != preferred[0] and device.type not in _warned_fallback:
+                _warned_fallback.add(device.type)
+                why = unavailable_reason(preferred[0], device)
+                warnings.warn(
+                    f"adaptive_lr: the fused {preferred[0]!r} backend is unavailable ({why}); "
+                    f"using {candidate!r}, which is much slower",
+                    stacklevel=3,
+                )
+            return _module(candidate).step
+    return _module("foreach").step

@@ -1,0 +1,76 @@
+"""The one object every backend receives: one optimizer step's work for one (device, dtype) group
+of tensors, with the scalars that are the same for all of them.
+
+A backend is a callable ``backend(bucket) -> None`` that performs, in place and for every tensor
+index ``i`` of the bucket, exactly the per-element step the spec defines:
+
+1. the epoch boundary named by ``bucket.boundary`` (uniform across the bucket):
+   ``ROLL``   prev_sign <- sign(grad_sum); grad_sum <- 0
+   ``UPDATE`` gain <- clamp(gain + gain_inc if prev_sign * sign(grad_sum) > 0 else gain * gain_dec,
+                            min_gain, max_gain); then as ROLL
+   The boundary is applied even when ``found_inf`` is set (it never reads this step's gradient).
+2. if ``found_inf`` is given and non-zero: nothing else (no accumulation, no update, step unchanged);
+3. g = grad / grad_scale (if given), negated when ``maximize``; grad_sum += g (float32);
+   step += 1;
+4. the base optimizer's update of param and its state with the per-element lr ``lr * gain``.
+
+State dtypes: gain and grad_sum float32, prev_sign int8, step a float32 0-dim tensor on the
+param's device; moments float64 for float64 params, else float32 (also for bf16/fp16 params,
+whose math runs in float32).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class Boundary(enum.IntEnum):
+    """What the first step of an epoch does before its own update (the spec's fusion rule)."""
+
+    NONE = 0  # mid-epoch step
+    ROLL = 1  # the param's first boundary: no previous sign to compare with, only roll over
+    UPDATE = 2  # compare signs, update the gain, then roll over
+
+
+# The base-optimizer state each optimizer keeps, by torch.optim's key names.
+STATE_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum_buffer",),
+    "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    "radam": ("exp_avg", "exp_avg_sq"),
+    "adabelief": ("exp_avg", "exp_avg_var", "max_exp_avg_var"),
+}
+# Keys that exist only when the group's ``amsgrad`` is on.
+AMSGRAD_KEYS = frozenset({"max_exp_avg_sq", "max_exp_avg_var"})
+
+
+@dataclass
+class Bucket:
+    optimizer: str  # a key of STATE_KEYS
+    params: list[Tensor]
+    grads: list[Tensor]
+    gains: list[Tensor]
+    grad_sums: list[Tensor]
+    prev_signs: list[Tensor]
+    steps: list[Tensor]
+    # base state lists by key; amsgrad-only keys are present only when amsgrad is on
+    state: dict[str, list[Tensor]]
+    # the param group's hyperparameters (lr may be a float or a 0-dim tensor)
+    hyper: dict
+    boundary: Boundary = Boundary.NONE
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    device: torch.device = field(init=False)
+    dtype: torch.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Moments are float64 for float64 params, float32 otherwise (low-precision params too)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32

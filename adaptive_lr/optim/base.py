@@ -1,0 +1,306 @@
+"""What the four Active optimizers share: the epoch clock, lazy state, bucketing by
+(device, dtype, boundary), validation before mutation, and a dtype-preserving state load."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.bucket import AMSGRAD_KEYS, STATE_KEYS, Boundary, Bucket, state_dtype
+from ..backends.reference import apply_boundary
+
+# The epoch clock kept in every param group (identical in all of them: one clock per optimizer).
+CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending")
+# Per-param bookkeeping: the epoch its grad_sum belongs to, and whether it has a previous sign.
+BOOKKEEPING_KEYS = ("epoch", "has_prev_sign")
+ACTIVE_TENSOR_KEYS = ("step", "gain", "grad_sum", "prev_sign")
+
+GAIN_ARGS_DOC = """
+    steps_per_epoch (int or None): optimizer steps per epoch (usually ``len(train_loader)``;
+        with gradient accumulation, count optimizer steps). ``None``: call :meth:`end_epoch`
+        at each epoch's end instead.
+    gain_inc (float): additive gain increase when an element's epoch-gradient sign persists (2.0).
+    gain_dec (float): multiplicative gain decrease when it flips or is zero (0.5).
+    min_gain, max_gain (float): clamp of every gain (0 and inf: off, as in the paper).
+    maximize (bool): maximize the objective instead of minimizing it.
+    backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
+"""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _as_float(value: Any) -> float:
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+class ActiveOptimizer(torch.optim.Optimizer):
+    """Base class; subclasses set ``optimizer_name`` and validate their own hyperparameters."""
+
+    optimizer_name: str
+    # GradScaler hands grad_scale/found_inf to step() instead of unscaling: every backend
+    # honours them itself, so the epoch clock counts the same step() calls everywhere.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, steps_per_epoch: int | None, backend: str):
+        if steps_per_epoch is not None:
+            _check(
+                isinstance(steps_per_epoch, int) and steps_per_epoch >= 1,
+                f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}",
+            )
+        _check(
+            backend == "auto" or backend in backends.NAMES,
+            f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
+        )
+        self.steps_per_epoch = steps_per_epoch
+        self.backend = backend
+        super().__init__(params, defaults)
+
+    # ---- construction -------------------------------------------------------------------
+
+    def _validate_hyperparameters(self, group: dict) -> None:
+        """Checks shared by all Active optimizers; subclasses extend it."""
+        lr = _as_float(group["lr"])
+        _check(lr >= 0, f"Invalid learning rate: {lr}")
+        _check(group["weight_decay"] >= 0, f"Invalid weight_decay: {group['weight_decay']}")
+        _check(group["gain_inc"] >= 0, f"gain_inc must be >= 0, got {group['gain_inc']}")
+        _check(0 < group["gain_dec"] <= 1, f"gain_dec must be in (0, 1], got {group['gain_dec']}")
+        _check(
+            0 <= group["min_gain"] <= 1 <= group["max_gain"],
+            "gains need 0 <= min_gain <= 1 <= max_gain, got "
+            f"min_gain={group['min_gain']}, max_gain={group['max_gain']}",
+        )
+
+    def _validate_betas_eps(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        _check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
+        _check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
+        _check(group["eps"] >= 0, f"Invalid epsilon value: {group['eps']}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        name = type(self).__name__
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if not isinstance(p, Tensor) or not p.is_floating_point():
+                raise TypeError(f"{name} can only optimize floating-point tensors, got {p!r:.80}")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"{name}: all params of one group must be on one device, got {devices}")
+        group = {k: v for k, v in param_group.items() if k != "params"}
+        for key, default in self.defaults.items():
+            group.setdefault(key, default)
+        self._validate_hyperparameters(group)
+        for device in devices:
+            backends.resolve(self.backend, device)  # an unavailable backend fails here, not mid-run
+        # a group added later joins the optimizer's one clock
+        clock = (
+            {k: self.param_groups[0][k] for k in CLOCK_KEYS}
+            if self.param_groups
+            else {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False}
+        )
+        param_group.update(clock)
+        super().add_param_group(param_group)
+
+    # ---- the epoch clock ----------------------------------------------------------------
+
+    def end_epoch(self) -> None:
+        """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""
+        if self.steps_per_epoch is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} counts epochs itself (steps_per_epoch="
+                f"{self.steps_per_epoch}); end_epoch() is for steps_per_epoch=None"
+            )
+        self._mark_boundary()
+
+    def _mark_boundary(self) -> None:
+        for group in self.param_groups:
+            group["epoch"] += 1
+            group["steps_in_epoch"] = 0
+            group["boundary_pending"] = True
+
+    def _advance_clock(self) -> None:
+        for group in self.param_groups:
+            group["boundary_pending"] = False
+            group["steps_in_epoch"] += 1
+        if self.steps_per_epoch is not None:
+            if self.param_groups[0]["steps_in_epoch"] == self.steps_per_epoch:
+                self._mark_boundary()
+
+    # ---- state --------------------------------------------------------------------------
+
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        keys = STATE_KEYS[self.optimizer_name]
+        return tuple(k for k in keys if group.get("amsgrad") or k not in AMSGRAD_KEYS)
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            f32 = dict(dtype=torch.float32, device=p.device)
+            state["step"] = torch.zeros((), **f32)
+            state["gain"] = torch.ones_like(p, **f32)
+            state["grad_sum"] = torch.zeros_like(p, **f32)
+            state["prev_sign"] = torch.zeros_like(p, dtype=torch.int8)
+            state["epoch"] = group["epoch"]
+            state["has_prev_sign"] = False
+        for key in self._state_keys(group):  # amsgrad may be switched on for a group later
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
+
+    def _catch_up(self, p: Tensor, group: dict) -> Boundary:
+        """Apply all but the last boundary this param missed (its grad was None) and return the
+        kind of the last one, which the backend fuses into this step."""
+        state = self.state[p]
+        missed = group["epoch"] - state["epoch"]
+        if missed == 0:
+            return Boundary.NONE
+        for _ in range(missed - 1):  # rare path: the sums of skipped epochs are zero
+            kind = Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
+            apply_boundary(kind, state["gain"], state["grad_sum"], state["prev_sign"], group)
+            state["has_prev_sign"] = True
+        kind = Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
+        state["epoch"] = group["epoch"]
+        state["has_prev_sign"] = True
+        return kind
+
+    # ---- step ---------------------------------------------------------------------------
+
+    def _params_with_grad(self) -> list[tuple[dict, list[Tensor]]]:
+        """Every (group, params with a grad), validated before anything is written."""
+        name = type(self).__name__
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                    raise RuntimeError(
+                        f"{name}: grad ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does not "
+                        f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})"
+                    )
+            work.append((group, params))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step (the epoch boundary, if due, is fused into it)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
+        found_inf = getattr(self, "found_inf", None)
+        work = self._params_with_grad()
+        for group, params in work:
+            for p in params:
+                self._init_state(p, group)
+        for group, params in work:
+            buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in params:
+                buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
+            for (device, _, boundary), bucket_params in buckets.items():
+                bucket = self._make_bucket(group, bucket_params, boundary, grad_scale, found_inf)
+                backends.resolve(self.backend, device)(bucket)
+        self._advance_clock()
+        return loss
+
+    def _make_bucket(self, group, params, boundary, grad_scale, found_inf) -> Bucket:
+        states = [self.state[p] for p in params]
+        device = params[0].device
+        return Bucket(
+            optimizer=self.optimizer_name,
+            params=params,
+            grads=[p.grad for p in params],
+            gains=[s["gain"] for s in states],
+            grad_sums=[s["grad_sum"] for s in states],
+            prev_signs=[s["prev_sign"] for s in states],
+            steps=[s["step"] for s in states],
+            state={k: [s[k] for s in states] for k in self._state_keys(group)},
+            hyper={k: v for k, v in group.items() if k != "params"},
+            boundary=boundary,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+        )
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of the same optimizer type from any backend or device.
+
+        Everything is checked before anything changes, and state keeps its own dtypes (torch's
+        loader would cast fp32 gains and int8 signs to a bf16 param's dtype)."""
+        name = type(self).__name__
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        _check(
+            isinstance(saved_groups, list) and isinstance(saved_state, dict),
+            f"{name}.load_state_dict expects a dict with 'state' and 'param_groups'",
+        )
+        _check(
+            len(saved_groups) == len(self.param_groups),
+            f"{name}: the state dict has {len(saved_groups)} param groups, "
+            f"the optimizer {len(self.param_groups)}",
+        )
+        id_to_param = {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            expected = set(group) - {"params"}
+            _check(
+                set(saved) - {"params"} == expected,
+                f"{name}: param group {i} of the state dict has keys {sorted(set(saved))}, "
+                f"expected {sorted(expected | {'params'})} (a state dict of another optimizer?)",
+            )
+            _check(
+                len(saved["params"]) == len(group["params"]),
+                f"{name}: param group {i} has {len(group['params'])} params, "
+                f"the state dict {len(saved['params'])}",
+            )
+            id_to_param.update(zip(saved["params"], group["params"]))
+        new_state = defaultdict(dict)
+        for param_id, saved in saved_state.items():
+            _check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
+            p = id_to_param[param_id]
+            new_state[p] = self._loaded_param_state(p, saved, param_id)
+        self.state = new_state
+        self.param_groups = [
+            dict(saved, params=group["params"])
+            for group, saved in zip(self.param_groups, saved_groups)
+        ]
+
+    def _loaded_param_state(self, p: Tensor, saved: dict, param_id) -> dict:
+        name = type(self).__name__
+        base_keys = set(STATE_KEYS[self.optimizer_name])
+        required = set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS) | (base_keys - AMSGRAD_KEYS)
+        missing = required - set(saved)
+        unexpected = set(saved) - required - base_keys
+        _check(
+            not missing and not unexpected,
+            f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
+            f"{sorted(unexpected)} (a state dict of another optimizer?)",
+        )
+        dtypes = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
+                  "prev_sign": torch.int8}
+        loaded = {}
+        for key, value in saved.items():
+            if key in BOOKKEEPING_KEYS:
+                loaded[key] = value
+                continue
+            _check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
+            shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
+            _check(
+                shape_ok,
+                f"{name}: state {key!r} of param {param_id} has shape {tuple(value.shape)}, "
+                f"its param {tuple(p.shape)}",
+            )
+            dtype = dtypes.get(key, state_dtype(p.dtype))
+            loaded[key] = value.to(device=p.device, dtype=dtype, copy=True).reshape(
+                () if key == "step" else p.shape
+            )
+        return loaded
