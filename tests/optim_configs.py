@@ -1,0 +1,83 @@
+"""The table of optimizer configurations every generic test iterates (like torch's
+common_optimizers.py), and the helpers that run them on seeded random data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Odd shapes on purpose: a scalar, lengths that are not multiples of any SIMD width.
+SHAPES = [(5, 3), (17,), (), (2, 3, 4), (65,)]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    cls: type
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.cls.__name__}({args})"
+
+    def make(self, params, **overrides):
+        kwargs = {"lr": 1e-2, "steps_per_epoch": 3, **self.kwargs, **overrides}
+        return self.cls(params, **kwargs)
+
+
+CONFIGS = [
+    OptimConfig(ActiveSGD),
+    OptimConfig(ActiveSGD, dict(nesterov=True, weight_decay=0.1)),
+    OptimConfig(ActiveSGD, dict(momentum=0.5, dampening=0.3, maximize=True)),
+    OptimConfig(ActiveSGD, dict(momentum=0.0)),
+    OptimConfig(ActiveAdamW),
+    OptimConfig(ActiveAdamW, dict(amsgrad=True, weight_decay=0.0)),
+    OptimConfig(ActiveAdamW, dict(maximize=True, betas=(0.8, 0.99), gain_inc=1.0, gain_dec=0.25)),
+    OptimConfig(ActiveAdamW, dict(min_gain=0.3, max_gain=4.0)),
+    OptimConfig(ActiveRAdam),
+    OptimConfig(ActiveRAdam, dict(weight_decay=0.1, maximize=True)),
+    # a small beta2 makes rho_t cross 5 within the first steps, covering both branches
+    OptimConfig(ActiveRAdam, dict(betas=(0.9, 0.9))),
+    OptimConfig(ActiveAdaBelief),
+    OptimConfig(ActiveAdaBelief, dict(rectify=False, amsgrad=True, weight_decay=0.1)),
+    OptimConfig(ActiveAdaBelief, dict(betas=(0.9, 0.9), amsgrad=True, max_gain=3.0)),
+]
+
+
+def make_params(dtype=torch.float64, seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def grad_sequence(shapes, steps, dtype, seed=1, bias=0.3):
+    """Seeded non-zero gradients, rounded to ``dtype``. A per-element bias makes some elements'
+    epoch-sum signs persist (gains grow) while others flip (gains shrink)."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = [bias * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    return [
+        [(off + torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype) for s, off in zip(shapes, offsets)]
+        for _ in range(steps)
+    ]
+
+
+def run(config: OptimConfig, dtype, steps=14, backend="reference", params=None, grads=None,
+        skip=(), **overrides):
+    """Run ``steps`` steps; ``skip`` holds (step, param index) pairs whose grad is None."""
+    params = make_params(dtype) if params is None else params
+    shapes = [tuple(p.shape) for p in params]
+    grads = grad_sequence(shapes, steps, dtype) if grads is None else grads
+    opt = config.make(params, backend=backend, **overrides)
+    for t, step_grads in enumerate(grads):
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            p.grad = None if (t, i) in skip else g.to(p.dtype).clone()
+        opt.step()
+    return params, opt
+
+
+def clone_params(params, dtype=None):
+    return [p.detach().clone().to(dtype or p.dtype).requires_grad_() for p in params]

@@ -1,0 +1,139 @@
+"""Bad input gets a clear error up front, and a failed step changes nothing."""
+
+import copy
+
+import pytest
+import torch
+
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+
+BACKENDS = available_backends("cpu")
+ALL = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief]
+
+
+def _make(cls, params, **kwargs):
+    kwargs.setdefault("steps_per_epoch", 2)
+    return cls(params, lr=kwargs.pop("lr", 0.1), **kwargs)
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(gain_inc=-1.0), "gain_inc"),
+        (dict(gain_dec=0.0), "gain_dec"),
+        (dict(gain_dec=1.5), "gain_dec"),
+        (dict(min_gain=1.5), "min_gain"),
+        (dict(max_gain=0.5), "max_gain"),
+        (dict(min_gain=-0.1), "min_gain"),
+        (dict(steps_per_epoch=0), "steps_per_epoch"),
+        (dict(steps_per_epoch=2.5), "steps_per_epoch"),
+        (dict(backend="fastest"), "unknown backend"),
+    ],
+)
+def test_invalid_arguments(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _make(cls, [torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("cls", [ActiveAdamW, ActiveRAdam, ActiveAdaBelief])
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+    (dict(eps=-1e-8), "epsilon"),
+])
+def test_invalid_adam_arguments(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _make(cls, [torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(momentum=-0.1), "momentum"),
+    (dict(dampening=2.0), "dampening"),
+    (dict(nesterov=True, momentum=0.0), "Nesterov"),
+    (dict(nesterov=True, dampening=0.1), "Nesterov"),
+])
+def test_invalid_sgd_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _make(ActiveSGD, [torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_per_group_hyperparameters_are_validated():
+    opt = ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=2)
+    with pytest.raises(ValueError, match="gain_dec"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "gain_dec": 3.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_non_floating_params_are_rejected():
+    with pytest.raises(TypeError, match="floating-point"):
+        ActiveAdamW([torch.zeros(2, dtype=torch.int64)], steps_per_epoch=2)
+
+
+def test_params_on_different_devices_in_one_group_are_rejected():
+    with pytest.raises(ValueError, match="one device"):
+        ActiveAdamW([torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta")],
+                    steps_per_epoch=2)
+
+
+def test_unavailable_backend_fails_at_construction():
+    with pytest.raises(RuntimeError, match="'cuda' is unavailable on cpu"):
+        ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=2, backend="cuda")
+
+
+def _trained(cls, backend):
+    params = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+    opt = _make(cls, params, backend=backend)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+def _assert_unchanged(params, opt, before_params, before_state):
+    for p, q in zip(params, before_params):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    assert after["param_groups"] == before_state["param_groups"]
+    for key, state in before_state["state"].items():
+        for name, value in state.items():
+            other = after["state"][key][name]
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ALL)
+def test_sparse_gradient_raises_and_changes_nothing(cls, backend):
+    params, opt = _trained(cls, backend)
+    before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    params[0].grad = torch.randn_like(params[0])
+    params[1].grad = torch.randn(4).to_sparse()
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
+        opt.step()
+    _assert_unchanged(params, opt, before_params, before_state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatched_grad_raises_and_changes_nothing(backend):
+    params, opt = _trained(ActiveAdamW, backend)
+    before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    params[0].grad = torch.randn_like(params[0])
+    params[1].grad_dtype = None  # torch itself refuses the mismatch unless told to allow it
+    params[1].grad = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="does not match its param"):
+        opt.step()
+    _assert_unchanged(params, opt, before_params, before_state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_without_grad_are_skipped(backend):
+    used, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = ActiveAdamW([used, unused], steps_per_epoch=2, backend=backend)
+    before = unused.detach().clone()
+    used.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(unused, before) and len(opt.state[unused]) == 0
+    assert opt.state[used]["step"].item() == 1

@@ -1,0 +1,167 @@
+"""The spec's closed-form gain dynamics and the epoch clock (both modes, catch-up, clamps)."""
+
+import pytest
+import torch
+
+from adaptive_lr import ActiveAdamW, ActiveSGD
+from optim_configs import CONFIGS, grad_sequence, make_params
+
+BACKENDS = ["reference", "foreach"]
+S = 3  # steps per epoch
+
+
+def _run_signs(signs_per_epoch, backend, **kwargs):
+    """One param of 4 elements; every step of epoch e gets gradient signs_per_epoch[e]."""
+    p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = ActiveSGD([p], lr=1e-3, steps_per_epoch=S, momentum=0.0, backend=backend, **kwargs)
+    for signs in signs_per_epoch:
+        for _ in range(S):
+            p.grad = torch.tensor(signs, dtype=torch.float64)
+            opt.step()
+    p.grad = torch.zeros(4, dtype=torch.float64)
+    opt.step()  # the first step of the next epoch applies the last boundary
+    return opt.state[p]["gain"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_persistent_signs_grow_additively(backend, epochs):
+    gain = _run_signs([[1.0, -2.0, 0.5, -0.1]] * epochs, backend, gain_inc=1.5)
+    # the first boundary only rolls over: epochs - 1 comparisons
+    torch.testing.assert_close(gain, torch.full((4,), 1 + (epochs - 1) * 1.5, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("epochs", [2, 4, 7])
+def test_alternating_signs_shrink_geometrically(backend, epochs):
+    signs = [[1.0, -1.0, 2.0, -3.0] if e % 2 == 0 else [-1.0, 1.0, -2.0, 3.0] for e in range(epochs)]
+    gain = _run_signs(signs, backend, gain_dec=0.6)
+    torch.testing.assert_close(gain, torch.full((4,), 0.6 ** (epochs - 1), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_gradients_shrink(backend):
+    gain = _run_signs([[1.0, 0.0, -1.0, 0.0]] + [[0.0, 0.0, -1.0, 0.0]] * 3, backend)
+    # element 0: +, then zeros -> 0.5 each; element 2 persists -> 1 + 3u; zeros always shrink
+    expected = torch.tensor([0.5**3, 0.5**3, 1 + 3 * 2.0, 0.5**3], dtype=torch.float32)
+    torch.testing.assert_close(gain, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamps_hold(backend):
+    grow = _run_signs([[1.0, -1.0, 1.0, 1.0]] * 6, backend, max_gain=4.0)
+    torch.testing.assert_close(grow, torch.full((4,), 4.0))
+    signs = [[1.0] * 4 if e % 2 == 0 else [-1.0] * 4 for e in range(8)]
+    shrink = _run_signs(signs, backend, min_gain=0.1)
+    torch.testing.assert_close(shrink, torch.full((4,), 0.1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gain_scales_the_step(backend):
+    """In epoch 3 the SGD step is lr * gain * g: the gain really reaches the update."""
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = ActiveSGD([p], lr=0.1, steps_per_epoch=1, momentum=0.0, backend=backend)
+    g = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    for _ in range(2):
+        p.grad = g.clone()
+        opt.step()
+    before = p.detach().clone()
+    p.grad = g.clone()
+    opt.step()  # applies the first comparison (signs persisted): gain 3
+    torch.testing.assert_close(p.detach(), before - 0.1 * 3.0 * g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+def test_end_epoch_mode_equals_steps_per_epoch_mode(backend, config):
+    steps = 11
+    grads = grad_sequence([tuple(p.shape) for p in make_params()], steps, torch.float64)
+    auto_params, manual_params = make_params(), make_params()
+    auto = config.make(auto_params, backend=backend)
+    manual = config.make(manual_params, backend=backend, steps_per_epoch=None)
+    for t, step_grads in enumerate(grads):
+        for a, m, g in zip(auto_params, manual_params, step_grads):
+            a.grad, m.grad = g.clone(), g.clone()
+        auto.step()
+        manual.step()
+        if (t + 1) % 3 == 0:
+            manual.end_epoch()
+    for a, m in zip(auto_params, manual_params):
+        assert torch.equal(a, m)
+        for key in ("gain", "grad_sum", "prev_sign", "step"):
+            assert torch.equal(auto.state[a][key], manual.state[m][key])
+    assert [g["epoch"] for g in auto.param_groups] == [g["epoch"] for g in manual.param_groups] == [3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clock_fields_follow_the_spec_timeline(backend):
+    p = torch.zeros(2, requires_grad=True)
+    opt = ActiveAdamW([p], steps_per_epoch=2, backend=backend)
+    seen = []
+    for _ in range(5):
+        p.grad = torch.ones(2)
+        opt.step()
+        g = opt.param_groups[0]
+        seen.append((g["epoch"], g["steps_in_epoch"], g["boundary_pending"]))
+    assert seen == [(0, 1, False), (1, 0, True), (1, 1, False), (2, 0, True), (2, 1, False)]
+
+
+def test_end_epoch_is_rejected_when_the_optimizer_counts_epochs():
+    opt = ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=5)
+    with pytest.raises(RuntimeError, match="end_epoch"):
+        opt.end_epoch()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missed_boundaries_are_caught_up(backend):
+    """A param without grads for a whole epoch gets every missed boundary when it returns,
+    exactly as if it had been stepped with zero gradients in between (spec section 5)."""
+    signs = [1.0, -1.0, 2.0]
+    skipped = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    zeroed = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt_skip = ActiveSGD([skipped], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend)
+    opt_zero = ActiveSGD([zeroed], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend)
+    for t in range(12):
+        absent = 4 <= t < 9  # grads None for 2.5 epochs: three boundaries missed
+        g = torch.tensor(signs, dtype=torch.float64)
+        skipped.grad = None if absent else g.clone()
+        zeroed.grad = torch.zeros_like(g) if absent else g.clone()
+        opt_skip.step()
+        opt_zero.step()
+    assert torch.equal(opt_skip.state[skipped]["gain"], opt_zero.state[zeroed]["gain"])
+    assert torch.equal(opt_skip.state[skipped]["prev_sign"], opt_zero.state[zeroed]["prev_sign"])
+    # the 12th step ended epoch 6; that boundary is pending until the next step
+    assert opt_skip.param_groups[0]["boundary_pending"]
+    assert opt_skip.state[skipped]["epoch"] == opt_skip.param_groups[0]["epoch"] - 1 == 5
+    # and the gains did move: catch-up applied decreases (the skipped epochs summed to zero)
+    assert (opt_skip.state[skipped]["gain"] < 1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_late_param_first_boundary_only_rolls_over(backend):
+    early = torch.zeros(2, requires_grad=True)
+    late = torch.zeros(2, requires_grad=True)
+    opt = ActiveSGD([early, late], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend)
+    for t in range(9):
+        early.grad = torch.ones(2)
+        late.grad = torch.ones(2) if t >= 4 else None  # first grad in epoch 3
+        opt.step()
+    # early: boundaries after epochs 1..4 -> 3 comparisons; late: rolled after epoch 3, one comparison
+    torch.testing.assert_close(opt.state[early]["gain"], torch.full((2,), 7.0))
+    torch.testing.assert_close(opt.state[late]["gain"], torch.full((2,), 3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_group_added_later_joins_the_clock(backend):
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = ActiveAdamW([a], steps_per_epoch=2, backend=backend)
+    for _ in range(3):
+        a.grad = torch.ones(2)
+        opt.step()
+    opt.add_param_group({"params": [b], "lr": 0.1})
+    assert opt.param_groups[1]["epoch"] == opt.param_groups[0]["epoch"] == 1
+    assert opt.param_groups[1]["steps_in_epoch"] == 1
+    for _ in range(5):
+        a.grad, b.grad = torch.ones(2), torch.ones(2)
+        opt.step()
+    assert [g["epoch"] for g in opt.param_groups] == [4, 4]
