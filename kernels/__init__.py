@@ -1,0 +1,1 @@
+"""Triton multi-tensor kernels of adaptive_lr (imported as adaptive_lr.kernels)."""
