@@ -139,7 +139,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
         keys = STATE_KEYS[self.optimizer_name]
         return tuple(k for k in keys if group.get("amsgrad") or k not in AMSGRAD_KEYS)
 
-    def _init_state(self, p: Tensor, group: dict) -> None:
+    def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...]) -> None:
         state = self.state[p]
         if not state:
             f32 = dict(dtype=torch.float32, device=p.device)
@@ -149,7 +149,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             state["prev_sign"] = torch.zeros_like(p, dtype=torch.int8)
             state["epoch"] = group["epoch"]
             state["has_prev_sign"] = False
-        for key in self._state_keys(group):  # amsgrad may be switched on for a group later
+        for key in keys:  # amsgrad may be switched on for a group later
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
 
@@ -198,21 +198,19 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
-        work = self._params_with_grad()
-        for group, params in work:
-            for p in params:
-                self._init_state(p, group)
-        for group, params in work:
+        for group, params in self._params_with_grad():  # all validated before any is touched
+            keys = self._state_keys(group)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
+                self._init_state(p, group, keys)
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
-                bucket = self._make_bucket(group, bucket_params, boundary, grad_scale, found_inf)
+                bucket = self._make_bucket(group, keys, bucket_params, boundary, grad_scale, found_inf)
                 backends.resolve(self.backend, device)(bucket)
         self._advance_clock()
         return loss
 
-    def _make_bucket(self, group, params, boundary, grad_scale, found_inf) -> Bucket:
+    def _make_bucket(self, group, keys, params, boundary, grad_scale, found_inf) -> Bucket:
         states = [self.state[p] for p in params]
         device = params[0].device
         return Bucket(
@@ -223,7 +221,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             grad_sums=[s["grad_sum"] for s in states],
             prev_signs=[s["prev_sign"] for s in states],
             steps=[s["step"] for s in states],
-            state={k: [s[k] for s in states] for k in self._state_keys(group)},
+            state={k: [s[k] for s in states] for k in keys},
             hyper={k: v for k, v in group.items() if k != "params"},
             boundary=boundary,
             grad_scale=None if grad_scale is None else grad_scale.to(device),
