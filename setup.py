@@ -1,12 +1,82 @@
+"""Builds adaptive_lr and its C++ extension adaptive_lr._C (the fused CPU kernels).
+
+Build against the installed torch: `pip install --no-build-isolation -e .` (an isolated build would
+fetch another torch). Without torch at build time the package installs pure-Python, and the "cpu"
+backend reports that adaptive_lr._C is not built.
+"""
+
+import glob
+import os
+import platform
+import warnings
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+KERNEL_SOURCE = "csrc/cpu/fused_step_kernel.cpp"
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+# at::vec::Vectorized is real SIMD only in a translation unit compiled for one capability, so the
+# kernel source is compiled once per capability (ISA flags as torch's own kernels use them) and the
+# launcher picks one at run time. Never -march=native: the wheel must run on other machines.
+CPU_CAPABILITIES = {"DEFAULT": []}
+if X86:
+    CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
+    CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+
+# -fopenmp: at::parallel_for is serial without it. -fno-math-errno: sqrt becomes an instruction.
+# -ffp-contract=off: no FMA contraction, so the SIMD body, the scalar tail and every capability
+# round identically (results do not depend on thread count, tensor size or machine).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+
+
+def _extensions_and_commands():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        warnings.warn("torch is not importable at build time: adaptive_lr._C is not built")
+        return [], {}
+
+    class BuildExtensionPerCapability(BuildExtension):
+        """Compiles KERNEL_SOURCE once per CPU capability and links every variant into _C."""
+
+        def build_extension(self, ext):
+            objects = []
+            for capability, isa_flags in CPU_CAPABILITIES.items():
+                objects += self.compiler.compile(
+                    [KERNEL_SOURCE],
+                    output_dir=os.path.join(self.build_temp, capability.lower()),
+                    macros=[("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
+                    include_dirs=ext.include_dirs,
+                    extra_postargs=ext.extra_compile_args + isa_flags,
+                    depends=ext.depends,
+                )
+            ext.extra_objects = objects
+            super().build_extension(ext)
+
+    extension = CppExtension(
+        "adaptive_lr._C",
+        sources=["csrc/ops.cpp", "csrc/cpu/fused_step.cpp"],
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
+        define_macros=[("ADAPTIVE_LR_CPU_X86", None)] if X86 else [],
+        extra_compile_args=CXX_FLAGS,
+        extra_link_args=["-fopenmp"],
+        # a change to the kernel or a header relinks _C (the kernel objects are built above)
+        depends=[KERNEL_SOURCE]
+        + glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True),
+    )
+    return [extension], {"build_ext": BuildExtensionPerCapability}
+
+
+ext_modules, cmdclass = _extensions_and_commands()
 
 setup(
     name="adaptive_lr",
     version="0.1.0",
     description="ActiveLR optimizers and the GreedyLR scheduler for PyTorch, with fused kernels",
     python_requires=">=3.10",
-    # kernels/ ships as adaptive_lr.kernels: a top-level `kernels` belongs to another PyPI project
-    packages=find_packages(include=["adaptive_lr", "adaptive_lr.*"]) + ["adaptive_lr.kernels"],
-    package_dir={"adaptive_lr.kernels": "kernels"},
+    packages=find_packages(include=["adaptive_lr", "adaptive_lr.*"]),
     install_requires=["torch>=2.4"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,86 @@
+"""The fused CPU backend: one ``torch.ops.adaptive_lr.active_<optimizer>_`` call per bucket runs the
+multi-tensor C++ kernels of ``csrc/cpu`` (OpenMP threads, SIMD picked for the machine)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .bucket import Bucket
+
+
+@functools.cache
+def _import_error() -> str | None:
+    """Loads ``adaptive_lr._C`` (registering its ops) on first use; the reason when it cannot."""
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError as error:
+        return f"adaptive_lr._C is not built: {error}"
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if torch.device(device).type != "cpu":
+        return f"the fused cpu backend runs on CPU tensors only, not on {device}"
+    return _import_error()
+
+
+# hyperparameters every op takes under the same name
+_SHARED_HYPER = ("weight_decay", "maximize", "gain_inc", "gain_dec", "min_gain", "max_gain")
+
+
+def op_call(bucket: Bucket):
+    """The ``torch.ops.adaptive_lr`` op that steps ``bucket``, and its keyword arguments."""
+    h, state = bucket.hyper, bucket.state
+    kwargs = dict(
+        params=bucket.params,
+        grads=bucket.grads,
+        gains=bucket.gains,
+        grad_sums=bucket.grad_sums,
+        prev_signs=bucket.prev_signs,
+        steps=bucket.steps,
+        lr=float(h["lr"]),
+        boundary=int(bucket.boundary),
+        grad_scale=bucket.grad_scale,
+        found_inf=bucket.found_inf,
+        **{key: h[key] for key in _SHARED_HYPER},
+    )
+    ops = torch.ops.adaptive_lr
+    if bucket.optimizer == "sgd":
+        kwargs.update(
+            momentum_buffers=state["momentum_buffer"],
+            momentum=h["momentum"],
+            dampening=h["dampening"],
+            nesterov=h["nesterov"],
+        )
+        return ops.active_sgd_.default, kwargs
+    beta1, beta2 = h["betas"]
+    kwargs.update(exp_avgs=state["exp_avg"], beta1=beta1, beta2=beta2, eps=h["eps"])
+    if bucket.optimizer == "adamw":
+        kwargs.update(
+            exp_avg_sqs=state["exp_avg_sq"],
+            max_exp_avg_sqs=state.get("max_exp_avg_sq", []),
+            amsgrad=h["amsgrad"],
+        )
+        return ops.active_adamw_.default, kwargs
+    if bucket.optimizer == "radam":
+        kwargs.update(exp_avg_sqs=state["exp_avg_sq"])
+        return ops.active_radam_.default, kwargs
+    if bucket.optimizer == "adabelief":
+        kwargs.update(
+            exp_avg_vars=state["exp_avg_var"],
+            max_exp_avg_vars=state.get("max_exp_avg_var", []),
+            amsgrad=h["amsgrad"],
+            rectify=h["rectify"],
+        )
+        return ops.active_adabelief_.default, kwargs
+    raise ValueError(f"the cpu backend has no kernel for optimizer {bucket.optimizer!r}")
+
+
+def step(bucket: Bucket) -> None:
+    reason = _import_error()
+    if reason is not None:
+        raise RuntimeError(reason)
+    op, kwargs = op_call(bucket)
+    op(**kwargs)

@@ -1,0 +1,43 @@
+// The CPU launcher: picks the kernel build for this machine's SIMD capability and runs it over the
+// chunk table with at::parallel_for (OpenMP; this file is compiled and linked with -fopenmp).
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include "fused_step.h"
+
+namespace adaptive_lr::cpu {
+namespace {
+
+// Below this many elements a step is cheaper on one thread than waking the others.
+constexpr int64_t kMinParallelNumel = 1 << 15;
+
+template <class Kernel>
+using KernelFn = void (*)(const Bucket<Kernel>&, int64_t, int64_t);
+
+// ATen's own choice (cpuinfo, overridable with ATEN_CPU_CAPABILITY=default|avx2|avx512), so this
+// extension uses the same SIMD width as torch's kernels and can be tested at each width.
+template <class Kernel>
+KernelFn<Kernel> pick_kernel() {
+#if defined(ADAPTIVE_LR_CPU_X86)
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") return &AVX512::step_chunks<Kernel>;
+  if (capability == "AVX2") return &AVX2::step_chunks<Kernel>;
+#endif
+  return &DEFAULT::step_chunks<Kernel>;
+}
+
+}  // namespace
+
+template <class Kernel>
+void step(const Bucket<Kernel>& bucket) {
+  static const KernelFn<Kernel> kernel = pick_kernel<Kernel>();
+  const int64_t grain = bucket.numel < kMinParallelNumel ? bucket.num_chunks : 1;
+  at::parallel_for(0, bucket.num_chunks, grain,
+                   [&](int64_t begin, int64_t end) { kernel(bucket, begin, end); });
+}
+
+template void step<Sgd>(const Bucket<Sgd>&);
+template void step<Adam<false>>(const Bucket<Adam<false>>&);
+template void step<Adam<true>>(const Bucket<Adam<true>>&);
+
+}  // namespace adaptive_lr::cpu

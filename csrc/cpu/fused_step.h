@@ -1,0 +1,58 @@
+// The fused CPU step: what the op layer (csrc/ops.cpp) hands the kernels. Torch-free: raw
+// pointers of already validated, contiguous tensors, so the kernel sources compile quickly.
+#pragma once
+
+#include <cstdint>
+
+#include "adaptive_lr/chunks.h"
+#include "adaptive_lr/math.h"
+
+namespace adaptive_lr::cpu {
+
+// Elements per chunk of the chunk table: the unit of work of a thread (64K floats = 256 KiB per
+// stream, enough to amortize the per-chunk setup while balancing the threads).
+constexpr int32_t kChunkSize = 1 << 16;
+
+enum class DType { kFloat, kDouble, kBFloat16, kHalf };
+
+// One tensor of a bucket: all arrays contiguous with the param's number of elements.
+struct TensorPtrs {
+  void* param;  // DType
+  const void* grad;  // DType
+  float* gain;
+  float* grad_sum;
+  int8_t* prev_sign;
+  void* state[3];  // the kernel's states in its order; double for float64 params, else float
+};
+
+template <class Kernel>
+struct Bucket {
+  DType dtype;
+  Boundary boundary;
+  bool boundary_only;  // found_inf: the boundary is applied, nothing else
+  CommonHyper common;
+  typename Kernel::Hyper hyper;
+  const TensorPtrs* tensors;
+  const typename Kernel::Scalars* scalars;  // per tensor, from its step after the increment
+  const Chunk* chunks;
+  int64_t num_chunks;
+  int64_t numel;  // all tensors together
+};
+
+// One step of a whole bucket: every chunk of every tensor, in parallel (csrc/cpu/fused_step.cpp).
+template <class Kernel>
+void step(const Bucket<Kernel>& bucket);
+
+// The kernels, compiled once per CPU capability into namespaces DEFAULT, AVX2 and AVX512
+// (csrc/cpu/fused_step_kernel.cpp); each processes chunks [begin, end) of the bucket.
+#define ADAPTIVE_LR_DECLARE_CPU_KERNELS(CAPABILITY)                                   \
+  namespace CAPABILITY {                                                              \
+  template <class Kernel>                                                             \
+  void step_chunks(const Bucket<Kernel>& bucket, int64_t begin, int64_t end);         \
+  }
+ADAPTIVE_LR_DECLARE_CPU_KERNELS(DEFAULT)
+ADAPTIVE_LR_DECLARE_CPU_KERNELS(AVX2)
+ADAPTIVE_LR_DECLARE_CPU_KERNELS(AVX512)
+#undef ADAPTIVE_LR_DECLARE_CPU_KERNELS
+
+}  // namespace adaptive_lr::cpu

@@ -1,0 +1,213 @@
+// The fused multi-tensor CPU kernels. setup.py compiles this file once per CPU capability
+// (-DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 plus the matching -DCPU_CAPABILITY_* and ISA flags), which
+// makes at::vec::Vectorized real SIMD of that width; fused_step.cpp picks the variant at run time.
+// Light headers only: this file is compiled three times.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include "fused_step.h"
+
+#ifndef CPU_CAPABILITY
+#error "compile fused_step_kernel.cpp with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512>"
+#endif
+
+namespace adaptive_lr {
+ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
+
+// math.h's primitives on SIMD lanes.
+template <class C>
+struct Ops<at::vec::Vectorized<C>> {
+  using V = at::vec::Vectorized<C>;
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }  // NaN-propagating
+  static V minimum(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  static V sign(const V& x) { return x.gt(V(0)) - x.lt(V(0)); }  // gt/lt give 1.0 or 0.0
+  static V where_positive(const V& c, const V& a, const V& b) {
+    return V::blendv(b, a, c > V(0));
+  }
+  static V round_to_float(const V& x) {
+    if constexpr (std::is_same_v<C, float>) {
+      return x;
+    } else {
+      __at_align__ C wide[V::size()];
+      __at_align__ float narrow[V::size()];
+      x.store(wide);
+      for (int k = 0; k < V::size(); ++k) narrow[k] = static_cast<float>(wide[k]);
+      // GCC 12's -O3 SLP vectorizer drops this double -> float -> double round trip (the
+      // double lanes then keep unrounded gains); the empty asm makes it go through memory.
+      asm volatile("" : "+m"(narrow));
+      for (int k = 0; k < V::size(); ++k) wide[k] = narrow[k];
+      return V::loadu(wide);
+    }
+  }
+};
+
+ADAPTIVE_LR_ISA_NAMESPACE_END
+
+namespace cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <class T>
+constexpr bool kReducedFloat = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// Loads of memory type X into lane type T and rounding stores back: one element for a scalar T,
+// one SIMD group for a Vectorized T.
+template <class T>
+struct Io {
+  template <class X>
+  static T load(const X* p) { return static_cast<T>(*p); }
+  template <class X>
+  static void store(X* p, T v) { *p = static_cast<X>(v); }
+};
+
+template <class C>
+struct Io<Vectorized<C>> {
+  using V = Vectorized<C>;
+  template <class X>
+  static V load(const X* p) {
+    if constexpr (std::is_same_v<X, C>) {
+      return V::loadu(p);
+    } else if constexpr (kReducedFloat<X>) {
+      V v;
+      at::vec::load_to_float(p, v);
+      return v;
+    } else {  // int8 signs, float gains into double lanes: rare paths, through a register-sized buffer
+      __at_align__ C lanes[V::size()];
+      for (int k = 0; k < V::size(); ++k) lanes[k] = static_cast<C>(p[k]);
+      return V::loadu(lanes);
+    }
+  }
+  template <class X>
+  static void store(X* p, const V& v) {
+    if constexpr (std::is_same_v<X, C>) {
+      v.store(p);
+    } else if constexpr (kReducedFloat<X>) {
+      at::vec::convert<X>(v).store(p, V::size());  // round to nearest even
+    } else {
+      __at_align__ C lanes[V::size()];
+      v.store(lanes);
+      for (int k = 0; k < V::size(); ++k) p[k] = static_cast<X>(lanes[k]);
+    }
+  }
+};
+
+// Calls body(consts, i) for the SIMD groups of [0, n) and then for each element of the tail;
+// consts = make(T()) holds the loop constants for lane type T, built once outside the loop.
+template <class C, class Make, class Body>
+inline void for_each_lane(int64_t n, const Make& make, const Body& body) {
+  using V = Vectorized<C>;
+  int64_t i = 0;
+  const auto vec = make(V());
+  for (; i + V::size() <= n; i += V::size()) body(vec, i);
+  const auto scalar = make(C());
+  for (; i < n; ++i) body(scalar, i);
+}
+
+// step_chunk's loop constants for lane type T.
+template <class Kernel, class T>
+struct Lanes {
+  CommonLanes<T> common;
+  Update<Kernel, T> update;
+};
+
+// One chunk of one tensor: the whole step of its elements in a single pass over memory. The
+// boundary is a template parameter, so a mid-epoch step never touches prev_sign and only reads gain.
+template <Boundary B, class Kernel, class P>
+void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
+  using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute and state type
+  constexpr int N = Kernel::kMaxStates;
+  const TensorPtrs& t = b.tensors[chunk.tensor];
+  const int64_t offset = chunk.offset;
+  P* const param = static_cast<P*>(t.param) + offset;
+  const P* const grad = static_cast<const P*>(t.grad) + offset;
+  float* const gain = t.gain + offset;
+  float* const grad_sum = t.grad_sum + offset;
+  int8_t* const prev_sign = t.prev_sign + offset;
+  C* state[N];
+  for (int k = 0; k < N; ++k) state[k] = static_cast<C*>(t.state[k]) + offset;
+  const int num_states = b.hyper.num_states();
+  const auto& scalars = b.scalars[chunk.tensor];
+
+  for_each_lane<C>(
+      chunk.length,
+      [&]<class T>(T) { return Lanes<Kernel, T>{CommonLanes<T>(b.common), {b.hyper, scalars}}; },
+      [&]<class T>(const Lanes<Kernel, T>& lanes, int64_t i) {
+        using io = Io<T>;
+        T g_sum = io::load(grad_sum + i), gamma = io::load(gain + i), sign{};
+        if constexpr (B != Boundary::kNone) sign = io::load(prev_sign + i);
+        T theta = io::load(param + i);
+        T st[N]{};
+        for (int k = 0; k < N; ++k) {
+          if (k < num_states) st[k] = io::load(state[k] + i);
+        }
+        fused_step<B>(lanes.common, lanes.update, theta, io::load(grad + i), gamma, g_sum, sign,
+                      st);
+        if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
+        if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
+        io::store(grad_sum + i, g_sum);
+        io::store(param + i, theta);
+        for (int k = 0; k < N; ++k) {
+          if (k < num_states) io::store(state[k] + i, st[k]);
+        }
+      });
+}
+
+// A step skipped for found_inf still applies the pending boundary to gain, grad_sum, prev_sign.
+template <Boundary B, class Kernel>
+void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
+  const TensorPtrs& t = b.tensors[chunk.tensor];
+  float* const gain = t.gain + chunk.offset;
+  float* const grad_sum = t.grad_sum + chunk.offset;
+  int8_t* const prev_sign = t.prev_sign + chunk.offset;
+  for_each_lane<float>(
+      chunk.length, [&]<class T>(T) { return CommonLanes<T>(b.common); },
+      [&]<class T>(const CommonLanes<T>& common, int64_t i) {
+        using io = Io<T>;
+        T gamma = io::load(gain + i), g_sum = io::load(grad_sum + i), sign = io::load(prev_sign + i);
+        apply_boundary<B>(common, gamma, g_sum, sign);
+        if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
+        io::store(prev_sign + i, sign);
+        io::store(grad_sum + i, g_sum);
+      });
+}
+
+template <Boundary B, class Kernel>
+void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
+  const auto each = [&](auto chunk_fn) {
+    for (int64_t c = begin; c < end; ++c) chunk_fn(b, b.chunks[c]);
+  };
+  if (b.boundary_only) {
+    if constexpr (B != Boundary::kNone) each(boundary_chunk<B, Kernel>);
+    return;
+  }
+  switch (b.dtype) {
+    case DType::kFloat: return each(step_chunk<B, Kernel, float>);
+    case DType::kDouble: return each(step_chunk<B, Kernel, double>);
+    case DType::kBFloat16: return each(step_chunk<B, Kernel, c10::BFloat16>);
+    case DType::kHalf: return each(step_chunk<B, Kernel, c10::Half>);
+  }
+}
+
+}  // namespace
+
+template <class Kernel>
+void step_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
+  switch (b.boundary) {
+    case Boundary::kNone: return run_chunks<Boundary::kNone>(b, begin, end);
+    case Boundary::kRoll: return run_chunks<Boundary::kRoll>(b, begin, end);
+    case Boundary::kUpdate: return run_chunks<Boundary::kUpdate>(b, begin, end);
+  }
+}
+
+template void step_chunks<Sgd>(const Bucket<Sgd>&, int64_t, int64_t);
+template void step_chunks<Adam<false>>(const Bucket<Adam<false>>&, int64_t, int64_t);
+template void step_chunks<Adam<true>>(const Bucket<Adam<true>>&, int64_t, int64_t);
+
+}  // namespace cpu::CPU_CAPABILITY
+}  // namespace adaptive_lr
