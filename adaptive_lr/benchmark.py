@@ -1,0 +1,211 @@
+"""Optimizer step-time benchmark: torch's AdamW/SGD/RAdam (for-loop, foreach, fused) against the
+four Active optimizers on every available backend, measured side by side in one run.
+
+For every (size, layout, dtype) case all optimizers step the SAME params and grads (the values
+drift, the cost does not), in interleaved rounds so that machine noise hits them alike. Reports
+the median and spread of the step time, the ratio to torch's fused (else foreach) counterpart,
+and GB/s from the bytes each step must move against a streaming ceiling measured in the same run.
+
+    python -m adaptive_lr.benchmark --sizes 1M 10M --json bench/results/step_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import adaptive_lr
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+
+SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
+
+# Bytes per element a steady-state (mid-epoch) step must move: params and grads in the param
+# dtype, everything else at its state dtype. Active optimizers read gain and grad_sum and write
+# grad_sum on top of their base (prev_sign is touched only at a boundary: once per epoch).
+#   torch AdamW/RAdam: read p, g, m, v; write p, m, v.  torch SGD: read p, g, b; write p, b.
+#   Active*: + read gain, read + write grad_sum (fp32 each).
+def bytes_per_element(family: str, active: bool, param_bytes: int, torch_state_bytes: int) -> int:
+    moments = 1 if family == "sgd" else 2
+    state_bytes = 4 if active else torch_state_bytes  # Active state is fp32 for bf16 params
+    total = 2 * param_bytes + param_bytes  # read p, g; write p
+    total += 2 * moments * state_bytes  # read + write each moment
+    if active:
+        total += 4 + 2 * 4  # gain read; grad_sum read + write
+    return total
+
+
+@dataclass
+class Contender:
+    name: str
+    family: str  # adamw | sgd | radam | adabelief
+    active: bool
+    make: callable  # params -> optimizer
+    baseline: str | None = None  # the torch contender this one is compared with
+
+
+def contenders(backends: list[str], size: int) -> list[Contender]:
+    lr = 1e-4
+    out = [
+        Contender("torch AdamW for-loop", "adamw", False,
+                  lambda p: torch.optim.AdamW(p, lr=lr, foreach=False)),
+        Contender("torch AdamW foreach", "adamw", False,
+                  lambda p: torch.optim.AdamW(p, lr=lr, foreach=True)),
+        Contender("torch AdamW fused", "adamw", False,
+                  lambda p: torch.optim.AdamW(p, lr=lr, fused=True)),
+        Contender("torch SGD foreach", "sgd", False,
+                  lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, foreach=True)),
+        Contender("torch SGD fused", "sgd", False,
+                  lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, fused=True)),
+        Contender("torch RAdam foreach", "radam", False,
+                  lambda p: torch.optim.RAdam(p, lr=lr, foreach=True)),
+    ]
+    if size > 1_000_000:  # the for-loop baseline is only informative at the small size
+        out = out[1:]
+    active = [
+        ("ActiveAdamW", "adamw", ActiveAdamW, "torch AdamW fused", {}),
+        ("ActiveSGD", "sgd", ActiveSGD, "torch SGD fused", {}),
+        ("ActiveRAdam", "radam", ActiveRAdam, "torch RAdam foreach", {}),
+        ("ActiveAdaBelief", "adabelief", ActiveAdaBelief, "torch AdamW fused", {}),
+    ]
+    for backend in backends:
+        if backend == "reference" and size > 1_000_000:
+            continue  # a Python loop per tensor: minutes per round at 50M
+        for name, family, cls, baseline, kwargs in active:
+            out.append(Contender(
+                f"{name} {backend}", family, True,
+                # mid-epoch steps: the once-per-epoch boundary is not what this measures
+                lambda p, cls=cls, backend=backend: cls(p, lr=1e-4, steps_per_epoch=10**9,
+                                                        backend=backend),
+                baseline,
+            ))
+    return out
+
+
+def make_tensors(size: int, layout: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``4``: four equal tensors; ``200``: 200 tensors of mixed sizes (a few large, many small,
+    like a transformer's weights, biases and norms) adding up to ``size``."""
+    gen = torch.Generator().manual_seed(0)
+    if layout == "4":
+        sizes = [size // 4] * 4
+    else:
+        weights = torch.rand(200, generator=gen) ** 4  # heavy-tailed: mostly small tensors
+        sizes = (weights / weights.sum() * size).long().clamp_min(1).tolist()
+        sizes[0] += size - sum(sizes)
+    params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype) * 1e-3
+    return params
+
+
+def streaming_ceiling_gbs(size: int, repeats: int) -> float:
+    """a.add_(b) over ``size`` fp32 elements: 2 reads + 1 write, the best of ``repeats``."""
+    a, b = torch.randn(size), torch.randn(size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a.add_(b)
+        best = min(best, time.perf_counter() - start)
+    return 12 * size / best / 1e9
+
+
+def measure(size, layout, dtype, backends, rounds, steps_per_round):
+    params = make_tensors(size, layout, dtype)
+    entries = contenders(backends, size)
+    optimizers = [c.make(params) for c in entries]
+    times = {c.name: [] for c in entries}
+    for opt in optimizers:  # warm-up: creates state, first-touch pages, builds caches
+        opt.step()
+    for _ in range(rounds):
+        for contender, opt in zip(entries, optimizers):
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                opt.step()
+                times[contender.name].append(time.perf_counter() - start)
+    del optimizers
+    return entries, times
+
+
+def quartiles(samples):
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return q[0], statistics.median(samples), q[2]
+
+
+def run(sizes, layouts, dtypes, rounds, steps_per_round, backends):
+    torch.manual_seed(0)
+    ceiling = streaming_ceiling_gbs(25_000_000, 10)
+    rows = []
+    for size_name in sizes:
+        size = SIZES[size_name]
+        for layout in layouts:
+            for dtype in dtypes:
+                entries, times = measure(size, layout, dtype, backends, rounds, steps_per_round)
+                medians = {name: statistics.median(t) for name, t in times.items()}
+                param_bytes = torch.finfo(dtype).bits // 8
+                for c in entries:
+                    q1, med, q3 = quartiles(times[c.name])
+                    moved = bytes_per_element(c.family, c.active, param_bytes, param_bytes) * size
+                    rows.append({
+                        "size": size_name, "tensors": layout, "dtype": str(dtype).split(".")[-1],
+                        "optimizer": c.name, "median_ms": med * 1e3, "q1_ms": q1 * 1e3,
+                        "q3_ms": q3 * 1e3, "samples": len(times[c.name]),
+                        "bytes_per_element": moved // size, "gb_per_s": moved / med / 1e9,
+                        "fraction_of_ceiling": moved / med / 1e9 / ceiling,
+                        "baseline": c.baseline,
+                        "ratio_to_baseline": med / medians[c.baseline] if c.baseline else None,
+                    })
+    return {"ceiling_gb_per_s": ceiling, "rows": rows}
+
+
+def markdown(result) -> str:
+    lines = [
+        f"Streaming ceiling (a.add_(b), 12 B/element) measured in this run: "
+        f"{result['ceiling_gb_per_s']:.1f} GB/s",
+        "",
+        "| size | tensors | dtype | optimizer | median ms | IQR ms | B/elem | GB/s | % ceiling | vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['ratio_to_baseline']:.2f}× {r['baseline']}" if r["baseline"] else ""
+        lines.append(
+            f"| {r['size']} | {r['tensors']} | {r['dtype']} | {r['optimizer']} | "
+            f"{r['median_ms']:.2f} | {r['q1_ms']:.2f}–{r['q3_ms']:.2f} | {r['bytes_per_element']} | "
+            f"{r['gb_per_s']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M"], choices=list(SIZES))
+    parser.add_argument("--layouts", nargs="+", default=["4", "200"], choices=["4", "200"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="Active backends to time (default: all available except reference)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write the raw results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    backends = args.backends or [b for b in adaptive_lr.available_backends("cpu") if b != "reference"]
+    result = run(args.sizes, args.layouts, [getattr(torch, d) for d in args.dtypes], args.rounds,
+                 args.steps_per_round, backends)
+    result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
+                         "threads": args.threads, "processor": platform.processor() or platform.machine()}
+    print(markdown(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
