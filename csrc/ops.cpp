@@ -23,7 +23,8 @@ using OptionalTensor = std::optional<Tensor>;
 // The arguments every Active optimizer's op has.
 struct ActiveArgs {
   TensorList params, grads, gains, grad_sums, prev_signs, steps;
-  double lr, weight_decay;
+  const Tensor& lr;
+  double weight_decay;
   bool maximize;
   double gain_inc, gain_dec, min_gain, max_gain;
   int64_t boundary;
@@ -63,6 +64,20 @@ void check_scalar_tensor(const char* op, const std::string& name, const Tensor& 
               " of shape ", t.sizes(), " on ", t.device());
 }
 
+// lr is a tensor in the schema (a 0-dim lr that a scheduler updates in place then needs no new
+// graph under torch.compile or CUDA graphs); the CPU kernels read it once on the host.
+void check_lr(const char* op, const Tensor& lr) {
+  TORCH_CHECK(lr.device().is_cpu() && lr.layout() == at::kStrided && lr.numel() == 1 &&
+                  (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
+              op, ": lr must be a one-element float32 or float64 CPU tensor, got ",
+              lr.scalar_type(), " of shape ", lr.sizes(), " on ", lr.device());
+}
+
+double read_lr(const Tensor& lr) {
+  return lr.scalar_type() == at::kDouble ? *lr.const_data_ptr<double>()
+                                         : *lr.const_data_ptr<float>();
+}
+
 cpu::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return cpu::DType::kFloat;
@@ -78,6 +93,7 @@ void validate(const char* op, const ActiveArgs& a, const std::vector<NamedList>&
               ": boundary must be 0 (none), 1 (roll) or 2 (update), got ", a.boundary);
   const size_t n = a.params.size();
   TORCH_CHECK(n > 0, op, ": params is empty");
+  check_lr(op, a.lr);
   const std::vector<NamedList> lists = {{"grads", a.grads},         {"gains", a.gains},
                                         {"grad_sums", a.grad_sums}, {"prev_signs", a.prev_signs},
                                         {"steps", a.steps}};
@@ -108,10 +124,12 @@ void validate(const char* op, const ActiveArgs& a, const std::vector<NamedList>&
 
 // The one generic launch behind all four ops: validate, then (unless found_inf skips the step)
 // increment the steps and derive each tensor's scalars, then run the kernels over the chunk table.
-template <class Kernel, class ScalarsOf>
+template <class Kernel, class MakeHyper, class ScalarsOf>
 void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList>& states,
-                const typename Kernel::Hyper& hyper, const ScalarsOf& scalars_of) {
+                const MakeHyper& make_hyper, const ScalarsOf& scalars_of) {
   validate(op, a, states);
+  const double lr = read_lr(a.lr);
+  const typename Kernel::Hyper hyper = make_hyper(lr);
   const bool skip = a.found_inf && *a.found_inf->const_data_ptr<float>() != 0;
   const auto boundary = static_cast<Boundary>(a.boundary);
   if (skip && boundary == Boundary::kNone) return;
@@ -143,7 +161,7 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
                            static_cast<float>(a.gain_dec),
                            static_cast<float>(a.min_gain),
                            static_cast<float>(a.max_gain),
-                           1 - a.lr * a.weight_decay,
+                           1 - lr * a.weight_decay,
                            a.maximize ? -scale : scale,  // g / -s == -(g / s) exactly
                            a.grad_scale.has_value() || a.maximize};
   cpu::step(cpu::Bucket<Kernel>{kernel_dtype(a.params[0].scalar_type()), boundary, skip, common,
@@ -168,45 +186,52 @@ void add_amsgrad_list(const char* op, std::vector<NamedList>& states, bool amsgr
   double weight_decay, bool maximize, double gain_inc, double gain_dec, double min_gain,       \
       double max_gain, int64_t boundary, const OptionalTensor &grad_scale,                      \
       const OptionalTensor &found_inf
-#define ACTIVE_ARGS_STRUCT(lr)                                                                  \
+#define ACTIVE_ARGS_STRUCT                                                                      \
   ActiveArgs {                                                                                  \
     params, grads, gains, grad_sums, prev_signs, steps, lr, weight_decay, maximize, gain_inc,   \
         gain_dec, min_gain, max_gain, boundary, grad_scale, found_inf                           \
   }
 
-void active_sgd_(ACTIVE_ARGS, TensorList momentum_buffers, double lr, double momentum,
+void active_sgd_(ACTIVE_ARGS, TensorList momentum_buffers, const Tensor& lr, double momentum,
                  double dampening, bool nesterov, ACTIVE_TAIL_ARGS) {
-  fused_step<Sgd>("active_sgd_", ACTIVE_ARGS_STRUCT(lr), {{"momentum_buffers", momentum_buffers}},
-                  Sgd::Hyper{lr, momentum, dampening, nesterov},
-                  [](const Sgd::Hyper&, double step) { return sgd_scalars(step); });
+  fused_step<Sgd>(
+      "active_sgd_", ACTIVE_ARGS_STRUCT, {{"momentum_buffers", momentum_buffers}},
+      [&](double lr_value) { return Sgd::Hyper{lr_value, momentum, dampening, nesterov}; },
+      [](const Sgd::Hyper&, double step) { return sgd_scalars(step); });
 }
 
 void active_adamw_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_sqs,
-                   TensorList max_exp_avg_sqs, double lr, double beta1, double beta2, double eps,
-                   bool amsgrad, ACTIVE_TAIL_ARGS) {
+                   TensorList max_exp_avg_sqs, const Tensor& lr, double beta1, double beta2,
+                   double eps, bool amsgrad, ACTIVE_TAIL_ARGS) {
   const char* op = "active_adamw_";
   std::vector<NamedList> states = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   add_amsgrad_list(op, states, amsgrad, {"max_exp_avg_sqs", max_exp_avg_sqs});
-  fused_step<AdamW>(op, ACTIVE_ARGS_STRUCT(lr), states,
-                    AdamW::Hyper{lr, beta1, beta2, eps, amsgrad, false}, adamw_scalars);
+  fused_step<AdamW>(
+      op, ACTIVE_ARGS_STRUCT, states,
+      [&](double lr_value) { return AdamW::Hyper{lr_value, beta1, beta2, eps, amsgrad, false}; },
+      adamw_scalars);
 }
 
-void active_radam_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_sqs, double lr,
+void active_radam_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_sqs, const Tensor& lr,
                    double beta1, double beta2, double eps, ACTIVE_TAIL_ARGS) {
-  fused_step<RAdam>("active_radam_", ACTIVE_ARGS_STRUCT(lr),
-                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                    RAdam::Hyper{lr, beta1, beta2, eps, false, false}, radam_scalars);
+  fused_step<RAdam>(
+      "active_radam_", ACTIVE_ARGS_STRUCT, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+      [&](double lr_value) { return RAdam::Hyper{lr_value, beta1, beta2, eps, false, false}; },
+      radam_scalars);
 }
 
 void active_adabelief_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_vars,
-                       TensorList max_exp_avg_vars, double lr, double beta1, double beta2,
-                       double eps, bool amsgrad, bool rectify, ACTIVE_TAIL_ARGS) {
+                       TensorList max_exp_avg_vars, const Tensor& lr, double beta1,
+                       double beta2, double eps, bool amsgrad, bool rectify, ACTIVE_TAIL_ARGS) {
   const char* op = "active_adabelief_";
   std::vector<NamedList> states = {{"exp_avgs", exp_avgs}, {"exp_avg_vars", exp_avg_vars}};
   add_amsgrad_list(op, states, amsgrad, {"max_exp_avg_vars", max_exp_avg_vars});
-  fused_step<AdaBelief>(op, ACTIVE_ARGS_STRUCT(lr), states,
-                        AdaBelief::Hyper{lr, beta1, beta2, eps, amsgrad, rectify},
-                        adabelief_scalars);
+  fused_step<AdaBelief>(
+      op, ACTIVE_ARGS_STRUCT, states,
+      [&](double lr_value) {
+        return AdaBelief::Hyper{lr_value, beta1, beta2, eps, amsgrad, rectify};
+      },
+      adabelief_scalars);
 }
 
 // A no-op with the signature of F: the Meta (and so fake-tensor) kernel of a mutating op.
@@ -228,17 +253,17 @@ struct NoOp<void(Args...)> {
 
 TORCH_LIBRARY(adaptive_lr, m) {
   m.def("active_sgd_" ACTIVE_SCHEMA_HEAD
-        "Tensor(f!)[] momentum_buffers, float lr, float momentum, float dampening, bool nesterov, "
+        "Tensor(f!)[] momentum_buffers, Tensor lr, float momentum, float dampening, bool nesterov, "
         ACTIVE_SCHEMA_TAIL);
   m.def("active_adamw_" ACTIVE_SCHEMA_HEAD
         "Tensor(f!)[] exp_avgs, Tensor(g!)[] exp_avg_sqs, Tensor(h!)[] max_exp_avg_sqs, "
-        "float lr, float beta1, float beta2, float eps, bool amsgrad, " ACTIVE_SCHEMA_TAIL);
+        "Tensor lr, float beta1, float beta2, float eps, bool amsgrad, " ACTIVE_SCHEMA_TAIL);
   m.def("active_radam_" ACTIVE_SCHEMA_HEAD
         "Tensor(f!)[] exp_avgs, Tensor(g!)[] exp_avg_sqs, "
-        "float lr, float beta1, float beta2, float eps, " ACTIVE_SCHEMA_TAIL);
+        "Tensor lr, float beta1, float beta2, float eps, " ACTIVE_SCHEMA_TAIL);
   m.def("active_adabelief_" ACTIVE_SCHEMA_HEAD
         "Tensor(f!)[] exp_avgs, Tensor(g!)[] exp_avg_vars, Tensor(h!)[] max_exp_avg_vars, "
-        "float lr, float beta1, float beta2, float eps, bool amsgrad, bool rectify, "
+        "Tensor lr, float beta1, float beta2, float eps, bool amsgrad, bool rectify, "
         ACTIVE_SCHEMA_TAIL);
 }
 

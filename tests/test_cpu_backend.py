@@ -275,6 +275,8 @@ BREAKERS = {
     "grad_scale": (lambda b: setattr(b, "grad_scale", torch.ones(2)), r"grad_scale must be a one-element"),
     "found_inf": (lambda b: setattr(b, "found_inf", torch.zeros(1, dtype=torch.float64)), r"found_inf must be"),
     "boundary": (lambda b: setattr(b, "boundary", 3), r"boundary must be 0"),
+    "lr_dtype": (lambda b: b.hyper.update(lr=torch.tensor(1, dtype=torch.int64)), r"lr must be a one-element float32 or float64"),
+    "lr_numel": (lambda b: b.hyper.update(lr=torch.full((2,), 1e-3)), r"lr must be a one-element"),
     "amsgrad_off_with_list": (lambda b: b.hyper.update(amsgrad=False), r"max_exp_avg_sqs must be empty"),
 }
 

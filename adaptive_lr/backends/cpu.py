@@ -30,6 +30,14 @@ def unavailable_reason(device: torch.device) -> str | None:
 _SHARED_HYPER = ("weight_decay", "maximize", "gain_inc", "gain_dec", "min_gain", "max_gain")
 
 
+def _lr_tensor(lr) -> torch.Tensor:
+    """The ops take lr as a tensor (a 0-dim lr updated in place by a scheduler then needs no
+    recompilation under torch.compile); a float lr is wrapped, as float64 to keep every bit."""
+    if isinstance(lr, torch.Tensor):
+        return lr
+    return torch.tensor(lr, dtype=torch.float64)
+
+
 def op_call(bucket: Bucket):
     """The ``torch.ops.adaptive_lr`` op that steps ``bucket``, and its keyword arguments."""
     h, state = bucket.hyper, bucket.state
@@ -40,7 +48,7 @@ def op_call(bucket: Bucket):
         grad_sums=bucket.grad_sums,
         prev_signs=bucket.prev_signs,
         steps=bucket.steps,
-        lr=float(h["lr"]),
+        lr=_lr_tensor(h["lr"]),
         boundary=int(bucket.boundary),
         grad_scale=bucket.grad_scale,
         found_inf=bucket.found_inf,
