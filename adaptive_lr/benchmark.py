@@ -12,6 +12,7 @@ and GB/s from the bytes each step must move against a streaming ceiling measured
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ class Contender:
     active: bool
     make: callable  # params -> optimizer
     baseline: str | None = None  # the torch contender this one is compared with
+    foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
 
 
 def contenders(backends: list[str], size: int) -> list[Contender]:
@@ -84,6 +86,7 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
                 lambda p, cls=cls, backend=backend: cls(p, lr=1e-4, steps_per_epoch=10**9,
                                                         backend=backend),
                 baseline,
+                f"{name} foreach" if backend != "foreach" and "foreach" in backends else None,
             ))
     return out
 
@@ -115,6 +118,31 @@ def streaming_ceiling_gbs(size: int, repeats: int) -> float:
     return 12 * size / best / 1e9
 
 
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def step_extra_memory(step) -> int | None:
+    """Peak resident memory one ``step()`` adds beyond what is already allocated (param-sized
+    temporaries, for instance), from the kernel's high-water mark; None where /proc cannot tell.
+
+    Freed memory is first returned to the OS (malloc_trim) and the high-water mark reset
+    (clear_refs 5), so a temporary counts even when the allocator would have recycled pages."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_bytes("VmRSS:")
+        step()
+        return _proc_status_bytes("VmHWM:") - before
+    except OSError:  # not Linux/glibc, or /proc not writable
+        return None
+
+
 def measure(size, layout, dtype, backends, rounds, steps_per_round):
     params = make_tensors(size, layout, dtype)
     entries = contenders(backends, size)
@@ -128,8 +156,9 @@ def measure(size, layout, dtype, backends, rounds, steps_per_round):
                 start = time.perf_counter()
                 opt.step()
                 times[contender.name].append(time.perf_counter() - start)
+    extra_memory = {c.name: step_extra_memory(opt.step) for c, opt in zip(entries, optimizers)}
     del optimizers
-    return entries, times
+    return entries, times, extra_memory
 
 
 def quartiles(samples):
@@ -145,7 +174,8 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends):
         size = SIZES[size_name]
         for layout in layouts:
             for dtype in dtypes:
-                entries, times = measure(size, layout, dtype, backends, rounds, steps_per_round)
+                entries, times, extra_memory = measure(size, layout, dtype, backends, rounds,
+                                                       steps_per_round)
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 param_bytes = torch.finfo(dtype).bits // 8
                 for c in entries:
@@ -159,6 +189,11 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends):
                         "fraction_of_ceiling": moved / med / 1e9 / ceiling,
                         "baseline": c.baseline,
                         "ratio_to_baseline": med / medians[c.baseline] if c.baseline else None,
+                        "speedup_over_foreach": (
+                            medians[c.foreach_twin] / med if c.foreach_twin else None
+                        ),
+                        "extra_memory_mib": (None if extra_memory[c.name] is None
+                                             else extra_memory[c.name] / 2**20),
                     })
     return {"ceiling_gb_per_s": ceiling, "rows": rows}
 
@@ -168,15 +203,19 @@ def markdown(result) -> str:
         f"Streaming ceiling (a.add_(b), 12 B/element) measured in this run: "
         f"{result['ceiling_gb_per_s']:.1f} GB/s",
         "",
-        "| size | tensors | dtype | optimizer | median ms | IQR ms | B/elem | GB/s | % ceiling | vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| size | tensors | dtype | optimizer | median ms | IQR ms | B/elem | GB/s | % ceiling "
+        "| vs baseline | vs own foreach | extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ratio = f"{r['ratio_to_baseline']:.2f}× {r['baseline']}" if r["baseline"] else ""
+        speedup = f"{r['speedup_over_foreach']:.1f}× faster" if r["speedup_over_foreach"] else ""
+        extra = "" if r["extra_memory_mib"] is None else f"{r['extra_memory_mib']:.1f}"
         lines.append(
             f"| {r['size']} | {r['tensors']} | {r['dtype']} | {r['optimizer']} | "
             f"{r['median_ms']:.2f} | {r['q1_ms']:.2f}–{r['q3_ms']:.2f} | {r['bytes_per_element']} | "
-            f"{r['gb_per_s']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% | {ratio} |"
+            f"{r['gb_per_s']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% | {ratio} | {speedup} | "
+            f"{extra} |"
         )
     return "\n".join(lines)
 
