@@ -1,0 +1,94 @@
+"""`adaptive-lr` (also `python -m adaptive_lr`): the training demo, the step-time benchmark and the
+training-quality studies.
+
+    adaptive-lr demo            a short real training run and a quick step-time table (~1 minute)
+    adaptive-lr bench --quick   the step-time table (`adaptive-lr bench --help`: all its options)
+    adaptive-lr sweep --quick   both studies at a small scale (a few minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from adaptive_lr import benchmark, demo
+from adaptive_lr.study import greedy, lr_sweep
+from adaptive_lr.study.options import positive_float, positive_int
+
+BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
+                    "--steps-per-round", "3"]
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small grids, fewer seeds and epochs: a few minutes on 2 cores")
+    parser.add_argument("--study", choices=["lr", "greedy", "all"], default="all",
+                        help="lr: the LR-robustness sweep; greedy: the GreedyLR study (default all)")
+    parser.add_argument("--out", default="out/sweep",
+                        help="directory for the CSV/JSON/Markdown/PNG results (default %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes, one thread each (default %(default)s)")
+    lr = parser.add_argument_group("LR-robustness sweep (override the full or --quick preset)")
+    lr.add_argument("--models", nargs="+", choices=["mlp", "cnn"])
+    lr.add_argument("--optimizers", nargs="+", choices=list(lr_sweep.PAIRS),
+                    help="base optimizers; each runs beside its Active version")
+    lr.add_argument("--lrs", nargs="+", type=positive_float, help="the learning-rate grid")
+    lr.add_argument("--seeds", type=positive_int, help="seeds per (optimizer, lr)")
+    lr.add_argument("--epochs", type=positive_int, help="the fixed epoch budget")
+    study = parser.add_argument_group("GreedyLR study (overrides the full or --quick preset)")
+    study.add_argument("--problems", nargs="+", choices=list(greedy.PROBLEMS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptive-lr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.add_arguments(commands.add_parser(
+        "demo", help="short training run (AdamW vs ActiveAdamW) + quick step-time table",
+        description=demo.__doc__))
+    # bench passes every other argument on to the benchmark, whose own --help lists them
+    bench = commands.add_parser(
+        "bench", add_help=False, help="step-time benchmark (--quick: 1M and 10M float32 only)")
+    bench.add_argument("--quick", action="store_true")
+    _add_sweep_arguments(commands.add_parser(
+        "sweep", help="LR-robustness sweep and GreedyLR study", description=lr_sweep.__doc__))
+    return parser
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    if args.study in ("lr", "all"):
+        overrides = {key: tuple(value) if isinstance(value, list) else value
+                     for key, value in (("models", args.models), ("pairs", args.optimizers),
+                                        ("lrs", args.lrs), ("seeds", args.seeds),
+                                        ("epochs", args.epochs)) if value is not None}
+        config = dataclasses.replace(lr_sweep.QUICK if args.quick else lr_sweep.SweepConfig(),
+                                     **overrides)
+        summary = lr_sweep.run(config, args.out, args.workers)
+        print(lr_sweep.markdown(summary))
+    if args.study in ("greedy", "all"):
+        config = greedy.QUICK if args.quick else greedy.GreedyConfig()
+        if args.problems:
+            config = dataclasses.replace(
+                config, problems=tuple(args.problems),
+                trace_problems=tuple(p for p in config.trace_problems if p in args.problems))
+        print(greedy.markdown(greedy.run(config, args.out, args.workers)))
+    print(f"results written to {os.path.abspath(args.out)}")
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        benchmark.main((BENCH_QUICK_ARGS if args.quick else []) + rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        demo.run(args)
+    else:
+        _sweep(args)
+
+
+if __name__ == "__main__":
+    main()
