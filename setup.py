@@ -79,6 +79,9 @@ setup(
     packages=find_packages(include=["adaptive_lr", "adaptive_lr.*"]) + ["adaptive_lr.kernels"],
     package_dir={"adaptive_lr.kernels": "kernels"},
     install_requires=["torch>=2.4"],
+    # `adaptive-lr demo|bench|sweep`: data, baselines, progress bars and plots
+    extras_require={"study": ["numpy", "scikit-learn", "adabelief-pytorch", "tqdm", "matplotlib"]},
+    entry_points={"console_scripts": ["adaptive-lr=adaptive_lr.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
