@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# Set up, then run the whole test suite: the C++ unit tests (ctest, torch-free) and pytest (every
-# backend against the reference). Extra arguments go to pytest. Exits non-zero if anything fails.
+# Set up, then run the whole test suite: the C++ unit tests (ctest, torch-free), the CUDA kernels'
+# compile check (nvcc, no GPU needed) and pytest (every backend against the reference). Extra
+# arguments go to pytest. Exits non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 venv=${ADAPTIVE_LR_VENV:-.venv}
 start=$SECONDS
-cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+# The CUDA kernels are compile-checked by CMake with the toolkit's real nvcc: CUDA_HOME's, else the
+# directory the nvcc on PATH runs from (which may be a wrapper script). On CI it must exist.
+cuda_args=()
+if [ -n "${CUDA_HOME:-}" ]; then
+  cuda_args=(-DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc")
+elif command -v nvcc >/dev/null; then
+  cuda_bin=$(nvcc --dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p')
+  cuda_args=(-DCMAKE_CUDA_COMPILER="$cuda_bin/nvcc")
+elif [ "${CI:-}" != true ]; then
+  echo "NOTE: nvcc not found (set CUDA_HOME): the CUDA kernels' compile check is SKIPPED"
+fi
+[ "${CI:-}" = true ] && cuda_args+=(-DADAPTIVE_LR_REQUIRE_CUDA=ON)
+cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/null
 cmake --build build/cmake -j 2 >/dev/null
 ctest --test-dir build/cmake --output-on-failure
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -6,8 +6,10 @@
 // + - * / are those of Ops<T>, which a vector backend specializes for its vector type.
 //
 // Two halves:
-//  * host side (plain structs, namespace adaptive_lr): bucket-level hyperparameters and the
-//    per-tensor scalars derived once per tensor per step, in double, from the tensor's step count;
+//  * per-step side (plain structs, namespace adaptive_lr): bucket-level hyperparameters and the
+//    per-tensor scalars derived once per tensor per step, in double, from the tensor's step count
+//    (on the host by the CPU op, on the device by the CUDA kernels, which read the step counter
+//    from device memory: one definition for both);
 //  * element side (namespace adaptive_lr, plus one inline namespace per CPU capability when
 //    compiled per capability): Ops, the gain rule, the optimizer updates and fused_step.
 #pragma once
@@ -34,7 +36,7 @@
 
 namespace adaptive_lr {
 
-// ================================ host side ====================================================
+// ================================ per-step side ================================================
 
 // Same values as adaptive_lr.backends.bucket.Boundary.
 enum class Boundary : int { kNone = 0, kRoll = 1, kUpdate = 2 };
@@ -48,6 +50,22 @@ struct CommonHyper {
   bool divide_grad;     // false when there is neither a grad_scale nor maximize
 };
 
+// One step's CommonHyper from the op's arguments, lr and *grad_scale (null: no grad scaling) as
+// read for this step: by the CPU op on the host, by the CUDA kernels from device memory.
+ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_dec, double min_gain,
+                                                 double max_gain, double weight_decay,
+                                                 bool maximize, double lr,
+                                                 const float* grad_scale) {
+  const double scale = grad_scale != nullptr ? *grad_scale : 1.0;
+  return {static_cast<float>(gain_inc),
+          static_cast<float>(gain_dec),
+          static_cast<float>(min_gain),
+          static_cast<float>(max_gain),
+          1 - lr * weight_decay,
+          maximize ? -scale : scale,  // g / -s == -(g / s) exactly
+          grad_scale != nullptr || maximize};
+}
+
 // Kernel tags: the per-element code the loops are instantiated for. AdamW and RAdam share one
 // (they differ only in their per-tensor scalars), AdaBelief adds the "belief" second moment.
 struct Sgd {
@@ -55,7 +73,7 @@ struct Sgd {
   struct Hyper {
     double lr, momentum, dampening;
     bool nesterov;
-    int num_states() const { return 1; }
+    ADAPTIVE_LR_HOST_DEVICE int num_states() const { return 1; }
   };
   struct Scalars {
     bool first_step;  // torch.optim.SGD: the buffer starts as a copy of the first gradient
@@ -69,7 +87,7 @@ struct Adam {
     double lr, beta1, beta2, eps;
     bool amsgrad;
     bool rectify;  // AdaBelief only
-    int num_states() const { return amsgrad ? 3 : 2; }
+    ADAPTIVE_LR_HOST_DEVICE int num_states() const { return amsgrad ? 3 : 2; }
   };
   // theta -= step_size * gain * m / (sqrt(v) / sqrt_bc2 + eps) if adaptive, else
   // theta -= step_size * gain * m (RAdam's un-rectified warm-up steps).
@@ -84,7 +102,7 @@ using AdaBelief = Adam<true>;
 
 // ---- per-tensor scalars from the tensor's step t (>= 1), once per tensor per step -----------
 
-inline Sgd::Scalars sgd_scalars(double step) { return {step == 1}; }
+ADAPTIVE_LR_HOST_DEVICE Sgd::Scalars sgd_scalars(double step) { return {step == 1}; }
 
 struct Rectification {
   bool active;  // rho_t > 5
@@ -92,7 +110,7 @@ struct Rectification {
 };
 
 // RAdam's variance rectification r_t, used once the SMA length rho_t exceeds 5.
-inline Rectification radam_rectification(double beta2, double step) {
+ADAPTIVE_LR_HOST_DEVICE Rectification radam_rectification(double beta2, double step) {
   const double rho_inf = 2 / (1 - beta2) - 1;
   const double beta2_t = std::pow(beta2, step);
   const double rho_t = rho_inf - 2 * step * beta2_t / (1 - beta2_t);
@@ -101,21 +119,21 @@ inline Rectification radam_rectification(double beta2, double step) {
                           ((rho_inf - 4) * (rho_inf - 2) * rho_t))};
 }
 
-inline AdamW::Scalars adamw_scalars(const AdamW::Hyper& h, double step) {
+ADAPTIVE_LR_HOST_DEVICE AdamW::Scalars adamw_scalars(const AdamW::Hyper& h, double step) {
   const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
   return {h.lr / bc1, std::sqrt(bc2), true};
 }
 
 // theta -= lr * r * (m / bc1) * sqrt(bc2) / (sqrt(v) + eps): the bias correction of v moves into
 // the step size, so the denominator is sqrt(v) / 1 + eps.
-inline RAdam::Scalars radam_scalars(const RAdam::Hyper& h, double step) {
+ADAPTIVE_LR_HOST_DEVICE RAdam::Scalars radam_scalars(const RAdam::Hyper& h, double step) {
   const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
   const Rectification rect = radam_rectification(h.beta2, step);
   if (!rect.active) return {h.lr / bc1, 1.0, false};
   return {h.lr * rect.r * std::sqrt(bc2) / bc1, 1.0, true};
 }
 
-inline AdaBelief::Scalars adabelief_scalars(const AdaBelief::Hyper& h, double step) {
+ADAPTIVE_LR_HOST_DEVICE AdaBelief::Scalars adabelief_scalars(const AdaBelief::Hyper& h, double step) {
   const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
   const Rectification rect =
       h.rectify ? radam_rectification(h.beta2, step) : Rectification{true, 1.0};
