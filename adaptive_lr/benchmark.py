@@ -6,7 +6,13 @@ drift, the cost does not), in interleaved rounds so that machine noise hits them
 the median and spread of the step time, the ratio to torch's fused (else foreach) counterpart,
 and GB/s from the bytes each step must move against a streaming ceiling measured in the same run.
 
+On a CUDA device (--device cuda) steps are timed with CUDA events after warm-up steps, each
+optimizer cycles through copies of the params and grads that together span three times the L2
+cache (so no step finds its tensors cached by the step before), and the ceiling is the device's
+copy bandwidth measured in the same run.
+
     python -m adaptive_lr.benchmark --sizes 1M 10M --json bench/results/step_time.json
+    python -m adaptive_lr.benchmark --device cuda --sizes 1M 50M
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import statistics
@@ -91,7 +98,7 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
     return out
 
 
-def make_tensors(size: int, layout: str, dtype: torch.dtype) -> list[torch.Tensor]:
+def make_tensors(size: int, layout: str, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
     """``4``: four equal tensors; ``200``: 200 tensors of mixed sizes (a few large, many small,
     like a transformer's weights, biases and norms) adding up to ``size``."""
     gen = torch.Generator().manual_seed(0)
@@ -101,9 +108,9 @@ def make_tensors(size: int, layout: str, dtype: torch.dtype) -> list[torch.Tenso
         weights = torch.rand(200, generator=gen) ** 4  # heavy-tailed: mostly small tensors
         sizes = (weights / weights.sum() * size).long().clamp_min(1).tolist()
         sizes[0] += size - sum(sizes)
-    params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
+    params = [torch.randn(n, generator=gen).to(device, dtype).requires_grad_() for n in sizes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(dtype) * 1e-3
+        p.grad = torch.randn(p.shape, generator=gen).to(device, dtype) * 1e-3
     return params
 
 
@@ -118,6 +125,56 @@ def streaming_ceiling_gbs(size: int, repeats: int) -> float:
     return 12 * size / best / 1e9
 
 
+def cuda_copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10
+                            ) -> float:
+    """dst.copy_(src) of ``nbytes`` on ``device``: 1 read + 1 write per byte, the median of
+    ``repeats`` copies timed with CUDA events after one warm-up copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        dst.copy_(src)
+        end.record()
+    torch.cuda.synchronize(device)
+    return 2 * nbytes / statistics.median(s.elapsed_time(e) / 1e3 for s, e in events) / 1e9
+
+
+def rotation_copies(size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many copies of the params and grads each optimizer cycles through: on a CUDA device,
+    enough that the smallest step's traffic over all copies spans 3x the L2 cache; 1 on the CPU,
+    whose caches are far smaller than any size here."""
+    if device.type != "cuda":
+        return 1
+    param_bytes = torch.finfo(dtype).bits // 8
+    per_copy = bytes_per_element("sgd", False, param_bytes, param_bytes) * size
+    return math.ceil(3 * torch.cuda.get_device_properties(device).L2_cache_size / per_copy)
+
+
+def time_steps(optimizers: list, count: int, device: torch.device) -> list[float]:
+    """Seconds per step of ``count`` steps, cycling through ``optimizers`` (one per copy): wall
+    time on the CPU, CUDA events on a CUDA device (all of a step's launches and the gaps between
+    them; synchronised once, after the last step)."""
+    steps = [optimizers[k % len(optimizers)].step for k in range(count)]
+    if device.type != "cuda":
+        out = []
+        for step in steps:
+            start = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - start)
+        return out
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in steps]
+    for step, (start, end) in zip(steps, events):
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -126,12 +183,20 @@ def _proc_status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
-def step_extra_memory(step) -> int | None:
-    """Peak resident memory one ``step()`` adds beyond what is already allocated (param-sized
-    temporaries, for instance), from the kernel's high-water mark; None where /proc cannot tell.
+def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int | None:
+    """Peak memory one ``step()`` adds beyond what is already allocated (param-sized
+    temporaries, for instance): on a CUDA device from the caching allocator's peak statistics, on
+    the CPU from the kernel's high-water mark; None where /proc cannot tell.
 
     Freed memory is first returned to the OS (malloc_trim) and the high-water mark reset
     (clear_refs 5), so a temporary counts even when the allocator would have recycled pages."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
@@ -143,20 +208,23 @@ def step_extra_memory(step) -> int | None:
         return None
 
 
-def measure(size, layout, dtype, backends, rounds, steps_per_round):
-    params = make_tensors(size, layout, dtype)
+def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch.device("cpu")):
+    copies = [make_tensors(size, layout, dtype, device)
+              for _ in range(rotation_copies(size, dtype, device))]
     entries = contenders(backends, size)
-    optimizers = [c.make(params) for c in entries]
+    optimizers = [[c.make(params) for params in copies] for c in entries]
     times = {c.name: [] for c in entries}
-    for opt in optimizers:  # warm-up: creates state, first-touch pages, builds caches
-        opt.step()
-    for _ in range(rounds):
-        for contender, opt in zip(entries, optimizers):
-            for _ in range(steps_per_round):
-                start = time.perf_counter()
+    # warm-up: creates state, first-touch pages, builds caches; on a GPU also compiles kernels
+    warmup_steps = 3 if device.type == "cuda" else 1
+    for per_copy in optimizers:
+        for opt in per_copy:
+            for _ in range(warmup_steps):
                 opt.step()
-                times[contender.name].append(time.perf_counter() - start)
-    extra_memory = {c.name: step_extra_memory(opt.step) for c, opt in zip(entries, optimizers)}
+    for _ in range(rounds):
+        for contender, per_copy in zip(entries, optimizers):
+            times[contender.name] += time_steps(per_copy, steps_per_round, device)
+    extra_memory = {c.name: step_extra_memory(per_copy[0].step, device)
+                    for c, per_copy in zip(entries, optimizers)}
     del optimizers
     return entries, times, extra_memory
 
@@ -166,16 +234,21 @@ def quartiles(samples):
     return q[0], statistics.median(samples), q[2]
 
 
-def run(sizes, layouts, dtypes, rounds, steps_per_round, backends):
+def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.device("cpu")):
     torch.manual_seed(0)
-    ceiling = streaming_ceiling_gbs(25_000_000, 10)
+    if device.type == "cuda":
+        ceiling = cuda_copy_bandwidth_gbs(device)
+        ceiling_name = "Copy bandwidth (dst.copy_(src), 1 read + 1 write per byte)"
+    else:
+        ceiling = streaming_ceiling_gbs(25_000_000, 10)
+        ceiling_name = "Streaming ceiling (a.add_(b), 12 B/element)"
     rows = []
     for size_name in sizes:
         size = SIZES[size_name]
         for layout in layouts:
             for dtype in dtypes:
                 entries, times, extra_memory = measure(size, layout, dtype, backends, rounds,
-                                                       steps_per_round)
+                                                       steps_per_round, device)
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 param_bytes = torch.finfo(dtype).bits // 8
                 for c in entries:
@@ -195,13 +268,12 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends):
                         "extra_memory_mib": (None if extra_memory[c.name] is None
                                              else extra_memory[c.name] / 2**20),
                     })
-    return {"ceiling_gb_per_s": ceiling, "rows": rows}
+    return {"ceiling_gb_per_s": ceiling, "ceiling": ceiling_name, "rows": rows}
 
 
 def markdown(result) -> str:
     lines = [
-        f"Streaming ceiling (a.add_(b), 12 B/element) measured in this run: "
-        f"{result['ceiling_gb_per_s']:.1f} GB/s",
+        f"{result['ceiling']} measured in this run: {result['ceiling_gb_per_s']:.1f} GB/s",
         "",
         "| size | tensors | dtype | optimizer | median ms | IQR ms | B/elem | GB/s | % ceiling "
         "| vs baseline | vs own foreach | extra MiB |",
@@ -229,15 +301,20 @@ def main(argv=None) -> dict:
                         help="Active backends to time (default: all available except reference)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU device only)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    backends = args.backends or [b for b in adaptive_lr.available_backends("cpu") if b != "reference"]
+    device = torch.device(args.device)
+    backends = args.backends or [b for b in adaptive_lr.available_backends(device)
+                                 if b != "reference"]
     result = run(args.sizes, args.layouts, [getattr(torch, d) for d in args.dtypes], args.rounds,
-                 args.steps_per_round, backends)
+                 args.steps_per_round, backends, device)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                          "threads": args.threads, "processor": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        result["machine"]["gpu"] = torch.cuda.get_device_name(device)
     print(markdown(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,11 +1,87 @@
-"""The CUDA multi-tensor-apply backend (csrc/cuda): not part of this build yet."""
+"""The fused CUDA backend: one ``torch.ops.adaptive_lr.active_<optimizer>_`` call per bucket runs
+the multi-tensor-apply kernels of ``csrc/cuda``, which ``setup.py`` builds into ``adaptive_lr._C``
+when torch has CUDA and a CUDA toolkit is found (docs/cuda.md).
+
+The step never synchronises with the host: lr, grad_scale, found_inf and every tensor's step
+counter are read by the kernels from device memory, so a step can be captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
 
 import torch
+from torch import Tensor
+
+from . import cpu
+from .bucket import Bucket
+
+
+@functools.cache
+def _build_reason() -> str | None:
+    """Why adaptive_lr._C has no CUDA kernels (None when it has them); loads it on first use."""
+    reason = cpu._import_error()
+    if reason is not None:
+        return reason
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("adaptive_lr::active_adamw_", "CUDA"):
+        return (
+            "adaptive_lr._C was built without its CUDA kernels (setup.py builds them when torch "
+            f"has CUDA and a CUDA toolkit is found; this torch {torch.__version__} has CUDA "
+            f"{torch.version.cuda})"
+        )
+    return None
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    return "the CUDA kernels are not built in this version of adaptive_lr"
+    if torch.device(device).type != "cuda":
+        return f"the fused cuda backend runs on CUDA tensors only, not on {device}"
+    reason = _build_reason()
+    if reason is None and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return reason
 
 
-def step(bucket) -> None:
-    raise RuntimeError(unavailable_reason(bucket.device))
+# The device tensor a float lr is read from, per bucket (keyed by its device and first param,
+# which belongs to one param group): refreshed by fill_ (a kernel, no transfer, no host sync) only
+# when the value changes. The least recently used go first; a CUDA graph should be captured with a
+# device tensor lr, which the caller owns (docs/cuda.md).
+_FLOAT_LRS: OrderedDict[tuple, list] = OrderedDict()
+MAX_FLOAT_LRS = 256
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def device_lr(lr, first_param: Tensor) -> Tensor:
+    """``lr`` as a one-element tensor on ``first_param``'s device, for the kernels to read."""
+    device = first_param.device
+    if isinstance(lr, Tensor):  # read in the kernel: in-place changes need no host work at all
+        return lr.to(device)
+    lr = float(lr)
+    key = (device, first_param.data_ptr())
+    entry = _FLOAT_LRS.get(key)
+    if (entry is None or entry[0] != lr) and _capturing(device):
+        # work enqueued during a capture runs only on replay: the cached value would be stale
+        raise RuntimeError(
+            "adaptive_lr: a float lr that the step before the capture did not use cannot be set "
+            "inside a CUDA graph capture; pass lr as a device tensor and change it in place"
+        )
+    if entry is None:
+        entry = _FLOAT_LRS[key] = [lr, torch.full((), lr, dtype=torch.float64, device=device)]
+        if len(_FLOAT_LRS) > MAX_FLOAT_LRS:
+            _FLOAT_LRS.popitem(last=False)
+    elif entry[0] != lr:
+        entry[1].fill_(lr)
+        entry[0] = lr
+    _FLOAT_LRS.move_to_end(key)
+    return entry[1]
+
+
+def step(bucket: Bucket) -> None:
+    reason = _build_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    op, kwargs = cpu.op_call(bucket)
+    kwargs["lr"] = device_lr(bucket.hyper["lr"], bucket.params[0])
+    op(**kwargs)

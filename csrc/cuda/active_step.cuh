@@ -80,20 +80,6 @@ __device__ __forceinline__ void for_each_pack(int length, bool vectorized, const
   }
 }
 
-// ---- per-tensor scalars from the device step counter ------------------------------------------
-
-__device__ __forceinline__ Sgd::Scalars step_scalars(const Sgd::Hyper&, bool, double step) {
-  return sgd_scalars(step);
-}
-__device__ __forceinline__ Adam<false>::Scalars step_scalars(const Adam<false>::Hyper& h,
-                                                             bool radam, double step) {
-  return radam ? radam_scalars(h, step) : adamw_scalars(h, step);
-}
-__device__ __forceinline__ Adam<true>::Scalars step_scalars(const Adam<true>::Hyper& h, bool,
-                                                            double step) {
-  return adabelief_scalars(h, step);
-}
-
 // ---- the functor -------------------------------------------------------------------------------
 
 template <Boundary B, class Kernel, class P>
@@ -144,7 +130,7 @@ struct ActiveStep {
     s.hyper.lr = lr;
     s.skip = a.found_inf != nullptr && *a.found_inf != 0;
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
-    s.scalars = step_scalars(s.hyper, a.radam, static_cast<double>(s.next_step));
+    s.scalars = step_scalars(s.hyper, static_cast<double>(s.next_step));
     return s;
   }
 

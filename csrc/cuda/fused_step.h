@@ -44,8 +44,7 @@ struct StepArgs {
   typename Kernel::Hyper hyper;  // its lr is ignored: the kernel reads *lr
   double gain_inc, gain_dec, min_gain, max_gain, weight_decay;
   bool maximize;
-  bool radam;           // Adam<false> only: RAdam's per-tensor scalars instead of AdamW's
-  bool lr_is_double;    // *lr is a double, else a float
+  bool lr_is_double;  // *lr is a double, else a float
   const void* lr;       // device
   const float* grad_scale;  // device; null: no grad scaling
   const float* found_inf;   // device; null: never skipped

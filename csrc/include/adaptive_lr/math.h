@@ -86,7 +86,7 @@ struct Adam {
   struct Hyper {
     double lr, beta1, beta2, eps;
     bool amsgrad;
-    bool rectify;  // AdaBelief only
+    bool rectify;  // RAdam's rectification: RAdam always, AdaBelief optionally, AdamW never
     ADAPTIVE_LR_HOST_DEVICE int num_states() const { return amsgrad ? 3 : 2; }
   };
   // theta -= step_size * gain * m / (sqrt(v) / sqrt_bc2 + eps) if adaptive, else
@@ -138,6 +138,19 @@ ADAPTIVE_LR_HOST_DEVICE AdaBelief::Scalars adabelief_scalars(const AdaBelief::Hy
   const Rectification rect =
       h.rectify ? radam_rectification(h.beta2, step) : Rectification{true, 1.0};
   return {h.lr * rect.r / bc1, std::sqrt(bc2), rect.active};
+}
+
+// The per-tensor scalars of each kernel tag (Adam<false>: RAdam when rectify, else AdamW).
+ADAPTIVE_LR_HOST_DEVICE Sgd::Scalars step_scalars(const Sgd::Hyper&, double step) {
+  return sgd_scalars(step);
+}
+ADAPTIVE_LR_HOST_DEVICE Adam<false>::Scalars step_scalars(const Adam<false>::Hyper& h,
+                                                          double step) {
+  return h.rectify ? radam_scalars(h, step) : adamw_scalars(h, step);
+}
+ADAPTIVE_LR_HOST_DEVICE Adam<true>::Scalars step_scalars(const Adam<true>::Hyper& h,
+                                                         double step) {
+  return adabelief_scalars(h, step);
 }
 
 // ================================ element side =================================================
