@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from adaptive_lr import available_backends
+from adaptive_lr.backends import Boundary
+from adaptive_lr.backends.reference import apply_boundary
 from optim_configs import CONFIGS, clone_params, grad_sequence, make_params
 
 BACKENDS = available_backends("cpu")
@@ -17,34 +19,59 @@ def _params_and_grads(steps):
     return params, grad_sequence([tuple(p.shape) for p in params], steps, torch.float32)
 
 
+def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
+    """Each param's state after an overflow step: as now, except that a pending boundary is
+    applied (by the reference, the oracle) and rolls the param's epoch."""
+    group = opt.param_groups[0]
+    expected = [copy.deepcopy(opt.state[p]) for p in params]
+    for state in expected:
+        if pending != Boundary.NONE:
+            apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"], group)
+            state["epoch"], state["has_prev_sign"] = group["epoch"], True
+    return expected
+
+
+def _assert_state_equal(opt, params, expected: list[dict]) -> None:
+    for p, expected_state in zip(params, expected):
+        state = opt.state[p]
+        assert state.keys() == expected_state.keys()
+        for key, value in expected_state.items():
+            assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value, key
+
+
+# Steps before the overflow step, and the boundary that step then has pending: (mid-epoch), the
+# params' first boundary (ROLL), and a boundary that compares signs and moves the gains (UPDATE).
+PENDING = {4: Boundary.NONE, 3: Boundary.ROLL, 6: Boundary.UPDATE}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
-def test_found_inf_skips_all_but_the_boundary(backend, config):
-    params, grads = _params_and_grads(4)
+@pytest.mark.parametrize("steps_before", PENDING, ids=lambda n: PENDING[n].name)
+def test_found_inf_skips_all_but_the_boundary(backend, config, steps_before):
+    """An overflow step (non-finite grads, found_inf set) changes no param, no state tensor and
+    no step count, on every backend; only a pending boundary is applied."""
+    params, grads = _params_and_grads(steps_before)
     opt = config.make(params, backend=backend)
-    for step_grads in grads[:3]:  # ends epoch 1 (3 steps): a boundary is pending
+    for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
-    assert opt.param_groups[0]["boundary_pending"]
-    before = copy.deepcopy(opt.state_dict())
+    pending = PENDING[steps_before]
+    assert opt.param_groups[0]["boundary_pending"] == (pending != Boundary.NONE)
     before_params = [p.detach().clone() for p in params]
-    for p, g in zip(params, grads[3]):
-        p.grad = g.clone()
-    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    expected = _expected_after_skipped_step(opt, params, pending)
+    if pending == Boundary.UPDATE:
+        assert any((state["gain"] != 1).any() for state in expected)  # the boundary moves gains
+    for i, p in enumerate(params):  # what an fp16 overflow leaves in the grads
+        p.grad = torch.full_like(p, (float("inf"), float("nan"), -float("inf"))[i % 3])
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    clock = opt.param_groups[0]["steps_in_epoch"]
     opt.step()
     del opt.grad_scale, opt.found_inf
     for p, q in zip(params, before_params):
         assert torch.equal(p, q)
-    for index, p in enumerate(params):
-        state, old = opt.state[p], before["state"][index]
-        for key in ("step", *(k for k in old if k not in ("step", "gain", "grad_sum", "prev_sign",
-                                                           "epoch", "has_prev_sign"))):
-            assert torch.equal(state[key], old[key]), key
-        # the boundary rolled the epoch sum over even though the step was skipped
-        assert torch.equal(state["prev_sign"], torch.sign(old["grad_sum"]).to(torch.int8))
-        assert not state["grad_sum"].any()
-    assert opt.param_groups[0]["steps_in_epoch"] == 1  # the clock counts step() calls
+    _assert_state_equal(opt, params, expected)
+    assert opt.param_groups[0]["steps_in_epoch"] == (1 if pending != Boundary.NONE else clock + 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,26 +92,28 @@ def test_grad_scale_unscales(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scaler_overflow_step_changes_no_state(backend):
+@pytest.mark.parametrize("config", CONFIGS[::4], ids=lambda c: c.id)
+def test_grad_scaler_overflow_step_changes_no_state(backend, config):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    opt = CONFIGS[4].make(model.parameters(), backend=backend)
+    params = list(model.parameters())
+    opt = config.make(params, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     x = torch.randn(8, 4)
-    for t in range(5):
+    for t in range(8):
         loss = model(x).pow(2).mean()
         scaler.scale(loss).backward()
-        if t == 3:
+        if t in (4, 6):  # overflows mid-epoch and with an UPDATE boundary pending
             model.weight.grad[0, 0] = float("inf")
-            before = copy.deepcopy(opt.state_dict())
-            before_params = [p.detach().clone() for p in model.parameters()]
+            pending = Boundary.UPDATE if opt.param_groups[0]["boundary_pending"] else Boundary.NONE
+            expected = _expected_after_skipped_step(opt, params, pending)
+            before_params = [p.detach().clone() for p in params]
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        if t == 3:
-            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before_params))
-            for index, state in before["state"].items():
-                assert torch.equal(opt.state_dict()["state"][index]["exp_avg"], state["exp_avg"])
-                assert torch.equal(opt.state_dict()["state"][index]["step"], state["step"])
-    assert opt.state[model.weight]["step"].item() == 4  # 5 calls, one skipped
-    assert scaler.get_scale() < 2.0**8  # the scaler saw the overflow
+        if t in (4, 6):
+            assert all(torch.equal(p, q) for p, q in zip(params, before_params))
+            _assert_state_equal(opt, params, expected)
+    assert opt.state[model.weight]["step"].item() == 6  # 8 calls, two skipped
+    assert opt.param_groups[0]["epoch"] == 2  # the clock counted all 8 calls
+    assert scaler.get_scale() < 2.0**8  # the scaler saw the overflows

@@ -125,6 +125,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             group["steps_in_epoch"] = 0
             group["boundary_pending"] = True
 
+    @torch.compiler.disable  # see _plan_step
     def _advance_clock(self) -> None:
         for group in self.param_groups:
             group["boundary_pending"] = False
@@ -196,8 +197,21 @@ class ActiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for backend_step, bucket in self._plan_step():
+            backend_step(bucket)
+        self._advance_clock()
+        return loss
+
+    # torch.compile runs the host-side bookkeeping eagerly (one graph break before the buckets,
+    # one after): traced, the clock's Python ints became SymInt graph inputs and outputs, which
+    # recompiled on new clock patterns and made inductor emit code that fails (docs/integration.md).
+    @torch.compiler.disable
+    def _plan_step(self) -> list[tuple[Callable[[Bucket], None], Bucket]]:
+        """Validate every grad, create lazy state, apply missed boundaries, and group the params
+        into buckets, each with the backend step function that runs it."""
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
+        plan = []
         for group, params in self._params_with_grad():  # all validated before any is touched
             keys = self._state_keys(group)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -206,9 +220,8 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
                 bucket = self._make_bucket(group, keys, bucket_params, boundary, grad_scale, found_inf)
-                backends.resolve(self.backend, device)(bucket)
-        self._advance_clock()
-        return loss
+                plan.append((backends.resolve(self.backend, device), bucket))
+        return plan
 
     def _make_bucket(self, group, keys, params, boundary, grad_scale, found_inf) -> Bucket:
         states = [self.state[p] for p in params]
