@@ -37,8 +37,19 @@ struct NamedList {
   TensorList tensors;
 };
 
-// Checks one tensor of a list: a CPU, strided, contiguous tensor of the given dtype, shaped like
-// its param when `like` is given.
+// Whether a and b (of one shape) store their elements in the same order: equal strides in every
+// dimension longer than 1 (the stride of a length-1 dimension is never used).
+bool same_element_order(const Tensor& a, const Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// Checks one tensor of a list: a CPU, strided tensor of the given dtype. The kernels read every
+// tensor of index i as one flat array, so params[i] must fill its memory exactly once (contiguous,
+// channels_last, transposed, ...) and every other tensor of index i must have its shape and
+// element order (`like`; state made by zeros_like(param) has it).
 void check_tensor(const char* op, const char* list, size_t i, const Tensor& t,
                   at::ScalarType dtype, const Tensor* like) {
   TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
@@ -48,11 +59,19 @@ void check_tensor(const char* op, const char* list, size_t i, const Tensor& t,
               "] must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", list, "[", i, "] must have dtype ", dtype,
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", list, "[", i, "] must be contiguous");
-  if (like != nullptr) {
-    TORCH_CHECK(t.sizes() == like->sizes(), op, ": ", list, "[", i, "] must have shape ",
-                like->sizes(), " like params[", i, "], got ", t.sizes());
+  // a layout the kernels cannot index raises NotImplementedError: the cpu backend then runs that
+  // param on contiguous copies
+  if (like == nullptr) {
+    TORCH_CHECK_NOT_IMPLEMENTED(t.is_non_overlapping_and_dense(), op, ": ", list, "[", i,
+                                "] of shape ", t.sizes(), " and strides ", t.strides(),
+                                " does not fill its memory exactly once; pass a contiguous copy");
+    return;
   }
+  TORCH_CHECK(t.sizes() == like->sizes(), op, ": ", list, "[", i, "] must have shape ",
+              like->sizes(), " like params[", i, "], got ", t.sizes());
+  TORCH_CHECK_NOT_IMPLEMENTED(same_element_order(t, *like), op, ": ", list, "[", i,
+                              "] has strides ", t.strides(), " but params[", i, "] has strides ",
+                              like->strides(), "; every tensor of a param must share its layout");
 }
 
 // steps[i], grad_scale and found_inf: one float32 on the CPU, read and written by the host.

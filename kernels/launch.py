@@ -24,6 +24,8 @@ import triton.language as tl
 from triton import knobs
 from torch import Tensor
 
+from adaptive_lr.backends.layout import flat_rows
+
 from .active_step import HYPER_SLOTS, OPTIMIZERS, ROWS, active_step_kernel
 
 SLOTS = len(ROWS)
@@ -103,41 +105,6 @@ def _build_plan(rows: list[list[Tensor]], device: torch.device) -> _Plan:
     )
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether t's elements fill its memory range exactly once (any dimension order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, k) for s, k in zip(t.stride(), t.shape) if k != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _flat_rows(rows: list[list[Tensor]]) -> tuple[list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
-    """The kernel indexes every tensor of index i as one flat array in the param's element order.
-    That holds when all are contiguous (or share one dense layout, e.g. channels_last); the rare
-    others run on contiguous copies that are written back after the launch."""
-    writeback: list[tuple[Tensor, Tensor]] = []
-    out = rows
-    for i, p in enumerate(rows[0]):
-        column = [row[i] for r, row in enumerate(rows) if r != STEP]
-        if all(t.is_contiguous() for t in column):
-            continue
-        if _dense(p) and all(t.stride() == p.stride() for t in column):
-            continue
-        if out is rows:
-            out = [list(row) for row in rows]
-        for r, row in enumerate(out):
-            if r != STEP and not row[i].is_contiguous():
-                copy = row[i].contiguous()
-                if r != GRAD:
-                    writeback.append((row[i], copy))
-                row[i] = copy
-    return out, writeback
-
-
 def _plan_for(rows: list[list[Tensor]], device: torch.device, contiguous: bool) -> _Plan:
     key = (
         device,
@@ -201,7 +168,7 @@ def active_step(
         raise TypeError(f"adaptive_lr triton backend: unsupported param dtype {dtype}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     contiguous = all(t.is_contiguous() for row in rows for t in row)
-    rows, writeback = (rows, ()) if contiguous else _flat_rows(rows)
+    rows, writeback = (rows, ()) if contiguous else flat_rows(rows, GRAD, (STEP,))
     plan = _plan_for(rows, device, contiguous)
     hyper_table, lr = _device_scalars(plan, hyper, device)
     amsgrad = bool(hyper.get("amsgrad", False))

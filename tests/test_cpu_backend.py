@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
@@ -268,7 +269,6 @@ BREAKERS = {
     "state_dtype": (_set("exp_avg_sq", -1, lambda t: t.double()), r"exp_avg_sqs\[2\] must have dtype"),
     "amsgrad_state_shape": (_set("max_exp_avg_sq", -1, lambda t: t[:, None]), r"max_exp_avg_sqs\[2\] must have shape"),
     "grad_sum_numel": (_set("grad_sums", -1, lambda t: t[1:]), r"grad_sums\[2\] must have shape"),
-    "non_contiguous": (_set("grads", -1, lambda t: torch.zeros(2 * len(t))[::2]), r"grads\[2\] must be contiguous"),
     "sparse_grad": (_set("grads", -1, lambda t: t.to_sparse()), r"Sparse"),
     "step_dtype": (_set("steps", -1, lambda t: t.double()), r"steps\[2\] must be a one-element float32"),
     "step_numel": (_set("steps", -1, lambda t: torch.zeros(2)), r"steps\[2\] must be a one-element float32"),
@@ -290,6 +290,91 @@ def test_invalid_input_raises_and_changes_nothing(name):
     with pytest.raises(RuntimeError, match=message):
         cpu.step(bucket)
     assert_all_equal(tensors(bucket), before)
+
+
+# ---- memory layouts: every tensor of index i is read as one flat array ----------------------
+
+
+def _channels_last(t):
+    return t.reshape(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+
+
+def _transposed(t):
+    return t.reshape(10, 12).t()
+
+
+def _strided(t):
+    """A view that skips every other element: not dense."""
+    view = torch.zeros(240, dtype=t.dtype)[::2]
+    return view.copy_(t)
+
+
+class Layout(NamedTuple):
+    """How index 0's param, grad and state are laid out, and whether the op reads them in place."""
+
+    param: Callable
+    grad: Callable
+    state: Callable
+    in_place: bool
+
+
+LAYOUTS = {
+    "channels_last": Layout(_channels_last, _channels_last, _channels_last, True),
+    "transposed": Layout(_transposed, _transposed, _transposed, True),
+    "strided_param": Layout(_strided, torch.clone, torch.clone, False),
+    "grad_unlike_param": Layout(_channels_last, lambda t: t.reshape(2, 3, 4, 5), _channels_last, False),
+}
+
+
+def _relayout(bucket, layout: Layout):
+    """The bucket with index 0's tensors in ``layout``, and a copy with the same values contiguous."""
+    relaid, contiguous = copy.deepcopy(bucket), copy.deepcopy(bucket)
+    for key, values in tensors(relaid).items():
+        if key != "steps":
+            values[0] = {"params": layout.param, "grads": layout.grad}.get(key, layout.state)(values[0])
+            tensors(contiguous)[key][0] = values[0].clone(memory_format=torch.contiguous_format)
+    return relaid, contiguous
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts_give_the_contiguous_result(name, dtype, monkeypatch):
+    """Dense layouts shared by a param and its tensors run in place; any other runs on contiguous
+    copies that are written back. Either way the result is bit for bit the contiguous one."""
+    layout = LAYOUTS[name]
+    relaid, contiguous = _relayout(make_bucket("adamw", dict(amsgrad=True), dtype, sizes=(120, 7)), layout)
+    watched = (relaid.params[0], relaid.state["exp_avg"][0])
+    layout_before = [(t.data_ptr(), t.stride()) for t in watched]
+    copied = []
+    original = cpu._step_on_flat_copies
+    monkeypatch.setattr(cpu, "_step_on_flat_copies", lambda *args: (copied.append(1), original(*args)))
+    grads = [[layout.grad(g[0]), g[1]] for g in make_grads(relaid)]  # run() copies into each layout
+    run(cpu.step, relaid, grads)
+    run(cpu.step, contiguous, grads)
+    assert (not copied) == layout.in_place
+    assert [(t.data_ptr(), t.stride()) for t in watched] == layout_before
+    expected = tensors(contiguous)
+    for key, values in tensors(relaid).items():
+        for i, (x, y) in enumerate(zip(values, expected[key])):
+            assert torch.equal(x.contiguous(), y), f"{key}[{i}]"
+
+
+def test_op_rejects_layouts_it_cannot_index_with_not_implemented_error():
+    """The op itself (called directly) names the tensor and the layout; cpu.step then falls back."""
+    bucket = make_bucket("sgd", {}, torch.float32, sizes=(120, 7))
+    bucket.params[1] = _strided(torch.zeros(120))[:7]
+    op, kwargs = cpu.op_call(bucket)
+    with pytest.raises(NotImplementedError, match=r"params\[1\] of shape \[7\] and strides \[2\] does"):
+        op(**kwargs)
+    bucket = make_bucket("sgd", {}, torch.float32, sizes=(120, 7))
+    bucket.params[0] = _channels_last(bucket.params[0])
+    for key in ("grads", "gains", "grad_sums", "prev_signs"):
+        getattr(bucket, key)[0] = getattr(bucket, key)[0].reshape(2, 3, 4, 5)
+    bucket.state["momentum_buffer"][0] = _channels_last(bucket.state["momentum_buffer"][0])
+    op, kwargs = cpu.op_call(bucket)
+    message = r"grads\[0\] has strides \[60, 20, 5, 1\] but params\[0\] has strides \[60, 1, 15, 3\]"
+    with pytest.raises(NotImplementedError, match=message):
+        op(**kwargs)
 
 
 @pytest.mark.parametrize("optimizer", list(DEFAULTS))

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdamW, ActiveSGD, available_backends
+from adaptive_lr.backends import layout
 from adaptive_lr.backends import triton as triton_backend
 from optim_configs import CONFIGS, DTYPES, clone_params, grad_sequence, make_params, run
 
@@ -309,7 +310,7 @@ def test_dense_layouts_run_in_place_and_others_on_copies():
     strided = torch.zeros(5, 8)[:, ::2]
     rows = [[dense, strided] for _ in range(9)]
     rows[5] = [torch.zeros(()), torch.zeros(())]  # the step row is never copied
-    out, writeback = launch._flat_rows(rows)
+    out, writeback = layout.flat_rows(rows, launch.GRAD, (launch.STEP,))
     assert all(row[0] is dense for r, row in enumerate(out) if r != 5)  # same layout: no copy
     assert all(row[1].is_contiguous() for row in out)
     assert len(writeback) == 7  # every row but the grad and the step is written back

@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+from . import layout
 from .bucket import Bucket
 
 
@@ -91,4 +92,23 @@ def step(bucket: Bucket) -> None:
     if reason is not None:
         raise RuntimeError(reason)
     op, kwargs = op_call(bucket)
-    op(**kwargs)
+    try:
+        op(**kwargs)
+    except NotImplementedError:
+        # raised before anything is written, for a layout the kernels cannot index as flat arrays
+        # (a strided view, a grad laid out unlike its param) or a tensor with no CPU kernel (sparse)
+        lists = [name for name, value in kwargs.items()
+                 if isinstance(value, list) and value and name != "steps"]
+        if any(t.layout != torch.strided for name in lists for t in kwargs[name]):
+            raise
+        _step_on_flat_copies(op, kwargs, lists)
+
+
+def _step_on_flat_copies(op, kwargs: dict, lists: list[str]) -> None:
+    """Calls op with the tensors of every param the kernels cannot index as flat arrays replaced
+    by contiguous copies, written back afterwards. The common layouts never get here: the op's
+    own check is the only per-step cost."""
+    rows, writeback = layout.flat_rows([kwargs[name] for name in lists], lists.index("grads"))
+    op(**dict(kwargs, **dict(zip(lists, rows))))
+    for original, copy in writeback:
+        original.copy_(copy)
