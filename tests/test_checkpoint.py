@@ -1,106 +1,236 @@
-"""state_dict round trips: mid-epoch resume is exact, any backend loads any other's state, and
-a state dict that does not fit raises before anything changes."""
+"""state_dict round trips, through files loaded with ``map_location="cpu"`` and ``weights_only=True``:
+mid-epoch resume is exact, a state dict saved by any backend resumes on any other, loading keeps
+the backend the optimizer was built with, a checkpoint saved by an earlier version still resumes,
+and a state dict that does not fit raises before anything changes."""
 
 import copy
-import io
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
-from optim_configs import CONFIGS, clone_params, grad_sequence, make_params
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+from fixtures import make_checkpoints
+from optim_configs import CONFIGS, clone_params, grad_sequence, make_params, run
 
-BACKENDS = [b for b in available_backends("cpu")]
+BACKENDS = available_backends("cpu")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _feed(opt, params, grads):
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone().to(p.dtype)
+def _feed(opt, params, grads, skip=(), first_step=0):
+    """One step per entry of grads; ``skip`` holds (step, param index) pairs without a grad."""
+    for t, step_grads in enumerate(grads, start=first_step):
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            p.grad = None if (t, i) in skip else g.clone().to(p.dtype)
         opt.step()
+
+
+def _through_file(obj, tmp_path):
+    """What a training script gets back: torch.save to a file, torch.load onto the CPU with
+    weights_only=True (tensors and plain containers only, nothing that runs code)."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save(obj, path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(opt, params, expected_opt, expected_params, tol):
+    """Gains, signs and step counts identical; params and moments equal within ``tol``; every
+    state tensor of the same dtype."""
+    for p, e in zip(params, expected_params):
+        torch.testing.assert_close(p, e, rtol=tol, atol=tol)
+        state, expected = opt.state[p], expected_opt.state[e]
+        assert state.keys() == expected.keys()
+        for key, value in expected.items():
+            if not isinstance(value, torch.Tensor):
+                assert state[key] == value, key
+            elif key in ("gain", "prev_sign", "step"):
+                assert torch.equal(state[key], value), key
+            else:
+                torch.testing.assert_close(state[key], value, rtol=tol, atol=tol, msg=key)
+            if isinstance(value, torch.Tensor):
+                assert state[key].dtype == value.dtype, key  # fp32 gains of a bf16 param stay fp32
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_resume_mid_epoch_continues_identically(config, dtype):
+def test_resume_mid_epoch_continues_identically(config, dtype, tmp_path):
     params = make_params(dtype)
     grads = grad_sequence([tuple(p.shape) for p in params], 16, dtype)
     opt = config.make(params, backend="reference")
     _feed(opt, params, grads[:8])  # mid-epoch (3 steps per epoch), after two gain boundaries
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    saved = _through_file({"params": [p.detach() for p in params], "opt": opt.state_dict()}, tmp_path)
     _feed(opt, params, grads[8:])
 
-    buffer.seek(0)
-    saved = torch.load(buffer)
     resumed_params = clone_params(saved["params"])
     resumed = config.make(resumed_params, backend="reference")
     resumed.load_state_dict(saved["opt"])
     _feed(resumed, resumed_params, grads[8:])
-    for p, q in zip(params, resumed_params):
-        assert torch.equal(p, q)
-        for key, value in opt.state[p].items():
-            other = resumed.state[q][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
-            if isinstance(value, torch.Tensor):
-                assert other.dtype == value.dtype  # fp32 gains of a bf16 param stay fp32
+    _assert_same_state(resumed, resumed_params, opt, params, tol=0)
     assert resumed.param_groups[0]["epoch"] == opt.param_groups[0]["epoch"]
+
+
+@pytest.fixture
+def backends_run(monkeypatch):
+    """The names of the backends that step buckets, in order: every backend's step is wrapped
+    (before an optimizer resolves it) to record its name."""
+    ran = []
+    for name in BACKENDS:
+        module = importlib.import_module(f"adaptive_lr.backends.{name}")
+        monkeypatch.setattr(module, "step",
+                            lambda bucket, name=name, step=module.step: (ran.append(name), step(bucket)))
+    return ran
+
+
+# one config per optimizer, amsgrad on where it exists: every kind of state crosses backends
+CROSSING = [CONFIGS[0], CONFIGS[5], CONFIGS[8], CONFIGS[12]]
+STEPS, SAVED_AT = 10, 7  # 3 steps per epoch: saved mid-epoch after two boundaries, one more after
+SHAPES = [(5, 3), (4,), ()]  # few tensors: the Triton interpreter's time grows with their number
+SKIP = {(3, 1), (4, 1), (5, 1), (6, 1), (7, 1)}  # param 1 misses boundaries on both sides of the save
 
 
 @pytest.mark.parametrize("source", BACKENDS)
 @pytest.mark.parametrize("target", BACKENDS)
-def test_state_loads_across_backends(source, target):
+def test_state_saved_by_any_backend_resumes_on_any_other(source, target, backends_run, tmp_path):
+    """Saved by ``source``, loaded from a file into an optimizer built with ``target``, continued:
+    the same as an uninterrupted reference run (float64, to rounding), stepped by ``target`` only."""
+    for config in CROSSING:
+        start = make_params(torch.float64, shapes=SHAPES)
+        grads = grad_sequence(SHAPES, STEPS, torch.float64)
+        exact_params, exact = run(config, torch.float64, STEPS, "reference", clone_params(start),
+                                  grads, SKIP)
+        saver_params = clone_params(start)
+        saver = config.make(saver_params, backend=source)
+        _feed(saver, saver_params, grads[:SAVED_AT], SKIP)
+        saved = _through_file(
+            {"params": [p.detach() for p in saver_params], "opt": saver.state_dict()}, tmp_path)
+
+        params = clone_params(saved["params"])
+        resumed = config.make(params, backend=target)
+        resumed.load_state_dict(saved["opt"])
+        backends_run.clear()
+        _feed(resumed, params, grads[SAVED_AT:], SKIP, first_step=SAVED_AT)
+        assert resumed.backend == target and set(backends_run) == {target}
+        _assert_same_state(resumed, params, exact, exact_params, tol=1e-10)
+
+
+def test_auto_backend_stays_auto_after_loading(backends_run, monkeypatch, tmp_path):
+    monkeypatch.delenv("ADAPTIVE_LR_BACKEND", raising=False)
     params = make_params(torch.float32)
-    grads = grad_sequence([tuple(p.shape) for p in params], 12, torch.float32)
-    opt = ActiveAdamW(params, steps_per_epoch=3, backend=source)
-    _feed(opt, params, grads[:7])
-    moved = clone_params(params)
-    loaded = ActiveAdamW(moved, steps_per_epoch=3, backend=target)
-    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert loaded.backend == target  # loading never switches the backend asked for
-    _feed(opt, params, grads[7:])
-    _feed(loaded, moved, grads[7:])
-    for p, q in zip(params, moved):
-        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
-        assert torch.equal(loaded.state[q]["gain"], opt.state[p]["gain"])
+    grads = grad_sequence([tuple(p.shape) for p in params], 4, torch.float32)
+    saver = ActiveAdamW(params, steps_per_epoch=2, backend="reference")
+    _feed(saver, params, grads[:2])
+    resumed = ActiveAdamW(params, steps_per_epoch=2)
+    resumed.load_state_dict(_through_file(saver.state_dict(), tmp_path))
+    backends_run.clear()
+    _feed(resumed, params, grads[2:])
+    assert resumed.backend == "auto"
+    assert set(backends_run) == {"cpu" if "cpu" in BACKENDS else "foreach"}
 
 
-def _trained():
+def test_loaded_state_takes_the_layout_and_dtype_of_its_param(tmp_path):
+    """A state dict saved from a contiguous float32 param loads into a channels_last bfloat16 one:
+    the state gets the param's strides (the fused kernels read a param and its state as one flat
+    array) and keeps the state dtypes of a bfloat16 param."""
+    source = torch.randn(2, 3, 4, 5, requires_grad=True)
+    saver = ActiveAdamW([source], steps_per_epoch=2, backend="reference")
+    _feed(saver, [source], [[torch.randn(2, 3, 4, 5)] for _ in range(3)])
+    target = torch.nn.Parameter(
+        source.detach().bfloat16().contiguous(memory_format=torch.channels_last))
+    loader = ActiveAdamW([target], steps_per_epoch=2, backend="reference")
+    loader.load_state_dict(_through_file(saver.state_dict(), tmp_path))
+    for key, value in loader.state[target].items():
+        if isinstance(value, torch.Tensor) and key != "step":
+            assert value.stride() == target.stride(), key
+            assert value.dtype == (torch.int8 if key == "prev_sign" else torch.float32), key
+            assert torch.equal(value, saver.state[source][key]), key
+
+
+def test_load_hooks_run():
     params = make_params(torch.float32)
     opt = ActiveAdamW(params, steps_per_epoch=2, backend="reference")
+    saved = opt.state_dict()
+    calls = []
+    opt.register_load_state_dict_pre_hook(
+        lambda optimizer, state_dict: {**state_dict, "param_groups": [
+            dict(group, lr=0.5) for group in state_dict["param_groups"]]})
+    opt.register_load_state_dict_post_hook(lambda optimizer: calls.append(optimizer))
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.5 and calls == [opt]
+
+
+# ---- checkpoints saved by earlier versions --------------------------------------------------
+
+VERSIONED = sorted(FIXTURES.glob("active_adamw_v*.expected.pt"))
+
+
+def test_a_checkpoint_fixture_exists():
+    assert any(path.name == "active_adamw_v0_1_0.expected.pt" for path in VERSIONED)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("expected_path", VERSIONED, ids=lambda path: path.name.split(".")[0])
+def test_checkpoint_of_an_earlier_version_resumes(expected_path, backend):
+    """The checkpoint file (model + optimizer) loads on every backend and continues to the values
+    stored beside it when it was made (tests/fixtures/make_checkpoints.py)."""
+    checkpoint = torch.load(expected_path.with_name(expected_path.name.replace(".expected", "")),
+                            map_location="cpu", weights_only=True)
+    expected = torch.load(expected_path, map_location="cpu", weights_only=True)
+    model = make_checkpoints.make_model()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = make_checkpoints.make_optimizer(model, backend)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    make_checkpoints.feed(model, optimizer, expected["grads"], make_checkpoints.STEPS_BEFORE_SAVE)
+    for p, gain in zip(model.parameters(), expected["gains"]):
+        assert torch.equal(optimizer.state[p]["gain"], gain)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- state dicts that do not fit ------------------------------------------------------------
+
+
+def _trained(cls=ActiveAdamW, **kwargs):
+    params = make_params(torch.float32)
+    opt = cls(params, **{"lr": 1e-2, "steps_per_epoch": 2, "backend": "reference", **kwargs})
     _feed(opt, params, grad_sequence([tuple(p.shape) for p in params], 5, torch.float32))
     return params, opt
 
 
-def _snapshot(opt):
-    return copy.deepcopy(opt.state_dict())
+def _edited(state_dict, edit):
+    bad = copy.deepcopy(state_dict)
+    edit(bad)
+    return bad
 
 
 def _mismatched_state_dicts():
-    params, opt = _trained()
-    good = opt.state_dict()
-    sgd_params = make_params(torch.float32)
-    sgd = ActiveSGD(sgd_params, lr=0.1, steps_per_epoch=2, backend="reference")
-    _feed(sgd, sgd_params, grad_sequence([tuple(p.shape) for p in sgd_params], 3, torch.float32))
-    radam_params = make_params(torch.float32)
-    radam = ActiveRAdam(radam_params, steps_per_epoch=2, backend="reference")
-    _feed(radam, radam_params, grad_sequence([tuple(p.shape) for p in radam_params], 3, torch.float32))
-    wrong_shape = copy.deepcopy(good)
-    wrong_shape["state"][0]["exp_avg"] = torch.zeros(99)
-    missing_key = copy.deepcopy(good)
-    del missing_key["state"][1]["gain"]
-    extra_group = copy.deepcopy(good)
-    extra_group["param_groups"].append(copy.deepcopy(extra_group["param_groups"][0]))
-    unknown_param = copy.deepcopy(good)
-    unknown_param["state"][1234] = unknown_param["state"][0]
+    good = _trained()[1].state_dict()
+    torch_params = make_params(torch.float32)
+    torch_adamw = torch.optim.AdamW(torch_params)
+    _feed(torch_adamw, torch_params, grad_sequence([tuple(p.shape) for p in torch_params], 2,
+                                                   torch.float32))
     return {
-        "other optimizer (SGD)": (sgd.state_dict(), "another optimizer"),
-        "other optimizer (RAdam)": (radam.state_dict(), "another optimizer"),
-        "wrong shape": (wrong_shape, "shape"),
-        "missing key": (missing_key, "missing"),
-        "group count": (extra_group, "param groups"),
-        "unknown param": (unknown_param, "unknown param"),
-        "not a state dict": ({"foo": 1}, "expects a dict"),
+        "ActiveSGD": (_trained(ActiveSGD)[1].state_dict(), "another optimizer"),
+        "ActiveRAdam": (_trained(ActiveRAdam)[1].state_dict(), "another optimizer"),
+        "ActiveAdaBelief": (_trained(ActiveAdaBelief)[1].state_dict(), "another optimizer"),
+        "torch.optim.AdamW": (torch_adamw.state_dict(), "another optimizer"),
+        "amsgrad": (_trained(amsgrad=True)[1].state_dict(),
+                    r"amsgrad=True, the optimizer amsgrad=False; construct it with amsgrad=True"),
+        "wrong shape": (_edited(good, lambda d: d["state"][0].update(exp_avg=torch.zeros(99))),
+                        r"state 'exp_avg' of param 0 has shape \(99,\), its param \(5, 3\)"),
+        "missing key": (_edited(good, lambda d: d["state"][1].pop("gain")), r"missing \['gain'\]"),
+        "param count": (_edited(good, lambda d: d["param_groups"][0]["params"].pop()),
+                        "param group 0 has 5 params, the state dict 4"),
+        "group count": (_edited(good, lambda d: d["param_groups"].append(d["param_groups"][0])),
+                        "the state dict has 2 param groups, the optimizer 1"),
+        "unknown param": (_edited(good, lambda d: d["state"].update({1234: d["state"][0]})),
+                          "unknown param 1234"),
+        "epoch ahead of the clock": (_edited(good, lambda d: d["state"][2].update(epoch=99)),
+                                     r"epoch=99 .* expected an int in \[0, 2\]"),
+        "state not a tensor": (_edited(good, lambda d: d["state"][0].update(gain=[1.0])),
+                               "'gain' of param 0 is not a tensor"),
+        "no param groups": ({"state": {}}, "expects a dict with 'state' and 'param_groups'"),
+        "not a dict": ([], "expects a dict, got list"),
     }
 
 
@@ -108,12 +238,19 @@ def _mismatched_state_dicts():
 def test_bad_state_dict_raises_and_changes_nothing(case):
     bad, message = _mismatched_state_dicts()[case]
     params, opt = _trained()
-    before = _snapshot(opt)
+    param_values = [p.detach().clone() for p in params]
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    group_params = [list(g["params"]) for g in opt.param_groups]
+    state_objects = [dict(opt.state[p]) for p in params]
+    state_values = copy.deepcopy(state_objects)
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(bad)
-    after = _snapshot(opt)
-    assert after["param_groups"] == before["param_groups"]
-    for key in before["state"]:
-        for name, value in before["state"][key].items():
-            other = after["state"][key][name]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    assert all(torch.equal(p, v) for p, v in zip(params, param_values))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    assert all(a is b for g, ps in zip(opt.param_groups, group_params) for a, b in zip(g["params"], ps))
+    assert len(opt.state) == len(params)
+    for p, objects, values in zip(params, state_objects, state_values):
+        assert opt.state[p].keys() == objects.keys()
+        for key, value in opt.state[p].items():
+            assert value is objects[key]  # the same tensors, not replaced
+            assert torch.equal(value, values[key]) if isinstance(value, torch.Tensor) else value == values[key]

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .. import backends
 from ..backends.bucket import AMSGRAD_KEYS, STATE_KEYS, Boundary, Bucket, state_dtype
@@ -38,6 +40,16 @@ def _check(condition: bool, message: str) -> None:
 
 def _as_float(value: Any) -> float:
     return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2): the step is elementwise and each state tensor is
+    sharded like its param (created with ``*_like``), so the backends step plain local shards."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _placement(t: Tensor):
+    return (t.device_mesh, t.placements) if isinstance(t, DTensor) else None
 
 
 class ActiveOptimizer(torch.optim.Optimizer):
@@ -187,6 +199,11 @@ class ActiveOptimizer(torch.optim.Optimizer):
                         f"{name}: grad ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does not "
                         f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})"
                     )
+                if isinstance(p, DTensor) and _placement(grad) != _placement(p):
+                    raise RuntimeError(
+                        f"{name}: the grad of a DTensor param must be sharded like it, "
+                        f"param {_placement(p)}, grad {_placement(grad)}"
+                    )
             work.append((group, params))
         return work
 
@@ -228,13 +245,13 @@ class ActiveOptimizer(torch.optim.Optimizer):
         device = params[0].device
         return Bucket(
             optimizer=self.optimizer_name,
-            params=params,
-            grads=[p.grad for p in params],
-            gains=[s["gain"] for s in states],
-            grad_sums=[s["grad_sum"] for s in states],
-            prev_signs=[s["prev_sign"] for s in states],
+            params=[_local(p) for p in params],
+            grads=[_local(p.grad) for p in params],
+            gains=[_local(s["gain"]) for s in states],
+            grad_sums=[_local(s["grad_sum"]) for s in states],
+            prev_signs=[_local(s["prev_sign"]) for s in states],
             steps=[s["step"] for s in states],
-            state={k: [s[k] for s in states] for k in keys},
+            state={k: [_local(s[k]) for s in states] for k in keys},
             hyper={k: v for k, v in group.items() if k != "params"},
             boundary=boundary,
             grad_scale=None if grad_scale is None else grad_scale.to(device),
@@ -244,11 +261,22 @@ class ActiveOptimizer(torch.optim.Optimizer):
     # ---- checkpoints --------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict of the same optimizer type from any backend or device.
+        """Load a state dict of the same optimizer type, saved from any backend or device.
 
-        Everything is checked before anything changes, and state keeps its own dtypes (torch's
-        loader would cast fp32 gains and int8 signs to a bf16 param's dtype)."""
+        Everything is checked before anything changes: a state dict that does not fit raises a
+        ValueError and leaves the optimizer as it was. The optimizer keeps its own backend. State
+        keeps its dtypes (torch's loader would cast fp32 gains and int8 signs to a bf16 param's
+        dtype) and takes its param's device and memory layout. Load hooks run as in torch."""
         name = type(self).__name__
+        _check(
+            isinstance(state_dict, dict),
+            f"{name}.load_state_dict expects a dict, got {type(state_dict).__name__}",
+        )
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         _check(
@@ -260,33 +288,59 @@ class ActiveOptimizer(torch.optim.Optimizer):
             f"{name}: the state dict has {len(saved_groups)} param groups, "
             f"the optimizer {len(self.param_groups)}",
         )
+        saved_groups = copy.deepcopy(saved_groups)
         id_to_param = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            expected = set(group) - {"params"}
-            _check(
-                set(saved) - {"params"} == expected,
-                f"{name}: param group {i} of the state dict has keys {sorted(set(saved))}, "
-                f"expected {sorted(expected | {'params'})} (a state dict of another optimizer?)",
-            )
-            _check(
-                len(saved["params"]) == len(group["params"]),
-                f"{name}: param group {i} has {len(group['params'])} params, "
-                f"the state dict {len(saved['params'])}",
-            )
-            id_to_param.update(zip(saved["params"], group["params"]))
+            self._check_saved_group(i, group, saved)
+            for param_id, p in zip(saved["params"], group["params"]):
+                id_to_param[param_id] = (p, saved)
         new_state = defaultdict(dict)
         for param_id, saved in saved_state.items():
             _check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
-            p = id_to_param[param_id]
-            new_state[p] = self._loaded_param_state(p, saved, param_id)
+            p, group = id_to_param[param_id]
+            new_state[p] = self._loaded_param_state(p, saved, param_id, group)
         self.state = new_state
         self.param_groups = [
             dict(saved, params=group["params"])
             for group, saved in zip(self.param_groups, saved_groups)
         ]
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
-    def _loaded_param_state(self, p: Tensor, saved: dict, param_id) -> dict:
+    def _check_saved_group(self, i: int, group: dict, saved: dict) -> None:
         name = type(self).__name__
+        _check(
+            isinstance(saved, dict) and "params" in saved,
+            f"{name}: param group {i} of the state dict has no 'params'",
+        )
+        missing = sorted(set(group) - set(saved))
+        unexpected = sorted(set(saved) - set(group))
+        _check(
+            not missing and not unexpected,
+            f"{name}: param group {i} of the state dict is missing {missing} and has unexpected "
+            f"{unexpected} (a state dict of another optimizer?)",
+        )
+        _check(
+            len(saved["params"]) == len(group["params"]),
+            f"{name}: param group {i} has {len(group['params'])} params, "
+            f"the state dict {len(saved['params'])}",
+        )
+        # amsgrad decides which state exists: resuming must not switch it silently
+        _check(
+            saved.get("amsgrad") == group.get("amsgrad"),
+            f"{name}: param group {i} of the state dict has amsgrad={saved.get('amsgrad')}, the "
+            f"optimizer amsgrad={group.get('amsgrad')}; construct it with "
+            f"amsgrad={saved.get('amsgrad')} to resume this state",
+        )
+        epoch = saved["epoch"]
+        _check(
+            type(epoch) is int and epoch >= 0,
+            f"{name}: param group {i} of the state dict has epoch {epoch!r}, expected an int >= 0",
+        )
+
+    def _loaded_param_state(self, p: Tensor, saved: dict, param_id, group: dict) -> dict:
+        name = type(self).__name__
+        _check(isinstance(saved, dict), f"{name}: the state of param {param_id} is not a dict")
         base_keys = set(STATE_KEYS[self.optimizer_name])
         required = set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS) | (base_keys - AMSGRAD_KEYS)
         missing = required - set(saved)
@@ -296,12 +350,16 @@ class ActiveOptimizer(torch.optim.Optimizer):
             f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
             f"{sorted(unexpected)} (a state dict of another optimizer?)",
         )
-        dtypes = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
-                  "prev_sign": torch.int8}
-        loaded = {}
+        _check(
+            type(saved["epoch"]) is int and 0 <= saved["epoch"] <= group["epoch"]
+            and type(saved["has_prev_sign"]) is bool,
+            f"{name}: state of param {param_id} has epoch={saved['epoch']!r} and has_prev_sign="
+            f"{saved['has_prev_sign']!r}; expected an int in [0, {group['epoch']}] and a bool",
+        )
+        dtypes = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
+        loaded = {key: saved[key] for key in BOOKKEEPING_KEYS}
         for key, value in saved.items():
             if key in BOOKKEEPING_KEYS:
-                loaded[key] = value
                 continue
             _check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
             shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
@@ -310,8 +368,9 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 f"{name}: state {key!r} of param {param_id} has shape {tuple(value.shape)}, "
                 f"its param {tuple(p.shape)}",
             )
-            dtype = dtypes.get(key, state_dtype(p.dtype))
-            loaded[key] = value.to(device=p.device, dtype=dtype, copy=True).reshape(
-                () if key == "step" else p.shape
-            )
+            if key == "step":
+                loaded[key] = value.reshape(()).to(device=p.device, dtype=torch.float32, copy=True)
+            else:  # the param's layout: the fused kernels read a param and its state as one array
+                dtype = dtypes.get(key, state_dtype(p.dtype))
+                loaded[key] = torch.empty_like(p, dtype=dtype).copy_(value)
         return loaded
