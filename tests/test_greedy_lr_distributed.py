@@ -4,20 +4,14 @@ losses take identical decisions, namely those of one scheduler fed the per-step 
 import json
 import math
 import os
-import socket
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from adaptive_lr.greedy_lr import GreedyLR
+from gloo_ranks import WORLD, requires_gloo, run_ranks
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
-)
+pytestmark = requires_gloo
 
-WORLD = 2
 SCHED = dict(factor=0.8, patience=2, cooldown=1, min_lr=1e-4, max_lr=1.0, smooth=True,
              window_size=3)
 NONFINITE = {10: (math.nan, 1.0), 20: (1.0, math.inf), 30: (math.inf, -math.inf)}
@@ -43,25 +37,15 @@ def _run(losses, sync=True):
     return lrs
 
 
-def _worker(rank, init_file, out_dir):
-    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    if loopback:  # keep gloo's transport on the loopback interface
-        os.environ["GLOO_SOCKET_IFNAME"] = loopback[0]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        losses = _losses(rank)
-        result = {"synced": _run(losses), "unsynced": _run(losses, sync=False)}
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_dir):
+    losses = _losses(rank)
+    result = {"synced": _run(losses), "unsynced": _run(losses, sync=False)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
 
 def test_ranks_with_different_losses_apply_identical_lrs(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
-             join=True)
+    run_ranks(_worker, tmp_path, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
     per_rank = [_losses(r) for r in range(WORLD)]
