@@ -1,8 +1,11 @@
-"""Builds adaptive_lr and its C++ extension adaptive_lr._C (the fused CPU kernels).
+"""Builds adaptive_lr and its C++ extension adaptive_lr._C (the fused CPU kernels, and the CUDA
+kernels when torch has CUDA and a CUDA toolkit is found).
 
 Build against the installed torch: `pip install --no-build-isolation -e .` (an isolated build would
 fetch another torch). Without torch at build time the package installs pure-Python, and the "cpu"
-backend reports that adaptive_lr._C is not built.
+backend reports that adaptive_lr._C is not built. For the CUDA kernels set CUDA_HOME to the toolkit
+root (the directory whose bin/ holds the real nvcc) and, optionally, TORCH_CUDA_ARCH_LIST (default:
+sm_80 and sm_90 code, plus PTX that newer GPUs compile at load time); see docs/cuda.md.
 """
 
 import glob
@@ -29,10 +32,35 @@ if X86:
 # round identically (results do not depend on thread count, tensor size or machine).
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
+CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/step_sgd.cu", "csrc/cuda/step_adam.cu",
+                "csrc/cuda/step_adabelief.cu"]
+# --fmad=false: no FMA contraction, the rounding of the CPU kernels (csrc/cuda/active_step.cuh)
+NVCC_FLAGS = ["-O3", "--fmad=false"]
+DEFAULT_CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                      "-gencode=arch=compute_90,code=compute_90"]
+
+
+def _cuda_toolkit():
+    """The CUDA toolkit root to build the CUDA kernels with; None (saying why) when there is none
+    or torch has no CUDA to link them against."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        return None
+    # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        warnings.warn(
+            f"torch has CUDA {torch.version.cuda} but CUDA_HOME={CUDA_HOME} is no CUDA toolkit: "
+            "adaptive_lr._C is built without its CUDA kernels (set CUDA_HOME to the toolkit root)"
+        )
+        return None
+    return CUDA_HOME
+
 
 def _extensions_and_commands():
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         warnings.warn("torch is not importable at build time: adaptive_lr._C is not built")
         return [], {}
@@ -48,22 +76,26 @@ def _extensions_and_commands():
                     output_dir=os.path.join(self.build_temp, capability.lower()),
                     macros=[("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
                     include_dirs=ext.include_dirs,
-                    extra_postargs=ext.extra_compile_args + isa_flags,
+                    extra_postargs=CXX_FLAGS + isa_flags,
                     depends=ext.depends,
                 )
             ext.extra_objects = objects
             super().build_extension(ext)
 
-    extension = CppExtension(
+    with_cuda = _cuda_toolkit() is not None
+    nvcc_archs = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else DEFAULT_CUDA_ARCHS
+    extension = (CUDAExtension if with_cuda else CppExtension)(
         "adaptive_lr._C",
-        sources=["csrc/ops.cpp", "csrc/cpu/fused_step.cpp"],
+        sources=["csrc/ops.cpp", "csrc/cpu/fused_step.cpp"] + (CUDA_SOURCES if with_cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
-        define_macros=[("ADAPTIVE_LR_CPU_X86", None)] if X86 else [],
-        extra_compile_args=CXX_FLAGS,
+        define_macros=([("ADAPTIVE_LR_CPU_X86", None)] if X86 else [])
+        + ([("ADAPTIVE_LR_WITH_CUDA", None)] if with_cuda else []),
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + nvcc_archs},
         extra_link_args=["-fopenmp"],
         # a change to the kernel or a header relinks _C (the kernel objects are built above)
         depends=[KERNEL_SOURCE]
-        + glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True),
+        + glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True)
+        + glob.glob("csrc/**/*.cuh", root_dir=ROOT, recursive=True),
     )
     return [extension], {"build_ext": BuildExtensionPerCapability}
 

@@ -1,7 +1,9 @@
 // torch.ops.adaptive_lr: one in-place op per Active optimizer, stepping a whole bucket (all
 // tensors of one device and dtype) in one call. The CPU implementation validates every tensor
-// before touching any, then runs the fused kernels of csrc/cpu; the Meta implementations do
-// nothing, which is all torch.compile needs of an op that mutates its inputs and returns nothing.
+// before touching any (active_args.h), then runs the fused kernels of csrc/cpu; built against a
+// CUDA torch, the same ops run the kernels of csrc/cuda on CUDA tensors (cuda/ops_cuda.cpp). The
+// Meta implementations do nothing, which is all torch.compile needs of an op that mutates its
+// inputs and returns nothing.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -11,87 +13,17 @@
 #include <string>
 #include <vector>
 
+#include "active_args.h"
 #include "cpu/fused_step.h"
+#ifdef ADAPTIVE_LR_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 
 namespace adaptive_lr {
 namespace {
 
 using at::Tensor;
 using at::TensorList;
-using OptionalTensor = std::optional<Tensor>;
-
-// The arguments every Active optimizer's op has.
-struct ActiveArgs {
-  TensorList params, grads, gains, grad_sums, prev_signs, steps;
-  const Tensor& lr;
-  double weight_decay;
-  bool maximize;
-  double gain_inc, gain_dec, min_gain, max_gain;
-  int64_t boundary;
-  const OptionalTensor& grad_scale;
-  const OptionalTensor& found_inf;
-};
-
-struct NamedList {
-  const char* name;
-  TensorList tensors;
-};
-
-// Whether a and b (of one shape) store their elements in the same order: equal strides in every
-// dimension longer than 1 (the stride of a length-1 dimension is never used).
-bool same_element_order(const Tensor& a, const Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-// Checks one tensor of a list: a CPU, strided tensor of the given dtype. The kernels read every
-// tensor of index i as one flat array, so params[i] must fill its memory exactly once (contiguous,
-// channels_last, transposed, ...) and every other tensor of index i must have its shape and
-// element order (`like`; state made by zeros_like(param) has it).
-void check_tensor(const char* op, const char* list, size_t i, const Tensor& t,
-                  at::ScalarType dtype, const Tensor* like) {
-  TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", list, "[", i, "] must be a CPU tensor, got one on ",
-              t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", list, "[", i,
-              "] must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", list, "[", i, "] must have dtype ", dtype,
-              ", got ", t.scalar_type());
-  // a layout the kernels cannot index raises NotImplementedError: the cpu backend then runs that
-  // param on contiguous copies
-  if (like == nullptr) {
-    TORCH_CHECK_NOT_IMPLEMENTED(t.is_non_overlapping_and_dense(), op, ": ", list, "[", i,
-                                "] of shape ", t.sizes(), " and strides ", t.strides(),
-                                " does not fill its memory exactly once; pass a contiguous copy");
-    return;
-  }
-  TORCH_CHECK(t.sizes() == like->sizes(), op, ": ", list, "[", i, "] must have shape ",
-              like->sizes(), " like params[", i, "], got ", t.sizes());
-  TORCH_CHECK_NOT_IMPLEMENTED(same_element_order(t, *like), op, ": ", list, "[", i,
-                              "] has strides ", t.strides(), " but params[", i, "] has strides ",
-                              like->strides(), "; every tensor of a param must share its layout");
-}
-
-// steps[i], grad_scale and found_inf: one float32 on the CPU, read and written by the host.
-void check_scalar_tensor(const char* op, const std::string& name, const Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided &&
-                  t.scalar_type() == at::kFloat && t.numel() == 1,
-              op, ": ", name, " must be a one-element float32 CPU tensor, got ", t.scalar_type(),
-              " of shape ", t.sizes(), " on ", t.device());
-}
-
-// lr is a tensor in the schema (a 0-dim lr that a scheduler updates in place then needs no new
-// graph under torch.compile or CUDA graphs); the CPU kernels read it once on the host.
-void check_lr(const char* op, const Tensor& lr) {
-  TORCH_CHECK(lr.device().is_cpu() && lr.layout() == at::kStrided && lr.numel() == 1 &&
-                  (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
-              op, ": lr must be a one-element float32 or float64 CPU tensor, got ",
-              lr.scalar_type(), " of shape ", lr.sizes(), " on ", lr.device());
-}
-
 double read_lr(const Tensor& lr) {
   return lr.scalar_type() == at::kDouble ? *lr.const_data_ptr<double>()
                                          : *lr.const_data_ptr<float>();
@@ -106,47 +38,17 @@ cpu::DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-// Everything is checked before anything is written, so a failing step changes nothing.
-void validate(const char* op, const ActiveArgs& a, const std::vector<NamedList>& states) {
-  TORCH_CHECK(a.boundary >= 0 && a.boundary <= 2, op,
-              ": boundary must be 0 (none), 1 (roll) or 2 (update), got ", a.boundary);
-  const size_t n = a.params.size();
-  TORCH_CHECK(n > 0, op, ": params is empty");
-  check_lr(op, a.lr);
-  const std::vector<NamedList> lists = {{"grads", a.grads},         {"gains", a.gains},
-                                        {"grad_sums", a.grad_sums}, {"prev_signs", a.prev_signs},
-                                        {"steps", a.steps}};
-  for (const auto& list : {lists, states}) {
-    for (const NamedList& l : list) {
-      TORCH_CHECK(l.tensors.size() == n, op, ": ", l.name, " has ", l.tensors.size(),
-                  " tensors but params has ", n);
-    }
-  }
-  const at::ScalarType dtype = a.params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                  dtype == at::kHalf,
-              op, ": params must be float32, float64, bfloat16 or float16, got ", dtype);
-  const at::ScalarType state_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  for (size_t i = 0; i < n; ++i) {
-    const Tensor& p = a.params[i];
-    check_tensor(op, "params", i, p, dtype, nullptr);
-    check_tensor(op, "grads", i, a.grads[i], dtype, &p);
-    check_tensor(op, "gains", i, a.gains[i], at::kFloat, &p);
-    check_tensor(op, "grad_sums", i, a.grad_sums[i], at::kFloat, &p);
-    check_tensor(op, "prev_signs", i, a.prev_signs[i], at::kChar, &p);
-    for (const NamedList& s : states) check_tensor(op, s.name, i, s.tensors[i], state_dtype, &p);
-    check_scalar_tensor(op, "steps[" + std::to_string(i) + "]", a.steps[i]);
-  }
-  if (a.grad_scale) check_scalar_tensor(op, "grad_scale", *a.grad_scale);
-  if (a.found_inf) check_scalar_tensor(op, "found_inf", *a.found_inf);
-}
-
 // The one generic launch behind all four ops: validate, then (unless found_inf skips the step)
 // increment the steps and derive each tensor's scalars, then run the kernels over the chunk table.
-template <class Kernel, class MakeHyper, class ScalarsOf>
+template <class Kernel, class MakeHyper>
 void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList>& states,
-                const MakeHyper& make_hyper, const ScalarsOf& scalars_of) {
-  validate(op, a, states);
+                const MakeHyper& make_hyper) {
+#ifdef ADAPTIVE_LR_WITH_CUDA
+  if (!a.params.empty() && a.params[0].is_cuda()) {
+    return cuda::fused_step<Kernel>(op, a, states, make_hyper(0.0));  // the kernels read a.lr
+  }
+#endif
+  validate(op, a, states, at::kCPU);
   const double lr = read_lr(a.lr);
   const typename Kernel::Hyper hyper = make_hyper(lr);
   const bool skip = a.found_inf && *a.found_inf->const_data_ptr<float>() != 0;
@@ -167,7 +69,7 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
     if (!skip) {
       float& step = *a.steps[i].data_ptr<float>();
       step += 1;  // float32, like the reference's steps[i].add_(1)
-      scalars[i] = scalars_of(hyper, static_cast<double>(step));
+      scalars[i] = step_scalars(hyper, static_cast<double>(step));
     }
     numels[i] = a.params[i].numel();
     numel += numels[i];
@@ -175,14 +77,9 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
   const std::vector<Chunk> chunks =
       make_chunks(numels.data(), static_cast<int32_t>(n), cpu::kChunkSize);
 
-  const double scale = a.grad_scale ? *a.grad_scale->const_data_ptr<float>() : 1.0;
-  const CommonHyper common{static_cast<float>(a.gain_inc),
-                           static_cast<float>(a.gain_dec),
-                           static_cast<float>(a.min_gain),
-                           static_cast<float>(a.max_gain),
-                           1 - lr * a.weight_decay,
-                           a.maximize ? -scale : scale,  // g / -s == -(g / s) exactly
-                           a.grad_scale.has_value() || a.maximize};
+  const CommonHyper common =
+      common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.weight_decay, a.maximize, lr,
+                   a.grad_scale ? a.grad_scale->const_data_ptr<float>() : nullptr);
   cpu::step(cpu::Bucket<Kernel>{kernel_dtype(a.params[0].scalar_type()), boundary, skip, common,
                                 hyper, tensors.data(), scalars.data(), chunks.data(),
                                 static_cast<int64_t>(chunks.size()), numel});
@@ -215,8 +112,7 @@ void active_sgd_(ACTIVE_ARGS, TensorList momentum_buffers, const Tensor& lr, dou
                  double dampening, bool nesterov, ACTIVE_TAIL_ARGS) {
   fused_step<Sgd>(
       "active_sgd_", ACTIVE_ARGS_STRUCT, {{"momentum_buffers", momentum_buffers}},
-      [&](double lr_value) { return Sgd::Hyper{lr_value, momentum, dampening, nesterov}; },
-      [](const Sgd::Hyper&, double step) { return sgd_scalars(step); });
+      [&](double lr_value) { return Sgd::Hyper{lr_value, momentum, dampening, nesterov}; });
 }
 
 void active_adamw_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -227,16 +123,14 @@ void active_adamw_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_sqs,
   add_amsgrad_list(op, states, amsgrad, {"max_exp_avg_sqs", max_exp_avg_sqs});
   fused_step<AdamW>(
       op, ACTIVE_ARGS_STRUCT, states,
-      [&](double lr_value) { return AdamW::Hyper{lr_value, beta1, beta2, eps, amsgrad, false}; },
-      adamw_scalars);
+      [&](double lr_value) { return AdamW::Hyper{lr_value, beta1, beta2, eps, amsgrad, false}; });
 }
 
 void active_radam_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_sqs, const Tensor& lr,
                    double beta1, double beta2, double eps, ACTIVE_TAIL_ARGS) {
   fused_step<RAdam>(
       "active_radam_", ACTIVE_ARGS_STRUCT, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-      [&](double lr_value) { return RAdam::Hyper{lr_value, beta1, beta2, eps, false, false}; },
-      radam_scalars);
+      [&](double lr_value) { return RAdam::Hyper{lr_value, beta1, beta2, eps, false, true}; });
 }
 
 void active_adabelief_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_vars,
@@ -249,8 +143,7 @@ void active_adabelief_(ACTIVE_ARGS, TensorList exp_avgs, TensorList exp_avg_vars
       op, ACTIVE_ARGS_STRUCT, states,
       [&](double lr_value) {
         return AdaBelief::Hyper{lr_value, beta1, beta2, eps, amsgrad, rectify};
-      },
-      adabelief_scalars);
+      });
 }
 
 // A no-op with the signature of F: the Meta (and so fake-tensor) kernel of a mutating op.
@@ -292,6 +185,15 @@ TORCH_LIBRARY_IMPL(adaptive_lr, CPU, m) {
   m.impl("active_radam_", &active_radam_);
   m.impl("active_adabelief_", &active_adabelief_);
 }
+
+#ifdef ADAPTIVE_LR_WITH_CUDA
+TORCH_LIBRARY_IMPL(adaptive_lr, CUDA, m) {
+  m.impl("active_sgd_", &active_sgd_);
+  m.impl("active_adamw_", &active_adamw_);
+  m.impl("active_radam_", &active_radam_);
+  m.impl("active_adabelief_", &active_adabelief_);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(adaptive_lr, Meta, m) {
   m.impl("active_sgd_", &NoOp<decltype(active_sgd_)>::fn);

@@ -218,6 +218,24 @@ def test_misaligned_views_take_the_scalar_path(dtype):
     assert_all_equal(on_cpu(fused), tensors(on_host))
 
 
+def _strided(t: torch.Tensor, device) -> torch.Tensor:
+    """A copy of t on device that does not fill its memory (every other element)."""
+    if t.dim() == 0:
+        return t.to(device)
+    return torch.empty((*t.shape, 2), dtype=t.dtype, device=device)[..., 0].copy_(t)
+
+
+@gpu
+def test_layouts_the_kernels_cannot_index_run_on_contiguous_copies():
+    on_host = make_bucket("adamw", dict(amsgrad=True), torch.float32, sizes=(17, 65537))
+    fused = moved(on_host, "cuda", place=_strided)
+    grads = make_grads(on_host)
+    run(cuda.step, fused, grads)
+    run(cpu.step, on_host, grads)
+    assert not fused.params[1].is_contiguous()
+    assert_all_equal(on_cpu(fused), tensors(on_host))
+
+
 @gpu
 def test_cuda_graphs_replay_every_boundary_kind():
     """One graph per boundary kind (the only per-step value that is a launch argument), replayed

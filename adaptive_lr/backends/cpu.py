@@ -91,7 +91,11 @@ def step(bucket: Bucket) -> None:
     reason = _import_error()
     if reason is not None:
         raise RuntimeError(reason)
-    op, kwargs = op_call(bucket)
+    run_op(*op_call(bucket))
+
+
+def run_op(op, kwargs: dict) -> None:
+    """Calls one of the ops (any device) on a bucket's lists in any memory layout."""
     try:
         op(**kwargs)
     except NotImplementedError:

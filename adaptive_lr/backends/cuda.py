@@ -84,4 +84,4 @@ def step(bucket: Bucket) -> None:
         raise RuntimeError(reason)
     op, kwargs = cpu.op_call(bucket)
     kwargs["lr"] = device_lr(bucket.hyper["lr"], bucket.params[0])
-    op(**kwargs)
+    cpu.run_op(op, kwargs)

@@ -1,0 +1,135 @@
+// The arguments every op of torch.ops.adaptive_lr has, and their validation: shared by the CPU
+// implementation (ops.cpp) and the CUDA one (cuda/ops_cuda.cpp), which differ only in the device
+// every tensor must be on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace adaptive_lr {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The arguments every Active optimizer's op has.
+struct ActiveArgs {
+  at::TensorList params, grads, gains, grad_sums, prev_signs, steps;
+  const at::Tensor& lr;
+  double weight_decay;
+  bool maximize;
+  double gain_inc, gain_dec, min_gain, max_gain;
+  int64_t boundary;
+  const OptionalTensor& grad_scale;
+  const OptionalTensor& found_inf;
+};
+
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+// Whether a and b (of one shape) store their elements in the same order: equal strides in every
+// dimension longer than 1 (the stride of a length-1 dimension is never used; nor is any of an
+// empty tensor).
+inline bool same_element_order(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0) return true;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// Checks one tensor of a list: a strided tensor of the given dtype on `device`. The kernels read
+// every tensor of index i as one flat array, so params[i] must fill its memory exactly once
+// (contiguous, channels_last, transposed, ...) and every other tensor of index i must have its
+// shape and element order (`like`; state made by zeros_like(param) has it).
+inline void check_tensor(const char* op, const char* list, size_t i, const at::Tensor& t,
+                         at::Device device, at::ScalarType dtype, const at::Tensor* like) {
+  TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == device, op, ": ", list, "[", i, "] must be on ", device,
+              ", got one on ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", list, "[", i,
+              "] must be a dense (strided) tensor, got layout ", t.layout());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", list, "[", i, "] must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  // a layout the kernels cannot index raises NotImplementedError: the cpu backend then runs that
+  // param on contiguous copies
+  if (like == nullptr) {
+    TORCH_CHECK_NOT_IMPLEMENTED(t.is_non_overlapping_and_dense(), op, ": ", list, "[", i,
+                                "] of shape ", t.sizes(), " and strides ", t.strides(),
+                                " does not fill its memory exactly once; pass a contiguous copy");
+    return;
+  }
+  TORCH_CHECK(t.sizes() == like->sizes(), op, ": ", list, "[", i, "] must have shape ",
+              like->sizes(), " like params[", i, "], got ", t.sizes());
+  TORCH_CHECK_NOT_IMPLEMENTED(same_element_order(t, *like), op, ": ", list, "[", i,
+                              "] has strides ", t.strides(), " but params[", i, "] has strides ",
+                              like->strides(), "; every tensor of a param must share its layout");
+}
+
+// steps[i], grad_scale and found_inf: one float32 on `device`.
+inline void check_scalar_tensor(const char* op, const std::string& name, const at::Tensor& t,
+                                at::Device device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == device && t.layout() == at::kStrided &&
+                  t.scalar_type() == at::kFloat && t.numel() == 1,
+              op, ": ", name, " must be a one-element float32 tensor on ", device, ", got ",
+              t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+}
+
+// lr is a tensor in the schema (a 0-dim lr that a scheduler updates in place then needs no new
+// graph under torch.compile or CUDA graphs), read where the kernels run: by the host for CPU
+// tensors, by the kernels from device memory for CUDA tensors.
+inline void check_lr(const char* op, const at::Tensor& lr, at::Device device) {
+  TORCH_CHECK(lr.device() == device && lr.layout() == at::kStrided && lr.numel() == 1 &&
+                  (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
+              op, ": lr must be a one-element float32 or float64 tensor on ", device, ", got ",
+              lr.scalar_type(), " of shape ", lr.sizes(), " on ", lr.device());
+}
+
+// Everything is checked before anything is written, so a failing step changes nothing. Every
+// tensor must be on the device of params[0], which must be of type `device_type`.
+inline void validate(const char* op, const ActiveArgs& a, const std::vector<NamedList>& states,
+                     at::DeviceType device_type) {
+  TORCH_CHECK(a.boundary >= 0 && a.boundary <= 2, op,
+              ": boundary must be 0 (none), 1 (roll) or 2 (update), got ", a.boundary);
+  const size_t n = a.params.size();
+  TORCH_CHECK(n > 0, op, ": params is empty");
+  TORCH_CHECK(a.params[0].defined(), op, ": params[0] is undefined");
+  const at::Device device = a.params[0].device();
+  TORCH_CHECK(device.type() == device_type, op, ": this implementation steps ", device_type,
+              " tensors, got params[0] on ", device);
+  check_lr(op, a.lr, device);
+  const std::vector<NamedList> lists = {{"grads", a.grads},         {"gains", a.gains},
+                                        {"grad_sums", a.grad_sums}, {"prev_signs", a.prev_signs},
+                                        {"steps", a.steps}};
+  for (const auto& list : {lists, states}) {
+    for (const NamedList& l : list) {
+      TORCH_CHECK(l.tensors.size() == n, op, ": ", l.name, " has ", l.tensors.size(),
+                  " tensors but params has ", n);
+    }
+  }
+  const at::ScalarType dtype = a.params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              op, ": params must be float32, float64, bfloat16 or float16, got ", dtype);
+  const at::ScalarType state_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    check_tensor(op, "params", i, p, device, dtype, nullptr);
+    check_tensor(op, "grads", i, a.grads[i], device, dtype, &p);
+    check_tensor(op, "gains", i, a.gains[i], device, at::kFloat, &p);
+    check_tensor(op, "grad_sums", i, a.grad_sums[i], device, at::kFloat, &p);
+    check_tensor(op, "prev_signs", i, a.prev_signs[i], device, at::kChar, &p);
+    for (const NamedList& s : states) {
+      check_tensor(op, s.name, i, s.tensors[i], device, state_dtype, &p);
+    }
+    check_scalar_tensor(op, "steps[" + std::to_string(i) + "]", a.steps[i], device);
+  }
+  if (a.grad_scale) check_scalar_tensor(op, "grad_scale", *a.grad_scale, device);
+  if (a.found_inf) check_scalar_tensor(op, "found_inf", *a.found_inf, device);
+}
+
+}  // namespace adaptive_lr
