@@ -354,6 +354,17 @@ def test_invalid_input_raises_and_changes_nothing(breaker, message):
 
 
 @gpu
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "radam", "adabelief"])
+def test_ops_pass_opcheck(optimizer):
+    """Schema, fake (Meta) kernel, autograd registration and AOT dispatch with CUDA tensors."""
+    bucket = moved(make_bucket(optimizer, dict(amsgrad=True, lr=torch.tensor(1e-2)), sizes=(3, 5)),
+                   "cuda")
+    bucket.boundary = Boundary.UPDATE
+    op, kwargs = cpu.op_call(bucket)
+    torch.library.opcheck(op, (), kwargs)
+
+
+@gpu
 @pytest.mark.slow
 def test_a_tensor_beyond_2_31_elements():
     n = 2**31 + 4099  # 64-bit offsets: about 37 GB with bf16 params and SGD state
