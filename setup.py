@@ -49,7 +49,8 @@ def _cuda_toolkit():
     if torch.version.cuda is None:
         return None
     # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit
-    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+    runtime_header = os.path.join(CUDA_HOME or "", "include", "cuda_runtime.h")
+    if CUDA_HOME is None or not os.path.isfile(runtime_header):
         warnings.warn(
             f"torch has CUDA {torch.version.cuda} but CUDA_HOME={CUDA_HOME} is no CUDA toolkit: "
             "adaptive_lr._C is built without its CUDA kernels (set CUDA_HOME to the toolkit root)"

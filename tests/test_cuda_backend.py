@@ -132,7 +132,8 @@ def test_low_precision_error_at_most_twice_the_reference(optimizer, overrides, d
                 continue
             err_fused = (ours[key][i].double() - e.double()).abs().max().item()
             err_ref = (tensors(ref)[key][i].double() - e.double()).abs().max().item()
-            assert err_fused <= 2 * err_ref + 1e-12, f"{key}[{i}]: {err_fused} vs reference {err_ref}"
+            assert err_fused <= 2 * err_ref + 1e-12, \
+                f"{key}[{i}]: {err_fused} vs reference {err_ref}"
 
 
 @gpu
@@ -177,7 +178,8 @@ def test_found_inf_applies_only_the_boundary(boundary, dtype):
     cuda.step(fused)
     reference.step(ref)
     assert_all_equal(on_cpu(fused), tensors(ref))
-    untouched = {k: v for k, v in on_cpu(fused).items() if k not in ("gains", "grad_sums", "prev_signs")}
+    boundary_state = ("gains", "grad_sums", "prev_signs")
+    untouched = {k: v for k, v in on_cpu(fused).items() if k not in boundary_state}
     assert_all_equal(untouched, {k: tensors(before)[k] for k in untouched})
 
 

@@ -74,7 +74,9 @@ __device__ __forceinline__ X from_lane(C x) {
 template <int kVec, class F>
 __device__ __forceinline__ void for_each_pack(int length, bool vectorized, const F& f) {
   const int packs = vectorized ? length / kVec : 0;
-  for (int p = threadIdx.x; p < packs; p += blockDim.x) f(std::integral_constant<int, kVec>(), p * kVec);
+  for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+    f(std::integral_constant<int, kVec>(), p * kVec);
+  }
   for (int i = packs * kVec + threadIdx.x; i < length; i += blockDim.x) {
     f(std::integral_constant<int, 1>(), i);
   }
@@ -264,7 +266,8 @@ cudaError_t step_with_boundary(const Bucket<Kernel>& b, const std::vector<Launch
 
 template <class Kernel>
 cudaError_t step(const Bucket<Kernel>& b, cudaStream_t stream) {
-  const std::vector<Launch> plan = plan_launches(b.numels, b.num_tensors, kChunkSize, kLaunchLimits);
+  const std::vector<Launch> plan =
+      plan_launches(b.numels, b.num_tensors, kChunkSize, kLaunchLimits);
   switch (b.boundary) {
     case Boundary::kNone: return step_with_boundary<Boundary::kNone>(b, plan, stream);
     case Boundary::kRoll: return step_with_boundary<Boundary::kRoll>(b, plan, stream);

@@ -41,7 +41,8 @@ int32_t* arrivals_for(const at::Tensor& first_step, cudaStream_t stream) {
     TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
                 "adaptive_lr: step this bucket once outside a CUDA graph capture before capturing "
                 "it (its arrival counters are allocated by the first step)");
-    at::Tensor zeros = at::zeros({int64_t{kLaunchLimits.max_tensors}}, first_step.options().dtype(at::kInt));
+    at::Tensor zeros =
+        at::zeros({int64_t{kLaunchLimits.max_tensors}}, first_step.options().dtype(at::kInt));
     it = counters->emplace(first_step.const_data_ptr(), std::move(zeros)).first;
   }
   return it->second.data_ptr<int32_t>();

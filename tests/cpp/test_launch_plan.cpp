@@ -159,7 +159,8 @@ void test_chunk_indices_past_2_to_the_31_elements() {
 void test_many_mixed_tensors_keep_every_invariant() {
   std::vector<int64_t> numels;
   for (int i = 0; i < 300; ++i) numels.push_back((i * 7919) % 41 == 0 ? 0 : (i * 7919) % 97);
-  for (const LaunchLimits limits : {LaunchLimits{1, 1}, LaunchLimits{3, 5}, LaunchLimits{24, 320}}) {
+  for (const LaunchLimits limits :
+       {LaunchLimits{1, 1}, LaunchLimits{3, 5}, LaunchLimits{24, 320}}) {
     const std::vector<Launch> plan =
         plan_launches(numels.data(), static_cast<int32_t>(numels.size()), 8, limits);
     check_invariants(plan, numels, 8, limits);

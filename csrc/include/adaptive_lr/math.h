@@ -133,7 +133,8 @@ ADAPTIVE_LR_HOST_DEVICE RAdam::Scalars radam_scalars(const RAdam::Hyper& h, doub
   return {h.lr * rect.r * std::sqrt(bc2) / bc1, 1.0, true};
 }
 
-ADAPTIVE_LR_HOST_DEVICE AdaBelief::Scalars adabelief_scalars(const AdaBelief::Hyper& h, double step) {
+ADAPTIVE_LR_HOST_DEVICE AdaBelief::Scalars adabelief_scalars(const AdaBelief::Hyper& h,
+                                                             double step) {
   const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
   const Rectification rect =
       h.rectify ? radam_rectification(h.beta2, step) : Rectification{true, 1.0};
