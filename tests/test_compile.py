@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from adaptive_lr import GreedyLR
+from adaptive_lr import ActiveAdamW, GreedyLR
 from optim_configs import CONFIGS
 
-# The first config of each Active optimizer (its defaults).
-DEFAULT_CONFIGS = list({config.cls: config for config in reversed(CONFIGS)}.values())
+# Each Active optimizer with its defaults.
+DEFAULT_CONFIGS = [config for config in CONFIGS if not config.kwargs]
+ADAMW = next(config for config in DEFAULT_CONFIGS if config.cls is ActiveAdamW)
 # With steps_per_epoch=3, steps 1, 4 and 7 are a first step, a ROLL and an UPDATE boundary: by
 # then every kind of step has been compiled once.
 WARMUP = 7
@@ -81,10 +82,9 @@ def test_compiled_portable_backends_match_eager_without_recompiles(backend):
     """They read step counts on the host (graph breaks) but still compile and match. Dynamo
     rewrites Tensor.addcmul_(value=) (the reference's second moment) as mul + fma, which rounds
     differently in the last bit; without that rewrite the compiled step is exact."""
-    config = DEFAULT_CONFIGS[1]  # ActiveAdamW
-    eager = _train(config, backend)
+    eager = _train(ADAMW, backend)
     with torch._dynamo.config.patch(enable_dynamo_decompositions=False):
-        compiled = _train(config, backend, compile_with="eager")
+        compiled = _train(ADAMW, backend, compile_with="eager")
     _assert_same_run(eager, compiled)
     _assert_no_recompile_after_warmup(compiled[2], compiled[3])
 
@@ -109,7 +109,7 @@ def test_fused_step_is_one_custom_op_call_per_bucket():
     # two buckets: the float32 params and the float64 param
     params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, dtype=torch.float64, requires_grad=True),
               torch.randn(2, requires_grad=True)]
-    opt = DEFAULT_CONFIGS[1].make(params, lr=torch.tensor(1e-2), backend="cpu")
+    opt = ADAMW.make(params, lr=torch.tensor(1e-2), backend="cpu")
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # state exists: the compiled step below is a steady-state one
@@ -121,13 +121,12 @@ def test_fused_step_is_one_custom_op_call_per_bucket():
 
 def test_compiled_step_with_inductor_matches_eager():
     """The default torch.compile backend: inductor keeps the op as an opaque extern call."""
-    config = DEFAULT_CONFIGS[1]
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 1)
         x, y = torch.randn(32, 8), torch.randn(32, 1)
-        opt = config.make(model.parameters(), lr=torch.tensor(1e-2), backend="cpu")
+        opt = ADAMW.make(model.parameters(), lr=torch.tensor(1e-2), backend="cpu")
         sched = GreedyLR(opt, patience=0, factor=0.5, max_lr=1.0)
         step = torch.compile(opt.step) if compiled else opt.step
         for _ in range(WARMUP + 2):
