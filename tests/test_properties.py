@@ -1,6 +1,7 @@
 """Property tests (hypothesis): for random shapes (empty, one-element and 0-dim tensors included),
 dtypes, memory layouts, hyperparameters, epoch lengths (counted or manual) and grads that are
-None on some steps, every backend ends where the reference does.
+None on some steps, every backend ends where the reference does, with the state dtypes of
+spec section 4.
 
 Tolerances. Discrete and accumulated state is compared exactly in every dtype: gains, signs and
 step counts, and the float32 epoch sums (each backend adds the same float32 values in the same
@@ -32,6 +33,9 @@ BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # exact comparison in every dtype: the same float32 values added in the same order
 EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum")
+# spec section 4: the state dtypes of every param dtype (moments: float64 for float64 params)
+FIXED_STATE_DTYPES = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
+                      "prev_sign": torch.int8}
 
 unit = st.floats(0.0, 1.0)
 gain_options = st.fixed_dictionaries({
@@ -135,7 +139,10 @@ def _assert_matches_reference(case: dict, backend: str):
         for key, value in ref_state.items():
             if not isinstance(value, torch.Tensor):
                 assert state[key] == value, key
-            elif key in EXACT_STATE:
+                continue
+            moment_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            assert state[key].dtype == FIXED_STATE_DTYPES.get(key, moment_dtype), key
+            if key in EXACT_STATE:
                 assert torch.equal(state[key], value), key
             else:
                 tol = 1e-9 if dtype == torch.float64 else 1e-5
