@@ -24,6 +24,7 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
+
 double read_lr(const Tensor& lr) {
   return lr.scalar_type() == at::kDouble ? *lr.const_data_ptr<double>()
                                          : *lr.const_data_ptr<float>();
