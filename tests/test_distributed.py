@@ -3,19 +3,11 @@ rank identical, and FSDP2 (fully_shard) steps the local shards and resumes exact
 sharded torch.distributed.checkpoint."""
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from adaptive_lr import ActiveAdamW, GreedyLR
+from doc_examples import example
 from gloo_ranks import WORLD, requires_gloo, run_ranks
 
 pytestmark = requires_gloo
@@ -31,7 +23,8 @@ def _model():
 
 
 def _optimizer(model):
-    return ActiveAdamW(model.parameters(), lr=torch.tensor(2e-2), steps_per_epoch=STEPS_PER_EPOCH)
+    """Unsharded, as the doc example's ``shard`` builds it."""
+    return ActiveAdamW(model.parameters(), lr=torch.tensor(1e-3), steps_per_epoch=STEPS_PER_EPOCH)
 
 
 def _train(model, opt, steps, seed, rank=0, sched=None):
@@ -80,24 +73,16 @@ def test_ddp_ranks_stay_identical_with_different_losses(tmp_path):
     assert any((g != 1).any() for g in ranks[0]["gains"])  # six epochs: the gains moved
 
 
-# ---- FSDP2 --------------------------------------------------------------------------------
-
-def _sharded_model_and_optimizer(mesh):
-    model = _model()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, _optimizer(model)
-
+# ---- FSDP2: the example of docs/integration.md ---------------------------------------------
 
 def _full(tensors):
     return [t.full_tensor() for t in tensors]
 
 
 def _fsdp_rank(rank, out_dir):
-    mesh = init_device_mesh("cpu", (WORLD,))
-    model, opt = _sharded_model_and_optimizer(mesh)
+    fsdp2 = example("fsdp2")
+    model = _model()
+    opt = fsdp2["shard"](model, STEPS_PER_EPOCH)
     _train(model, opt, 4, seed=1)  # the same data on every rank: comparable to one process
 
     for p in model.parameters():  # the state lives on the local shards, sharded like its param
@@ -107,14 +92,10 @@ def _fsdp_rank(rank, out_dir):
                 assert value.to_local().shape == p.to_local().shape, key
 
     checkpoint = f"{out_dir}/fsdp_checkpoint"
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=checkpoint)
-    restored_model, restored_opt = _sharded_model_and_optimizer(mesh)
-    state = {"model": get_model_state_dict(restored_model),
-             "optim": get_optimizer_state_dict(restored_model, restored_opt)}
-    dcp.load(state, checkpoint_id=checkpoint)
-    set_model_state_dict(restored_model, state["model"])
-    set_optimizer_state_dict(restored_model, restored_opt, state["optim"])
+    fsdp2["save"](model, opt, checkpoint)
+    restored_model = _model()
+    restored_opt = fsdp2["shard"](restored_model, STEPS_PER_EPOCH)
+    fsdp2["load"](restored_model, restored_opt, checkpoint)
 
     results = {}
     for name, (m, o) in {"trained": (model, opt), "restored": (restored_model, restored_opt)}.items():
