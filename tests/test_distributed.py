@@ -2,8 +2,9 @@
 rank identical, and FSDP2 (fully_shard) steps the local shards and resumes exactly from a
 sharded torch.distributed.checkpoint."""
 
+import pytest
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from adaptive_lr import ActiveAdamW, GreedyLR
@@ -90,6 +91,14 @@ def _fsdp_rank(rank, out_dir):
             if key not in ("step", "epoch", "has_prev_sign"):
                 assert isinstance(value, DTensor) and value.placements == p.placements, key
                 assert value.to_local().shape == p.to_local().shape, key
+
+    weight = next(model.parameters())  # a grad sharded unlike its param is refused, nothing moves
+    before = weight.to_local().clone()
+    weight.grad = distribute_tensor(torch.ones(weight.shape), weight.device_mesh, [Replicate()])
+    with pytest.raises(RuntimeError, match="must be sharded like it"):
+        opt.step()
+    assert torch.equal(weight.to_local(), before) and opt.param_groups[0]["steps_in_epoch"] == 1
+    opt.zero_grad()
 
     checkpoint = f"{out_dir}/fsdp_checkpoint"
     fsdp2["save"](model, opt, checkpoint)
