@@ -44,13 +44,13 @@ struct StepArgs {
   typename Kernel::Hyper hyper;  // its lr is ignored: the kernel reads *lr
   double gain_inc, gain_dec, min_gain, max_gain, weight_decay;
   bool maximize;
-  bool lr_is_double;  // *lr is a double, else a float
-  const void* lr;       // device
+  bool lr_is_double;        // *lr is a double, else a float
+  const void* lr;           // device
   const float* grad_scale;  // device; null: no grad scaling
   const float* found_inf;   // device; null: never skipped
-  // device, kLaunchLimits.max_tensors int32 zeros, used by one stream at a time: the blocks of a
-  // tensor count their arrivals here so that the last one advances the step counter, and resets
-  // the count to 0 (as every launch must find it)
+  // device, kLaunchLimits.max_tensors int32 zeros, the bucket's own: the blocks of a tensor count
+  // their arrivals here so that the last one advances the step counter and resets the count to 0
+  // (as every launch must find it)
   int32_t* arrivals;
 };
 
