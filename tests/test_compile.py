@@ -89,8 +89,8 @@ def test_compiled_portable_backends_match_eager_without_recompiles(backend):
     _assert_no_recompile_after_warmup(compiled[2], compiled[3])
 
 
-def _fused_op_graphs(step):
-    """Run ``step`` compiled; return the captured FX graphs that contain an adaptive_lr op."""
+def _compiled_graphs(step):
+    """Run ``step`` compiled; return the FX graphs dynamo captured."""
     graphs = []
 
     def record(gm, example_inputs):
@@ -98,7 +98,7 @@ def _fused_op_graphs(step):
         return gm.forward
 
     torch.compile(step, backend=record)()
-    return [g for g in graphs if any(_is_fused_op(node) for node in g.nodes)]
+    return graphs
 
 
 def _is_fused_op(node):
@@ -113,7 +113,7 @@ def test_fused_step_is_one_custom_op_call_per_bucket():
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # state exists: the compiled step below is a steady-state one
-    (graph,) = _fused_op_graphs(opt.step)
+    (graph,) = _compiled_graphs(opt.step)  # one graph: the bookkeeping's breaks split no ops
     calls = [node for node in graph.nodes if node.op == "call_function"]
     assert len(calls) == 2 and all(_is_fused_op(node) for node in calls), graph
     assert sorted(len(node.kwargs["params"]) for node in calls) == [1, 2]
