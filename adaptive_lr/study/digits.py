@@ -57,15 +57,16 @@ def steps_per_epoch(data: Digits, batch_size: int) -> int:
 
 
 def train(model_name: str, make_optimizer, data: Digits, epochs: int, batch_size: int,
-          seed: int) -> dict:
-    """Train a fresh model; ``make_optimizer(params, steps_per_epoch)`` builds the optimizer.
+          seed: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Train a fresh model, its weights and inputs in ``dtype``; ``make_optimizer(params,
+    steps_per_epoch)`` builds the optimizer.
 
     The seed fixes both the initial weights and the mini-batch order, so every optimizer trained
     with one seed starts from the same weights and sees the same batches. Returns per-epoch
     ``train_loss`` (mean over the epoch's batches) and ``test_accuracy`` lists, and ``seconds``.
     """
     torch.manual_seed(seed)
-    model = MODELS[model_name]()
+    model = MODELS[model_name]().to(dtype)
     optimizer = make_optimizer(model.parameters(), steps_per_epoch(data, batch_size))
     order = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
@@ -74,13 +75,13 @@ def train(model_name: str, make_optimizer, data: Digits, epochs: int, batch_size
     for _ in range(epochs):
         total = 0.0
         for batch in torch.randperm(len(data.x_train), generator=order).split(batch_size):
-            loss = loss_fn(model(data.x_train[batch]), data.y_train[batch])
+            loss = loss_fn(model(data.x_train[batch].to(dtype)), data.y_train[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
         with torch.no_grad():
-            accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+            accuracy = (model(data.x_test.to(dtype)).argmax(1) == data.y_test).float().mean().item()
         history["train_loss"].append(total / len(data.x_train))
         history["test_accuracy"].append(accuracy)
     history["seconds"] = time.perf_counter() - start

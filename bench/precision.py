@@ -1,0 +1,121 @@
+"""The measurements behind docs/precision.md:
+
+1. how far an exponential moving average kept in float32, bfloat16 or float16 (math in float32,
+   rounded to the state dtype once per step, as the kernels would) gets towards a new target,
+   and how often an epoch's gradient sum kept in bfloat16 ends with the wrong sign: why
+   optimizer state stays float32 for low-precision params;
+2. the digits MLP trained with ActiveAdamW and AdamW, float32 params vs bfloat16 params (the
+   model and its inputs in bfloat16), a few seeds: final train loss and test accuracy, mean ± sd.
+   torch's AdamW keeps its state in the param dtype; "AdamW, fp32 state" is AdamW with float32
+   state for any param dtype: ActiveAdamW with its gains frozen at 1 (gain_inc=0, gain_dec=1).
+
+    .venv/bin/python bench/precision.py [--seeds 3] [--epochs 30] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from adaptive_lr import ActiveAdamW
+from adaptive_lr.study.digits import load_digits, train
+from adaptive_lr.study.runner import mean_sd, run_tasks
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# (beta, from, to): a second moment (beta2) whose gradient scale changes 4x, 1.7x, 1.25x down or
+# up, and a first moment (beta1) moving 2x and 1%
+EMA_CASES = [(0.999, 1.0, 4.0), (0.999, 1.0, 0.25), (0.999, 1.0, 0.6), (0.999, 1.0, 1.25),
+             (0.9, 1.0, 0.5), (0.9, 1.0, 0.99)]
+EMA_STEPS = 20_000
+
+
+def ema(beta: float, start: float, target: float, dtype: torch.dtype, steps: int) -> float:
+    """``v <- beta * v + (1 - beta) * target`` from ``start``, v stored in ``dtype``."""
+    v = torch.tensor(start, dtype=dtype)
+    for _ in range(steps):
+        v = (v.float() * beta + (1 - beta) * target).to(dtype)
+    return v.item()
+
+
+def print_ema_table() -> None:
+    print(f"EMA after {EMA_STEPS} steps, state stored in each dtype (math in float32):")
+    print(f"| beta | from | to | {' | '.join(STATE_DTYPES)} |")
+    print("|---|---|---|" + "---|" * len(STATE_DTYPES))
+    for beta, start, target in EMA_CASES:
+        values = " | ".join(f"{ema(beta, start, target, dtype, EMA_STEPS):.4g}"
+                            for dtype in STATE_DTYPES.values())
+        print(f"| {beta} | {start} | {target} | {values} |")
+
+
+OPTIMIZERS = ("AdamW", "AdamW, fp32 state", "ActiveAdamW")
+
+
+def grad_sum_sign_errors(dtype: torch.dtype, steps: int = 1000, elements: int = 20_000) -> float:
+    """The fraction of elements whose sum of ``steps`` N(0.02, 1) gradients, accumulated in
+    ``dtype`` (float32 math, one rounding per step), has another sign than the float64 sum."""
+    gen = torch.Generator().manual_seed(0)
+    grads = 0.02 + torch.randn(steps, elements, generator=gen)
+    total = torch.zeros(elements, dtype=dtype)
+    for g in grads:
+        total = (total.float() + g).to(dtype)
+    exact = grads.double().sum(0)
+    return (torch.sign(total.double()) != torch.sign(exact)).double().mean().item()
+
+
+def print_grad_sum_table() -> None:
+    print("\nEpoch gradient sum of 1000 steps, share of elements with the wrong sign:")
+    for name, dtype in STATE_DTYPES.items():
+        print(f"  {name}: {grad_sum_sign_errors(dtype):.2%}")
+
+
+def optimizer_factory(name: str, lr: float):
+    if name == "AdamW":
+        return lambda params, steps_per_epoch: torch.optim.AdamW(params, lr=lr)
+    frozen = dict(gain_inc=0.0, gain_dec=1.0) if name == "AdamW, fp32 state" else {}
+    return lambda params, steps_per_epoch: ActiveAdamW(
+        params, lr=lr, steps_per_epoch=steps_per_epoch, **frozen)
+
+
+def train_one(task: dict) -> dict:
+    history = train("mlp", optimizer_factory(task["optimizer"], task["lr"]), load_digits(0),
+                    task["epochs"], 64, task["seed"], PARAM_DTYPES[task["params"]])
+    return dict(task, train_loss=history["train_loss"][-1],
+                test_accuracy=history["test_accuracy"][-1])
+
+
+def print_training_table(seeds: int, epochs: int, lrs: list[float], workers: int) -> None:
+    tasks = [dict(optimizer=optimizer, params=params, lr=lr, seed=seed, epochs=epochs)
+             for lr in lrs for optimizer in OPTIMIZERS for params in PARAM_DTYPES
+             for seed in range(seeds)]
+    results = run_tasks(train_one, tasks, workers, "digits MLP")
+    print(f"\ndigits MLP, {epochs} epochs, batch 64, seeds 0-{seeds - 1}: mean ± sd")
+    print("| lr | optimizer | params | final train loss | final test accuracy |")
+    print("|---|---|---|---|---|")
+    for lr in lrs:
+        for optimizer in OPTIMIZERS:
+            for params in PARAM_DTYPES:
+                runs = [r for r in results
+                        if (r["lr"], r["optimizer"], r["params"]) == (lr, optimizer, params)]
+                loss = mean_sd(r["train_loss"] for r in runs)
+                accuracy = mean_sd(100 * r["test_accuracy"] for r in runs)
+                print(f"| {lr:g} | {optimizer} | {params} | {loss[0]:.4f} ± {loss[1]:.4f} | "
+                      f"{accuracy[0]:.2f} ± {accuracy[1]:.2f} % |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
+    args = parser.parse_args(argv)
+    print_ema_table()
+    print_grad_sum_table()
+    print_training_table(args.seeds, args.epochs, args.lrs, args.workers)
+
+
+if __name__ == "__main__":
+    main()
