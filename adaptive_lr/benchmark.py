@@ -230,7 +230,7 @@ def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch
 
 
 def quartiles(samples):
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
     return q[0], statistics.median(samples), q[2]
 
 
