@@ -7,11 +7,13 @@ Tolerances. Discrete and accumulated state is compared exactly in every dtype: g
 step counts, and the float32 epoch sums (each backend adds the same float32 values in the same
 order). float64 params and moments agree to rounding (1e-9 relative). In the other dtypes the
 math runs in float32 (spec section 4) and only the order of a few float32 operations differs
-between backends, so moments agree within float32 rounding; a param is rounded to its dtype once
-per step, and two float32 results a few ulps apart can round to neighbouring values: one ulp of
-the param's dtype per step, never amplified (the grads are given, and weight decay only shrinks a
-difference). So after ``n`` steps a param may differ by ``n`` of its dtype's ulps at the largest
-magnitude it reached.
+between backends, so moments agree within float32 rounding (1e-5). A bfloat16 or float16 param
+is rounded to its dtype once per step, and two float32 results a few ulps apart can round to
+neighbouring values: one ulp of the param's dtype per step, never amplified (the grads are
+given, and weight decay only shrinks a difference). So after ``n`` steps a param may differ by
+``n`` of its dtype's ulps at the largest magnitude it reached (its start or either end value).
+float32 params are held to the same bound: their difference is the last bits of the float32
+update.
 
 Examples are derandomized (the same on every run: CI stays stable) and few enough for the whole
 file to take well under a minute and a half on two cores; the Triton interpreter is slow, so its
