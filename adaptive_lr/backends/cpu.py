@@ -88,9 +88,8 @@ def op_call(bucket: Bucket):
 
 
 def step(bucket: Bucket) -> None:
-    reason = _import_error()
-    if reason is not None:
-        raise RuntimeError(reason)
+    # resolve() returned this function only after unavailable_reason() loaded adaptive_lr._C (not
+    # re-checked here: under torch.compile a cached-function call in the step is a warning a step)
     run_op(*op_call(bucket))
 
 
