@@ -137,3 +137,35 @@ def test_params_without_grad_are_skipped(backend):
     opt.step()
     assert torch.equal(unused, before) and len(opt.state[unused]) == 0
     assert opt.state[used]["step"].item() == 1
+
+
+def test_a_step_rejected_by_the_fused_op_keeps_its_epoch_boundary():
+    """The op checks its input after the optimizer planned the step (state created, boundaries
+    due): a rejected step (here a float16 lr tensor, which the fused kernels refuse) changes
+    nothing, and the boundary it was to fuse is still applied by the retried step."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the fused cpu backend is not built")
+    grads = [torch.randn(3, 2) for _ in range(7)]
+    runs = []
+    for reject_last_step in (False, True):
+        torch.manual_seed(0)
+        params = [torch.randn(3, 2, requires_grad=True)]
+        opt = _make(ActiveAdamW, params, backend="cpu", steps_per_epoch=3)
+        for t, g in enumerate(grads):
+            params[0].grad = g.clone()
+            if t == 6 and reject_last_step:  # step 7 fuses the first sign-comparing boundary
+                before_params = [p.detach().clone() for p in params]
+                before_state = copy.deepcopy(opt.state_dict())
+                opt.param_groups[0]["lr"] = torch.tensor(0.1, dtype=torch.float16)
+                with pytest.raises(RuntimeError, match="lr must be a one-element float32"):
+                    opt.step()
+                _assert_unchanged(params, opt, before_params, before_state)
+                opt.param_groups[0]["lr"] = 0.1
+            opt.step()
+        runs.append((params[0].detach(), opt.state[params[0]]))
+    (p_expected, expected), (p_retried, retried) = runs
+    assert not torch.equal(expected["gain"], torch.ones(3, 2))  # the boundary changed gains
+    assert torch.equal(p_retried, p_expected)
+    for key in ("gain", "grad_sum", "prev_sign", "exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(retried[key], expected[key]), key
+    assert retried["epoch"] == expected["epoch"]

@@ -52,6 +52,16 @@ def _placement(t: Tensor):
     return (t.device_mesh, t.placements) if isinstance(t, DTensor) else None
 
 
+def _boundary_kind(state: dict) -> Boundary:
+    """The kind of a param's next boundary: its first only rolls over (no sign to compare yet)."""
+    return Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
+
+
+def _record_boundary(state: dict) -> None:
+    state["epoch"] += 1
+    state["has_prev_sign"] = True
+
+
 class ActiveOptimizer(torch.optim.Optimizer):
     """Base class; subclasses set ``optimizer_name`` and validate their own hyperparameters."""
 
@@ -138,7 +148,11 @@ class ActiveOptimizer(torch.optim.Optimizer):
             group["boundary_pending"] = True
 
     @torch.compiler.disable  # see _plan_step
-    def _advance_clock(self) -> None:
+    def _advance_clock(self, plan: list[tuple[Callable[[Bucket], None], Bucket]]) -> None:
+        for _, bucket in plan:
+            if bucket.boundary != Boundary.NONE:
+                for p in bucket.params:
+                    _record_boundary(self.state[p])
         for group in self.param_groups:
             group["boundary_pending"] = False
             group["steps_in_epoch"] += 1
@@ -168,19 +182,15 @@ class ActiveOptimizer(torch.optim.Optimizer):
 
     def _catch_up(self, p: Tensor, group: dict) -> Boundary:
         """Apply all but the last boundary this param missed (its grad was None) and return the
-        kind of the last one, which the backend fuses into this step."""
+        kind of the last one, which the backend fuses into this step. That one is recorded in
+        the param's state by _advance_clock, once every bucket has run: a step that fails (an
+        op rejecting its input) leaves it pending instead of losing it."""
         state = self.state[p]
-        missed = group["epoch"] - state["epoch"]
-        if missed == 0:
-            return Boundary.NONE
-        for _ in range(missed - 1):  # rare path: the sums of skipped epochs are zero
-            kind = Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
-            apply_boundary(kind, state["gain"], state["grad_sum"], state["prev_sign"], group)
-            state["has_prev_sign"] = True
-        kind = Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
-        state["epoch"] = group["epoch"]
-        state["has_prev_sign"] = True
-        return kind
+        while group["epoch"] - state["epoch"] > 1:  # rare path: the skipped epochs summed to 0
+            apply_boundary(_boundary_kind(state), state["gain"], state["grad_sum"],
+                           state["prev_sign"], group)
+            _record_boundary(state)
+        return Boundary.NONE if state["epoch"] == group["epoch"] else _boundary_kind(state)
 
     # ---- step ---------------------------------------------------------------------------
 
@@ -214,9 +224,10 @@ class ActiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for backend_step, bucket in self._plan_step():
+        plan = self._plan_step()
+        for backend_step, bucket in plan:
             backend_step(bucket)
-        self._advance_clock()
+        self._advance_clock(plan)
         return loss
 
     # torch.compile runs the host-side bookkeeping eagerly (one graph break before the buckets,
