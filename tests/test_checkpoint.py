@@ -5,6 +5,7 @@ and a state dict that does not fit raises before anything changes."""
 
 import copy
 import importlib
+import pickle
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,23 @@ def test_resume_mid_epoch_continues_identically(config, dtype, tmp_path):
     _feed(resumed, resumed_params, grads[8:])
     _assert_same_state(resumed, resumed_params, opt, params, tol=0)
     assert resumed.param_groups[0]["epoch"] == opt.param_groups[0]["epoch"]
+
+
+@pytest.mark.parametrize("copy_optimizer", [copy.deepcopy, lambda opt: pickle.loads(pickle.dumps(opt))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_settings_and_continues_identically(copy_optimizer):
+    """deepcopy and pickle (used by e.g. model-averaging and checkpointing tools) keep the
+    backend and the epoch length, which torch.optim.Optimizer alone would drop."""
+    config = CONFIGS[4]  # ActiveAdamW
+    params = make_params(torch.float64)
+    grads = grad_sequence([tuple(p.shape) for p in params], 12, torch.float64)
+    opt = config.make(params, backend="foreach")
+    _feed(opt, params, grads[:4])
+    copied = copy_optimizer({"params": params, "opt": opt})
+    assert (copied["opt"].backend, copied["opt"].steps_per_epoch) == ("foreach", opt.steps_per_epoch)
+    _feed(opt, params, grads[4:])
+    _feed(copied["opt"], copied["params"], grads[4:])
+    _assert_same_state(copied["opt"], copied["params"], opt, params, tol=0)
 
 
 @pytest.fixture

@@ -84,6 +84,11 @@ class ActiveOptimizer(torch.optim.Optimizer):
         self.backend = backend
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles (and so deep-copies) only defaults, state and param_groups
+        return {**super().__getstate__(), "steps_per_epoch": self.steps_per_epoch,
+                "backend": self.backend}
+
     # ---- construction -------------------------------------------------------------------
 
     def _validate_hyperparameters(self, group: dict) -> None:
