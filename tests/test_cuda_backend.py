@@ -12,6 +12,7 @@ the mark run everywhere.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import subprocess
 import sys
@@ -102,6 +103,19 @@ def test_a_float_lr_lives_in_one_device_tensor_per_bucket():
     assert cuda.device_lr(0.25, other) is not lr
     given = torch.tensor(3e-3)
     assert cuda.device_lr(given, first) is given  # a tensor on the device is read as it is
+    held = len(cuda._FLOAT_LRS)
+    del other
+    gc.collect()
+    assert len(cuda._FLOAT_LRS) == held - 1  # freed with its param, never while it lives
+
+
+def test_gpus_older_than_the_built_kernels_are_left_to_other_backends(monkeypatch):
+    monkeypatch.setattr(cuda, "_build_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "compute capability 7.5" in cuda.unavailable_reason(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert cuda.unavailable_reason(torch.device("cuda:0")) is None
 
 
 # ---- the parity matrix on CUDA tensors ----------------------------------------------------------

@@ -8,10 +8,10 @@ counter are read by the kernels from device memory, so a step can be captured in
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
 from .bucket import Bucket
@@ -32,25 +32,38 @@ def _build_reason() -> str | None:
     return None
 
 
+# setup.py builds sm_80 and sm_90 code (plus compute_90 PTX): an older GPU has no kernel image,
+# and "auto" must then pick triton instead of failing at the first step.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
 def unavailable_reason(device: torch.device) -> str | None:
-    if torch.device(device).type != "cuda":
+    device = torch.device(device)
+    if device.type != "cuda":
         return f"the fused cuda backend runs on CUDA tensors only, not on {device}"
     reason = _build_reason()
     if reason is None and not torch.cuda.is_available():
         return "no CUDA device is available"
+    if reason is None and torch.cuda.get_device_capability(device) < MIN_COMPUTE_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{device} has compute capability {major}.{minor}; the CUDA kernels are built for "
+                "8.0 and newer (A100, H100, ...)")
     return reason
 
 
-# The device tensor a float lr is read from, per bucket (keyed by its device and first param,
-# which belongs to one param group): refreshed by fill_ (a kernel, no transfer, no host sync) only
-# when the value changes. The least recently used go first; a CUDA graph should be captured with a
-# device tensor lr, which the caller owns (docs/cuda.md).
-_FLOAT_LRS: OrderedDict[tuple, list] = OrderedDict()
-MAX_FLOAT_LRS = 256
+# The device tensor a float lr is read from, per bucket (keyed by its first param, which belongs
+# to one param group), refreshed by fill_ (a kernel, no transfer, no host sync) only when the value
+# changes. It lives as long as that param, so a CUDA graph that captured its address never reads
+# freed memory while the model exists (an LRU cache would free it under a graph that never calls
+# back into Python).
+_FLOAT_LRS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):  # the stream the op will use: that device's current one
+        return torch.cuda.is_current_stream_capturing()
 
 
 def device_lr(lr, first_param: Tensor) -> Tensor:
@@ -59,8 +72,7 @@ def device_lr(lr, first_param: Tensor) -> Tensor:
     if isinstance(lr, Tensor):  # read in the kernel: in-place changes need no host work at all
         return lr.to(device)
     lr = float(lr)
-    key = (device, first_param.data_ptr())
-    entry = _FLOAT_LRS.get(key)
+    entry = _FLOAT_LRS.get(first_param)
     if (entry is None or entry[0] != lr) and _capturing(device):
         # work enqueued during a capture runs only on replay: the cached value would be stale
         raise RuntimeError(
@@ -68,13 +80,11 @@ def device_lr(lr, first_param: Tensor) -> Tensor:
             "inside a CUDA graph capture; pass lr as a device tensor and change it in place"
         )
     if entry is None:
-        entry = _FLOAT_LRS[key] = [lr, torch.full((), lr, dtype=torch.float64, device=device)]
-        if len(_FLOAT_LRS) > MAX_FLOAT_LRS:
-            _FLOAT_LRS.popitem(last=False)
+        entry = _FLOAT_LRS[first_param] = [lr, torch.full((), lr, dtype=torch.float64,
+                                                            device=device)]
     elif entry[0] != lr:
         entry[1].fill_(lr)
         entry[0] = lr
-    _FLOAT_LRS.move_to_end(key)
     return entry[1]
 
 
