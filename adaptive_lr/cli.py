@@ -24,9 +24,11 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small grids, fewer seeds and epochs: a few minutes on 2 cores")
     parser.add_argument("--study", choices=["lr", "greedy", "all"], default="all",
-                        help="lr: the LR-robustness sweep; greedy: the GreedyLR study (default all)")
+                        help="lr: the LR-robustness sweep; greedy: the GreedyLR study "
+                        "(default all)")
     parser.add_argument("--out", default="out/sweep",
-                        help="directory for the CSV/JSON/Markdown/PNG results (default %(default)s)")
+                        help="directory for the CSV/JSON/Markdown/PNG results "
+                        "(default %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one thread each (default %(default)s)")
     lr = parser.add_argument_group("LR-robustness sweep (override the full or --quick preset)")

@@ -119,8 +119,11 @@ def _diabetes():
     from sklearn.datasets import load_diabetes
 
     x, y = load_diabetes(return_X_y=True)
-    as_tensor = lambda a: torch.tensor((a - a.mean(0)) / a.std(0), dtype=torch.float32)  # noqa: E731
-    return as_tensor(x), as_tensor(y).unsqueeze(1)
+
+    def standardised(a):
+        return torch.tensor((a - a.mean(0)) / a.std(0), dtype=torch.float32)
+
+    return standardised(x), standardised(y).unsqueeze(1)
 
 
 def make_problem(name: str, seed: int, analytic_steps: int, mlp_epochs: int) -> Problem:
@@ -182,7 +185,8 @@ def _rms(tensors) -> float:
 
 def run_one(task: dict) -> dict:
     """One (problem, schedule, lr, seed) run, with or without the spike."""
-    problem = make_problem(task["problem"], task["seed"], task["analytic_steps"], task["mlp_epochs"])
+    problem = make_problem(task["problem"], task["seed"], task["analytic_steps"],
+                           task["mlp_epochs"])
     start = problem.true_objective()
     start_loss = start.item()
     kick_scale = KICK * _rms(torch.autograd.grad(start, problem.params))
@@ -196,8 +200,8 @@ def run_one(task: dict) -> dict:
         loss = problem.objective(step)
         metric = loss.item()
         if step == spike_step:
-            loss = loss + kick_scale * sum(
-                (torch.randn(p.shape, generator=kick, dtype=p.dtype) * p).sum() for p in problem.params)
+            zetas = [torch.randn(p.shape, generator=kick, dtype=p.dtype) for p in problem.params]
+            loss = loss + kick_scale * sum((z * p).sum() for z, p in zip(zetas, problem.params))
             metric += SPIKE_LOSS * start_loss
         optimizer.zero_grad()
         loss.backward()
@@ -210,7 +214,8 @@ def run_one(task: dict) -> dict:
             true_losses.append(runner.finite_or_inf(problem.true_objective().item()))
         lrs.append(float(optimizer.param_groups[0]["lr"]))
     row = {key: task[key] for key in ("problem", "schedule", "lr", "seed", "spike")}
-    damage, recovery = _damage_and_recovery(true_losses, spike_step) if task["spike"] else (None, None)
+    damage, recovery = (_damage_and_recovery(true_losses, spike_step) if task["spike"]
+                        else (None, None))
     row.update(start_loss=start_loss, final_loss=true_losses[-1],
                ended_above_start=not true_losses[-1] <= start_loss,
                spike_peak_ratio=damage, recovery_steps=recovery)
@@ -338,19 +343,23 @@ def markdown(summary: dict) -> str:
         cells = [c for c in summary["cells"] if c["problem"] == problem]
         out += [f"**{problem}** ({cells[0]['seeds']} seeds; median [IQR])", "",
                 "| schedule | tuned lr | final loss | ended above start | final loss, spike run "
-                "| spike peak / pre-spike | recovery steps | not recovered | grid runs ended above start |",
+                "| spike peak / pre-spike | recovery steps | not recovered "
+                "| grid runs ended above start |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for c in cells:
             out.append(
                 f"| {c['schedule']} | {c['tuned_lr']:g} | {_quartiles(c['final_loss'])} | "
-                f"{c['ended_above_start']}/{c['seeds']} | {_quartiles(c['final_loss_with_spike'])} | "
-                f"{_quartiles(c['spike_peak_ratio'])} | {_quartiles(c['recovery_steps'])} | {c['not_recovered']}/{c['seeds']} | "
+                f"{c['ended_above_start']}/{c['seeds']} | "
+                f"{_quartiles(c['final_loss_with_spike'])} | {_quartiles(c['spike_peak_ratio'])} | "
+                f"{_quartiles(c['recovery_steps'])} | {c['not_recovered']}/{c['seeds']} | "
                 f"{c['grid_runs_above_start']}/{c['grid_runs']} |")
         out.append("")
     return "\n".join(out)
 
 
 def plot(summary: dict, traces: list[dict], out_dir: str) -> None:
+    """greedy_final_loss.png: medians and IQRs per problem; greedy_spike_traces.png (when the
+    config traces a problem): true loss and lr around the spike, seed 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,6 +396,8 @@ def plot(summary: dict, traces: list[dict], out_dir: str) -> None:
     plt.close(fig)
 
     trace_problems = summary["config"]["trace_problems"]
+    if not trace_problems:
+        return
     fig, axes = plt.subplots(2, len(trace_problems), figsize=(6.5 * len(trace_problems), 7.5),
                              sharex="col", squeeze=False)
     for column, problem in enumerate(trace_problems):

@@ -41,7 +41,8 @@ def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: 
     if pair == "AdaBelief":
         from adabelief_pytorch import AdaBelief
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings even when asked not to
+        # it prints a notice even with print_change_log=False
+        with contextlib.redirect_stdout(io.StringIO()):
             return AdaBelief(params, lr=lr, eps=1e-16, weight_decouple=True, rectify=False,
                              print_change_log=False)
     cls, kwargs = {
@@ -163,7 +164,8 @@ def markdown(summary: dict) -> str:
          lambda c: _percent(c["final_accuracy_mean"], c["final_accuracy_sd"])),
         ("best-epoch test accuracy, % (mean ± sd; the paper's metric)",
          lambda c: _percent(c["best_accuracy_mean"], c["best_accuracy_sd"])),
-        ("final train loss (mean ± sd)", lambda c: _loss(c["train_loss_mean"], c["train_loss_sd"])),
+        ("final train loss (mean ± sd)",
+         lambda c: _loss(c["train_loss_mean"], c["train_loss_sd"])),
         (f"epochs to {100 * config.target_accuracy:g} % test accuracy (mean over the seeds that "
          f"reached it; reached/seeds)", _epochs),
     ]
@@ -172,7 +174,8 @@ def markdown(summary: dict) -> str:
             out += [f"**{model.upper()}: {title}**", "", f"| optimizer | {lr_header} |",
                     "|---" * (len(config.lrs) + 1) + "|"]
             for name in names:
-                cells = [c for c in summary["cells"] if c["model"] == model and c["optimizer"] == name]
+                cells = [c for c in summary["cells"]
+                         if c["model"] == model and c["optimizer"] == name]
                 out.append(f"| {name} | " + " | ".join(cell_text(c) for c in cells) + " |")
             out.append("")
     low, high = PAPER_LR_RANGE
