@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        benchmark.main((BENCH_QUICK_ARGS if args.quick else []) + rest)
+        benchmark.main((BENCH_QUICK_ARGS if args.quick else []) + rest, prog="adaptive-lr bench")
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
