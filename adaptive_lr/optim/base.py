@@ -153,11 +153,10 @@ class ActiveOptimizer(torch.optim.Optimizer):
             group["boundary_pending"] = True
 
     @torch.compiler.disable  # see _plan_step
-    def _advance_clock(self, plan: list[tuple[Callable[[Bucket], None], Bucket]]) -> None:
-        for _, bucket in plan:
-            if bucket.boundary != Boundary.NONE:
-                for p in bucket.params:
-                    _record_boundary(self.state[p])
+    def _advance_clock(self, crossed: list[dict]) -> None:
+        """After every bucket has run: record the boundaries they fused, and tick the clock."""
+        for state in crossed:
+            _record_boundary(state)
         for group in self.param_groups:
             group["boundary_pending"] = False
             group["steps_in_epoch"] += 1
@@ -229,22 +228,23 @@ class ActiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._plan_step()
+        plan, crossing = self._plan_step()
         for backend_step, bucket in plan:
             backend_step(bucket)
-        self._advance_clock(plan)
+        self._advance_clock(crossing)
         return loss
 
     # torch.compile runs the host-side bookkeeping eagerly (one graph break before the buckets,
     # one after): traced, the clock's Python ints became SymInt graph inputs and outputs, which
     # recompiled on new clock patterns and made inductor emit code that fails (docs/integration.md).
     @torch.compiler.disable
-    def _plan_step(self) -> list[tuple[Callable[[Bucket], None], Bucket]]:
+    def _plan_step(self) -> tuple[list[tuple[Callable[[Bucket], None], Bucket]], list[dict]]:
         """Validate every grad, create lazy state, apply missed boundaries, and group the params
-        into buckets, each with the backend step function that runs it."""
+        into buckets, each with the backend step function that runs it. Also returns the states
+        of the params whose buckets fuse an epoch boundary (for _advance_clock to record)."""
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
-        plan = []
+        plan, crossing = [], []
         for group, params in self._params_with_grad():  # all validated before any is touched
             keys = self._state_keys(group)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -254,7 +254,9 @@ class ActiveOptimizer(torch.optim.Optimizer):
             for (device, _, boundary), bucket_params in buckets.items():
                 bucket = self._make_bucket(group, keys, bucket_params, boundary, grad_scale, found_inf)
                 plan.append((backends.resolve(self.backend, device), bucket))
-        return plan
+                if boundary != Boundary.NONE:
+                    crossing += [self.state[p] for p in bucket_params]
+        return plan, crossing
 
     def _make_bucket(self, group, keys, params, boundary, grad_scale, found_inf) -> Bucket:
         states = [self.state[p] for p in params]
