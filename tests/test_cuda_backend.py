@@ -27,6 +27,7 @@ from test_cpu_backend import (
     CONFIG_IDS,
     CONFIGS,
     assert_all_equal,
+    assert_found_inf_applies_only_the_boundary,
     make_bucket,
     make_grads,
     run,
@@ -186,18 +187,8 @@ def test_grad_scale_matches_reference(dtype, scale):
 @pytest.mark.parametrize("boundary", list(Boundary))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_found_inf_applies_only_the_boundary(boundary, dtype):
-    ref = make_bucket("adabelief", dict(amsgrad=True, min_gain=0.5, max_gain=3.0), dtype)
-    ref.boundary = boundary
-    ref.found_inf = torch.ones(1)
-    ref.grad_scale = torch.tensor([8.0])
-    before = copy.deepcopy(ref)
-    fused = moved(ref, "cuda")
-    cuda.step(fused)
-    reference.step(ref)
-    assert_all_equal(on_cpu(fused), tensors(ref))
-    boundary_state = ("gains", "grad_sums", "prev_signs")
-    untouched = {k: v for k, v in on_cpu(fused).items() if k not in boundary_state}
-    assert_all_equal(untouched, {k: tensors(before)[k] for k in untouched})
+    assert_found_inf_applies_only_the_boundary(cuda.step, boundary, dtype,
+                                               move=lambda b: moved(b, "cuda"), read=on_cpu)
 
 
 # ---- what only the CUDA launcher does -----------------------------------------------------------
