@@ -111,7 +111,7 @@ setup(
     # kernels/ ships as adaptive_lr.kernels: a top-level `kernels` belongs to another PyPI project
     packages=find_packages(include=["adaptive_lr", "adaptive_lr.*"]) + ["adaptive_lr.kernels"],
     package_dir={"adaptive_lr.kernels": "kernels"},
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.5"],
     # `adaptive-lr demo|bench|sweep`: data, baselines, progress bars and plots
     extras_require={"study": ["numpy", "scikit-learn", "adabelief-pytorch", "tqdm", "matplotlib"]},
     entry_points={"console_scripts": ["adaptive-lr=adaptive_lr.cli:main"]},
