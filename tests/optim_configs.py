@@ -81,3 +81,15 @@ def run(config: OptimConfig, dtype, steps=14, backend="reference", params=None, 
 
 def clone_params(params, dtype=None):
     return [p.detach().clone().to(dtype or p.dtype).requires_grad_() for p in params]
+
+
+def assert_no_host_sync(steps) -> None:
+    """Runs ``steps()`` once to warm up (allocations, compilation), then again with CUDA's sync
+    debug mode raising on any host synchronisation."""
+    steps()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -23,6 +23,7 @@ import torch
 from adaptive_lr import ActiveAdamW, backends
 from adaptive_lr.backends import cpu, cuda, reference
 from adaptive_lr.backends.bucket import Boundary, Bucket
+from optim_configs import assert_no_host_sync
 from test_cpu_backend import (
     CONFIG_IDS,
     CONFIGS,
@@ -312,13 +313,7 @@ def test_steps_never_sync_with_the_host():
             opt.param_groups[0]["lr"] = lr
             opt.step()
 
-    steps()  # warm-up: the arrival counters and the device lr are allocated
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        steps()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(steps)  # warm-up allocates the arrival counters and the device lr
 
 
 _CAPTURE_FIRST_SCRIPT = """

@@ -23,7 +23,9 @@ import torch
 from adaptive_lr import ActiveAdamW, ActiveSGD, available_backends
 from adaptive_lr.backends import layout
 from adaptive_lr.backends import triton as triton_backend
-from optim_configs import CONFIGS, DTYPES, clone_params, grad_sequence, make_params, run
+from optim_configs import (
+    CONFIGS, DTYPES, assert_no_host_sync, clone_params, grad_sequence, make_params, run,
+)
 
 INTERPRETED = "triton" in available_backends("cpu")
 HAS_CUDA = torch.cuda.is_available()
@@ -438,13 +440,7 @@ def test_cuda_step_never_syncs_with_the_host():
         opt.step()
         del opt.grad_scale, opt.found_inf
 
-    steps()  # warm-up: every specialisation compiled, the plan built
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        steps()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(steps)  # warm-up compiles every specialisation, builds the plan
 
 
 @pytest.mark.cuda
