@@ -27,7 +27,8 @@ def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
     for state in expected:
         if pending != Boundary.NONE:
             apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"], group)
-            state["epoch"], state["has_prev_sign"] = group["epoch"], True
+            state["epoch"].fill_(group["epoch"])
+            state["has_prev_sign"].fill_(True)
     return expected
 
 

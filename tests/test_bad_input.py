@@ -139,33 +139,67 @@ def test_params_without_grad_are_skipped(backend):
     assert opt.state[used]["step"].item() == 1
 
 
-def test_a_step_rejected_by_the_fused_op_keeps_its_epoch_boundary():
-    """The op checks its input after the optimizer planned the step (state created, boundaries
-    due): a rejected step (here a float16 lr tensor, which the fused kernels refuse) changes
-    nothing, and the boundary it was to fuse is still applied by the retried step."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the fused cpu backend is not built")
+def test_a_step_whose_backend_fails_keeps_its_epoch_boundary(monkeypatch):
+    """A backend that fails before writing (an op rejecting its input) comes after the optimizer
+    planned the step (state created, boundaries due): the failed step changes nothing, and the
+    boundary it was to fuse is still applied by the retried step."""
+    from adaptive_lr.backends import reference
+
     grads = [torch.randn(3, 2) for _ in range(7)]
     runs = []
-    for reject_last_step in (False, True):
+    for fail_last_step in (False, True):
         torch.manual_seed(0)
         params = [torch.randn(3, 2, requires_grad=True)]
-        opt = _make(ActiveAdamW, params, backend="cpu", steps_per_epoch=3)
+        opt = _make(ActiveAdamW, params, backend="reference", steps_per_epoch=3)
         for t, g in enumerate(grads):
             params[0].grad = g.clone()
-            if t == 6 and reject_last_step:  # step 7 fuses the first sign-comparing boundary
+            if t == 6 and fail_last_step:  # step 7 fuses the first sign-comparing boundary
                 before_params = [p.detach().clone() for p in params]
                 before_state = copy.deepcopy(opt.state_dict())
-                opt.param_groups[0]["lr"] = torch.tensor(0.1, dtype=torch.float16)
-                with pytest.raises(RuntimeError, match="lr must be a one-element float32"):
-                    opt.step()
+                with monkeypatch.context() as patch:
+                    patch.setattr(reference, "step", _rejecting_step)
+                    with pytest.raises(RuntimeError, match="rejected"):
+                        opt.step()
                 _assert_unchanged(params, opt, before_params, before_state)
-                opt.param_groups[0]["lr"] = 0.1
             opt.step()
         runs.append((params[0].detach(), opt.state[params[0]]))
     (p_expected, expected), (p_retried, retried) = runs
     assert not torch.equal(expected["gain"], torch.ones(3, 2))  # the boundary changed gains
     assert torch.equal(p_retried, p_expected)
-    for key in ("gain", "grad_sum", "prev_sign", "exp_avg", "exp_avg_sq", "step"):
+    for key in ("gain", "grad_sum", "prev_sign", "exp_avg", "exp_avg_sq", "step", "epoch"):
         assert torch.equal(retried[key], expected[key]), key
-    assert retried["epoch"] == expected["epoch"]
+
+
+def _rejecting_step(bucket):
+    raise RuntimeError("rejected")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr", [torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor([0.1, 0.2])],
+                         ids=["bfloat16", "two-elements"])
+def test_a_bad_lr_set_after_construction_fails_the_step_before_any_group_moves(backend, lr):
+    """Every group's lr is checked before the first bucket runs: a bad lr in the second group
+    used to fail in its fused op after the first group had been stepped."""
+    params = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+    opt = ActiveAdamW([{"params": params[:1]}, {"params": params[1:]}], steps_per_epoch=2,
+                      backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    opt.param_groups[1]["lr"] = lr
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    opt.param_groups[1]["lr"] = before_state["param_groups"][1]["lr"]
+    _assert_unchanged(params, opt, before_params, before_state)
+
+
+@pytest.mark.parametrize("lr,message", [
+    (torch.tensor(0.1, dtype=torch.bfloat16), "float32 or float64, got torch.bfloat16"),
+    (torch.tensor([0.1, 0.2]), "Tensor lr must be 1-element"),
+    (torch.tensor(0.1, device="meta"), "on the CPU or on its params' device"),
+])
+def test_a_bad_tensor_lr_in_a_later_group_fails_at_construction(lr, message):
+    first, second = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=message):
+        ActiveAdamW([{"params": [first]}, {"params": [second], "lr": lr}], steps_per_epoch=2)

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import numbers
+import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,8 +22,12 @@ from ..backends.reference import apply_boundary
 # The epoch clock kept in every param group (identical in all of them: one clock per optimizer).
 CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending")
 # Per-param bookkeeping: the epoch its grad_sum belongs to, and whether it has a previous sign.
+# 0-dim CPU tensors (int64, bool), read on the host without a device sync: tools that walk
+# optimizer state expect tensors there.
 BOOKKEEPING_KEYS = ("epoch", "has_prev_sign")
+BOOKKEEPING_DTYPES = {"epoch": torch.int64, "has_prev_sign": torch.bool}
 ACTIVE_TENSOR_KEYS = ("step", "gain", "grad_sum", "prev_sign")
+GAIN_KEYS = ("gain_inc", "gain_dec", "min_gain", "max_gain")
 
 GAIN_ARGS_DOC = """
     steps_per_epoch (int or None): optimizer steps per epoch (usually ``len(train_loader)``;
@@ -38,8 +46,20 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _as_float(value: Any) -> float:
-    return value.item() if isinstance(value, Tensor) else float(value)
+def _check_lr(lr: Any, device: torch.device | None) -> None:
+    """A tensor lr must be what every backend reads (without reading its value: no host sync)."""
+    if not isinstance(lr, Tensor):
+        return
+    if lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")  # torch's words
+    _check(
+        lr.dtype in (torch.float32, torch.float64),
+        f"a tensor lr must be float32 or float64, got {lr.dtype}",
+    )
+    _check(
+        device is None or lr.device.type == "cpu" or lr.device == device,
+        f"a tensor lr must be on the CPU or on its params' device {device}, got {lr.device}",
+    )
 
 
 def _local(t: Tensor) -> Tensor:
@@ -58,8 +78,13 @@ def _boundary_kind(state: dict) -> Boundary:
 
 
 def _record_boundary(state: dict) -> None:
-    state["epoch"] += 1
-    state["has_prev_sign"] = True
+    state["epoch"].add_(1)
+    state["has_prev_sign"].fill_(True)
+
+
+def _bookkeeping(epoch, has_prev_sign) -> dict:
+    return {key: torch.tensor(value, dtype=BOOKKEEPING_DTYPES[key])
+            for key, value in (("epoch", epoch), ("has_prev_sign", has_prev_sign))}
 
 
 class ActiveOptimizer(torch.optim.Optimizer):
@@ -93,7 +118,8 @@ class ActiveOptimizer(torch.optim.Optimizer):
 
     def _validate_hyperparameters(self, group: dict) -> None:
         """Checks shared by all Active optimizers; subclasses extend it."""
-        lr = _as_float(group["lr"])
+        _check_lr(group["lr"], None)
+        lr = float(group["lr"])
         _check(lr >= 0, f"Invalid learning rate: {lr}")
         _check(group["weight_decay"] >= 0, f"Invalid weight_decay: {group['weight_decay']}")
         _check(group["gain_inc"] >= 0, f"gain_inc must be >= 0, got {group['gain_inc']}")
@@ -111,21 +137,38 @@ class ActiveOptimizer(torch.optim.Optimizer):
         _check(group["eps"] >= 0, f"Invalid epsilon value: {group['eps']}")
 
     def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group`` (params may be any iterable, a generator
+        too, of tensors or of ``(name, tensor)`` pairs), validated before anything changes."""
         name = type(self).__name__
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(
+                f"{name}: params must be an ordered collection (a list), not a set: the order of "
+                "a set changes between runs, and with it the order of the state dict"
+            )
+        # consumed once, here: torch's add_param_group receives the list, not a spent generator
         params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
+        param_group["params"] = params
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        for p in tensors:
             if not isinstance(p, Tensor) or not p.is_floating_point():
                 raise TypeError(f"{name} can only optimize floating-point tensors, got {p!r:.80}")
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"{name}: all params of one group must be on one device, got {devices}")
+        # torch only warns and steps such a param twice; the fused kernels would race on it
+        _check(
+            len({id(p) for p in tensors}) == len(tensors),
+            f"{name}: a param group lists the same tensor twice; list each param once",
+        )
+        devices = {p.device for p in tensors}
+        _check(len(devices) <= 1, f"{name}: all params of one group must be on one device, got {devices}")
         group = {k: v for k, v in param_group.items() if k != "params"}
         for key, default in self.defaults.items():
             group.setdefault(key, default)
-        self._validate_hyperparameters(group)
         for device in devices:
+            _check_lr(group["lr"], device)
             backends.resolve(self.backend, device)  # an unavailable backend fails here, not mid-run
+        self._validate_hyperparameters(group)
         # a group added later joins the optimizer's one clock
         clock = (
             {k: self.param_groups[0][k] for k in CLOCK_KEYS}
@@ -160,8 +203,10 @@ class ActiveOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["boundary_pending"] = False
             group["steps_in_epoch"] += 1
+        # >=: a checkpoint resumed with a shorter epoch (a bigger batch, more ranks), or from
+        # manual mode, may already be past the end of its epoch, which then ends at this step
         if self.steps_per_epoch is not None:
-            if self.param_groups[0]["steps_in_epoch"] == self.steps_per_epoch:
+            if self.param_groups[0]["steps_in_epoch"] >= self.steps_per_epoch:
                 self._mark_boundary()
 
     # ---- state --------------------------------------------------------------------------
@@ -178,8 +223,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             state["gain"] = torch.ones_like(p, **f32)
             state["grad_sum"] = torch.zeros_like(p, **f32)
             state["prev_sign"] = torch.zeros_like(p, dtype=torch.int8)
-            state["epoch"] = group["epoch"]
-            state["has_prev_sign"] = False
+            state.update(_bookkeeping(group["epoch"], False))
         for key in keys:  # amsgrad may be switched on for a group later
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
@@ -190,11 +234,11 @@ class ActiveOptimizer(torch.optim.Optimizer):
         the param's state by _advance_clock, once every bucket has run: a step that fails (an
         op rejecting its input) leaves it pending instead of losing it."""
         state = self.state[p]
-        while group["epoch"] - state["epoch"] > 1:  # rare path: the skipped epochs summed to 0
+        while group["epoch"] - int(state["epoch"]) > 1:  # rare path: the skipped epochs summed to 0
             apply_boundary(_boundary_kind(state), state["gain"], state["grad_sum"],
                            state["prev_sign"], group)
             _record_boundary(state)
-        return Boundary.NONE if state["epoch"] == group["epoch"] else _boundary_kind(state)
+        return Boundary.NONE if int(state["epoch"]) == group["epoch"] else _boundary_kind(state)
 
     # ---- step ---------------------------------------------------------------------------
 
@@ -204,6 +248,8 @@ class ActiveOptimizer(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if params:  # a scheduler or the user may have replaced the lr since construction
+                _check_lr(group["lr"], params[0].device)
             for p in params:
                 grad = p.grad
                 if grad.is_sparse:
@@ -279,12 +325,15 @@ class ActiveOptimizer(torch.optim.Optimizer):
     # ---- checkpoints --------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict of the same optimizer type, saved from any backend or device.
+        """Load a state dict of the same optimizer type, saved from any backend or device, or one
+        of its base optimizer in ``torch.optim`` (see :meth:`from_optimizer`).
 
         Everything is checked before anything changes: a state dict that does not fit raises a
         ValueError and leaves the optimizer as it was. The optimizer keeps its own backend. State
         keeps its dtypes (torch's loader would cast fp32 gains and int8 signs to a bf16 param's
-        dtype) and takes its param's device and memory layout. Load hooks run as in torch."""
+        dtype) and takes its param's device and memory layout. As in torch, the saved groups'
+        values replace the optimizer's (keys a scheduler added, such as ``initial_lr``, too), the
+        optimizer keeps its ``param_names`` where the state dict has none, and load hooks run."""
         name = type(self).__name__
         _check(
             isinstance(state_dict, dict),
@@ -298,8 +347,10 @@ class ActiveOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         _check(
-            isinstance(saved_groups, list) and isinstance(saved_state, dict),
-            f"{name}.load_state_dict expects a dict with 'state' and 'param_groups'",
+            isinstance(saved_groups, list) and isinstance(saved_state, dict)
+            and all(isinstance(saved, dict) and "params" in saved for saved in saved_groups),
+            f"{name}.load_state_dict expects a dict with 'state' and 'param_groups' (dicts with "
+            "'params')",
         )
         _check(
             len(saved_groups) == len(self.param_groups),
@@ -307,6 +358,10 @@ class ActiveOptimizer(torch.optim.Optimizer):
             f"the optimizer {len(self.param_groups)}",
         )
         saved_groups = copy.deepcopy(saved_groups)
+        from_torch = _is_base_state_dict(saved_groups, saved_state)
+        if from_torch:
+            saved_groups = [self._group_from_base(i, group, saved)
+                            for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
         id_to_param = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             self._check_saved_group(i, group, saved)
@@ -316,27 +371,84 @@ class ActiveOptimizer(torch.optim.Optimizer):
         for param_id, saved in saved_state.items():
             _check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
             p, group = id_to_param[param_id]
+            if from_torch:
+                saved = self._param_state_from_base(p, saved, param_id)
             new_state[p] = self._loaded_param_state(p, saved, param_id, group)
         self.state = new_state
         self.param_groups = [
             dict(saved, params=group["params"])
+            | ({"param_names": group["param_names"]}
+               if "param_names" in group and "param_names" not in saved else {})
             for group, saved in zip(self.param_groups, saved_groups)
         ]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int | None,
+                       **kwargs) -> "ActiveOptimizer":
+        """Switch a running job to ActiveLR: an Active optimizer over ``optimizer``'s param groups
+        (names too) that continues from its state (moments, step counts) and hyperparameters.
+
+        ``optimizer`` is this class's base in ``torch.optim`` (AdamW, SGD or RAdam); ``kwargs``
+        are the gain arguments. Every gain starts at 1 and the epoch clock at the switch, so the
+        next two epochs step exactly as the base optimizer would. Loading the base optimizer's
+        state dict into an Active optimizer does the same."""
+        groups = [
+            {"params": list(zip(g["param_names"], g["params"])) if "param_names" in g
+             else list(g["params"])}
+            for g in optimizer.param_groups
+        ]
+        active = cls(groups, steps_per_epoch=steps_per_epoch, **kwargs)
+        active.load_state_dict(optimizer.state_dict())
+        return active
+
+    def _group_from_base(self, i: int, group: dict, saved: dict) -> dict:
+        """A torch.optim base optimizer's saved group as this optimizer's: its hyperparameters,
+        this optimizer's gain arguments, and a clock that starts now."""
+        name = type(self).__name__
+        base = BASE_OPTIMIZERS.get(self.optimizer_name)
+        _check(
+            base is not None and all(k in saved for k in base.required_keys)
+            and not any(k in saved for k in base.foreign_keys),
+            f"{name}: param group {i} of the state dict is neither an {name} nor a "
+            f"{base.name if base else 'torch.optim'} one (a state dict of another optimizer?)",
+        )
+        weight_decay = saved.get("weight_decay", 0)
+        if weight_decay and not saved.get("decoupled_weight_decay", base.decoupled_by_default):
+            warnings.warn(
+                f"{name}: the state dict's weight_decay={weight_decay} was an L2 term of the "
+                f"gradient; {name} decouples weight decay (param *= 1 - lr * weight_decay)",
+                stacklevel=4,
+            )
+        converted = {k: v for k, v in saved.items() if k not in TORCH_ONLY_GROUP_KEYS}
+        for key in GAIN_KEYS:
+            converted[key] = group[key]
+        for key, default in self.defaults.items():
+            converted.setdefault(key, default)
+        converted.update(epoch=0, steps_in_epoch=0, boundary_pending=False)
+        return converted
+
+    def _param_state_from_base(self, p: Tensor, saved: dict, param_id) -> dict:
+        """A torch.optim base optimizer's per-param state with gains at 1 and no epoch history."""
+        _check(isinstance(saved, dict), f"{type(self).__name__}: the state of param {param_id} is not a dict")
+        state = {k: v for k, v in saved.items() if v is not None}
+        if "step" not in state:  # torch's SGD keeps none: a saved buffer has seen a step
+            state["step"] = float("momentum_buffer" in state)
+        if self.optimizer_name == "sgd":
+            state.setdefault("momentum_buffer", torch.zeros_like(p))
+        f32 = dict(dtype=torch.float32, device=p.device)
+        return dict(state, gain=torch.ones_like(p, **f32), grad_sum=torch.zeros_like(p, **f32),
+                    prev_sign=torch.zeros_like(p, dtype=torch.int8), **_bookkeeping(0, False))
+
     def _check_saved_group(self, i: int, group: dict, saved: dict) -> None:
         name = type(self).__name__
+        missing = sorted((set(self.defaults) | set(CLOCK_KEYS)) - set(saved))
+        foreign = sorted(set(saved) & (_all_hyperparameters() - set(self.defaults)))
         _check(
-            isinstance(saved, dict) and "params" in saved,
-            f"{name}: param group {i} of the state dict has no 'params'",
-        )
-        missing = sorted(set(group) - set(saved))
-        unexpected = sorted(set(saved) - set(group))
-        _check(
-            not missing and not unexpected,
-            f"{name}: param group {i} of the state dict is missing {missing} and has unexpected "
-            f"{unexpected} (a state dict of another optimizer?)",
+            not missing and not foreign,
+            f"{name}: param group {i} of the state dict is missing {missing} and has the "
+            f"hyperparameters {foreign} of other optimizers (a state dict of another optimizer?)",
         )
         _check(
             len(saved["params"]) == len(group["params"]),
@@ -368,17 +480,20 @@ class ActiveOptimizer(torch.optim.Optimizer):
             f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
             f"{sorted(unexpected)} (a state dict of another optimizer?)",
         )
+        # versions up to 0.1.0 saved the bookkeeping as a Python int and bool
+        epoch, has_prev_sign = (_python_scalar(saved[key]) for key in BOOKKEEPING_KEYS)
         _check(
-            type(saved["epoch"]) is int and 0 <= saved["epoch"] <= group["epoch"]
-            and type(saved["has_prev_sign"]) is bool,
-            f"{name}: state of param {param_id} has epoch={saved['epoch']!r} and has_prev_sign="
-            f"{saved['has_prev_sign']!r}; expected an int in [0, {group['epoch']}] and a bool",
+            type(epoch) is int and 0 <= epoch <= group["epoch"] and type(has_prev_sign) is bool,
+            f"{name}: state of param {param_id} has epoch={epoch!r} and has_prev_sign="
+            f"{has_prev_sign!r}; expected an int in [0, {group['epoch']}] and a bool",
         )
+        loaded = _bookkeeping(epoch, has_prev_sign)
         dtypes = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
-        loaded = {key: saved[key] for key in BOOKKEEPING_KEYS}
         for key, value in saved.items():
             if key in BOOKKEEPING_KEYS:
                 continue
+            if key == "step" and isinstance(value, numbers.Real):  # saved by an older torch
+                value = torch.tensor(float(value))
             _check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
             shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
             _check(
@@ -392,3 +507,45 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 dtype = dtypes.get(key, state_dtype(p.dtype))
                 loaded[key] = torch.empty_like(p, dtype=dtype).copy_(value)
         return loaded
+
+
+def _all_hyperparameters() -> set[str]:
+    """Every Active optimizer's hyperparameter names (its constructor's keyword arguments)."""
+    names = set()
+    for cls in ActiveOptimizer.__subclasses__():
+        names |= set(inspect.signature(cls.__init__).parameters)
+    return names - {"self", "params", "steps_per_epoch", "backend"}
+
+
+def _python_scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
+@dataclass(frozen=True)
+class BaseOptimizer:
+    """The torch.optim optimizer an Active optimizer equals while every gain is 1, as its state
+    dict shows it: group keys it always has, keys that would make it another optimizer, and
+    whether its weight decay is decoupled when the group does not say."""
+
+    name: str
+    required_keys: tuple[str, ...]
+    foreign_keys: tuple[str, ...] = ()
+    decoupled_by_default: bool = False
+
+
+BASE_OPTIMIZERS = {
+    "sgd": BaseOptimizer("torch.optim.SGD", ("lr", "momentum", "dampening", "nesterov")),
+    # before torch 2.6, AdamW's groups had no decoupled_weight_decay key
+    "adamw": BaseOptimizer("torch.optim.AdamW", ("lr", "betas", "eps", "amsgrad"),
+                           decoupled_by_default=True),
+    "radam": BaseOptimizer("torch.optim.RAdam", ("lr", "betas", "eps"), ("amsgrad",)),
+}
+# torch.optim's implementation switches, which mean nothing here
+TORCH_ONLY_GROUP_KEYS = ("foreach", "fused", "capturable", "differentiable",
+                         "decoupled_weight_decay")
+
+
+def _is_base_state_dict(saved_groups: list[dict], saved_state: dict) -> bool:
+    """Whether a state dict is a torch.optim optimizer's: no epoch clock, no gains."""
+    return not any(k in saved for saved in saved_groups for k in CLOCK_KEYS) and not any(
+        isinstance(state, dict) and "gain" in state for state in saved_state.values())
