@@ -11,12 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 __all__ = ["GreedyLR"]
 
 
-class GreedyLR(LRScheduler):
+# A ReduceLROnPlateau by type: that is how torch's SequentialLR (which refuses it at construction,
+# since it cannot pass a metric), Lightning (which passes the monitored value to step()) and other
+# tools recognise a scheduler whose step() takes the metric. No ReduceLROnPlateau behaviour is used.
+class GreedyLR(ReduceLROnPlateau):
     r"""Greedily adapt every param group's learning rate to a monitored metric.
 
     Each :meth:`step` takes a metric (usually the training loss). It has *improved* when it beats
@@ -86,8 +89,8 @@ class GreedyLR(LRScheduler):
         reset_start: int = 0,
         sync_across_ranks: bool = True,
     ) -> None:
-        # LRScheduler.__init__ is deliberately not called (as in ReduceLROnPlateau): it would run
-        # step() once without a metric and consume a fake observation.
+        # Neither ReduceLROnPlateau.__init__ nor LRScheduler.__init__ is called: the first would
+        # set up its own rule, the second would run step() once without a metric.
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         if mode not in ("min", "max"):
@@ -121,7 +124,10 @@ class GreedyLR(LRScheduler):
         self.sync_across_ranks = bool(sync_across_ranks)
 
         # Stored as Python floats so the state dict is plain data (loads with weights_only=True).
-        self.base_lrs: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
+        # A scheduler built before (a warm-up) has scaled the lr and kept the configured one as
+        # initial_lr: that is the base the bounds derive from.
+        self.base_lrs: list[float] = [float(g.get("initial_lr", g["lr"]))
+                                      for g in optimizer.param_groups]
         self.min_lrs = self._bounds("min_lr", min_lr, [lr * 1e-3 for lr in self.base_lrs])
         self.max_lrs = self._bounds("max_lr", max_lr, [lr * 10.0 for lr in self.base_lrs])
         for i, (lo, lr, hi) in enumerate(zip(self.min_lrs, self.base_lrs, self.max_lrs)):
@@ -232,17 +238,18 @@ class GreedyLR(LRScheduler):
         return x > (best * (1.0 + t) if self.threshold_mode == "rel" else best + t)
 
     def _increase(self) -> None:
-        for group, hi in zip(self.optimizer.param_groups, self.max_lrs):
-            _set_lr(group, min(float(group["lr"]) / self.factor, hi))
+        for group, hi in self._groups_to_set(self.max_lrs):
+            lr = float(group["lr"])
+            _set_lr(group, max(lr, min(lr / self.factor, hi)))  # never lowers an lr above max
         self.num_good = 0
         self.frozen_steps = self.warmup
         self.num_spent_decreases = 0
 
     def _decrease(self) -> None:
         lowered = False
-        for group, lo in zip(self.optimizer.param_groups, self.min_lrs):
+        for group, lo in self._groups_to_set(self.min_lrs):
             old = float(group["lr"])
-            _set_lr(group, max(old * self.factor, lo))
+            _set_lr(group, min(old, max(old * self.factor, lo)))  # never raises one below min
             # Compare what was stored (a float32 tensor lr rounds), not what was computed.
             lowered |= float(group["lr"]) < old
         self.num_bad = 0
@@ -250,9 +257,22 @@ class GreedyLR(LRScheduler):
         # A decrease that could lower no group was spent with every group at its min_lr.
         self.num_spent_decreases = 0 if lowered else self.num_spent_decreases + 1
         if self.reset_start and self.num_spent_decreases >= self.reset_start:
-            for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            for group, lr in self._groups_to_set(self.base_lrs):
                 _set_lr(group, lr)
             self._restart()
+
+    def _groups_to_set(self, values: list[float]) -> list[tuple[dict, float]]:
+        """(group, value) pairs, one per lr to set: groups that share one tensor lr (as a compiled
+        or captured optimizer's groups may) have it set once, with the first group's value."""
+        pairs, seen = [], set()
+        for group, value in zip(self.optimizer.param_groups, values):
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                if id(lr) in seen:
+                    continue
+                seen.add(id(lr))
+            pairs.append((group, value))
+        return pairs
 
     @staticmethod
     def _as_scalar(metrics: Any) -> float | Tensor:
