@@ -49,6 +49,8 @@ def _check(condition: bool, message: str) -> None:
 def _check_lr(lr: Any, device: torch.device | None) -> None:
     """A tensor lr must be what every backend reads (without reading its value: no host sync)."""
     if not isinstance(lr, Tensor):
+        if not isinstance(lr, numbers.Real) or isinstance(lr, bool):
+            raise TypeError(f"lr must be a real number or a 1-element tensor, got {lr!r:.40}")
         return
     if lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")  # torch's words
@@ -399,7 +401,11 @@ class ActiveOptimizer(torch.optim.Optimizer):
              else list(g["params"])}
             for g in optimizer.param_groups
         ]
-        active = cls(groups, steps_per_epoch=steps_per_epoch, **kwargs)
+        # its defaults where this class has them (lr, betas, amsgrad, ...), then the caller's
+        hyperparameters = set(inspect.signature(cls.__init__).parameters)
+        defaults = {k: v for k, v in optimizer.defaults.items()
+                    if k in hyperparameters and k not in TORCH_ONLY_GROUP_KEYS}
+        active = cls(groups, steps_per_epoch=steps_per_epoch, **(defaults | kwargs))
         active.load_state_dict(optimizer.state_dict())
         return active
 

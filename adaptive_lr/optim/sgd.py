@@ -14,7 +14,12 @@ class ActiveSGD(ActiveOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr (float): base learning rate (a scheduler such as GreedyLR may change it).
-        momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD``.""" + GAIN_ARGS_DOC
+        momentum (float): 0.9 by default, unlike ``torch.optim.SGD`` (0): ActiveLR's SGD is SGD
+            with momentum, as in the paper. Pass ``momentum=0`` for plain SGD.
+        dampening, nesterov: as in ``torch.optim.SGD``, except that dampening also applies
+            with ``momentum=0`` (the buffer is then ``(1 - dampening) * g``).
+        weight_decay (float): decoupled, as above (``torch.optim.SGD`` adds it to the
+            gradient as an L2 term).""" + GAIN_ARGS_DOC
 
     optimizer_name = "sgd"
 
