@@ -108,7 +108,7 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 @triton.jit
 def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_inc, gain_dec, min_gain,
                     max_gain, BOUNDARY: tl.constexpr, MASKED: tl.constexpr):
-    """The fused boundary (spec's fusion rule): returns the gain this step uses. The caller
+    """The fused boundary (docs/algorithm.md): returns the gain this step uses. The caller
     stores the reset grad_sum (0, plus this step's gradient unless the step is skipped)."""
     old_sum = _load(grad_sum, offs, mask, MASKED)
     sign = (old_sum > 0).to(tl.int8) - (old_sum < 0).to(tl.int8)

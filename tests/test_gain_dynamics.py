@@ -1,4 +1,4 @@
-"""The spec's closed-form gain dynamics and the epoch clock (both modes, catch-up, clamps)."""
+"""docs/algorithm.md: closed-form gain dynamics, the epoch clock (both modes, catch-up, clamps)."""
 
 import pytest
 import torch
@@ -115,7 +115,7 @@ def test_end_epoch_is_rejected_when_the_optimizer_counts_epochs():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missed_boundaries_are_caught_up(backend):
     """A param without grads for a whole epoch gets every missed boundary when it returns,
-    exactly as if it had been stepped with zero gradients in between (spec section 5)."""
+    exactly as if it had been stepped with zero gradients in between (docs/algorithm.md)."""
     signs = [1.0, -1.0, 2.0]
     skipped = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     zeroed = torch.zeros(3, dtype=torch.float64, requires_grad=True)

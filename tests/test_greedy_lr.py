@@ -1,4 +1,4 @@
-"""GreedyLR: the acceptance sequences of GREEDY_LR.md section 5, every [decision] of the spec,
+"""GreedyLR as docs/greedy_lr.md describes it: the worked examples, every decision,
 argument validation and the torch scheduler conventions."""
 
 import io
@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from adaptive_lr.greedy_lr import GreedyLR
 
-# The acceptance setting of the spec: SGD lr 0.1, factor 0.9, patience 3, min_lr 1e-6, max_lr 1.0.
+# The setting of the worked examples: SGD lr 0.1, factor 0.9, patience 3, min_lr 1e-6, max_lr 1.0.
 ACCEPT = dict(factor=0.9, patience=3, min_lr=1e-6, max_lr=1.0)
 
 
@@ -30,7 +30,7 @@ def _feed(sched, metrics):
     return lrs
 
 
-# ------------------------------------------------------------------ acceptance sequences (§5)
+# ------------------------------------------------------------------ worked examples
 
 
 def test_decrease_after_more_than_patience_bad_steps():
@@ -225,7 +225,7 @@ def test_state_dict_round_trip_mid_run_gives_an_identical_future():
         assert [sched2.step(m) or sched2.get_last_lr() for m in metrics[step:]] == future
 
 
-# ------------------------------------------------------------------ decisions of the spec
+# ------------------------------------------------------------------ decisions (docs/greedy_lr.md)
 
 
 def test_best_is_updated_during_a_frozen_window():

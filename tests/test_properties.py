@@ -1,12 +1,12 @@
 """Property tests (hypothesis): for random shapes (empty, one-element and 0-dim tensors included),
 dtypes, memory layouts, hyperparameters, epoch lengths (counted or manual) and grads that are
 None on some steps, every backend ends where the reference does, with the state dtypes of
-spec section 4.
+docs/algorithm.md#state-and-dtypes.
 
 Tolerances. Discrete and accumulated state is compared exactly in every dtype: gains, signs and
 step counts, and the float32 epoch sums (each backend adds the same float32 values in the same
 order). float64 params and moments agree to rounding (1e-9 relative). In the other dtypes the
-math runs in float32 (spec section 4) and only the order of a few float32 operations differs
+math runs in float32 (docs/algorithm.md) and only the order of a few float32 operations differs
 between backends, so moments agree within float32 rounding (1e-5). A bfloat16 or float16 param
 is rounded to its dtype once per step, and two float32 results a few ulps apart can round to
 neighbouring values: one ulp of the param's dtype per step, never amplified (the grads are
@@ -35,7 +35,7 @@ BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # exact comparison in every dtype: the same float32 values added in the same order
 EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum")
-# spec section 4: the state dtypes of every param dtype (moments: float64 for float64 params)
+# docs/algorithm.md: the state dtypes of every param dtype (moments: float64 for float64 params)
 FIXED_STATE_DTYPES = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
                       "prev_sign": torch.int8}
 

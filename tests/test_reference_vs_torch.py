@@ -64,7 +64,7 @@ def test_first_two_epochs_equal_base_optimizer(backend, active_cls, active_kwarg
 
 
 def test_adabelief_rectified_matches_transcription():
-    """rectify=True: RAdam's threshold and a bias-corrected momentum step below it (spec 3)."""
+    """rectify=True: RAdam's threshold, a bias-corrected momentum step below (docs/algorithm.md)."""
     lr, (b1, b2), eps = 1e-2, (0.9, 0.9), 1e-16
     p = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
     opt = ActiveAdaBelief([p], lr=lr, betas=(b1, b2), eps=eps, steps_per_epoch=100, backend="reference")

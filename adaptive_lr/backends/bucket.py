@@ -2,7 +2,7 @@
 of tensors, with the scalars that are the same for all of them.
 
 A backend is a callable ``backend(bucket) -> None`` that performs, in place and for every tensor
-index ``i`` of the bucket, exactly the per-element step the spec defines:
+index ``i`` of the bucket, exactly the per-element step of ``docs/algorithm.md``:
 
 1. the epoch boundary named by ``bucket.boundary`` (uniform across the bucket):
    ``ROLL``   prev_sign <- sign(grad_sum); grad_sum <- 0
@@ -29,7 +29,7 @@ from torch import Tensor
 
 
 class Boundary(enum.IntEnum):
-    """What the first step of an epoch does before its own update (the spec's fusion rule)."""
+    """What the first step of an epoch does before its own update (docs/algorithm.md)."""
 
     NONE = 0  # mid-epoch step
     ROLL = 1  # the param's first boundary: no previous sign to compare with, only roll over

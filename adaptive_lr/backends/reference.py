@@ -1,5 +1,5 @@
 """The reference backend: a for-loop over params with plain torch ops, to be read beside
-``spec/ACTIVE_LR.md``. It defines correctness for every other backend, so it favours clarity
+``docs/algorithm.md``. It defines correctness for every other backend, so it favours clarity
 over speed (it syncs with the host to honour ``found_inf``)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 def apply_boundary(
     boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign: Tensor, hyper: dict
 ) -> None:
-    """The epoch-boundary update of one param's gain and sign state (spec section 1)."""
+    """The epoch-boundary update of one param's gain and sign state (docs/algorithm.md)."""
     if boundary == Boundary.NONE:
         return
     sign = torch.sign(grad_sum).to(torch.int8)

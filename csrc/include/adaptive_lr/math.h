@@ -1,4 +1,4 @@
-// The per-element ActiveLR step (spec/ACTIVE_LR.md), written once for every backend that compiles
+// The per-element ActiveLR step (docs/algorithm.md), written once for every backend that compiles
 // C++: the CPU kernels run it on float/double and on at::vec::Vectorized lanes, the CUDA kernels on
 // float/double. Torch-free on purpose.
 //
@@ -186,7 +186,7 @@ struct CommonLanes {
         divide_grad(h.divide_grad) {}
 };
 
-// The epoch boundary (spec section 1). prev_sign holds -1, 0 or +1 as a T. The new gain is
+// The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T. The new gain is
 // rounded to float32 (a no-op for float lanes) before it is used: gains are float32 state.
 template <Boundary B, class T>
 ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T& grad_sum,
