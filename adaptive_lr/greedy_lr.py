@@ -1,5 +1,5 @@
 """GreedyLR: a metric-driven scheduler that raises the learning rate while the metric keeps
-improving and lowers it when the metric stalls (spec: ``GREEDY_LR.md``)."""
+improving and lowers it when the metric stalls (docs/greedy_lr.md)."""
 
 from __future__ import annotations
 
