@@ -3,9 +3,15 @@ GreedyLR scheduler for PyTorch, with fused CPU kernels."""
 
 from .backends import available_backends
 from .greedy_lr import GreedyLR
-from .optim import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from .optim.adabelief import ActiveAdaBelief
+from .optim.adam import ActiveAdam
+from .optim.adamw import ActiveAdamW
+from .optim.lion import ActiveLion
+from .optim.radam import ActiveRAdam
+from .optim.sgd import ActiveSGD
 
 __all__ = [
-    "ActiveAdaBelief", "ActiveAdamW", "ActiveRAdam", "ActiveSGD", "GreedyLR", "available_backends",
+    "ActiveAdaBelief", "ActiveAdam", "ActiveAdamW", "ActiveLion", "ActiveRAdam", "ActiveSGD",
+    "GreedyLR", "available_backends",
 ]
 __version__ = "0.1.0"

@@ -26,7 +26,8 @@ def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
     expected = [copy.deepcopy(opt.state[p]) for p in params]
     for state in expected:
         if pending != Boundary.NONE:
-            apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"], group)
+            apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"],
+                           opt.spec.record(group))
             state["epoch"].fill_(group["epoch"])
             state["has_prev_sign"].fill_(True)
     return expected

@@ -279,7 +279,7 @@ def test_an_l2_weight_decay_checkpoint_warns_that_it_now_decouples():
     model = _model()
     torch_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     _train(model, torch_opt, _batches(1))
-    with pytest.warns(UserWarning, match="L2 term of the gradient; ActiveSGD decouples"):
+    with pytest.warns(UserWarning, match="was an L2 term of the gradient; in ActiveSGD it is decoupled"):
         ActiveSGD.from_optimizer(torch_opt, steps_per_epoch=2)
 
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 from adabelief_pytorch import AdaBelief
+from lion_pytorch import Lion
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from adaptive_lr import ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD
 from optim_configs import grad_sequence, make_params
 
 STEPS_PER_EPOCH = 4
@@ -20,6 +21,11 @@ PAIRS = [
     (ActiveAdamW, dict(), torch.optim.AdamW, dict()),
     (ActiveAdamW, dict(amsgrad=True, maximize=True, weight_decay=0.1),
      torch.optim.AdamW, dict(amsgrad=True, maximize=True, weight_decay=0.1)),
+    (ActiveAdam, dict(), torch.optim.Adam, dict()),
+    (ActiveAdam, dict(amsgrad=True, maximize=True, weight_decay=0.1),
+     torch.optim.Adam, dict(amsgrad=True, maximize=True, weight_decay=0.1)),
+    (ActiveLion, dict(weight_decay=0.1), Lion, dict(weight_decay=0.1)),
+    (ActiveLion, dict(betas=(0.8, 0.95)), Lion, dict(betas=(0.8, 0.95))),
     (ActiveRAdam, dict(weight_decay=0.1), torch.optim.RAdam,
      dict(weight_decay=0.1, decoupled_weight_decay=True)),
     # a small beta2 reaches rho_t > 5 within the two epochs: both RAdam branches are compared

@@ -2,7 +2,7 @@
 of tensors, with the scalars that are the same for all of them.
 
 A backend is a callable ``backend(bucket) -> None`` that performs, in place and for every tensor
-index ``i`` of the bucket, exactly the per-element step of ``docs/algorithm.md``:
+index ``i`` of the bucket, exactly the per-element step of docs/algorithm.md:
 
 1. the epoch boundary named by ``bucket.boundary`` (uniform across the bucket):
    ``ROLL``   prev_sign <- sign(grad_sum); grad_sum <- 0
@@ -12,7 +12,9 @@ index ``i`` of the bucket, exactly the per-element step of ``docs/algorithm.md``
 2. if ``found_inf`` is given and non-zero: nothing else (no accumulation, no update, step unchanged);
 3. g = grad / grad_scale (if given), negated when ``maximize``; grad_sum += g (float32);
    step += 1;
-4. the base optimizer's update of param and its state with the per-element lr ``lr * gain``.
+4. the base optimizer's update of param and its state with the per-element lr ``lr * gain``:
+   ``bucket.spec`` (the optimizer's one definition, adaptive_lr/optim/spec.py) says how, for
+   every backend, with ``bucket.hyper`` its typed hyperparameter record.
 
 State dtypes: gain and grad_sum float32, prev_sign int8, step a float32 0-dim tensor on the
 param's device; moments float64 for float64 params, else float32 (also for bf16/fp16 params,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,30 +39,19 @@ class Boundary(enum.IntEnum):
     UPDATE = 2  # compare signs, update the gain, then roll over
 
 
-# The base-optimizer state each optimizer keeps, by torch.optim's key names.
-STATE_KEYS: dict[str, tuple[str, ...]] = {
-    "sgd": ("momentum_buffer",),
-    "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    "radam": ("exp_avg", "exp_avg_sq"),
-    "adabelief": ("exp_avg", "exp_avg_var", "max_exp_avg_var"),
-}
-# Keys that exist only when the group's ``amsgrad`` is on.
-AMSGRAD_KEYS = frozenset({"max_exp_avg_sq", "max_exp_avg_var"})
-
-
 @dataclass
 class Bucket:
-    optimizer: str  # a key of STATE_KEYS
+    spec: Any  # adaptive_lr.optim.spec.OptimizerSpec (a backend never imports the optim layer)
     params: list[Tensor]
     grads: list[Tensor]
     gains: list[Tensor]
     grad_sums: list[Tensor]
     prev_signs: list[Tensor]
     steps: list[Tensor]
-    # base state lists by key; amsgrad-only keys are present only when amsgrad is on
+    # base state lists by key, in spec.state_keys(hyper) order
     state: dict[str, list[Tensor]]
-    # the param group's hyperparameters (lr may be a float or a 0-dim tensor)
-    hyper: dict
+    # the param group's typed hyperparameter record (lr may be a float or a 1-element tensor)
+    hyper: Any
     boundary: Boundary = Boundary.NONE
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None

@@ -1,4 +1,4 @@
-"""The fused CUDA backend: one ``torch.ops.adaptive_lr.active_<optimizer>_`` call per bucket runs
+"""The fused CUDA backend: one ``torch.ops.adaptive_lr.active_step_`` call per bucket runs
 the multi-tensor-apply kernels of ``csrc/cuda``, which ``setup.py`` builds into ``adaptive_lr._C``
 when torch has CUDA and a CUDA toolkit is found (docs/cuda.md).
 
@@ -10,11 +10,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
-
-from . import cpu
+from . import cpu, fused
 from .bucket import Bucket
+from .lr import lr_tensor
 
 
 @functools.cache
@@ -23,7 +21,7 @@ def _build_reason() -> str | None:
     reason = cpu._import_error()
     if reason is not None:
         return reason
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("adaptive_lr::active_adamw_", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("adaptive_lr::active_step_", "CUDA"):
         return (
             "adaptive_lr._C was built without its CUDA kernels (setup.py builds them when torch "
             f"has CUDA and a CUDA toolkit is found; this torch {torch.__version__} has CUDA "
@@ -51,47 +49,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     return reason
 
 
-# The device tensor a float lr is read from, per bucket (keyed by its first param, which belongs
-# to one param group), refreshed by fill_ (a kernel, no transfer, no host sync) only when the value
-# changes. It lives as long as that param, so a CUDA graph that captured its address never reads
-# freed memory while the model exists (an LRU cache would free it under a graph that never calls
-# back into Python).
-_FLOAT_LRS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _capturing(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):  # the stream the op will use: that device's current one
-        return torch.cuda.is_current_stream_capturing()
-
-
-def device_lr(lr, first_param: Tensor) -> Tensor:
-    """``lr`` as a one-element tensor on ``first_param``'s device, for the kernels to read."""
-    device = first_param.device
-    if isinstance(lr, Tensor):  # read in the kernel: in-place changes need no host work at all
-        return lr.to(device)
-    lr = float(lr)
-    entry = _FLOAT_LRS.get(first_param)
-    if (entry is None or entry[0] != lr) and _capturing(device):
-        # work enqueued during a capture runs only on replay: the cached value would be stale
-        raise RuntimeError(
-            "adaptive_lr: a float lr that the step before the capture did not use cannot be set "
-            "inside a CUDA graph capture; pass lr as a device tensor and change it in place"
-        )
-    if entry is None:
-        entry = _FLOAT_LRS[first_param] = [lr, torch.full((), lr, dtype=torch.float64,
-                                                            device=device)]
-    elif entry[0] != lr:
-        entry[1].fill_(lr)
-        entry[0] = lr
-    return entry[1]
-
-
 def step(bucket: Bucket) -> None:
     reason = _build_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    op, kwargs = cpu.op_call(bucket)
-    kwargs["lr"] = device_lr(bucket.hyper["lr"], bucket.params[0])
-    cpu.run_op(op, kwargs)
+    fused.run(fused.op_kwargs(bucket, lr_tensor(bucket.hyper.lr, bucket.params[0])))

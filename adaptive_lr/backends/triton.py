@@ -7,12 +7,13 @@ are read by the kernel from device memory (see docs/triton.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 
 import torch
 
-from .bucket import STATE_KEYS, Bucket
+from .bucket import Bucket
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,6 +52,7 @@ def step(bucket: Bucket) -> None:
 
     rows = [bucket.params, bucket.grads, bucket.gains, bucket.grad_sums, bucket.prev_signs,
             bucket.steps]
-    rows += [bucket.state[key] for key in STATE_KEYS[bucket.optimizer] if key in bucket.state]
-    kernels.active_step(bucket.optimizer, rows, bucket.hyper, int(bucket.boundary),
+    rows += [bucket.state[key] for key in bucket.spec.state_keys(bucket.hyper)]
+    hyper = {f.name: getattr(bucket.hyper, f.name) for f in dataclasses.fields(bucket.hyper)}
+    kernels.active_step(bucket.spec.kernel, rows, hyper, int(bucket.boundary),
                         bucket.grad_scale, bucket.found_inf)

@@ -1,7 +1,4 @@
-from .adabelief import ActiveAdaBelief
-from .adamw import ActiveAdamW
 from .base import ActiveOptimizer
-from .radam import ActiveRAdam
-from .sgd import ActiveSGD
+from .spec import OptimizerSpec
 
-__all__ = ["ActiveAdaBelief", "ActiveAdamW", "ActiveOptimizer", "ActiveRAdam", "ActiveSGD"]
+__all__ = ["ActiveOptimizer", "OptimizerSpec"]

@@ -1,6 +1,79 @@
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..backends.scalars import bias_corrections, radam_rectification
 from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .moments import foreach_scaled_step, pick
+from .radam import split_by_rectification
+from .spec import AdamHyper, OptimizerSpec
+
+
+@dataclass(frozen=True)
+class AdaBeliefHyper(AdamHyper):
+    amsgrad: bool
+    rectify: bool
+
+
+def _reference(theta, g, gamma, step, state, h: AdaBeliefHyper) -> None:
+    beta1, beta2 = h.betas
+    m, s = state["exp_avg"], state["exp_avg_var"]
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    residual = g - m
+    s.mul_(beta2).addcmul_(residual, residual, value=1 - beta2).add_(h.eps)
+    if h.amsgrad:
+        torch.maximum(state["max_exp_avg_var"], s, out=state["max_exp_avg_var"])
+        s = state["max_exp_avg_var"]
+    bc1, bc2 = bias_corrections(h.betas, step)
+    rect = radam_rectification(beta2, step) if h.rectify else 1.0
+    if rect is None:
+        theta.sub_(h.lr * gamma * m / bc1)
+    else:
+        denom = s.sqrt() / math.sqrt(bc2) + h.eps
+        theta.sub_((h.lr * rect / bc1) * gamma * m / denom)
+
+
+def _foreach(theta, g, gammas, steps, state, h: AdaBeliefHyper) -> None:
+    beta1, beta2 = h.betas
+    m, s = state["exp_avg"], state["exp_avg_var"]
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, g, alpha=1 - beta1)
+    residual = torch._foreach_sub(g, m)
+    torch._foreach_mul_(s, beta2)
+    torch._foreach_addcmul_(s, residual, residual, value=1 - beta2)
+    torch._foreach_add_(s, h.eps)
+    if h.amsgrad:
+        torch._foreach_maximum_(state["max_exp_avg_var"], s)
+        s = state["max_exp_avg_var"]
+    corrections = [bias_corrections(h.betas, t) for t in steps]
+    if h.rectify:
+        rects, rectified, plain = split_by_rectification(steps, beta2)
+    else:
+        rects, rectified, plain = [1.0] * len(steps), list(range(len(steps))), []
+    if plain:
+        scales = [h.lr / corrections[i][0] for i in plain]
+        foreach_scaled_step(pick(theta, plain), pick(gammas, plain), pick(m, plain), scales)
+    if rectified:
+        denom = torch._foreach_sqrt(pick(s, rectified))
+        torch._foreach_div_(denom, [math.sqrt(corrections[i][1]) for i in rectified])
+        torch._foreach_add_(denom, h.eps)
+        scales = [h.lr * rects[i] / corrections[i][0] for i in rectified]
+        foreach_scaled_step(pick(theta, rectified), pick(gammas, rectified), pick(m, rectified),
+                            scales, denom)
+
+
+ADABELIEF = OptimizerSpec(
+    kernel="adabelief",
+    hyper=AdaBeliefHyper,
+    state=("exp_avg", "exp_avg_var", "max_exp_avg_var"),
+    amsgrad_state="max_exp_avg_var",
+    reference=_reference,
+    foreach=_foreach,
+    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad), float(h.rectify)],
+)
 
 
 class ActiveAdaBelief(ActiveOptimizer):
@@ -16,7 +89,7 @@ class ActiveAdaBelief(ActiveOptimizer):
         lr, betas, eps, weight_decay, amsgrad, rectify: as in the ``adabelief-pytorch`` package
             with ``weight_decouple=True``; weight decay is not scaled by the gain.""" + GAIN_ARGS_DOC
 
-    optimizer_name = "adabelief"
+    spec = ADABELIEF
 
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-16,
                  weight_decay=0.0, amsgrad=False, rectify=True, gain_inc=2.0, gain_dec=0.5,
@@ -25,7 +98,3 @@ class ActiveAdaBelief(ActiveOptimizer):
                         amsgrad=amsgrad, rectify=rectify, gain_inc=gain_inc, gain_dec=gain_dec,
                         min_gain=min_gain, max_gain=max_gain, maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)
-
-    def _validate_hyperparameters(self, group: dict) -> None:
-        super()._validate_hyperparameters(group)
-        self._validate_betas_eps(group)

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import numbers
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,8 +15,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .. import backends
-from ..backends.bucket import AMSGRAD_KEYS, STATE_KEYS, Boundary, Bucket, state_dtype
-from ..backends.reference import apply_boundary
+from ..backends import Boundary, Bucket, apply_boundary, state_dtype
+from .spec import OptimizerSpec, check
 
 # The epoch clock kept in every param group (identical in all of them: one clock per optimizer).
 CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending")
@@ -41,11 +40,6 @@ GAIN_ARGS_DOC = """
 """
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def _check_lr(lr: Any, device: torch.device | None) -> None:
     """A tensor lr must be what every backend reads (without reading its value: no host sync)."""
     if not isinstance(lr, Tensor):
@@ -54,11 +48,11 @@ def _check_lr(lr: Any, device: torch.device | None) -> None:
         return
     if lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")  # torch's words
-    _check(
+    check(
         lr.dtype in (torch.float32, torch.float64),
         f"a tensor lr must be float32 or float64, got {lr.dtype}",
     )
-    _check(
+    check(
         device is None or lr.device.type == "cpu" or lr.device == device,
         f"a tensor lr must be on the CPU or on its params' device {device}, got {lr.device}",
     )
@@ -90,20 +84,20 @@ def _bookkeeping(epoch, has_prev_sign) -> dict:
 
 
 class ActiveOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses set ``optimizer_name`` and validate their own hyperparameters."""
+    """Base class; a subclass sets ``spec``, its optimizer's one definition (optim/spec.py)."""
 
-    optimizer_name: str
+    spec: OptimizerSpec
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling: every backend
     # honours them itself, so the epoch clock counts the same step() calls everywhere.
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, steps_per_epoch: int | None, backend: str):
         if steps_per_epoch is not None:
-            _check(
+            check(
                 isinstance(steps_per_epoch, int) and steps_per_epoch >= 1,
                 f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}",
             )
-        _check(
+        check(
             backend == "auto" or backend in backends.NAMES,
             f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
         )
@@ -117,26 +111,6 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 "backend": self.backend}
 
     # ---- construction -------------------------------------------------------------------
-
-    def _validate_hyperparameters(self, group: dict) -> None:
-        """Checks shared by all Active optimizers; subclasses extend it."""
-        _check_lr(group["lr"], None)
-        lr = float(group["lr"])
-        _check(lr >= 0, f"Invalid learning rate: {lr}")
-        _check(group["weight_decay"] >= 0, f"Invalid weight_decay: {group['weight_decay']}")
-        _check(group["gain_inc"] >= 0, f"gain_inc must be >= 0, got {group['gain_inc']}")
-        _check(0 < group["gain_dec"] <= 1, f"gain_dec must be in (0, 1], got {group['gain_dec']}")
-        _check(
-            0 <= group["min_gain"] <= 1 <= group["max_gain"],
-            "gains need 0 <= min_gain <= 1 <= max_gain, got "
-            f"min_gain={group['min_gain']}, max_gain={group['max_gain']}",
-        )
-
-    def _validate_betas_eps(self, group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        _check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
-        _check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
-        _check(group["eps"] >= 0, f"Invalid epsilon value: {group['eps']}")
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group`` (params may be any iterable, a generator
@@ -158,19 +132,19 @@ class ActiveOptimizer(torch.optim.Optimizer):
             if not isinstance(p, Tensor) or not p.is_floating_point():
                 raise TypeError(f"{name} can only optimize floating-point tensors, got {p!r:.80}")
         # torch only warns and steps such a param twice; the fused kernels would race on it
-        _check(
+        check(
             len({id(p) for p in tensors}) == len(tensors),
             f"{name}: a param group lists the same tensor twice; list each param once",
         )
         devices = {p.device for p in tensors}
-        _check(len(devices) <= 1, f"{name}: all params of one group must be on one device, got {devices}")
+        check(len(devices) <= 1, f"{name}: all params of one group must be on one device, got {devices}")
         group = {k: v for k, v in param_group.items() if k != "params"}
         for key, default in self.defaults.items():
             group.setdefault(key, default)
         for device in devices:
             _check_lr(group["lr"], device)
             backends.resolve(self.backend, device)  # an unavailable backend fails here, not mid-run
-        self._validate_hyperparameters(group)
+        self.spec.record(group).validate()
         # a group added later joins the optimizer's one clock
         clock = (
             {k: self.param_groups[0][k] for k in CLOCK_KEYS}
@@ -213,10 +187,6 @@ class ActiveOptimizer(torch.optim.Optimizer):
 
     # ---- state --------------------------------------------------------------------------
 
-    def _state_keys(self, group: dict) -> tuple[str, ...]:
-        keys = STATE_KEYS[self.optimizer_name]
-        return tuple(k for k in keys if group.get("amsgrad") or k not in AMSGRAD_KEYS)
-
     def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...]) -> None:
         state = self.state[p]
         if not state:
@@ -238,7 +208,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         while group["epoch"] - int(state["epoch"]) > 1:  # rare path: the skipped epochs summed to 0
             apply_boundary(_boundary_kind(state), state["gain"], state["grad_sum"],
-                           state["prev_sign"], group)
+                           state["prev_sign"], self.spec.record(group))
             _record_boundary(state)
         return Boundary.NONE if int(state["epoch"]) == group["epoch"] else _boundary_kind(state)
 
@@ -294,23 +264,25 @@ class ActiveOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         plan, crossing = [], []
         for group, params in self._params_with_grad():  # all validated before any is touched
-            keys = self._state_keys(group)
+            hyper = self.spec.record(group)
+            keys = self.spec.state_keys(hyper)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
                 self._init_state(p, group, keys)
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
-                bucket = self._make_bucket(group, keys, bucket_params, boundary, grad_scale, found_inf)
+                bucket = self._make_bucket(hyper, keys, bucket_params, boundary, grad_scale,
+                                           found_inf)
                 plan.append((backends.resolve(self.backend, device), bucket))
                 if boundary != Boundary.NONE:
                     crossing += [self.state[p] for p in bucket_params]
         return plan, crossing
 
-    def _make_bucket(self, group, keys, params, boundary, grad_scale, found_inf) -> Bucket:
+    def _make_bucket(self, hyper, keys, params, boundary, grad_scale, found_inf) -> Bucket:
         states = [self.state[p] for p in params]
         device = params[0].device
         return Bucket(
-            optimizer=self.optimizer_name,
+            spec=self.spec,
             params=[_local(p) for p in params],
             grads=[_local(p.grad) for p in params],
             gains=[_local(s["gain"]) for s in states],
@@ -318,7 +290,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             prev_signs=[_local(s["prev_sign"]) for s in states],
             steps=[s["step"] for s in states],
             state={k: [_local(s[k]) for s in states] for k in keys},
-            hyper={k: v for k, v in group.items() if k != "params"},
+            hyper=hyper,
             boundary=boundary,
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
@@ -337,7 +309,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
         values replace the optimizer's (keys a scheduler added, such as ``initial_lr``, too), the
         optimizer keeps its ``param_names`` where the state dict has none, and load hooks run."""
         name = type(self).__name__
-        _check(
+        check(
             isinstance(state_dict, dict),
             f"{name}.load_state_dict expects a dict, got {type(state_dict).__name__}",
         )
@@ -348,13 +320,13 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 state_dict = result
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
-        _check(
+        check(
             isinstance(saved_groups, list) and isinstance(saved_state, dict)
             and all(isinstance(saved, dict) and "params" in saved for saved in saved_groups),
             f"{name}.load_state_dict expects a dict with 'state' and 'param_groups' (dicts with "
             "'params')",
         )
-        _check(
+        check(
             len(saved_groups) == len(self.param_groups),
             f"{name}: the state dict has {len(saved_groups)} param groups, "
             f"the optimizer {len(self.param_groups)}",
@@ -371,10 +343,10 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 id_to_param[param_id] = (p, saved)
         new_state = defaultdict(dict)
         for param_id, saved in saved_state.items():
-            _check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
+            check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
             p, group = id_to_param[param_id]
             if from_torch:
-                saved = self._param_state_from_base(p, saved, param_id)
+                saved = self._param_state_from_base(p, saved, param_id, group)
             new_state[p] = self._loaded_param_state(p, saved, param_id, group)
         self.state = new_state
         self.param_groups = [
@@ -402,7 +374,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             for g in optimizer.param_groups
         ]
         # its defaults where this class has them (lr, betas, amsgrad, ...), then the caller's
-        hyperparameters = set(inspect.signature(cls.__init__).parameters)
+        hyperparameters = {f.name for f in dataclasses.fields(cls.spec.hyper)}
         defaults = {k: v for k, v in optimizer.defaults.items()
                     if k in hyperparameters and k not in TORCH_ONLY_GROUP_KEYS}
         active = cls(groups, steps_per_epoch=steps_per_epoch, **(defaults | kwargs))
@@ -413,18 +385,21 @@ class ActiveOptimizer(torch.optim.Optimizer):
         """A torch.optim base optimizer's saved group as this optimizer's: its hyperparameters,
         this optimizer's gain arguments, and a clock that starts now."""
         name = type(self).__name__
-        base = BASE_OPTIMIZERS.get(self.optimizer_name)
-        _check(
+        base = self.spec.base
+        check(
             base is not None and all(k in saved for k in base.required_keys)
             and not any(k in saved for k in base.foreign_keys),
             f"{name}: param group {i} of the state dict is neither an {name} nor a "
             f"{base.name if base else 'torch.optim'} one (a state dict of another optimizer?)",
         )
         weight_decay = saved.get("weight_decay", 0)
-        if weight_decay and not saved.get("decoupled_weight_decay", base.decoupled_by_default):
+        decoupled = saved.get("decoupled_weight_decay", base.decoupled_by_default)
+        if weight_decay and decoupled != self.spec.decoupled_weight_decay:
+            was, now = ("decoupled", "an L2 term of the gradient") if decoupled else (
+                "an L2 term of the gradient", "decoupled (param *= 1 - lr * weight_decay)")
             warnings.warn(
-                f"{name}: the state dict's weight_decay={weight_decay} was an L2 term of the "
-                f"gradient; {name} decouples weight decay (param *= 1 - lr * weight_decay)",
+                f"{name}: the state dict's weight_decay={weight_decay} was {was}; in {name} it "
+                f"is {now}",
                 stacklevel=4,
             )
         converted = {k: v for k, v in saved.items() if k not in TORCH_ONLY_GROUP_KEYS}
@@ -435,14 +410,14 @@ class ActiveOptimizer(torch.optim.Optimizer):
         converted.update(epoch=0, steps_in_epoch=0, boundary_pending=False)
         return converted
 
-    def _param_state_from_base(self, p: Tensor, saved: dict, param_id) -> dict:
+    def _param_state_from_base(self, p: Tensor, saved: dict, param_id, group: dict) -> dict:
         """A torch.optim base optimizer's per-param state with gains at 1 and no epoch history."""
-        _check(isinstance(saved, dict), f"{type(self).__name__}: the state of param {param_id} is not a dict")
+        check(isinstance(saved, dict), f"{type(self).__name__}: the state of param {param_id} is not a dict")
         state = {k: v for k, v in saved.items() if v is not None}
         if "step" not in state:  # torch's SGD keeps none: a saved buffer has seen a step
-            state["step"] = float("momentum_buffer" in state)
-        if self.optimizer_name == "sgd":
-            state.setdefault("momentum_buffer", torch.zeros_like(p))
+            state["step"] = float(any(k in state for k in self.spec.state))
+        for key in self.spec.state_keys(self.spec.record(group)):  # SGD without momentum: none
+            state.setdefault(key, torch.zeros_like(p))
         f32 = dict(dtype=torch.float32, device=p.device)
         return dict(state, gain=torch.ones_like(p, **f32), grad_sum=torch.zeros_like(p, **f32),
                     prev_sign=torch.zeros_like(p, dtype=torch.int8), **_bookkeeping(0, False))
@@ -451,44 +426,45 @@ class ActiveOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         missing = sorted((set(self.defaults) | set(CLOCK_KEYS)) - set(saved))
         foreign = sorted(set(saved) & (_all_hyperparameters() - set(self.defaults)))
-        _check(
+        check(
             not missing and not foreign,
             f"{name}: param group {i} of the state dict is missing {missing} and has the "
             f"hyperparameters {foreign} of other optimizers (a state dict of another optimizer?)",
         )
-        _check(
+        check(
             len(saved["params"]) == len(group["params"]),
             f"{name}: param group {i} has {len(group['params'])} params, "
             f"the state dict {len(saved['params'])}",
         )
         # amsgrad decides which state exists: resuming must not switch it silently
-        _check(
+        check(
             saved.get("amsgrad") == group.get("amsgrad"),
             f"{name}: param group {i} of the state dict has amsgrad={saved.get('amsgrad')}, the "
             f"optimizer amsgrad={group.get('amsgrad')}; construct it with "
             f"amsgrad={saved.get('amsgrad')} to resume this state",
         )
         epoch = saved["epoch"]
-        _check(
+        check(
             type(epoch) is int and epoch >= 0,
             f"{name}: param group {i} of the state dict has epoch {epoch!r}, expected an int >= 0",
         )
 
     def _loaded_param_state(self, p: Tensor, saved: dict, param_id, group: dict) -> dict:
         name = type(self).__name__
-        _check(isinstance(saved, dict), f"{name}: the state of param {param_id} is not a dict")
-        base_keys = set(STATE_KEYS[self.optimizer_name])
-        required = set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS) | (base_keys - AMSGRAD_KEYS)
+        check(isinstance(saved, dict), f"{name}: the state of param {param_id} is not a dict")
+        base_keys = set(self.spec.state)
+        required = (set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS)
+                    | (base_keys - {self.spec.amsgrad_state}))
         missing = required - set(saved)
         unexpected = set(saved) - required - base_keys
-        _check(
+        check(
             not missing and not unexpected,
             f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
             f"{sorted(unexpected)} (a state dict of another optimizer?)",
         )
         # versions up to 0.1.0 saved the bookkeeping as a Python int and bool
         epoch, has_prev_sign = (_python_scalar(saved[key]) for key in BOOKKEEPING_KEYS)
-        _check(
+        check(
             type(epoch) is int and 0 <= epoch <= group["epoch"] and type(has_prev_sign) is bool,
             f"{name}: state of param {param_id} has epoch={epoch!r} and has_prev_sign="
             f"{has_prev_sign!r}; expected an int in [0, {group['epoch']}] and a bool",
@@ -500,9 +476,9 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 continue
             if key == "step" and isinstance(value, numbers.Real):  # saved by an older torch
                 value = torch.tensor(float(value))
-            _check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
+            check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
             shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
-            _check(
+            check(
                 shape_ok,
                 f"{name}: state {key!r} of param {param_id} has shape {tuple(value.shape)}, "
                 f"its param {tuple(p.shape)}",
@@ -516,36 +492,15 @@ class ActiveOptimizer(torch.optim.Optimizer):
 
 
 def _all_hyperparameters() -> set[str]:
-    """Every Active optimizer's hyperparameter names (its constructor's keyword arguments)."""
-    names = set()
-    for cls in ActiveOptimizer.__subclasses__():
-        names |= set(inspect.signature(cls.__init__).parameters)
-    return names - {"self", "params", "steps_per_epoch", "backend"}
+    """Every Active optimizer's hyperparameter names (its record's fields)."""
+    return {f.name for cls in ActiveOptimizer.__subclasses__()
+            for f in dataclasses.fields(cls.spec.hyper)}
 
 
 def _python_scalar(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
 
 
-@dataclass(frozen=True)
-class BaseOptimizer:
-    """The torch.optim optimizer an Active optimizer equals while every gain is 1, as its state
-    dict shows it: group keys it always has, keys that would make it another optimizer, and
-    whether its weight decay is decoupled when the group does not say."""
-
-    name: str
-    required_keys: tuple[str, ...]
-    foreign_keys: tuple[str, ...] = ()
-    decoupled_by_default: bool = False
-
-
-BASE_OPTIMIZERS = {
-    "sgd": BaseOptimizer("torch.optim.SGD", ("lr", "momentum", "dampening", "nesterov")),
-    # before torch 2.6, AdamW's groups had no decoupled_weight_decay key
-    "adamw": BaseOptimizer("torch.optim.AdamW", ("lr", "betas", "eps", "amsgrad"),
-                           decoupled_by_default=True),
-    "radam": BaseOptimizer("torch.optim.RAdam", ("lr", "betas", "eps"), ("amsgrad",)),
-}
 # torch.optim's implementation switches, which mean nothing here
 TORCH_ONLY_GROUP_KEYS = ("foreach", "fused", "capturable", "differentiable",
                          "decoupled_weight_decay")

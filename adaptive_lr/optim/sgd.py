@@ -1,6 +1,64 @@
 from __future__ import annotations
 
-from .base import GAIN_ARGS_DOC, ActiveOptimizer, _check
+from dataclasses import dataclass
+
+import torch
+
+from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .spec import BaseOptimizer, GainHyper, OptimizerSpec, check
+
+
+@dataclass(frozen=True)
+class SgdHyper(GainHyper):
+    momentum: float
+    dampening: float
+    nesterov: bool
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.momentum >= 0, f"Invalid momentum value: {self.momentum}")
+        check(0 <= self.dampening <= 1, f"Invalid dampening value: {self.dampening}")
+        check(
+            not self.nesterov or (self.momentum > 0 and self.dampening == 0),
+            "Nesterov momentum requires a momentum and zero dampening",
+        )
+
+
+def _reference(theta, g, gamma, step, state, h: SgdHyper) -> None:
+    buf = state["momentum_buffer"]
+    if step == 1:
+        buf.copy_(g)
+    else:
+        buf.mul_(h.momentum).add_(g, alpha=1 - h.dampening)
+    direction = g + h.momentum * buf if h.nesterov else buf
+    theta.sub_(h.lr * gamma * direction)
+
+
+def _foreach(theta, g, gammas, steps, state, h: SgdHyper) -> None:
+    bufs = state["momentum_buffer"]
+    first = [i for i, t in enumerate(steps) if t == 1]
+    later = [i for i, t in enumerate(steps) if t != 1]
+    for i in first:
+        bufs[i].copy_(g[i])
+    if later:
+        later_bufs = [bufs[i] for i in later]
+        torch._foreach_mul_(later_bufs, h.momentum)
+        torch._foreach_add_(later_bufs, [g[i] for i in later], alpha=1 - h.dampening)
+    direction = torch._foreach_add(g, bufs, alpha=h.momentum) if h.nesterov else bufs
+    update = torch._foreach_mul(gammas, h.lr)
+    torch._foreach_mul_(update, direction)
+    torch._foreach_sub_(theta, update)
+
+
+SGD = OptimizerSpec(
+    kernel="sgd",
+    hyper=SgdHyper,
+    state=("momentum_buffer",),
+    reference=_reference,
+    foreach=_foreach,
+    kernel_hyper=lambda h: [h.momentum, h.dampening, float(h.nesterov)],
+    base=BaseOptimizer("torch.optim.SGD", ("lr", "momentum", "dampening", "nesterov")),
+)
 
 
 class ActiveSGD(ActiveOptimizer):
@@ -21,7 +79,7 @@ class ActiveSGD(ActiveOptimizer):
         weight_decay (float): decoupled, as above (``torch.optim.SGD`` adds it to the
             gradient as an L2 term).""" + GAIN_ARGS_DOC
 
-    optimizer_name = "sgd"
+    spec = SGD
 
     def __init__(self, params, lr, steps_per_epoch, momentum=0.9, dampening=0.0, nesterov=False,
                  weight_decay=0.0, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
@@ -30,12 +88,3 @@ class ActiveSGD(ActiveOptimizer):
                         weight_decay=weight_decay, gain_inc=gain_inc, gain_dec=gain_dec,
                         min_gain=min_gain, max_gain=max_gain, maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)
-
-    def _validate_hyperparameters(self, group: dict) -> None:
-        super()._validate_hyperparameters(group)
-        _check(group["momentum"] >= 0, f"Invalid momentum value: {group['momentum']}")
-        _check(0 <= group["dampening"] <= 1, f"Invalid dampening value: {group['dampening']}")
-        _check(
-            not group["nesterov"] or (group["momentum"] > 0 and group["dampening"] == 0),
-            "Nesterov momentum requires a momentum and zero dampening",
-        )

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..backends.scalars import bias_corrections
+from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .moments import adam_moments, foreach_adam_moments, foreach_scaled_step
+from .spec import AdamHyper, BaseOptimizer, OptimizerSpec
+
+
+@dataclass(frozen=True)
+class AdamHyperL2(AdamHyper):
+    amsgrad: bool
+
+
+def _reference(theta, g, gamma, step, state, h: AdamHyperL2) -> None:
+    if h.weight_decay != 0:  # L2, coupled: the moments see it (the epoch sum does not)
+        g = g + h.weight_decay * theta
+    v = adam_moments(g, state, h, h.amsgrad)
+    bc1, bc2 = bias_corrections(h.betas, step)
+    denom = v.sqrt() / math.sqrt(bc2) + h.eps
+    theta.sub_((h.lr / bc1) * gamma * state["exp_avg"] / denom)
+
+
+def _foreach(theta, g, gammas, steps, state, h: AdamHyperL2) -> None:
+    if h.weight_decay != 0:
+        g = torch._foreach_add(g, theta, alpha=h.weight_decay)
+    v = foreach_adam_moments(g, state, h, h.amsgrad)
+    corrections = [bias_corrections(h.betas, t) for t in steps]
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [math.sqrt(bc2) for _, bc2 in corrections])
+    torch._foreach_add_(denom, h.eps)
+    foreach_scaled_step(theta, gammas, state["exp_avg"], [h.lr / bc1 for bc1, _ in corrections],
+                        denom)
+
+
+ADAM = OptimizerSpec(
+    kernel="adam",
+    hyper=AdamHyperL2,
+    state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    amsgrad_state="max_exp_avg_sq",
+    reference=_reference,
+    foreach=_foreach,
+    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad), h.weight_decay],
+    base=BaseOptimizer("torch.optim.Adam", ("lr", "betas", "eps", "amsgrad")),
+    decoupled_weight_decay=False,
+)
+
+
+class ActiveAdam(ActiveOptimizer):
+    __doc__ = r"""Adam (weight decay as an L2 term of the gradient) whose per-element learning rate
+    ``lr * gain`` adapts once per epoch to the sign of the epoch's summed gradient (ActiveLR,
+    Wadi et al.). With every gain at 1 (the first two epochs) it is ``torch.optim.Adam``.
+
+    Args:
+        params: iterable of parameters or param groups.
+        lr, betas, eps, weight_decay, amsgrad: as in ``torch.optim.Adam``: ``g + weight_decay *
+            param`` feeds the moments; the epoch sum that moves the gains is of ``g``
+            alone.""" + GAIN_ARGS_DOC
+
+    spec = ADAM
+
+    def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, amsgrad=False, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
+                 max_gain=float("inf"), maximize=False, backend="auto"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, gain_inc=gain_inc, gain_dec=gain_dec,
+                        min_gain=min_gain, max_gain=max_gain, maximize=maximize)
+        super().__init__(params, defaults, steps_per_epoch, backend)

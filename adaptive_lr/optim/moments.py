@@ -1,0 +1,43 @@
+"""Pieces the Adam-type optimizers' reference and foreach updates share."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def adam_moments(g: Tensor, state: dict, h, amsgrad: bool) -> Tensor:
+    """One tensor: update exp_avg and exp_avg_sq; return the second moment the update uses."""
+    beta1, beta2 = h.betas
+    state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if amsgrad:
+        torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"], out=state["max_exp_avg_sq"])
+        return state["max_exp_avg_sq"]
+    return state["exp_avg_sq"]
+
+
+def foreach_adam_moments(g: list[Tensor], state: dict, h, amsgrad: bool) -> list[Tensor]:
+    """A bucket: as adam_moments."""
+    beta1, beta2 = h.betas
+    torch._foreach_mul_(state["exp_avg"], beta1)
+    torch._foreach_add_(state["exp_avg"], g, alpha=1 - beta1)
+    torch._foreach_mul_(state["exp_avg_sq"], beta2)
+    torch._foreach_addcmul_(state["exp_avg_sq"], g, g, value=1 - beta2)
+    if amsgrad:
+        torch._foreach_maximum_(state["max_exp_avg_sq"], state["exp_avg_sq"])
+        return state["max_exp_avg_sq"]
+    return state["exp_avg_sq"]
+
+
+def foreach_scaled_step(theta, gammas, m, scales, denom=None) -> None:
+    """theta -= scales[i] * gamma * m (/ denom)."""
+    update = torch._foreach_mul(gammas, scales)
+    torch._foreach_mul_(update, m)
+    if denom is not None:
+        torch._foreach_div_(update, denom)
+    torch._foreach_sub_(theta, update)
+
+
+def pick(values, indices):
+    return [values[i] for i in indices]

@@ -1,0 +1,117 @@
+"""The one definition of an Active optimizer that every backend looks up: an ``OptimizerSpec``.
+
+An optimizer is its hyperparameter record (typed, validated once when a param group is added),
+its state keys, its reference and foreach updates, its mapping onto the fused kernels' arguments
+(C++/CUDA op and Triton kernel: the same kernel name and hyperparameter vector), and the
+``torch.optim`` optimizer it equals while every gain is 1. Backends receive the spec and the
+record in each bucket and never name an optimizer themselves (docs/algorithm.md, "Adding an
+optimizer")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class GainHyper:
+    """What every Active optimizer's param group holds besides its base optimizer's own
+    hyperparameters: lr, decoupled weight decay, maximize, and the gain rule."""
+
+    lr: float | Tensor
+    weight_decay: float
+    maximize: bool
+    gain_inc: float
+    gain_dec: float
+    min_gain: float
+    max_gain: float
+
+    @classmethod
+    def from_group(cls, group: dict) -> "GainHyper":
+        """The record of a param group; every field must be there (no silent defaults)."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in group]
+        check(not missing, f"{cls.__name__}: the param group has no {missing}")
+        return cls(**{f.name: group[f.name] for f in dataclasses.fields(cls)})
+
+    def validate(self) -> None:
+        """Checks of the values (the lr's type and shape are checked by the optimizer)."""
+        check(float(self.lr) >= 0, f"Invalid learning rate: {float(self.lr)}")
+        check(self.weight_decay >= 0, f"Invalid weight_decay: {self.weight_decay}")
+        check(self.gain_inc >= 0, f"gain_inc must be >= 0, got {self.gain_inc}")
+        check(0 < self.gain_dec <= 1, f"gain_dec must be in (0, 1], got {self.gain_dec}")
+        check(
+            0 <= self.min_gain <= 1 <= self.max_gain,
+            "gains need 0 <= min_gain <= 1 <= max_gain, got "
+            f"min_gain={self.min_gain}, max_gain={self.max_gain}",
+        )
+
+
+@dataclass(frozen=True)
+class AdamHyper(GainHyper):
+    """The Adam family's moments: ``betas`` and ``eps``."""
+
+    betas: tuple[float, float]
+    eps: float
+
+    def validate(self) -> None:
+        super().validate()
+        beta1, beta2 = self.betas
+        check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
+        check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
+        check(self.eps >= 0, f"Invalid epsilon value: {self.eps}")
+
+
+@dataclass(frozen=True)
+class BaseOptimizer:
+    """The torch.optim optimizer an Active optimizer equals while every gain is 1, as its state
+    dict shows it: group keys it always has, keys that would make it another optimizer, and
+    whether its weight decay is decoupled when the group does not say."""
+
+    name: str
+    required_keys: tuple[str, ...]
+    foreign_keys: tuple[str, ...] = ()
+    decoupled_by_default: bool = False
+
+
+# reference(theta, g, gamma, step, state, h): one tensor, in place on theta and state[key]
+ReferenceUpdate = Callable[[Tensor, Tensor, Tensor, float, dict, Any], None]
+# foreach(theta, g, gammas, steps, state, h): lists of a bucket, state[key] a list
+ForeachUpdate = Callable[[list, list, list, list, dict, Any], None]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One Active optimizer, as every backend needs it.
+
+    ``kernel`` names its fused kernels (the X-macro entry of csrc/include/adaptive_lr/math.h and
+    the Triton update of adaptive_lr.kernels); ``kernel_hyper(h)`` is the kernels'
+    hyperparameter vector, in the order they parse it (bools as 0/1). ``state`` lists the
+    base-optimizer state in the kernels' order (torch.optim's key names); ``amsgrad_state`` is
+    the key that exists only while the group's ``amsgrad`` is on. ``decoupled_weight_decay``:
+    every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False: the
+    update uses weight_decay itself, as Adam's L2 term)."""
+
+    kernel: str
+    hyper: type[GainHyper]
+    state: tuple[str, ...]
+    reference: ReferenceUpdate
+    foreach: ForeachUpdate
+    kernel_hyper: Callable[[Any], list[float]]
+    amsgrad_state: str | None = None
+    base: BaseOptimizer | None = None
+    decoupled_weight_decay: bool = True
+
+    def record(self, group: dict) -> GainHyper:
+        return self.hyper.from_group(group)
+
+    def state_keys(self, h: GainHyper) -> tuple[str, ...]:
+        """The state keys a group with record ``h`` uses, in the kernels' order."""
+        return tuple(k for k in self.state if k != self.amsgrad_state or h.amsgrad)
