@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.optim.swa_utils import SWALR
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -535,7 +536,9 @@ def test_load_state_dict_hooks(cls):
 @pytest.mark.parametrize("cls,backend", CLS_BACKEND)
 @pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
 def test_step_never_modifies_grads(cls, backend, maximize):
-    params = _fresh_params() + [nn.Parameter(torch.randn(4, 2).t())]  # a transposed param too
+    # a transposed param and an empty one too (torch tests every optimizer with an empty param)
+    params = _fresh_params() + [nn.Parameter(torch.randn(4, 2).t()),
+                                nn.Parameter(torch.empty(0, 3))]
     opt = _make(cls, params, backend=backend, maximize=maximize, weight_decay=0.1)
     for t in range(_steps(backend, 6)):  # across epoch boundaries: the gain updates read grads
         _set_grads(params, t)
@@ -625,6 +628,27 @@ def test_state_dict_deterministic(cls, backend):
         for p, q in zip(params, params_c):
             assert torch.equal(p, q), f"step {t}"
     _assert_equal_nested(opt.state_dict(), opt_c.state_dict())
+
+
+@pytest.mark.parametrize("cls,backend", CLS_BACKEND)
+def test_state_dict_moves_between_backends(cls, backend):
+    """The CPU analogue of torch's test_state_dict_with_cuda_params: a state dict saved by the
+    reference backend loads into another backend without being modified, keeps ``step`` on the
+    CPU, and both continue alike (to rounding: the backends order float operations apart)."""
+    params = _fresh_params()
+    opt = _make(cls, params)
+    _feed(opt, params, 3)
+    params_b = _clone(params)
+    opt_b = _make(cls, params_b, backend=backend)
+    saved = copy.deepcopy(opt.state_dict())
+    opt_b.load_state_dict(saved)
+    _assert_equal_nested(saved, opt.state_dict())
+    assert all(opt_b.state[p]["step"].device.type == "cpu" for p in params_b)
+    _feed(opt, params, 3, first=3)
+    _feed(opt_b, params_b, 3, first=3)
+    torch.testing.assert_close(params_b, params)
+    for p, q in zip(params, params_b):
+        torch.testing.assert_close(opt_b.state[q], opt.state[p])
 
 
 @pytest.mark.parametrize("cls,backend", CLS_BACKEND)
@@ -849,6 +873,7 @@ SCHEDULERS = {
         "ChainedScheduler": lambda opt: lr_scheduler.ChainedScheduler([
             lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=5),
             lr_scheduler.ExponentialLR(opt, gamma=0.95)]),
+        "SWALR": lambda opt: SWALR(opt, swa_lr=5e-3, anneal_epochs=5),
     }.items()
 } | {
     "ReduceLROnPlateau": lambda opt: lr_scheduler.ReduceLROnPlateau(opt, patience=2).step,
