@@ -727,6 +727,38 @@ def test_loads_a_state_dict_with_a_python_number_step(cls, backend):
     _assert_equal_nested(sd2, sd1)
 
 
+# torch's optimizer whose state an Active one takes over, with the settings that make them equal
+# while every gain is 1 (ActiveSGD's weight decay is decoupled: none here)
+TORCH_BASE = {
+    ActiveSGD: lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+    ActiveAdamW: lambda params: torch.optim.AdamW(params, lr=1e-2),
+    ActiveRAdam: lambda params: torch.optim.RAdam(params, lr=1e-2, weight_decay=1e-2,
+                                                  decoupled_weight_decay=True),
+}
+
+
+@pytest.mark.parametrize("cls,backend", [
+    pytest.param(cls, backend, id=f"{cls.__name__}-{backend}")
+    for cls in TORCH_BASE for backend in BACKENDS
+])
+def test_loads_its_torch_base_optimizers_state_dict(cls, backend):
+    """A torch-format checkpoint of the base optimizer loads (hyperparameters and moments from
+    it, gains 1, the epoch clock restarting), so the next two epochs step as torch's would."""
+    params = _fresh_params()
+    base = TORCH_BASE[cls](params)
+    _feed(base, params, 3)
+    params_a = _clone(params)
+    active = _make(cls, params_a, backend=backend, lr=0.5)
+    active.load_state_dict(copy.deepcopy(base.state_dict()))
+    assert active.param_groups[0]["lr"] == 1e-2
+    _feed(base, params, 2 * SPE, first=3)
+    _feed(active, params_a, 2 * SPE, first=3)
+    torch.testing.assert_close(params_a, params)
+    # torch would load it whatever optimizer saved it; ours checks (designed: test_checkpoint)
+    with pytest.raises(ValueError, match="another optimizer"):
+        _make(ActiveAdaBelief, _clone(params)).load_state_dict(base.state_dict())
+
+
 @pytest.mark.parametrize("cls,backend", CLS_BACKEND)
 def test_loads_a_state_dict_saved_with_a_scheduler(cls, backend):
     """torch's schedulers add ``initial_lr`` to every param group; a checkpoint saved with one
