@@ -530,6 +530,27 @@ def test_load_state_dict_hooks(cls):
     assert opt.state["ran_pre_hook_returning"] is True and opt.state["ran_post_hook"] is True
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+def test_state_not_keyed_by_a_param_survives_a_round_trip(cls):
+    """torch's load_state_dict copies state entries that belong to no param as they are ("needed
+    for backward compatibility"), and hooks keep such entries (torch's own hook tests stash flags
+    in ``optimizer.state["test"]``)."""
+    params = _fresh_params()
+    opt = _make(cls, params)
+    _feed(opt, params, 1)
+    opt.state["note"] = {"saved_at_epoch": 3}
+    state_dict = copy.deepcopy(opt.state_dict())
+    twin = TWIN[cls](_clone(params), lr=LR)
+    twin_state_dict = twin.state_dict()
+    twin_state_dict["state"]["note"] = {"saved_at_epoch": 3}
+    twin.load_state_dict(twin_state_dict)
+    assert twin.state["note"] == {"saved_at_epoch": 3}  # what torch does
+    loaded = _make(cls, _clone(params))
+    loaded.load_state_dict(state_dict)
+    assert loaded.state["note"] == {"saved_at_epoch": 3}
+    _assert_equal_nested(loaded.state_dict(), opt.state_dict())
+
+
 # ---- step() leaves the grads alone -----------------------------------------------------------
 
 
