@@ -1,13 +1,15 @@
-"""Bad input gets a clear error up front, and a failed step changes nothing."""
+"""Bad input gets a clear error up front, and a failed step changes nothing (on every device
+present)."""
 
 import copy
 
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from optim_configs import device_backends
 
-BACKENDS = available_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 ALL = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief]
 
 
@@ -83,8 +85,9 @@ def test_unavailable_backend_fails_at_construction():
         ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=2, backend="cuda")
 
 
-def _trained(cls, backend):
-    params = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+def _trained(cls, backend, device="cpu"):
+    params = [torch.randn(3, 2, device=device, requires_grad=True),
+              torch.randn(4, device=device, requires_grad=True)]
     opt = _make(cls, params, backend=backend)
     for _ in range(3):
         for p in params:
@@ -104,59 +107,63 @@ def _assert_unchanged(params, opt, before_params, before_state):
             assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("cls", ALL)
-def test_sparse_gradient_raises_and_changes_nothing(cls, backend):
-    params, opt = _trained(cls, backend)
+def test_sparse_gradient_raises_and_changes_nothing(cls, device, backend):
+    params, opt = _trained(cls, backend, device)
     before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     params[0].grad = torch.randn_like(params[0])
-    params[1].grad = torch.randn(4).to_sparse()
+    params[1].grad = torch.randn(4, device=device).to_sparse()
     with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
         opt.step()
     _assert_unchanged(params, opt, before_params, before_state)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mismatched_grad_raises_and_changes_nothing(backend):
-    params, opt = _trained(ActiveAdamW, backend)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_mismatched_grad_raises_and_changes_nothing(device, backend):
+    params, opt = _trained(ActiveAdamW, backend, device)
     before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     params[0].grad = torch.randn_like(params[0])
     params[1].grad_dtype = None  # torch itself refuses the mismatch unless told to allow it
-    params[1].grad = torch.randn(4, dtype=torch.float64)
+    params[1].grad = torch.randn(4, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="does not match its param"):
         opt.step()
     _assert_unchanged(params, opt, before_params, before_state)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_params_without_grad_are_skipped(backend):
-    used, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_params_without_grad_are_skipped(device, backend):
+    used, unused = (torch.randn(3, device=device, requires_grad=True) for _ in range(2))
     opt = ActiveAdamW([used, unused], steps_per_epoch=2, backend=backend)
     before = unused.detach().clone()
-    used.grad = torch.ones(3)
+    used.grad = torch.ones(3, device=device)
     opt.step()
     assert torch.equal(unused, before) and len(opt.state[unused]) == 0
     assert opt.state[used]["step"].item() == 1
 
 
-def test_a_step_rejected_by_the_fused_op_keeps_its_epoch_boundary():
+# the backends of the compiled ops (csrc/ops.cpp), which share their input checks
+FUSED_OP_BACKENDS = device_backends(only=("cpu", "cuda"))
+
+
+@pytest.mark.skipif(not FUSED_OP_BACKENDS, reason="adaptive_lr._C is not built")
+@pytest.mark.parametrize(("device", "backend"), FUSED_OP_BACKENDS)
+def test_a_step_rejected_by_the_fused_op_keeps_its_epoch_boundary(device, backend):
     """The op checks its input after the optimizer planned the step (state created, boundaries
     due): a rejected step (here a float16 lr tensor, which the fused kernels refuse) changes
     nothing, and the boundary it was to fuse is still applied by the retried step."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the fused cpu backend is not built")
-    grads = [torch.randn(3, 2) for _ in range(7)]
+    grads = [torch.randn(3, 2, device=device) for _ in range(7)]
     runs = []
     for reject_last_step in (False, True):
         torch.manual_seed(0)
-        params = [torch.randn(3, 2, requires_grad=True)]
-        opt = _make(ActiveAdamW, params, backend="cpu", steps_per_epoch=3)
+        params = [torch.randn(3, 2).to(device).requires_grad_()]
+        opt = _make(ActiveAdamW, params, backend=backend, steps_per_epoch=3)
         for t, g in enumerate(grads):
             params[0].grad = g.clone()
             if t == 6 and reject_last_step:  # step 7 fuses the first sign-comparing boundary
                 before_params = [p.detach().clone() for p in params]
                 before_state = copy.deepcopy(opt.state_dict())
-                opt.param_groups[0]["lr"] = torch.tensor(0.1, dtype=torch.float16)
+                opt.param_groups[0]["lr"] = torch.tensor(0.1, dtype=torch.float16, device=device)
                 with pytest.raises(RuntimeError, match="lr must be a one-element float32"):
                     opt.step()
                 _assert_unchanged(params, opt, before_params, before_state)
@@ -164,7 +171,7 @@ def test_a_step_rejected_by_the_fused_op_keeps_its_epoch_boundary():
             opt.step()
         runs.append((params[0].detach(), opt.state[params[0]]))
     (p_expected, expected), (p_retried, retried) = runs
-    assert not torch.equal(expected["gain"], torch.ones(3, 2))  # the boundary changed gains
+    assert not torch.equal(expected["gain"], torch.ones_like(expected["gain"]))  # the boundary changed gains
     assert torch.equal(p_retried, p_expected)
     for key in ("gain", "grad_sum", "prev_sign", "exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(retried[key], expected[key]), key
