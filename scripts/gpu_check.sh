@@ -5,7 +5,7 @@
 # compute-sanitizer on a short stepping script where it works, benchmarks the step time, and
 # writes OUT_DIR/report.md beside the raw files. It uses the machine's own python3 (the one that
 # holds a CUDA torch; $PYTHON overrides it): no venv, no downloads. Each stage stops at its own
-# time limit; all of them together stay under 8 minutes.
+# time limit, and every stage has ended DEADLINE (460) seconds after the start: within 8 minutes.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]             (default: out/gpu_check)
 #   bash scripts/gpu_check.sh --dry-run [OUT_DIR]   no GPU needed: the driver, report included,
@@ -19,9 +19,10 @@ fi
 out=$(realpath -m "${1:-$(dirname "$0")/../out/gpu_check}")  # before the cd below
 cd "$(dirname "$0")/.." || exit 2
 py=${PYTHON:-python3}
-# per-stage limits in seconds (environment overrides: a slower machine, or the dry-run test)
-: "${LIMIT_BUILD:=150}" "${LIMIT_TESTS:=200}" "${LIMIT_SANITIZER:=150}" "${LIMIT_BENCH:=100}"
-: "${TEST_TIMEOUT:=120}"  # per test: ends its pytest shard (tests/conftest.py)
+# time limits in seconds (environment overrides: a slower machine, or the dry-run test); the tests
+# and the sanitizer also stop where the benchmark's time would begin (see `limit` below)
+: "${DEADLINE:=460}" "${LIMIT_BUILD:=150}" "${LIMIT_TESTS:=300}" "${LIMIT_SANITIZER:=150}"
+: "${LIMIT_BENCH:=100}" "${TEST_TIMEOUT:=150}"  # TEST_TIMEOUT: per test (tests/conftest.py)
 
 if [ -n "$(ls -A "$out" 2>/dev/null)" ] && [ ! -f "$out/stages.tsv" ]; then
   echo "gpu_check: $out holds files of something else: give an empty or new OUT_DIR" >&2
@@ -63,6 +64,12 @@ staged() {
 }
 
 skipped() { record "$1" "skipped" 0 "" "$2"; }
+
+# limit MAX RESERVE: MAX seconds, or fewer so that RESERVE seconds remain before the DEADLINE
+limit() {
+  local left=$((DEADLINE - SECONDS - $2))
+  echo $((left < $1 ? (left > 1 ? left : 1) : $1))
+}
 
 # ---- machine -----------------------------------------------------------------------------------
 {
@@ -109,13 +116,15 @@ for name in ("cuda", "triton"):
 # shellcheck disable=SC2317  # run as `timeout ... bash -c tests` (exported)
 tests() {
   local generic=(tests/test_amp.py tests/test_checkpoint.py tests/test_compile.py
-                 tests/test_bad_input.py tests/test_properties.py)
-  local own=(tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_backend_parity.py)
+                 tests/test_bad_input.py)
+  local own=(tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_backend_parity.py
+             tests/test_properties.py)
   local file ignored=() shard name pids=() rc=0 shards
   for file in "${generic[@]}" "${own[@]}"; do ignored+=(--ignore="$file"); done
-  # "<name> <pytest arguments>": every test marked cuda, in every file, runs in one shard
+  # "<name> <pytest arguments>": every test marked cuda, in every file, runs in one shard; the
+  # long ones (many Triton compiles) alone, so that a per-test stop loses no other file's results
   shards=("cuda_backend ${own[0]}" "triton_backend ${own[1]}" "parity ${own[2]}"
-          "generic ${generic[*]}" "other tests ${ignored[*]}")
+          "properties ${own[3]}" "generic ${generic[*]}" "other tests ${ignored[*]}")
   for shard in "${shards[@]}"; do
     name=${shard%% *}
     # shellcheck disable=SC2086  # the shard's files and options are words
@@ -170,30 +179,43 @@ else
 fi
 
 if $dry_run; then
-  staged tests "$LIMIT_TESTS" "dry run: the cuda-marked tests on the CPU (they skip)" \
-    bash -c tests || failed=1
-  staged sanitizer "$LIMIT_SANITIZER" "dry run: the sanitized script on the CPU, no sanitizer" \
+  staged tests "$(limit "$LIMIT_TESTS" "$LIMIT_BENCH")" \
+    "dry run: the cuda-marked tests on the CPU (they skip)" bash -c tests || failed=1
+  staged sanitizer "$(limit "$LIMIT_SANITIZER" "$LIMIT_BENCH")" \
+    "dry run: the sanitized script on the CPU, no sanitizer" \
     "$py" scripts/gpu_sanitize_steps.py cpu > "$out/sanitizer-dry-run.txt" 2>&1 || failed=1
 else
   # correctness only, so they share the device; the benchmark below runs alone
-  staged tests "$LIMIT_TESTS" "per-test limit $TEST_TIMEOUT s" bash -c tests &
+  staged tests "$(limit "$LIMIT_TESTS" "$LIMIT_BENCH")" "per-test limit $TEST_TIMEOUT s" \
+    bash -c tests &
   tests_pid=$!
-  staged sanitizer "$LIMIT_SANITIZER" "beside the tests" bash -c sanitizer || failed=1
+  staged sanitizer "$(limit "$LIMIT_SANITIZER" "$LIMIT_BENCH")" "beside the tests" \
+    bash -c sanitizer || failed=1
   wait "$tests_pid" || failed=1
 fi
 
 # ---- step-time benchmark: 10M and 100M params, real models' tensor lists ------------------------
-if $dry_run; then
-  staged bench "$LIMIT_BENCH" "dry run: 1M params on the CPU" "$py" -m adaptive_lr.benchmark \
-    --device cpu --sizes 1M --layouts 4 --dtypes float32 --backends cpu --rounds 1 \
-    --steps-per-round 1 \
-    --json "$out/bench.json" > "$out/bench.md" 2>&1 || failed=1
-else
-  staged bench "$LIMIT_BENCH" "alone on the device (bench.md)" "$py" -m adaptive_lr.benchmark \
-    --device cuda --sizes 10M 100M gpt2-small bert-base resnet50 --layouts 4 200 \
-    --dtypes float32 --rounds 3 --steps-per-round 4 \
-    --json "$out/bench.json" > "$out/bench.md" 2>&1 || failed=1
-fi
+# shellcheck disable=SC2317  # run as `timeout ... bash -c bench` (exported)
+bench() {  # two runs, each writing its JSON: a stop in the second keeps the first's numbers
+  local common=(-m adaptive_lr.benchmark --dtypes float32 --rounds 3 --steps-per-round 4)
+  if $dry_run; then
+    "$py" "${common[@]}" --device cpu --sizes 1M --layouts 4 --backends cpu --rounds 1 \
+      --steps-per-round 1 --json "$out/bench-1M.json" > "$out/bench-1M.md" 2>&1
+    return
+  fi
+  local rc=0
+  "$py" "${common[@]}" --device cuda --sizes 10M gpt2-small bert-base resnet50 \
+    --layouts 4 200 --json "$out/bench-10M-models.json" > "$out/bench-10M-models.md" 2>&1 || rc=1
+  "$py" "${common[@]}" --device cuda --sizes 100M --layouts 4 200 \
+    --json "$out/bench-100M.json" > "$out/bench-100M.md" 2>&1 || rc=1
+  return "$rc"
+}
+
+export -f bench
+export dry_run
+staged bench "$(limit "$LIMIT_BENCH" 0)" \
+  "$($dry_run && echo "dry run: 1M params on the CPU" || echo "alone on the device")" \
+  bash -c bench || failed=1
 
 "$py" scripts/gpu_check_report.py "$out" || failed=1
 echo "gpu_check: report in $out/report.md (took $SECONDS s)"

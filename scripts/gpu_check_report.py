@@ -1,6 +1,6 @@
 """Writes OUT_DIR/report.md of scripts/gpu_check.sh from the raw files its stages left there:
 stages.tsv (stage, status, seconds, limit, note), info.txt, junit-*.xml / pytest-*.log,
-sanitizer-*.log, bench.json. Standard library only (it runs on the GPU image's python3).
+sanitizer-*.log, bench-*.json. Standard library only (it runs on the GPU image's python3).
 
     python3 scripts/gpu_check_report.py OUT_DIR
 """
@@ -107,26 +107,29 @@ def sanitizer_section(out: Path) -> list[str]:
 
 
 def bench_section(out: Path) -> list[str]:
-    path = out / "bench.json"
     lines = ["## Step time", ""]
-    if not path.exists():
-        return lines + ["No bench.json: the benchmark stage did not finish."]
-    result = json.loads(path.read_text())
-    lines += [f"{result['ceiling']}: {result['ceiling_gb_per_s']:.1f} GB/s (measured in this run)",
-              "", "| case | optimizer | median ms | GB/s | % of ceiling | vs torch fused "
-              "| byte floor | ≤ 1.1 × floor |", "|---|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        name = row["optimizer"].split()[0]
-        if name not in BYTE_FLOORS or row["ratio_to_baseline"] is None:
-            continue
-        floor = BYTE_FLOORS[name][1]
-        case = f"{row['size']} / {row['tensors']} tensors / {row['dtype']}"
-        ok = "yes" if row["ratio_to_baseline"] <= 1.1 * floor else "no"
-        lines.append(
-            f"| {case} | {row['optimizer']} | {row['median_ms']:.3f} | {row['gb_per_s']:.0f} | "
-            f"{100 * row['fraction_of_ceiling']:.0f}% | {row['ratio_to_baseline']:.2f}× "
-            f"{row['baseline']} | {floor:.2f}× | {ok} |")
-    return lines + ["", "Every optimizer and backend: bench.md; raw numbers: bench.json."]
+    paths = sorted(out.glob("bench-*.json"))
+    if not paths:
+        return lines + ["No bench-*.json: the benchmark stage did not finish a run."]
+    for path in paths:
+        result = json.loads(path.read_text())
+        lines += [f"{path.name}: {result['ceiling']}: {result['ceiling_gb_per_s']:.1f} GB/s "
+                  "(measured in the same run)", "",
+                  "| case | optimizer | median ms | GB/s | % of ceiling | vs torch fused "
+                  "| byte floor | ≤ 1.1 × floor |", "|---|---|---|---|---|---|---|---|"]
+        for row in result["rows"]:
+            name = row["optimizer"].split()[0]
+            if name not in BYTE_FLOORS or row["ratio_to_baseline"] is None:
+                continue
+            floor = BYTE_FLOORS[name][1]
+            case = f"{row['size']} / {row['tensors']} tensors / {row['dtype']}"
+            ok = "yes" if row["ratio_to_baseline"] <= 1.1 * floor else "no"
+            lines.append(
+                f"| {case} | {row['optimizer']} | {row['median_ms']:.3f} | {row['gb_per_s']:.0f} "
+                f"| {100 * row['fraction_of_ceiling']:.0f}% | {row['ratio_to_baseline']:.2f}× "
+                f"{row['baseline']} | {floor:.2f}× | {ok} |")
+        lines.append("")
+    return lines + ["Every optimizer and backend: the bench-*.md tables beside their JSON."]
 
 
 def report(out: Path) -> str:

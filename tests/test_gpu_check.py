@@ -62,7 +62,7 @@ def test_dry_run_drives_every_stage_and_writes_the_report(tmp_path):
     assert "| tests | stopped at its time limit |" in report
     assert "no junit XML: the shard was stopped" in report
     assert "| 1M / 4 tensors / float32 | ActiveAdamW cpu |" in report
-    assert json.loads((out / "bench.json").read_text())["rows"]
+    assert json.loads((out / "bench-1M.json").read_text())["rows"]
     assert "cpu ActiveAdaBelief: 6 steps" in (out / "sanitizer-dry-run.txt").read_text()
     # a second run replaces the first one's files
     assert _gpu_check("--dry-run", str(out), env=dict(LIMIT_TESTS="1", LIMIT_SANITIZER="1",
@@ -73,10 +73,10 @@ def test_dry_run_drives_every_stage_and_writes_the_report(tmp_path):
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
-<testcase classname="tests.test_cuda_backend" name="test_cuda_graphs_replay_every_boundary_kind[cuda]"/>
-<testcase classname="tests.test_cuda_backend" name="test_cuda_graphs_replay_every_boundary_kind[triton]">
+<testcase classname="tests.cuda" name="test_cuda_graphs_replay_every_boundary_kind[cuda]"/>
+<testcase classname="tests.cuda" name="test_cuda_graphs_replay_every_boundary_kind[triton]">
 <failure message="AssertionError: step counters differ&#10;more">trace</failure></testcase>
-<testcase classname="tests.test_cuda_backend" name="test_steps_never_sync_with_the_host">
+<testcase classname="tests.cuda" name="test_steps_never_sync_with_the_host">
 <skipped message="no GPU"/></testcase>
 <testcase classname="tests.test_amp" name="test_grad_scale_unscales[cuda-triton]"/>
 </testsuite></testsuites>
@@ -97,7 +97,7 @@ def test_report_counts_tests_and_compares_step_times_with_the_byte_floors(tmp_pa
         "[per-test timeout 120 s] running tests/a.py::test_one\n"
         "[per-test timeout 120 s] running tests/a.py::test_hangs\nThread 0x1 (most recent...")
     (tmp_path / "sanitizer-memcheck.log").write_text("========= ERROR SUMMARY: 0 errors\n")
-    (tmp_path / "bench.json").write_text(json.dumps({
+    (tmp_path / "bench-100M.json").write_text(json.dumps({
         "ceiling": "Copy bandwidth", "ceiling_gb_per_s": 4000.0,
         "rows": [_bench_row("ActiveAdamW triton", "torch AdamW fused", 1.5),
                  _bench_row("ActiveSGD cuda", "torch SGD fused", 1.9),
