@@ -128,8 +128,10 @@ tests() {
   for shard in "${shards[@]}"; do
     name=${shard%% *}
     # shellcheck disable=SC2086  # the shard's files and options are words
+    # a file that cannot be imported on this machine is reported, the shard's others still run
     ADAPTIVE_LR_TEST_TIMEOUT=$TEST_TIMEOUT "$py" -m pytest -q -s -p no:cacheprovider -m cuda \
-      --junitxml="$out/junit-$name.xml" ${shard#* } > "$out/pytest-$name.log" 2>&1 &
+      --continue-on-collection-errors --junitxml="$out/junit-$name.xml" ${shard#* } \
+      > "$out/pytest-$name.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do

@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 # bytes an Active step moves per fp32 element over its torch counterpart's: 40/28 and 32/20
@@ -83,6 +84,10 @@ def tests_section(out: Path) -> list[str]:
     failures = [c for c in all_cases if c["outcome"] in ("failed", "error")]
     lines += ["", f"Failures: {len(failures)}"]
     lines += [f"- `{c['id']}`: {c['message']}" for c in failures]
+    # on a GPU machine a skipped cuda test means something is missing there: say what
+    reasons = Counter(c["message"] for c in all_cases if c["outcome"] == "skipped")
+    lines += ["", f"Skip reasons: {len(reasons)}"]
+    lines += [f"- {count} × {reason}" for reason, count in reasons.most_common()]
     lines += ["", "Key checks:", ""]
     for label, pattern in KEY_CHECKS:
         matched = [c for c in all_cases if re.search(pattern, c["id"])]

@@ -107,6 +107,7 @@ def test_report_counts_tests_and_compares_step_times_with_the_byte_floors(tmp_pa
     assert "| cuda_backend | 2 | 1 | 0 | 1 | junit-cuda_backend.xml |" in report
     assert "stopped while running `tests/a.py::test_hangs`" in report
     assert "Failures: 1" in report
+    assert "Skip reasons: 1\n- 1 × no GPU" in report
     assert "[triton]`: AssertionError: step counters differ" in report
     assert "- CUDA graphs, every boundary kind (cuda backend): passed (1 test(s))" in report
     assert "- CUDA graphs, every boundary kind (triton backend): failed (1 test(s))" in report
