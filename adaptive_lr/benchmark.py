@@ -32,8 +32,9 @@ import torch
 
 import adaptive_lr
 from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from adaptive_lr.model_shapes import MODELS, param_count
 
-SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
+SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
 
 # Bytes per element a steady-state (mid-epoch) step must move: params and grads in the param
 # dtype, everything else at its state dtype. Active optimizers read gain and grad_sum and write
@@ -101,9 +102,12 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
 
 def make_tensors(size: int, layout: str, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
     """``4``: four equal tensors; ``200``: 200 tensors of mixed sizes (a few large, many small,
-    like a transformer's weights, biases and norms) adding up to ``size``."""
+    like a transformer's weights, biases and norms) adding up to ``size``; a model name of
+    ``model_shapes.MODELS``: that model's parameter shapes (``size`` is their total)."""
     gen = torch.Generator().manual_seed(0)
-    if layout == "4":
+    if layout in MODELS:
+        sizes = MODELS[layout]()
+    elif layout == "4":
         sizes = [size // 4] * 4
     else:
         weights = torch.rand(200, generator=gen) ** 4  # heavy-tailed: mostly small tensors
@@ -248,8 +252,9 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.
     ceiling = 0.0
     rows = []
     for size_name in sizes:
-        size = SIZES[size_name]
-        for layout in layouts:
+        # a model name steps that model's tensors (its own layout) instead of a synthetic size
+        size = param_count(MODELS[size_name]()) if size_name in MODELS else SIZES[size_name]
+        for layout in [size_name] if size_name in MODELS else layouts:
             for dtype in dtypes:
                 ceiling = max(ceiling, measure_ceiling())
                 entries, times, extra_memory = measure(size, layout, dtype, backends, rounds,
@@ -302,7 +307,9 @@ def markdown(result) -> str:
 def main(argv=None, prog=None) -> dict:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M"], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M"],
+                        choices=list(SIZES) + list(MODELS),
+                        help="param counts, or real models' parameter lists (model_shapes.py)")
     parser.add_argument("--layouts", nargs="+", default=["4", "200"], choices=["4", "200"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=None,

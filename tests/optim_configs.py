@@ -1,13 +1,45 @@
 """The table of optimizer configurations every generic test iterates (like torch's
-common_optimizers.py), and the helpers that run them on seeded random data."""
+common_optimizers.py), the (device, backend) pairs they run on, and the helpers that run them on
+seeded random data."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+
+HAS_CUDA = torch.cuda.is_available()
+# "cuda" only where a device is present: without one the cuda cases are not generated at all
+# (test_backend_parity's test_the_fused_backends_run_on_cuda is the one skip that says so)
+DEVICES = ("cpu", "cuda") if HAS_CUDA else ("cpu",)
+
+
+def device_backends(exclude=(), only=None) -> list:
+    """pytest params ``(device, backend)``: each backend available on each device present (those
+    in ``only``, if given, and not in ``exclude``). The cuda ones are marked ``cuda`` and named
+    "cuda-<backend>"; the cpu ones keep the backend's name as their id."""
+    params = []
+    for device in DEVICES:
+        for backend in available_backends(device):
+            if backend in exclude or (only is not None and backend not in only):
+                continue
+            if device == "cpu":
+                params.append(pytest.param(device, backend, id=backend))
+            else:
+                params.append(pytest.param(device, backend, id=f"{device}-{backend}",
+                                           marks=pytest.mark.cuda))
+    return params
+
+
+def on_cpu(params, opt) -> tuple[list[torch.Tensor], list[dict]]:
+    """The params (detached) and their optimizer states, every tensor copied to the CPU, so that
+    results from any device compare with the reference's."""
+    states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+              for p in params]
+    return [p.detach().cpu() for p in params], states
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -67,20 +99,22 @@ def grad_sequence(shapes, steps, dtype, seed=1, bias=0.3):
 
 def run(config: OptimConfig, dtype, steps=14, backend="reference", params=None, grads=None,
         skip=(), **overrides):
-    """Run ``steps`` steps; ``skip`` holds (step, param index) pairs whose grad is None."""
+    """Run ``steps`` steps on the params' device (grads are moved there); ``skip`` holds
+    (step, param index) pairs whose grad is None."""
     params = make_params(dtype) if params is None else params
     shapes = [tuple(p.shape) for p in params]
     grads = grad_sequence(shapes, steps, dtype) if grads is None else grads
     opt = config.make(params, backend=backend, **overrides)
     for t, step_grads in enumerate(grads):
         for i, (p, g) in enumerate(zip(params, step_grads)):
-            p.grad = None if (t, i) in skip else g.to(p.dtype).clone()
+            p.grad = None if (t, i) in skip else g.to(p.device, p.dtype, copy=True)
         opt.step()
     return params, opt
 
 
-def clone_params(params, dtype=None):
-    return [p.detach().clone().to(dtype or p.dtype).requires_grad_() for p in params]
+def clone_params(params, dtype=None, device=None):
+    return [p.detach().to(device or p.device, dtype or p.dtype, copy=True).requires_grad_()
+            for p in params]
 
 
 def assert_no_host_sync(steps) -> None:

@@ -1,22 +1,23 @@
 """AMP: grad_scale divides the gradient, found_inf skips the step's own work but not a pending
-boundary, and torch.amp.GradScaler drives every backend through the same path."""
+boundary, and torch.amp.GradScaler drives every backend through the same path, on every device
+present."""
 
 import copy
 
 import pytest
 import torch
 
-from adaptive_lr import available_backends
 from adaptive_lr.backends import Boundary
 from adaptive_lr.backends.reference import apply_boundary
-from optim_configs import CONFIGS, clone_params, grad_sequence, make_params
+from optim_configs import CONFIGS, clone_params, device_backends, grad_sequence, make_params
 
-BACKENDS = available_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 
 
-def _params_and_grads(steps):
-    params = make_params(torch.float32)
-    return params, grad_sequence([tuple(p.shape) for p in params], steps, torch.float32)
+def _params_and_grads(steps, device):
+    params = clone_params(make_params(torch.float32), device=device)
+    grads = grad_sequence([tuple(p.shape) for p in params], steps, torch.float32)
+    return params, [[g.to(device) for g in step] for step in grads]
 
 
 def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
@@ -46,13 +47,13 @@ def _assert_state_equal(opt, params, expected: list[dict]) -> None:
 PENDING = {4: Boundary.NONE, 3: Boundary.ROLL, 6: Boundary.UPDATE}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 @pytest.mark.parametrize("steps_before", PENDING, ids=lambda n: PENDING[n].name)
-def test_found_inf_skips_all_but_the_boundary(backend, config, steps_before):
+def test_found_inf_skips_all_but_the_boundary(device, backend, config, steps_before):
     """An overflow step (non-finite grads, found_inf set) changes no param, no state tensor and
     no step count, on every backend; only a pending boundary is applied."""
-    params, grads = _params_and_grads(steps_before)
+    params, grads = _params_and_grads(steps_before, device)
     opt = config.make(params, backend=backend)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -66,7 +67,8 @@ def test_found_inf_skips_all_but_the_boundary(backend, config, steps_before):
         assert any((state["gain"] != 1).any() for state in expected)  # the boundary moves gains
     for i, p in enumerate(params):  # what an fp16 overflow leaves in the grads
         p.grad = torch.full_like(p, (float("inf"), float("nan"), -float("inf"))[i % 3])
-    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.grad_scale = torch.tensor(1024.0, device=device)
+    opt.found_inf = torch.tensor(1.0, device=device)
     clock = opt.param_groups[0]["steps_in_epoch"]
     opt.step()
     del opt.grad_scale, opt.found_inf
@@ -76,32 +78,33 @@ def test_found_inf_skips_all_but_the_boundary(backend, config, steps_before):
     assert opt.param_groups[0]["steps_in_epoch"] == (1 if pending != Boundary.NONE else clock + 1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scale_unscales(backend):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_grad_scale_unscales(device, backend):
     config = CONFIGS[4]  # ActiveAdamW defaults
-    params, grads = _params_and_grads(7)
+    params, grads = _params_and_grads(7, device)
     plain_params, scaled_params = clone_params(params), clone_params(params)
     plain, scaled = config.make(plain_params, backend=backend), config.make(scaled_params, backend=backend)
     for step_grads in grads:
         for p, q, g in zip(plain_params, scaled_params, step_grads):
             p.grad, q.grad = g.clone(), g * 1024.0
         plain.step()
-        scaled.grad_scale, scaled.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+        scaled.grad_scale = torch.tensor(1024.0, device=device)
+        scaled.found_inf = torch.tensor(0.0, device=device)
         scaled.step()
     for p, q in zip(plain_params, scaled_params):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(scaled.state[q]["grad_sum"], plain.state[p]["grad_sum"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS[::4], ids=lambda c: c.id)
-def test_grad_scaler_overflow_step_changes_no_state(backend, config):
+def test_grad_scaler_overflow_step_changes_no_state(device, backend, config):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+    model = torch.nn.Linear(4, 3).to(device)
     params = list(model.parameters())
     opt = config.make(params, backend=backend)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    x = torch.randn(8, 4)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**8)
+    x = torch.randn(8, 4).to(device)
     for t in range(8):
         loss = model(x).pow(2).mean()
         scaler.scale(loss).backward()

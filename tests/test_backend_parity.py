@@ -1,13 +1,18 @@
 """Every backend equals the reference for every optimizer x option x dtype, over several epochs
-so the gains change. New backends join by appearing in available_backends("cpu")."""
+so the gains change, on every device present (the reference runs on the CPU). New backends join
+by appearing in available_backends(device)."""
 
 import pytest
 import torch
 
 from adaptive_lr import available_backends
-from optim_configs import CONFIGS, DTYPES, LOW_PRECISION, SHAPES, clone_params, grad_sequence, make_params, run
+from adaptive_lr.backends import unavailable_reason
+from optim_configs import (
+    CONFIGS, DTYPES, HAS_CUDA, LOW_PRECISION, SHAPES, clone_params, device_backends,
+    grad_sequence, make_params, on_cpu, run,
+)
 
-BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
+DEVICE_BACKENDS = device_backends(exclude=("reference",))
 STEPS = 14  # 4 boundaries at 3 steps per epoch: the gains move
 # (step, param index) pairs without a grad: params skip steps and catch up missed boundaries
 SKIP = {(2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (10, 3)}
@@ -19,27 +24,28 @@ def _max_error(params, exact):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_matches_reference(backend, config, dtype):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_backend_matches_reference(device, backend, config, dtype):
     start = make_params(dtype)
     grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
     ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP)
-    out_params, out_opt = run(config, dtype, STEPS, backend, clone_params(start), grads, SKIP)
+    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
+                                         clone_params(start, device=device), grads, SKIP))
 
     # discrete state is identical: same sign decisions, same gains, same step counts
-    for p_ref, p_out in zip(ref_params, out_params):
-        s_ref, s_out = ref_opt.state[p_ref], out_opt.state[p_out]
+    for p_ref, s_out in zip(ref_params, out_states):
+        s_ref = ref_opt.state[p_ref]
         assert torch.equal(s_ref["prev_sign"], s_out["prev_sign"])
         assert torch.equal(s_ref["step"], s_out["step"])
         torch.testing.assert_close(s_out["gain"], s_ref["gain"], rtol=0, atol=0)
     assert any((ref_opt.state[p]["gain"] != 1).any() for p in ref_params), "gains never moved"
 
     if dtype == torch.float64:
-        for p_ref, p_out in zip(ref_params, out_params):
-            torch.testing.assert_close(p_out, p_ref, rtol=1e-10, atol=1e-12)
+        for p_ref, p_out, s_out in zip(ref_params, out_params, out_states):
+            torch.testing.assert_close(p_out, p_ref.detach(), rtol=1e-10, atol=1e-12)
             for key, value in ref_opt.state[p_ref].items():
                 if isinstance(value, torch.Tensor):
-                    torch.testing.assert_close(out_opt.state[p_out][key], value, rtol=1e-10, atol=1e-12)
+                    torch.testing.assert_close(s_out[key], value, rtol=1e-10, atol=1e-12)
         return
     # low precision: error against a float64 run at most ~2x the reference's own error
     exact_params, _ = run(config, torch.float64, STEPS, "reference", clone_params(start, torch.float64),
@@ -51,4 +57,13 @@ def test_backend_matches_reference(backend, config, dtype):
 
 
 def test_parity_covers_low_precision_and_shapes():
-    assert set(LOW_PRECISION) < set(DTYPES) and () in SHAPES and "foreach" in BACKENDS
+    assert set(LOW_PRECISION) < set(DTYPES) and () in SHAPES
+    assert ("cpu", "foreach") in [tuple(param.values) for param in DEVICE_BACKENDS]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the generic tests run on the CPU only")
+def test_the_fused_backends_run_on_cuda():
+    """On a GPU machine the generic tests must cover the cuda and triton backends there."""
+    reasons = {name: unavailable_reason(name, "cuda") for name in ("cuda", "triton")}
+    assert {"cuda", "triton"} <= set(available_backends("cuda")), reasons

@@ -1,13 +1,15 @@
-"""Bad input gets a clear error up front, and a failed step changes nothing."""
+"""Bad input gets a clear error up front, and a failed step changes nothing (on every device
+present)."""
 
 import copy
 
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from optim_configs import device_backends
 
-BACKENDS = available_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 ALL = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief]
 
 
@@ -83,8 +85,9 @@ def test_unavailable_backend_fails_at_construction():
         ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=2, backend="cuda")
 
 
-def _trained(cls, backend):
-    params = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+def _trained(cls, backend, device="cpu"):
+    params = [torch.randn(3, 2, device=device, requires_grad=True),
+              torch.randn(4, device=device, requires_grad=True)]
     opt = _make(cls, params, backend=backend)
     for _ in range(3):
         for p in params:
@@ -104,36 +107,36 @@ def _assert_unchanged(params, opt, before_params, before_state):
             assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("cls", ALL)
-def test_sparse_gradient_raises_and_changes_nothing(cls, backend):
-    params, opt = _trained(cls, backend)
+def test_sparse_gradient_raises_and_changes_nothing(cls, device, backend):
+    params, opt = _trained(cls, backend, device)
     before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     params[0].grad = torch.randn_like(params[0])
-    params[1].grad = torch.randn(4).to_sparse()
+    params[1].grad = torch.randn(4, device=device).to_sparse()
     with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
         opt.step()
     _assert_unchanged(params, opt, before_params, before_state)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mismatched_grad_raises_and_changes_nothing(backend):
-    params, opt = _trained(ActiveAdamW, backend)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_mismatched_grad_raises_and_changes_nothing(device, backend):
+    params, opt = _trained(ActiveAdamW, backend, device)
     before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     params[0].grad = torch.randn_like(params[0])
     params[1].grad_dtype = None  # torch itself refuses the mismatch unless told to allow it
-    params[1].grad = torch.randn(4, dtype=torch.float64)
+    params[1].grad = torch.randn(4, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="does not match its param"):
         opt.step()
     _assert_unchanged(params, opt, before_params, before_state)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_params_without_grad_are_skipped(backend):
-    used, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_params_without_grad_are_skipped(device, backend):
+    used, unused = (torch.randn(3, device=device, requires_grad=True) for _ in range(2))
     opt = ActiveAdamW([used, unused], steps_per_epoch=2, backend=backend)
     before = unused.detach().clone()
-    used.grad = torch.ones(3)
+    used.grad = torch.ones(3, device=device)
     opt.step()
     assert torch.equal(unused, before) and len(opt.state[unused]) == 0
     assert opt.state[used]["step"].item() == 1
@@ -164,7 +167,7 @@ def test_a_step_whose_backend_fails_keeps_its_epoch_boundary(monkeypatch):
             opt.step()
         runs.append((params[0].detach(), opt.state[params[0]]))
     (p_expected, expected), (p_retried, retried) = runs
-    assert not torch.equal(expected["gain"], torch.ones(3, 2))  # the boundary changed gains
+    assert not torch.equal(expected["gain"], torch.ones_like(expected["gain"]))  # the boundary changed gains
     assert torch.equal(p_retried, p_expected)
     for key in ("gain", "grad_sum", "prev_sign", "exp_avg", "exp_avg_sq", "step", "epoch"):
         assert torch.equal(retried[key], expected[key]), key
@@ -174,13 +177,15 @@ def _rejecting_step(bucket):
     raise RuntimeError("rejected")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("lr", [torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor([0.1, 0.2])],
                          ids=["bfloat16", "two-elements"])
-def test_a_bad_lr_set_after_construction_fails_the_step_before_any_group_moves(backend, lr):
+def test_a_bad_lr_set_after_construction_fails_the_step_before_any_group_moves(device, backend,
+                                                                                 lr):
     """Every group's lr is checked before the first bucket runs: a bad lr in the second group
     used to fail in its fused op after the first group had been stepped."""
-    params = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+    params = [torch.randn(3, 2, device=device, requires_grad=True),
+              torch.randn(4, device=device, requires_grad=True)]
     opt = ActiveAdamW([{"params": params[:1]}, {"params": params[1:]}], steps_per_epoch=2,
                       backend=backend)
     for p in params:

@@ -1,7 +1,8 @@
 """state_dict round trips, through files loaded with ``map_location="cpu"`` and ``weights_only=True``:
 mid-epoch resume is exact, a state dict saved by any backend resumes on any other, loading keeps
 the backend the optimizer was built with, a checkpoint saved by an earlier version still resumes,
-and a state dict that does not fit raises before anything changes."""
+and a state dict that does not fit raises before anything changes. Saving and resuming run on
+every device present, so a state dict also moves between CPU and CUDA."""
 
 import copy
 import importlib
@@ -13,9 +14,12 @@ import torch
 
 from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
 from fixtures import make_checkpoints
-from optim_configs import CONFIGS, clone_params, grad_sequence, make_params, run
+from optim_configs import (
+    CONFIGS, DEVICES, clone_params, device_backends, grad_sequence, make_params, on_cpu, run,
+)
 
 BACKENDS = available_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -23,7 +27,7 @@ def _feed(opt, params, grads, skip=(), first_step=0):
     """One step per entry of grads; ``skip`` holds (step, param index) pairs without a grad."""
     for t, step_grads in enumerate(grads, start=first_step):
         for i, (p, g) in enumerate(zip(params, step_grads)):
-            p.grad = None if (t, i) in skip else g.clone().to(p.dtype)
+            p.grad = None if (t, i) in skip else g.to(p.device, p.dtype, copy=True)
         opt.step()
 
 
@@ -37,10 +41,10 @@ def _through_file(obj, tmp_path):
 
 def _assert_same_state(opt, params, expected_opt, expected_params, tol):
     """Gains, signs and step counts identical; params and moments equal within ``tol``; every
-    state tensor of the same dtype."""
-    for p, e in zip(params, expected_params):
-        torch.testing.assert_close(p, e, rtol=tol, atol=tol)
-        state, expected = opt.state[p], expected_opt.state[e]
+    state tensor of the same dtype (``expected_opt`` on the CPU, ``opt`` on any device)."""
+    for p, state, e in zip(*on_cpu(params, opt), expected_params):
+        torch.testing.assert_close(p, e.detach(), rtol=tol, atol=tol)
+        expected = expected_opt.state[e]
         assert state.keys() == expected.keys()
         for key, value in expected.items():
             if not isinstance(value, torch.Tensor):
@@ -93,7 +97,7 @@ def backends_run(monkeypatch):
     """The names of the backends that step buckets, in order: every backend's step is wrapped
     (before an optimizer resolves it) to record its name."""
     ran = []
-    for name in BACKENDS:
+    for name in {backend for device in DEVICES for backend in available_backends(device)}:
         module = importlib.import_module(f"adaptive_lr.backends.{name}")
         monkeypatch.setattr(module, "step",
                             lambda bucket, name=name, step=module.step: (ran.append(name), step(bucket)))
@@ -107,23 +111,25 @@ SHAPES = [(5, 3), (4,), ()]  # few tensors: the Triton interpreter's time grows 
 SKIP = {(3, 1), (4, 1), (5, 1), (6, 1), (7, 1)}  # param 1 misses boundaries on both sides of the save
 
 
-@pytest.mark.parametrize("source", BACKENDS)
-@pytest.mark.parametrize("target", BACKENDS)
-def test_state_saved_by_any_backend_resumes_on_any_other(source, target, backends_run, tmp_path):
-    """Saved by ``source``, loaded from a file into an optimizer built with ``target``, continued:
-    the same as an uninterrupted reference run (float64, to rounding), stepped by ``target`` only."""
+@pytest.mark.parametrize(("source_device", "source"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(("target_device", "target"), DEVICE_BACKENDS)
+def test_state_saved_by_any_backend_resumes_on_any_other(source_device, source, target_device,
+                                                         target, backends_run, tmp_path):
+    """Saved by ``source`` on its device, loaded from a file (onto the CPU) into an optimizer built
+    with ``target`` on its device, continued: the same as an uninterrupted reference run (float64,
+    to rounding), stepped by ``target`` only."""
     for config in CROSSING:
         start = make_params(torch.float64, shapes=SHAPES)
         grads = grad_sequence(SHAPES, STEPS, torch.float64)
         exact_params, exact = run(config, torch.float64, STEPS, "reference", clone_params(start),
                                   grads, SKIP)
-        saver_params = clone_params(start)
+        saver_params = clone_params(start, device=source_device)
         saver = config.make(saver_params, backend=source)
         _feed(saver, saver_params, grads[:SAVED_AT], SKIP)
         saved = _through_file(
             {"params": [p.detach() for p in saver_params], "opt": saver.state_dict()}, tmp_path)
 
-        params = clone_params(saved["params"])
+        params = clone_params(saved["params"], device=target_device)
         resumed = config.make(params, backend=target)
         resumed.load_state_dict(saved["opt"])
         backends_run.clear()
@@ -188,22 +194,23 @@ def test_a_checkpoint_fixture_exists():
     assert any(path.name == "active_adamw_v0_1_0.expected.pt" for path in VERSIONED)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("expected_path", VERSIONED, ids=lambda path: path.name.split(".")[0])
-def test_checkpoint_of_an_earlier_version_resumes(expected_path, backend):
-    """The checkpoint file (model + optimizer) loads on every backend and continues to the values
-    stored beside it when it was made (tests/fixtures/make_checkpoints.py)."""
+def test_checkpoint_of_an_earlier_version_resumes(expected_path, device, backend):
+    """The checkpoint file (model + optimizer) loads on every backend and device and continues to
+    the values stored beside it when it was made (tests/fixtures/make_checkpoints.py)."""
     checkpoint = torch.load(expected_path.with_name(expected_path.name.replace(".expected", "")),
                             map_location="cpu", weights_only=True)
     expected = torch.load(expected_path, map_location="cpu", weights_only=True)
     model = make_checkpoints.make_model()
     model.load_state_dict(checkpoint["model"])
+    model.to(device)
     optimizer = make_checkpoints.make_optimizer(model, backend)
     optimizer.load_state_dict(checkpoint["optimizer"])
     make_checkpoints.feed(model, optimizer, expected["grads"], make_checkpoints.STEPS_BEFORE_SAVE)
     for p, gain in zip(model.parameters(), expected["gains"]):
-        assert torch.equal(optimizer.state[p]["gain"], gain)
-    for name, value in model.state_dict().items():
+        assert torch.equal(optimizer.state[p]["gain"].cpu(), gain)
+    for name, value in model.cpu().state_dict().items():
         torch.testing.assert_close(value, expected["model"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -1,12 +1,13 @@
-"""torch.compile: a compiled training step equals the eager one, an lr that GreedyLR changes in
-place recompiles nothing, and the fused cpu step is one opaque custom-op call per bucket."""
+"""torch.compile: a compiled training step equals the eager one (on the cpu backend, and on the
+cuda and triton backends where a CUDA device is present), an lr that GreedyLR changes in place
+recompiles nothing, and the fused cpu step is one opaque custom-op call per bucket."""
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from adaptive_lr import ActiveAdamW, GreedyLR
-from optim_configs import CONFIGS
+from optim_configs import CONFIGS, device_backends
 
 # Each Active optimizer with its defaults.
 DEFAULT_CONFIGS = [config for config in CONFIGS if not config.kwargs]
@@ -24,15 +25,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _train(config, backend, compile_with=None):
+def _train(config, backend, compile_with=None, device="cpu"):
     """STEPS training steps of a small model, GreedyLR fed the loss (patience=0 moves the 0-dim
     tensor lr at almost every step); the whole step (forward, backward, opt.step) is compiled
     with ``compile_with`` when given. Returns the model, the optimizer, the compiled frame count
     after each step and the lrs seen."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    x, y = torch.randn(32, 8), torch.randn(32, 1)
-    opt = config.make(model.parameters(), lr=torch.tensor(1e-2), backend=backend)
+    model.to(device)
+    x, y = torch.randn(32, 8).to(device), torch.randn(32, 1).to(device)
+    opt = config.make(model.parameters(), lr=torch.tensor(1e-2, device=device), backend=backend)
     sched = GreedyLR(opt, patience=0, factor=0.5, max_lr=1.0)
 
     def train_step():
@@ -67,12 +69,19 @@ def _assert_no_recompile_after_warmup(frames, lrs):
     assert frames[-1] == frames[WARMUP - 1], frames
 
 
+# the fused backends: cpu on the CPU; cuda and triton on a CUDA device (triton only where it is
+# compiled for the GPU, not under the CPU interpreter)
+FUSED = [param for param in device_backends(only=("cpu", "cuda", "triton"))
+         if param.values[0] == "cuda" or param.values[1] == "cpu"]
+
+
+@pytest.mark.parametrize(("device", "backend"), FUSED)
 @pytest.mark.parametrize("config", DEFAULT_CONFIGS, ids=lambda c: c.cls.__name__)
-def test_compiled_training_step_matches_eager_without_recompiles(config):
+def test_compiled_training_step_matches_eager_without_recompiles(config, device, backend):
     """aot_eager traces forward, backward and step through AOTAutograd's functionalization (the
     path of inductor) but runs ATen eagerly, so the results are bit for bit those of eager."""
-    eager = _train(config, "cpu")
-    compiled = _train(config, "cpu", compile_with="aot_eager")
+    eager = _train(config, backend, device=device)
+    compiled = _train(config, backend, compile_with="aot_eager", device=device)
     _assert_same_run(eager, compiled)
     _assert_no_recompile_after_warmup(compiled[2], compiled[3])
 

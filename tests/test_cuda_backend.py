@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdamW, backends
-from adaptive_lr.backends import cpu, cuda, reference
+from adaptive_lr.backends import cpu, cuda, reference, triton
 from adaptive_lr.backends.bucket import Boundary, Bucket
 from optim_configs import assert_no_host_sync
 from test_cpu_backend import (
@@ -247,11 +247,21 @@ def test_layouts_the_kernels_cannot_index_run_on_contiguous_copies():
     assert_all_equal(on_cpu(fused), tensors(on_host))
 
 
-@gpu
-def test_cuda_graphs_replay_every_boundary_kind():
+_TRITON_REASON = triton.unavailable_reason(torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", [
+    pytest.param(cuda, id="cuda", marks=pytest.mark.skipif(
+        _GPU_REASON is not None, reason=f"cuda backend: {_GPU_REASON}")),
+    pytest.param(triton, id="triton", marks=pytest.mark.skipif(
+        _TRITON_REASON is not None or not torch.cuda.is_available(),
+        reason=f"triton backend on cuda: {_TRITON_REASON or 'no CUDA device'}")),
+])
+def test_cuda_graphs_replay_every_boundary_kind(backend):
     """One graph per boundary kind (the only per-step value that is a launch argument), replayed
     in an epoch clock's order while grads, an lr tensor and found_inf change in place between
-    replays: the same result as the reference stepping eagerly."""
+    replays: the same result as the reference stepping eagerly. For both fused CUDA backends."""
     graphed = moved(make_bucket("radam", dict(lr=torch.tensor(1e-2)), torch.float32,
                                 sizes=(70_000, 3, 0, 65536)), "cuda")
     graphed.grad_scale = torch.full((1,), 4.0, device="cuda")
@@ -261,7 +271,7 @@ def test_cuda_graphs_replay_every_boundary_kind():
     with torch.cuda.stream(side):  # warm-up: every kind once, eagerly (as torch.cuda.graph asks)
         for kind in Boundary:
             graphed.boundary = kind
-            cuda.step(graphed)
+            backend.step(graphed)
     torch.cuda.current_stream().wait_stream(side)
     ref = moved(graphed, "cpu")
     graphs = {}
@@ -269,7 +279,7 @@ def test_cuda_graphs_replay_every_boundary_kind():
         graphed.boundary = kind
         graphs[kind] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs[kind]):
-            cuda.step(graphed)
+            backend.step(graphed)
 
     schedule = [Boundary.NONE, Boundary.NONE, Boundary.UPDATE, Boundary.NONE, Boundary.ROLL,
                 Boundary.NONE, Boundary.UPDATE]

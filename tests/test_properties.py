@@ -1,7 +1,7 @@
 """Property tests (hypothesis): for random shapes (empty, one-element and 0-dim tensors included),
 dtypes, memory layouts, hyperparameters, epoch lengths (counted or manual) and grads that are
-None on some steps, every backend ends where the reference does, with the state dtypes of
-docs/algorithm.md#state-and-dtypes.
+None on some steps, every backend ends where the reference does (the backend on every device
+present, the reference on the CPU), with the state dtypes of docs/algorithm.md#state-and-dtypes.
 
 Tolerances. Discrete and accumulated state is compared exactly in every dtype: gains, signs and
 step counts, and the float32 epoch sums (each backend adds the same float32 values in the same
@@ -26,12 +26,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+pytest.importorskip("hypothesis")  # a GPU image may lack it: say so, as a skip (gpu_check's report)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from optim_configs import device_backends, on_cpu
+
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # exact comparison in every dtype: the same float32 values added in the same order
 EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum")
@@ -108,12 +110,12 @@ def runs(draw, max_tensors=4, max_size=5, max_steps=8, dtypes=DTYPES):
                 has_grad=has_grad, seed=draw(st.integers(0, 2**16)))
 
 
-def _run(case: dict, backend: str):
+def _run(case: dict, backend: str, device="cpu"):
     gen = torch.Generator().manual_seed(case["seed"])
     dtype = case["dtype"]
 
-    def randn(shape):
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    def randn(shape):  # drawn on the CPU: every device sees the same values
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
     params = [torch.nn.Parameter(_laid_out(randn(s), layout, perm))
               for s, (layout, perm, _) in zip(case["shapes"], case["layouts"])]
@@ -131,12 +133,12 @@ def _run(case: dict, backend: str):
     return start, params, opt
 
 
-def _assert_matches_reference(case: dict, backend: str):
+def _assert_matches_reference(case: dict, device: str, backend: str):
     start, ref_params, ref_opt = _run(case, "reference")
-    _, params, opt = _run(case, backend)
+    params, states = on_cpu(*_run(case, backend, device)[1:])
     dtype, steps = case["dtype"], case["steps"]
-    for p0, p_ref, p in zip(start, ref_params, params):
-        ref_state, state = ref_opt.state[p_ref], opt.state[p]
+    for p0, p_ref, p, state in zip(start, ref_params, params, states):
+        ref_state = ref_opt.state[p_ref]
         assert ref_state.keys() == state.keys()
         for key, value in ref_state.items():
             if not isinstance(value, torch.Tensor):
@@ -167,15 +169,21 @@ def _assert_matches_reference(case: dict, backend: str):
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize(("device", "backend"), device_backends(exclude=("reference", "triton")))
 @settings(max_examples=1000, **SETTINGS)
 @given(case=runs())
-def test_backend_matches_reference(backend, case):
-    _assert_matches_reference(case, backend)
+def test_backend_matches_reference(device, backend, case):
+    _assert_matches_reference(case, device, backend)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (on CPU: TRITON_INTERPRET=1)")
+# few and small examples: on the CPU the Triton interpreter is slow, on a GPU each new combination
+# of options compiles a kernel specialisation
+TRITON = device_backends(only=("triton",))
+
+
+@pytest.mark.skipif(not TRITON, reason="needs triton (on CPU: TRITON_INTERPRET=1)")
+@pytest.mark.parametrize(("device", "backend"), TRITON)
 @settings(max_examples=80, **SETTINGS)
 @given(case=runs(max_tensors=2, max_size=3, max_steps=4))
-def test_triton_matches_reference(case):
-    _assert_matches_reference(case, "triton")
+def test_triton_matches_reference(device, backend, case):
+    _assert_matches_reference(case, device, backend)

@@ -29,7 +29,8 @@ from optim_configs import (
 
 INTERPRETED = "triton" in available_backends("cpu")
 HAS_CUDA = torch.cuda.is_available()
-interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton and TRITON_INTERPRET=1")
+interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason=f"triton on CPU: {triton_backend.unavailable_reason(torch.device('cpu'))}")
 
 if INTERPRETED or HAS_CUDA:
     from adaptive_lr import kernels
@@ -89,6 +90,42 @@ def test_unavailable_reasons_are_clear(monkeypatch):
     monkeypatch.setattr(triton_backend.importlib.util, "find_spec", lambda name: None)
     assert triton_backend.unavailable_reason(torch.device("cuda")) == \
         "triton is not installed (pip install triton)"
+
+
+@pytest.mark.skipif("ADAPTIVE_LR_EXPECT_TRITON" not in os.environ,
+                    reason="only in scripts/test.sh's run under the oldest supported triton")
+def test_the_expected_triton_runs_the_tests():
+    """That run must not pass by skipping: its triton is the one asked for, and it runs."""
+    import triton
+
+    assert triton.__version__ == os.environ["ADAPTIVE_LR_EXPECT_TRITON"]
+    assert HAS_CUDA or INTERPRETED, triton_backend.unavailable_reason(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "interpret", "expected"), [
+    ("3.4.0", "2.4.6", False, None),  # compiled kernels: numpy plays no part
+    ("3.4.0", "2.3.5", True, None),
+    ("3.6.0", "2.4.6", True, "the Triton interpreter of triton 3.6.0 fails with numpy 2.4.6"),
+    ("3.7.1", "2.4.6", True, None),
+    ("3.10.0", "2.4.6", True, None),
+    ("3.9.0", None, True, "the Triton interpreter needs numpy"),
+    ("3.3.1", "2.2.6", False, "triton 3.3.1 is older than 3.4"),
+    ("3.2.0+git4a0de0c4", None, True, "triton 3.2.0+git4a0de0c4 is older than 3.4"),
+])
+def test_supported_triton_and_numpy_versions(triton_version, numpy_version, interpret, expected):
+    reason = triton_backend.version_reason(triton_version, numpy_version, interpret)
+    assert reason == expected if expected is None else reason.startswith(expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_a_triton_older_than_3_4_is_left_to_other_backends(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    for device in ("cpu", "cuda"):
+        reason = triton_backend.unavailable_reason(torch.device(device))
+        assert reason.startswith("triton 3.3.1 is older than 3.4"), reason
+        assert "triton" not in available_backends(device)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

@@ -3,7 +3,11 @@
 Runs on CUDA tensors wherever triton imports, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported; slow, for tests). The step path never
 synchronises with the host: lr, grad_scale, found_inf, the step counters and the hyperparameters
-are read by the kernel from device memory (see docs/triton.md)."""
+are read by the kernel from device memory (see docs/triton.md).
+
+Supported: triton >= 3.4 (the triton that torch's CUDA wheels ship from torch 2.8 on; older ones
+lack ``triton.knobs``). The Triton interpreter of triton < 3.7 also needs numpy < 2.4: it turns
+one-element arrays into Python ints, which numpy 2.4 refuses (compiled GPU kernels are unaffected)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,33 @@ import importlib.util
 import torch
 
 from .bucket import Bucket
+
+MIN_TRITON = (3, 4)
+# the first triton whose interpreter runs with numpy >= 2.4 (NUMPY_BREAKING_INTERPRETER)
+INTERPRETER_FIXED_TRITON = (3, 7)
+NUMPY_BREAKING_INTERPRETER = (2, 4)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "3.4.0+git1234"."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def version_reason(triton_version: str, numpy_version: str | None, interpret: bool) -> str | None:
+    """Why these versions cannot run the kernels (None when they can); ``numpy_version`` is None
+    when numpy is not installed."""
+    if _release(triton_version) < MIN_TRITON:
+        return (f"triton {triton_version} is older than 3.4, the oldest the kernels support "
+                "(torch >= 2.8 ships a supported triton)")
+    if not interpret:
+        return None
+    if numpy_version is None:
+        return "the Triton interpreter needs numpy (pip install numpy)"
+    if (_release(triton_version) < INTERPRETER_FIXED_TRITON
+            and _release(numpy_version) >= NUMPY_BREAKING_INTERPRETER):
+        return (f"the Triton interpreter of triton {triton_version} fails with numpy "
+                f"{numpy_version}: use numpy < 2.4 or triton >= 3.7")
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,12 +70,22 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"the Triton kernels target CUDA devices, not {device.type}"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    import triton
+
+    too_old = version_reason(triton.__version__, None, interpret=False)
+    if too_old is not None:  # checked before importing knobs, which old tritons lack
+        return too_old
     from triton import knobs
 
     interpret = bool(knobs.runtime.interpret)  # TRITON_INTERPRET, parsed as triton parses it
     if device.type == "cpu" and not interpret:
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (the Triton interpreter)"
-    return _kernels_reason(interpret)
+    numpy_version = None
+    if interpret and importlib.util.find_spec("numpy") is not None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    return version_reason(triton.__version__, numpy_version, interpret) or _kernels_reason(interpret)
 
 
 def step(bucket: Bucket) -> None:

@@ -343,6 +343,9 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 id_to_param[param_id] = (p, saved)
         new_state = defaultdict(dict)
         for param_id, saved in saved_state.items():
+            if not isinstance(param_id, int):  # belongs to no param (a hook's): kept, as torch does
+                new_state[param_id] = saved
+                continue
             check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
             p, group = id_to_param[param_id]
             if from_torch:
