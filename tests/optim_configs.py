@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+from adaptive_lr import (
+    ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD, available_backends,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 # "cuda" only where a device is present: without one the cuda cases are not generated at all
@@ -49,8 +51,11 @@ SHAPES = [(5, 3), (17,), (), (2, 3, 4), (65,)]
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """One row of the table: an optimizer with some options, and tags naming what it covers."""
+
     cls: type
     kwargs: dict = field(default_factory=dict)
+    tags: frozenset = frozenset()
 
     @property
     def id(self) -> str:
@@ -62,23 +67,84 @@ class OptimConfig:
         return self.cls(params, **kwargs)
 
 
+def _config(cls, tags="", **kwargs) -> OptimConfig:
+    return OptimConfig(cls, kwargs, frozenset(tags.split()))
+
+
+# Every option of every optimizer, alone or combined (tags: what a row covers; "defaults" is the
+# optimizer at its defaults). Tests choose rows by tag, never by position.
 CONFIGS = [
-    OptimConfig(ActiveSGD),
-    OptimConfig(ActiveSGD, dict(nesterov=True, weight_decay=0.1)),
-    OptimConfig(ActiveSGD, dict(momentum=0.5, dampening=0.3, maximize=True)),
-    OptimConfig(ActiveSGD, dict(momentum=0.0)),
-    OptimConfig(ActiveAdamW),
-    OptimConfig(ActiveAdamW, dict(amsgrad=True, weight_decay=0.0)),
-    OptimConfig(ActiveAdamW, dict(maximize=True, betas=(0.8, 0.99), gain_inc=1.0, gain_dec=0.25)),
-    OptimConfig(ActiveAdamW, dict(min_gain=0.3, max_gain=4.0)),
-    OptimConfig(ActiveRAdam),
-    OptimConfig(ActiveRAdam, dict(weight_decay=0.1, maximize=True)),
+    _config(ActiveSGD, "defaults"),
+    _config(ActiveSGD, "nesterov weight_decay", nesterov=True, weight_decay=0.1),
+    _config(ActiveSGD, "dampening maximize", momentum=0.5, dampening=0.3, maximize=True),
+    _config(ActiveSGD, "no_momentum", momentum=0.0),
+    _config(ActiveAdamW, "defaults"),
+    _config(ActiveAdamW, "amsgrad", amsgrad=True, weight_decay=0.0),
+    _config(ActiveAdamW, "maximize gain_rule", maximize=True, betas=(0.8, 0.99), gain_inc=1.0,
+            gain_dec=0.25),
+    _config(ActiveAdamW, "clamps", min_gain=0.3, max_gain=4.0),
+    _config(ActiveRAdam, "defaults"),
+    _config(ActiveRAdam, "weight_decay maximize", weight_decay=0.1, maximize=True),
     # a small beta2 makes rho_t cross 5 within the first steps, covering both branches
-    OptimConfig(ActiveRAdam, dict(betas=(0.9, 0.9))),
-    OptimConfig(ActiveAdaBelief),
-    OptimConfig(ActiveAdaBelief, dict(rectify=False, amsgrad=True, weight_decay=0.1)),
-    OptimConfig(ActiveAdaBelief, dict(betas=(0.9, 0.9), amsgrad=True, max_gain=3.0)),
+    _config(ActiveRAdam, "both_rectify_branches", betas=(0.9, 0.9)),
+    _config(ActiveAdaBelief, "defaults"),
+    _config(ActiveAdaBelief, "amsgrad no_rectify weight_decay", rectify=False, amsgrad=True,
+            weight_decay=0.1),
+    _config(ActiveAdaBelief, "amsgrad both_rectify_branches clamps", betas=(0.9, 0.9),
+            amsgrad=True, max_gain=3.0),
+    _config(ActiveAdam, "defaults"),
+    _config(ActiveAdam, "amsgrad weight_decay maximize", amsgrad=True, weight_decay=0.1,
+            maximize=True),
+    _config(ActiveAdam, "decoupled_weight_decay", decoupled_weight_decay=True, weight_decay=0.1),
+    _config(ActiveLion, "defaults"),
+    _config(ActiveLion, "weight_decay maximize clamps", betas=(0.8, 0.95), weight_decay=0.1,
+            maximize=True, max_gain=3.0),
 ]
+
+
+def configs(*tags: str, cls: type | None = None) -> list[OptimConfig]:
+    """The rows that have every tag (and are of ``cls``, if given)."""
+    return [c for c in CONFIGS if set(tags) <= c.tags and cls in (None, c.cls)]
+
+
+def config(*tags: str, cls: type | None = None) -> OptimConfig:
+    """The first row that has every tag (and is of ``cls``)."""
+    rows = configs(*tags, cls=cls)
+    assert rows, f"no config tagged {tags} for {cls}"
+    return rows[0]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """What the generic tests need of one optimizer class besides its configs: the torch.optim
+    optimizer it mirrors (its hyperparameter checks raise what that one raises) and its own bad
+    arguments, each with the words its ValueError must contain."""
+
+    cls: type
+    twin: type
+    error_inputs: tuple = ()
+
+
+_BETAS_EPS_ERRORS = ((dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
+                     (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+                     (dict(eps=-1e-8), "epsilon"))
+INFOS = [
+    OptimizerInfo(ActiveSGD, torch.optim.SGD, (
+        (dict(momentum=-0.1), "momentum"),
+        (dict(dampening=2.0), "dampening"),
+        (dict(nesterov=True, momentum=0.0), "Nesterov"),
+        (dict(nesterov=True, dampening=0.1), "Nesterov"),
+    )),
+    OptimizerInfo(ActiveAdamW, torch.optim.AdamW, _BETAS_EPS_ERRORS),
+    OptimizerInfo(ActiveRAdam, torch.optim.RAdam, _BETAS_EPS_ERRORS),
+    OptimizerInfo(ActiveAdaBelief, torch.optim.Adam, _BETAS_EPS_ERRORS),
+    OptimizerInfo(ActiveAdam, torch.optim.Adam, _BETAS_EPS_ERRORS),
+    OptimizerInfo(ActiveLion, torch.optim.Adam, (
+        (dict(betas=(1.5, 0.9)), "beta parameter at index 0"),
+        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+    )),
+]
+CLASSES = [info.cls for info in INFOS]
 
 
 def make_params(dtype=torch.float64, seed=0, shapes=SHAPES):

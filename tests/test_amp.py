@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 
-from adaptive_lr.backends import Boundary
-from adaptive_lr.backends.reference import apply_boundary
-from optim_configs import CONFIGS, clone_params, device_backends, grad_sequence, make_params
+from adaptive_lr import ActiveAdamW
+from adaptive_lr.backends import Boundary, apply_boundary
+from optim_configs import (
+    CONFIGS, clone_params, config, configs, device_backends, grad_sequence, make_params,
+)
 
 DEVICE_BACKENDS = device_backends()
 
@@ -80,10 +82,10 @@ def test_found_inf_skips_all_but_the_boundary(device, backend, config, steps_bef
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_grad_scale_unscales(device, backend):
-    config = CONFIGS[4]  # ActiveAdamW defaults
+    adamw = config("defaults", cls=ActiveAdamW)
     params, grads = _params_and_grads(7, device)
     plain_params, scaled_params = clone_params(params), clone_params(params)
-    plain, scaled = config.make(plain_params, backend=backend), config.make(scaled_params, backend=backend)
+    plain, scaled = adamw.make(plain_params, backend=backend), adamw.make(scaled_params, backend=backend)
     for step_grads in grads:
         for p, q, g in zip(plain_params, scaled_params, step_grads):
             p.grad, q.grad = g.clone(), g * 1024.0
@@ -97,7 +99,7 @@ def test_grad_scale_unscales(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS[::4], ids=lambda c: c.id)
+@pytest.mark.parametrize("config", configs("defaults"), ids=lambda c: c.id)
 def test_grad_scaler_overflow_step_changes_no_state(device, backend, config):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).to(device)

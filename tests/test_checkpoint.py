@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, available_backends
+from adaptive_lr import (
+    ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD, available_backends,
+)
 from fixtures import make_checkpoints
 from optim_configs import (
-    CONFIGS, DEVICES, clone_params, device_backends, grad_sequence, make_params, on_cpu, run,
+    CLASSES, CONFIGS, DEVICES, clone_params, configs, device_backends, grad_sequence, make_params,
+    on_cpu, run,
 )
 
 BACKENDS = available_backends("cpu")
@@ -80,7 +83,7 @@ def test_resume_mid_epoch_continues_identically(config, dtype, tmp_path):
 def test_a_copied_optimizer_keeps_its_settings_and_continues_identically(copy_optimizer):
     """deepcopy and pickle (used by e.g. model-averaging and checkpointing tools) keep the
     backend and the epoch length, which torch.optim.Optimizer alone would drop."""
-    config = CONFIGS[4]  # ActiveAdamW
+    config = configs("defaults", cls=ActiveAdamW)[0]
     params = make_params(torch.float64)
     grads = grad_sequence([tuple(p.shape) for p in params], 12, torch.float64)
     opt = config.make(params, backend="foreach")
@@ -105,7 +108,7 @@ def backends_run(monkeypatch):
 
 
 # one config per optimizer, amsgrad on where it exists: every kind of state crosses backends
-CROSSING = [CONFIGS[0], CONFIGS[5], CONFIGS[8], CONFIGS[12]]
+CROSSING = [(configs("amsgrad", cls=cls) or configs("defaults", cls=cls))[0] for cls in CLASSES]
 STEPS, SAVED_AT = 10, 7  # 3 steps per epoch: saved mid-epoch after two boundaries, one more after
 SHAPES = [(5, 3), (4,), ()]  # few tensors: the Triton interpreter's time grows with their number
 SKIP = {(3, 1), (4, 1), (5, 1), (6, 1), (7, 1)}  # param 1 misses boundaries on both sides of the save
@@ -240,6 +243,8 @@ def _mismatched_state_dicts():
         "ActiveSGD": (_trained(ActiveSGD)[1].state_dict(), "another optimizer"),
         "ActiveRAdam": (_trained(ActiveRAdam)[1].state_dict(), "another optimizer"),
         "ActiveAdaBelief": (_trained(ActiveAdaBelief)[1].state_dict(), "another optimizer"),
+        "ActiveAdam": (_trained(ActiveAdam)[1].state_dict(), "another optimizer"),
+        "ActiveLion": (_trained(ActiveLion)[1].state_dict(), "another optimizer"),
         # torch.optim.AdamW's loads (tests/test_dropin.py); another torch optimizer's does not
         "torch.optim.SGD": (torch_sgd.state_dict(), "another optimizer"),
         "amsgrad": (_trained(amsgrad=True)[1].state_dict(),

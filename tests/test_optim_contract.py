@@ -32,17 +32,11 @@ from adaptive_lr import (
     GreedyLR,
     available_backends,
 )
-from optim_configs import CONFIGS
+from optim_configs import CLASSES, CONFIGS, INFOS
 
 BACKENDS = available_backends("cpu")
-CLASSES = [ActiveSGD, ActiveAdamW, ActiveRAdam, ActiveAdaBelief]
 # torch's closest optimizer to each: same hyperparameter checks, same state dict layout rules
-TWIN = {
-    ActiveSGD: torch.optim.SGD,
-    ActiveAdamW: torch.optim.AdamW,
-    ActiveRAdam: torch.optim.RAdam,
-    ActiveAdaBelief: torch.optim.Adam,
-}
+TWIN = {info.cls: info.twin for info in INFOS}
 CLS_BACKEND = [
     pytest.param(cls, backend, id=f"{cls.__name__}-{backend}")
     for cls in CLASSES

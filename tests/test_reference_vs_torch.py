@@ -24,6 +24,8 @@ PAIRS = [
     (ActiveAdam, dict(), torch.optim.Adam, dict()),
     (ActiveAdam, dict(amsgrad=True, maximize=True, weight_decay=0.1),
      torch.optim.Adam, dict(amsgrad=True, maximize=True, weight_decay=0.1)),
+    (ActiveAdam, dict(decoupled_weight_decay=True, weight_decay=0.1), torch.optim.Adam,
+     dict(decoupled_weight_decay=True, weight_decay=0.1)),
     (ActiveLion, dict(weight_decay=0.1), Lion, dict(weight_decay=0.1)),
     (ActiveLion, dict(betas=(0.8, 0.95)), Lion, dict(betas=(0.8, 0.95))),
     (ActiveRAdam, dict(weight_decay=0.1), torch.optim.RAdam,

@@ -57,7 +57,7 @@ def step(bucket: Bucket) -> None:
     torch._foreach_add_(bucket.grad_sums, g if compute == torch.float32 else [x.float() for x in g])
     low_precision = bucket.dtype != compute
     theta = [p.detach().to(compute) for p in bucket.params]
-    if bucket.spec.decoupled_weight_decay and h.weight_decay != 0:
+    if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
         torch._foreach_mul_(theta, 1 - h.lr * h.weight_decay)
     gammas = bucket.gains if compute == torch.float32 else [x.to(compute) for x in bucket.gains]
     bucket.spec.foreach(theta, g, gammas, steps, bucket.state, h)

@@ -24,7 +24,7 @@ def op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
         states=[t for key in spec.state_keys(h) for t in bucket.state[key]],
         lr=lr,
         hyper=spec.kernel_hyper(h),
-        weight_decay=h.weight_decay if spec.decoupled_weight_decay else 0.0,
+        weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
         maximize=h.maximize,
         gain_inc=h.gain_inc,
         gain_dec=h.gain_dec,

@@ -50,7 +50,7 @@ def step(bucket: Bucket) -> None:
         grad_sum.add_(g.float())
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
-        if bucket.spec.decoupled_weight_decay and h.weight_decay != 0:
+        if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
             theta.mul_(1 - h.lr * h.weight_decay)
         state = {key: values[i] for key, values in bucket.state.items()}
         bucket.spec.reference(theta, g, gain.to(compute), bucket.steps[i].item(), state, h)

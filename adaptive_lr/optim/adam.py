@@ -14,11 +14,17 @@ from .spec import AdamHyper, BaseOptimizer, OptimizerSpec
 @dataclass(frozen=True)
 class AdamHyperL2(AdamHyper):
     amsgrad: bool
+    decoupled_weight_decay: bool
+
+
+def _l2(h: AdamHyperL2) -> float:
+    """The weight decay the moments see: Adam's L2 term, unless it is decoupled (AdamW)."""
+    return 0.0 if h.decoupled_weight_decay else h.weight_decay
 
 
 def _reference(theta, g, gamma, step, state, h: AdamHyperL2) -> None:
-    if h.weight_decay != 0:  # L2, coupled: the moments see it (the epoch sum does not)
-        g = g + h.weight_decay * theta
+    if _l2(h) != 0:  # the moments see it; the epoch sum does not
+        g = g + _l2(h) * theta
     v = adam_moments(g, state, h, h.amsgrad)
     bc1, bc2 = bias_corrections(h.betas, step)
     denom = v.sqrt() / math.sqrt(bc2) + h.eps
@@ -26,8 +32,8 @@ def _reference(theta, g, gamma, step, state, h: AdamHyperL2) -> None:
 
 
 def _foreach(theta, g, gammas, steps, state, h: AdamHyperL2) -> None:
-    if h.weight_decay != 0:
-        g = torch._foreach_add(g, theta, alpha=h.weight_decay)
+    if _l2(h) != 0:
+        g = torch._foreach_add(g, theta, alpha=_l2(h))
     v = foreach_adam_moments(g, state, h, h.amsgrad)
     corrections = [bias_corrections(h.betas, t) for t in steps]
     denom = torch._foreach_sqrt(v)
@@ -44,9 +50,9 @@ ADAM = OptimizerSpec(
     amsgrad_state="max_exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad), h.weight_decay],
+    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad), _l2(h)],
     base=BaseOptimizer("torch.optim.Adam", ("lr", "betas", "eps", "amsgrad")),
-    decoupled_weight_decay=False,
+    decoupled_weight_decay=lambda h: h.decoupled_weight_decay,
 )
 
 
@@ -57,16 +63,19 @@ class ActiveAdam(ActiveOptimizer):
 
     Args:
         params: iterable of parameters or param groups.
-        lr, betas, eps, weight_decay, amsgrad: as in ``torch.optim.Adam``: ``g + weight_decay *
-            param`` feeds the moments; the epoch sum that moves the gains is of ``g``
-            alone.""" + GAIN_ARGS_DOC
+        lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay: as in
+            ``torch.optim.Adam``: ``g + weight_decay * param`` feeds the moments (the epoch sum
+            that moves the gains is of ``g`` alone); with ``decoupled_weight_decay=True`` it is
+            ActiveAdamW's decoupled decay instead.""" + GAIN_ARGS_DOC
 
     spec = ADAM
 
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, amsgrad=False, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
-                 max_gain=float("inf"), maximize=False, backend="auto"):
+                 weight_decay=0.0, amsgrad=False, decoupled_weight_decay=False, gain_inc=2.0,
+                 gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), maximize=False,
+                 backend="auto"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, gain_inc=gain_inc, gain_dec=gain_dec,
+                        amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
+                        gain_inc=gain_inc, gain_dec=gain_dec,
                         min_gain=min_gain, max_gain=max_gain, maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)

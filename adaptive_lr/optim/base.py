@@ -395,9 +395,17 @@ class ActiveOptimizer(torch.optim.Optimizer):
             f"{name}: param group {i} of the state dict is neither an {name} nor a "
             f"{base.name if base else 'torch.optim'} one (a state dict of another optimizer?)",
         )
+        converted = {k: v for k, v in saved.items()
+                     if k not in TORCH_ONLY_GROUP_KEYS or k in self.defaults}
+        for key in GAIN_KEYS:
+            converted[key] = group[key]
+        for key, default in self.defaults.items():
+            converted.setdefault(key, default)
+        converted.update(epoch=0, steps_in_epoch=0, boundary_pending=False)
         weight_decay = saved.get("weight_decay", 0)
         decoupled = saved.get("decoupled_weight_decay", base.decoupled_by_default)
-        if weight_decay and decoupled != self.spec.decoupled_weight_decay:
+        if weight_decay and decoupled != self.spec.decoupled_weight_decay(
+                self.spec.record(converted)):
             was, now = ("decoupled", "an L2 term of the gradient") if decoupled else (
                 "an L2 term of the gradient", "decoupled (param *= 1 - lr * weight_decay)")
             warnings.warn(
@@ -405,12 +413,6 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 f"is {now}",
                 stacklevel=4,
             )
-        converted = {k: v for k, v in saved.items() if k not in TORCH_ONLY_GROUP_KEYS}
-        for key in GAIN_KEYS:
-            converted[key] = group[key]
-        for key, default in self.defaults.items():
-            converted.setdefault(key, default)
-        converted.update(epoch=0, steps_in_epoch=0, boundary_pending=False)
         return converted
 
     def _param_state_from_base(self, p: Tensor, saved: dict, param_id, group: dict) -> dict:

@@ -95,9 +95,9 @@ class OptimizerSpec:
     the Triton update of adaptive_lr.kernels); ``kernel_hyper(h)`` is the kernels'
     hyperparameter vector, in the order they parse it (bools as 0/1). ``state`` lists the
     base-optimizer state in the kernels' order (torch.optim's key names); ``amsgrad_state`` is
-    the key that exists only while the group's ``amsgrad`` is on. ``decoupled_weight_decay``:
-    every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False: the
-    update uses weight_decay itself, as Adam's L2 term)."""
+    the key that exists only while the group's ``amsgrad`` is on. ``decoupled_weight_decay(h)``:
+    whether every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False:
+    the update uses weight_decay itself, as Adam's L2 term)."""
 
     kernel: str
     hyper: type[GainHyper]
@@ -107,7 +107,7 @@ class OptimizerSpec:
     kernel_hyper: Callable[[Any], list[float]]
     amsgrad_state: str | None = None
     base: BaseOptimizer | None = None
-    decoupled_weight_decay: bool = True
+    decoupled_weight_decay: Callable[[Any], bool] = lambda h: True
 
     def record(self, group: dict) -> GainHyper:
         return self.hyper.from_group(group)
