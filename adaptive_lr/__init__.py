@@ -3,9 +3,10 @@ GreedyLR scheduler for PyTorch, with fused CPU kernels."""
 
 from .backends import available_backends
 from .greedy_lr import GreedyLR
-from .optim import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from .optim import Active, ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
 
 __all__ = [
-    "ActiveAdaBelief", "ActiveAdamW", "ActiveRAdam", "ActiveSGD", "GreedyLR", "available_backends",
+    "Active", "ActiveAdaBelief", "ActiveAdamW", "ActiveRAdam", "ActiveSGD", "GreedyLR",
+    "available_backends",
 ]
 __version__ = "0.1.0"
