@@ -337,6 +337,34 @@ def assert_state_dicts_equal(a, b):
         assert a == b
 
 
+class FailingSGD(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("inner step failed")
+
+
+def test_a_failing_inner_step_leaves_the_sign_state_and_the_clock_alone():
+    params = make_params()
+    opt = Active(FailingSGD(params, lr=0.1), steps_per_epoch=3)
+    set_grads(params, grad_sequence(1)[0])
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        opt.step()
+    assert not opt.state
+    assert opt.param_groups[0]["steps_in_epoch"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_inner_groups_maximize_negates_the_epoch_sum(backend):
+    params = make_params()
+    opt = Active(torch.optim.SGD(params, lr=0.1, maximize=True), steps_per_epoch=3,
+                 backend=backend)
+    grads = grad_sequence(2)
+    for step_grads in grads:
+        set_grads(params, step_grads)
+        opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(opt.state[p]["grad_sum"], -grads[0][i] - grads[1][i])
+
+
 def test_a_state_dict_that_does_not_fit_raises_and_changes_nothing():
     params = make_params()
     opt = Active(INNERS["AdamW"](params), steps_per_epoch=3)
