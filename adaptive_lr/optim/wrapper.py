@@ -162,7 +162,8 @@ class Active(EpochClock, torch.optim.Optimizer):
             return loss
         if grad_scale is not None:
             _unscale([p.grad for _, params in work for p in params], grad_scale)
-        befores = [[p.detach().clone() for p in params] for _, params in work]
+        # the grads as handed to this step, whatever the inner optimizer does with p.grad
+        befores = [[(p.detach().clone(), p.grad) for p in params] for _, params in work]
         self.optimizer.step()
         crossing = []
         for (group, params), group_befores in zip(work, befores):
@@ -173,8 +174,8 @@ class Active(EpochClock, torch.optim.Optimizer):
                 states = [self.state[params[i]] for i in indices]
                 rescale.resolve(self.backend, device)(rescale.RescaleBucket(
                     params=[params[i].detach() for i in indices],
-                    befores=[group_befores[i] for i in indices],
-                    grads=[params[i].grad for i in indices],
+                    befores=[group_befores[i][0] for i in indices],
+                    grads=[group_befores[i][1] for i in indices],
                     gains=[s["gain"] for s in states],
                     grad_sums=[s["grad_sum"] for s in states],
                     prev_signs=[s["prev_sign"] for s in states],
