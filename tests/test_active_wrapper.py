@@ -471,3 +471,40 @@ def test_scaling_pass_equals_the_reference(backend, dtype, boundary, maximize):
     for name in ("params", "gains", "grad_sums", "prev_signs"):
         for e, g in zip(getattr(expected, name), getattr(got, name)):
             assert torch.equal(e, g), name
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_any_param_layout_steps_as_the_reference(backend):
+    """A transposed param (dense: stepped in place by the cpu op) and a strided view (not dense:
+    stepped on contiguous copies) give the reference backend's results."""
+    def layouts():
+        gen = torch.Generator().manual_seed(4)
+        return [torch.randn(6, 8, generator=gen).t().requires_grad_(),
+                torch.randn(8, 12, generator=gen)[:, ::2].detach().requires_grad_()]
+
+    results = {}
+    for name in ("reference", backend):
+        params = layouts()
+        opt = Active(INNERS["AdamW"](params), steps_per_epoch=2, backend=name)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(7):
+            set_grads(params, [torch.randn(p.shape, generator=gen) for p in params])
+            opt.step()
+        results[name] = [(p.detach(), opt.state[p]["gain"], opt.state[p]["grad_sum"])
+                         for p in params]
+    for expected, got in zip(results["reference"], results[backend]):
+        for e, g in zip(expected, got):
+            assert torch.equal(e, g)
+    assert not torch.equal(results[backend][0][1], torch.ones(8, 6))  # the gains moved
+
+
+def test_the_cpu_op_checks_its_inputs_before_writing():
+    if "cpu" not in BACKENDS:
+        pytest.skip("adaptive_lr._C is not built")
+    p, before, grad = torch.ones(4), torch.zeros(4), torch.ones(4)
+    gain, grad_sum = torch.full((4,), 2.0), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="prev_signs"):
+        torch.ops.adaptive_lr.active_rescale_(
+            [p], [before], [grad], [gain], [grad_sum], [torch.zeros(4)], 2.0, 0.5, 0.0,
+            math.inf, False, 0)
+    assert torch.equal(p, torch.ones(4)) and torch.equal(grad_sum, torch.zeros(4))
