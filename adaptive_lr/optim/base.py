@@ -1,5 +1,5 @@
-"""What the four Active optimizers share: the epoch clock, lazy state, bucketing by
-(device, dtype, boundary), validation before mutation, and a dtype-preserving state load."""
+"""What the four Active optimizers share: the epoch clock (from clock.py), lazy state, bucketing
+by (device, dtype, boundary), validation before mutation, and a dtype-preserving state load."""
 
 from __future__ import annotations
 
