@@ -73,7 +73,7 @@ def _extensions_and_commands():
             objects = []
             for capability, isa_flags in CPU_CAPABILITIES.items():
                 objects += self.compiler.compile(
-                    [KERNEL_SOURCE],
+                    [KERNEL_SOURCE, "csrc/cpu/active_wrapper.cpp"],
                     output_dir=os.path.join(self.build_temp, capability.lower()),
                     macros=[("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
                     include_dirs=ext.include_dirs,
@@ -94,7 +94,7 @@ def _extensions_and_commands():
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + nvcc_archs},
         extra_link_args=["-fopenmp"],
         # a change to the kernel or a header relinks _C (the kernel objects are built above)
-        depends=[KERNEL_SOURCE]
+        depends=[KERNEL_SOURCE, "csrc/cpu/active_wrapper.cpp"]
         + glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True)
         + glob.glob("csrc/**/*.cuh", root_dir=ROOT, recursive=True),
     )

@@ -9,9 +9,10 @@ from .optim.adamw import ActiveAdamW
 from .optim.lion import ActiveLion
 from .optim.radam import ActiveRAdam
 from .optim.sgd import ActiveSGD
+from .optim.wrapper import Active
 
 __all__ = [
-    "ActiveAdaBelief", "ActiveAdam", "ActiveAdamW", "ActiveLion", "ActiveRAdam", "ActiveSGD",
-    "GreedyLR", "available_backends",
+    "Active", "ActiveAdaBelief", "ActiveAdam", "ActiveAdamW", "ActiveLion", "ActiveRAdam",
+    "ActiveSGD", "GreedyLR", "available_backends",
 ]
 __version__ = "0.1.0"

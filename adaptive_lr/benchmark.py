@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 import adaptive_lr
-from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from adaptive_lr import Active, ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
 from adaptive_lr.model_shapes import MODELS, param_count
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
@@ -51,6 +51,12 @@ def bytes_per_element(family: str, active: bool, param_bytes: int, torch_state_b
     return total
 
 
+# Active(optimizer) moves this on top of its inner optimizer: the snapshot (read p, write it) and
+# its pass (read p, snapshot, grad, gain; read + write grad_sum; write p).
+def wrapper_extra_bytes(param_bytes: int) -> int:
+    return 6 * param_bytes + 4 + 2 * 4
+
+
 @dataclass
 class Contender:
     name: str
@@ -59,6 +65,7 @@ class Contender:
     make: callable  # params -> optimizer
     baseline: str | None = None  # the torch contender this one is compared with
     foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
+    wrapped: bool = False  # Active(baseline): the baseline's traffic + wrapper_extra_bytes
 
 
 def contenders(backends: list[str], size: int) -> list[Contender]:
@@ -79,6 +86,11 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
     ]
     if size > 1_000_000:  # the for-loop baseline is only informative at the small size
         out = out[1:]
+    # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
+    out += [Contender(f"Active({c.name})", c.family, False,
+                      lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
+                      c.name, wrapped=True)
+            for c in out if c.name in ("torch AdamW fused", "torch SGD fused")]
     active = [
         ("ActiveAdamW", "adamw", ActiveAdamW, "torch AdamW fused", {}),
         ("ActiveSGD", "sgd", ActiveSGD, "torch SGD fused", {}),
@@ -264,6 +276,7 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.
                 for c in entries:
                     q1, med, q3 = quartiles(times[c.name])
                     moved = bytes_per_element(c.family, c.active, param_bytes, param_bytes) * size
+                    moved += wrapper_extra_bytes(param_bytes) * size if c.wrapped else 0
                     rows.append({
                         "size": size_name, "tensors": layout, "dtype": str(dtype).split(".")[-1],
                         "optimizer": c.name, "median_ms": med * 1e3, "q1_ms": q1 * 1e3,

@@ -9,15 +9,15 @@ import warnings
 
 import torch
 
-from .bucket import Boundary, Bucket, state_dtype
+from .bucket import Boundary, Bucket, GainRule, state_dtype
 from .reference import apply_boundary
 
 # Names in order of preference for "auto" (fastest first); "reference" is never auto's choice.
 _AUTO_ORDER = {"cpu": ("cpu", "foreach"), "cuda": ("cuda", "triton", "foreach")}
 NAMES = ("reference", "foreach", "cpu", "cuda", "triton")
 
-__all__ = ["Boundary", "Bucket", "NAMES", "apply_boundary", "available_backends", "resolve",
-           "state_dtype"]
+__all__ = ["Boundary", "Bucket", "GainRule", "NAMES", "apply_boundary", "available_backends",
+           "resolve", "state_dtype"]
 
 
 def _module(name: str):

@@ -39,6 +39,20 @@ class Boundary(enum.IntEnum):
     UPDATE = 2  # compare signs, update the gain, then roll over
 
 
+@dataclass(frozen=True)
+class GainRule:
+    """The epoch boundary's arguments (what every optimizer's hyperparameter record also has)."""
+
+    gain_inc: float
+    gain_dec: float
+    min_gain: float
+    max_gain: float
+
+    @classmethod
+    def of(cls, group: dict) -> "GainRule":
+        return cls(group["gain_inc"], group["gain_dec"], group["min_gain"], group["max_gain"])
+
+
 @dataclass
 class Bucket:
     spec: Any  # adaptive_lr.optim.spec.OptimizerSpec (a backend never imports the optim layer)

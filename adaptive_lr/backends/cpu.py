@@ -31,4 +31,4 @@ def unavailable_reason(device: torch.device) -> str | None:
 def step(bucket: Bucket) -> None:
     # resolve() returned this function only after unavailable_reason() loaded adaptive_lr._C (not
     # re-checked here: under torch.compile a cached-function call in the step is a warning a step)
-    fused.run(fused.op_kwargs(bucket, lr_tensor(bucket.hyper.lr, bucket.params[0])))
+    fused.step(bucket, lr_tensor(bucket.hyper.lr, bucket.params[0]))

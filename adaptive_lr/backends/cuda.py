@@ -53,4 +53,4 @@ def step(bucket: Bucket) -> None:
     reason = _build_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    fused.run(fused.op_kwargs(bucket, lr_tensor(bucket.hyper.lr, bucket.params[0])))
+    fused.step(bucket, lr_tensor(bucket.hyper.lr, bucket.params[0]))

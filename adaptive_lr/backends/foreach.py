@@ -10,40 +10,43 @@ import dataclasses
 
 import torch
 
-from .bucket import Boundary, Bucket, state_dtype
+from torch import Tensor
+
+from .bucket import Boundary, Bucket, GainRule, state_dtype
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _apply_boundary(bucket: Bucket) -> None:
-    h = bucket.hyper
-    signs = torch._foreach_sign(bucket.grad_sums)
-    if bucket.boundary == Boundary.UPDATE:
-        same = torch._foreach_mul([s.float() for s in bucket.prev_signs], signs)
+def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tensor],
+                   prev_signs: list[Tensor], h: GainRule) -> None:
+    """The epoch boundary of a list of params (reference.apply_boundary's, with foreach ops)."""
+    signs = torch._foreach_sign(grad_sums)
+    if boundary == Boundary.UPDATE:
+        same = torch._foreach_mul([s.float() for s in prev_signs], signs)
         same = torch._foreach_sign(same)
         torch._foreach_clamp_min_(same, 0.0)  # 1 where the sign persisted, else 0
         flipped = torch._foreach_neg(same)
         torch._foreach_add_(flipped, 1.0)
         # a 0/1 blend of the two candidates is exact: it picks one of them bit for bit
-        increased = torch._foreach_add(bucket.gains, h.gain_inc)
+        increased = torch._foreach_add(gains, h.gain_inc)
         torch._foreach_mul_(increased, same)
-        decreased = torch._foreach_mul(bucket.gains, h.gain_dec)
+        decreased = torch._foreach_mul(gains, h.gain_dec)
         torch._foreach_mul_(decreased, flipped)
         torch._foreach_add_(increased, decreased)
         torch._foreach_clamp_min_(increased, h.min_gain)
         torch._foreach_clamp_max_(increased, h.max_gain)
-        torch._foreach_copy_(bucket.gains, increased)
-    for prev_sign, sign in zip(bucket.prev_signs, signs):
+        torch._foreach_copy_(gains, increased)
+    for prev_sign, sign in zip(prev_signs, signs):
         prev_sign.copy_(sign)
-    torch._foreach_zero_(bucket.grad_sums)
+    torch._foreach_zero_(grad_sums)
 
 
 def step(bucket: Bucket) -> None:
     h = dataclasses.replace(bucket.hyper, lr=float(bucket.hyper.lr))
     if bucket.boundary != Boundary.NONE:
-        _apply_boundary(bucket)
+        apply_boundary(bucket.boundary, bucket.gains, bucket.grad_sums, bucket.prev_signs, h)
     if bucket.found_inf is not None and bool(bucket.found_inf.item()):
         return
     compute = state_dtype(bucket.dtype)

@@ -1,5 +1,6 @@
-"""The call of the fused op ``torch.ops.adaptive_lr.active_step_`` shared by the cpu and cuda
-backends: one call steps a whole bucket, the optimizer named by its spec's kernel."""
+"""Calling the compiled fused ops from the cpu and cuda backends: ``active_step_`` (one call steps
+a whole bucket, the optimizer named by its spec's kernel) and, through ``run``, any op that takes
+per-tensor lists (Active(optimizer)'s ``active_rescale_``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from . import layout
 from .bucket import Bucket
 
 
-def op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
+def step(bucket: Bucket, lr: torch.Tensor) -> None:
+    """One call of active_step_ for ``bucket``, its lr given as the tensor the kernels read."""
+    run(torch.ops.adaptive_lr.active_step_.default, _op_kwargs(bucket, lr))
+
+
+def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
     """The op's arguments for ``bucket``, its lr given as the tensor the kernels read."""
     h, spec = bucket.hyper, bucket.spec
     return dict(
@@ -36,33 +42,41 @@ def op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
     )
 
 
-def run(kwargs: dict) -> None:
-    """Calls the op (any device) on a bucket's lists in any memory layout."""
-    op = torch.ops.adaptive_lr.active_step_.default
+def run(op, kwargs: dict) -> None:
+    """Calls a fused op (any device) on a bucket's lists in any memory layout. ``kwargs`` holds
+    the op's per-tensor lists (``params`` first; a list of k * len(params) tensors is k lists,
+    state-major) and anything else it takes."""
     try:
         op(**kwargs)
     except NotImplementedError:
         # raised before anything is written, for a layout the kernels cannot index as flat arrays
         # (a strided view, a grad laid out unlike its param) or a tensor with no CPU kernel (sparse)
-        if any(t.layout != torch.strided for name in _LISTS for t in kwargs[name]):
+        lists = _tensor_lists(kwargs)
+        if any(t.layout != torch.strided for name in lists for t in kwargs[name]):
             raise
-        _run_on_flat_copies(op, kwargs)
+        _run_on_flat_copies(op, kwargs, lists)
 
 
-# the per-tensor lists of the op, params first; states is state-major (n tensors per state)
-_LISTS = ("params", "grads", "gains", "grad_sums", "prev_signs", "states")
+def _tensor_lists(kwargs: dict) -> list[str]:
+    # steps: one-element counters, which need no layout
+    return [name for name, value in kwargs.items() if name != "steps" and isinstance(value, list)
+            and value and isinstance(value[0], torch.Tensor)]
 
 
-def _run_on_flat_copies(op, kwargs: dict) -> None:
+def _run_on_flat_copies(op, kwargs: dict, lists: list[str]) -> None:
     """Calls op with the tensors of every param the kernels cannot index as flat arrays replaced
     by contiguous copies, written back afterwards. The common layouts never get here: the op's
     own check is the only per-step cost."""
     n = len(kwargs["params"])
-    states = kwargs["states"]
-    rows = [kwargs[name] for name in _LISTS[:-1]]
-    rows += [states[k:k + n] for k in range(0, len(states), n)]
-    rows, writeback = layout.flat_rows(rows, _LISTS.index("grads"))
-    flat = dict(zip(_LISTS[:-1], rows), states=[t for row in rows[len(_LISTS) - 1:] for t in row])
+    rows, names = [], []
+    for name in lists:
+        tensors = kwargs[name]
+        for k in range(0, len(tensors), n):
+            rows.append(tensors[k:k + n])
+            names.append(name)
+    rows, writeback = layout.flat_rows(rows, names.index("grads"))
+    flat = {name: [t for row, row_name in zip(rows, names) if row_name == name for t in row]
+            for name in lists}
     op(**dict(kwargs, **flat))
     for original, copy in writeback:
         original.copy_(copy)

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .bucket import Boundary, Bucket, state_dtype
+from .bucket import Boundary, Bucket, GainRule, state_dtype
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -18,9 +18,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign: Tensor,
-                   h) -> None:
+                   h: GainRule) -> None:
     """The epoch-boundary update of one param's gain and sign state (docs/algorithm.md, "The
-    gain rule"); ``h`` is the param group's hyperparameter record."""
+    gain rule"); ``h``: a GainRule or a hyperparameter record (which has its fields)."""
     if boundary == Boundary.NONE:
         return
     sign = torch.sign(grad_sum).to(torch.int8)

@@ -1,5 +1,5 @@
-"""What the four Active optimizers share: the epoch clock, lazy state, bucketing by
-(device, dtype, boundary), validation before mutation, and a dtype-preserving state load."""
+"""What the four Active optimizers share: the epoch clock (from clock.py), lazy state, bucketing
+by (device, dtype, boundary), validation before mutation, and a dtype-preserving state load."""
 
 from __future__ import annotations
 
@@ -15,18 +15,14 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .. import backends
-from ..backends import Boundary, Bucket, apply_boundary, state_dtype
+from ..backends import Boundary, Bucket, state_dtype
+from .clock import (
+    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping,
+    check_steps_per_epoch, sign_state,
+)
 from .spec import OptimizerSpec, check
 
-# The epoch clock kept in every param group (identical in all of them: one clock per optimizer).
-CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending")
-# Per-param bookkeeping: the epoch its grad_sum belongs to, and whether it has a previous sign.
-# 0-dim CPU tensors (int64, bool), read on the host without a device sync: tools that walk
-# optimizer state expect tensors there.
-BOOKKEEPING_KEYS = ("epoch", "has_prev_sign")
-BOOKKEEPING_DTYPES = {"epoch": torch.int64, "has_prev_sign": torch.bool}
-ACTIVE_TENSOR_KEYS = ("step", "gain", "grad_sum", "prev_sign")
-GAIN_KEYS = ("gain_inc", "gain_dec", "min_gain", "max_gain")
+ACTIVE_TENSOR_KEYS = ("step",) + SIGN_KEYS
 
 GAIN_ARGS_DOC = """
     steps_per_epoch (int or None): optimizer steps per epoch (usually ``len(train_loader)``;
@@ -68,22 +64,7 @@ def _placement(t: Tensor):
     return (t.device_mesh, t.placements) if isinstance(t, DTensor) else None
 
 
-def _boundary_kind(state: dict) -> Boundary:
-    """The kind of a param's next boundary: its first only rolls over (no sign to compare yet)."""
-    return Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
-
-
-def _record_boundary(state: dict) -> None:
-    state["epoch"].add_(1)
-    state["has_prev_sign"].fill_(True)
-
-
-def _bookkeeping(epoch, has_prev_sign) -> dict:
-    return {key: torch.tensor(value, dtype=BOOKKEEPING_DTYPES[key])
-            for key, value in (("epoch", epoch), ("has_prev_sign", has_prev_sign))}
-
-
-class ActiveOptimizer(torch.optim.Optimizer):
+class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
     """Base class; a subclass sets ``spec``, its optimizer's one definition (optim/spec.py)."""
 
     spec: OptimizerSpec
@@ -92,11 +73,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, steps_per_epoch: int | None, backend: str):
-        if steps_per_epoch is not None:
-            check(
-                isinstance(steps_per_epoch, int) and steps_per_epoch >= 1,
-                f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}",
-            )
+        check_steps_per_epoch(steps_per_epoch)
         check(
             backend == "auto" or backend in backends.NAMES,
             f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
@@ -146,71 +123,19 @@ class ActiveOptimizer(torch.optim.Optimizer):
             backends.resolve(self.backend, device)  # an unavailable backend fails here, not mid-run
         self.spec.record(group).validate()
         # a group added later joins the optimizer's one clock
-        clock = (
-            {k: self.param_groups[0][k] for k in CLOCK_KEYS}
-            if self.param_groups
-            else {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False}
-        )
-        param_group.update(clock)
+        param_group.update(self._clock())
         super().add_param_group(param_group)
-
-    # ---- the epoch clock ----------------------------------------------------------------
-
-    def end_epoch(self) -> None:
-        """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""
-        if self.steps_per_epoch is not None:
-            raise RuntimeError(
-                f"{type(self).__name__} counts epochs itself (steps_per_epoch="
-                f"{self.steps_per_epoch}); end_epoch() is for steps_per_epoch=None"
-            )
-        self._mark_boundary()
-
-    def _mark_boundary(self) -> None:
-        for group in self.param_groups:
-            group["epoch"] += 1
-            group["steps_in_epoch"] = 0
-            group["boundary_pending"] = True
-
-    @torch.compiler.disable  # see _plan_step
-    def _advance_clock(self, crossed: list[dict]) -> None:
-        """After every bucket has run: record the boundaries they fused, and tick the clock."""
-        for state in crossed:
-            _record_boundary(state)
-        for group in self.param_groups:
-            group["boundary_pending"] = False
-            group["steps_in_epoch"] += 1
-        # >=: a checkpoint resumed with a shorter epoch (a bigger batch, more ranks), or from
-        # manual mode, may already be past the end of its epoch, which then ends at this step
-        if self.steps_per_epoch is not None:
-            if self.param_groups[0]["steps_in_epoch"] >= self.steps_per_epoch:
-                self._mark_boundary()
 
     # ---- state --------------------------------------------------------------------------
 
     def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...]) -> None:
         state = self.state[p]
         if not state:
-            f32 = dict(dtype=torch.float32, device=p.device)
-            state["step"] = torch.zeros((), **f32)
-            state["gain"] = torch.ones_like(p, **f32)
-            state["grad_sum"] = torch.zeros_like(p, **f32)
-            state["prev_sign"] = torch.zeros_like(p, dtype=torch.int8)
-            state.update(_bookkeeping(group["epoch"], False))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state.update(sign_state(p, group["epoch"]))
         for key in keys:  # amsgrad may be switched on for a group later
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
-
-    def _catch_up(self, p: Tensor, group: dict) -> Boundary:
-        """Apply all but the last boundary this param missed (its grad was None) and return the
-        kind of the last one, which the backend fuses into this step. That one is recorded in
-        the param's state by _advance_clock, once every bucket has run: a step that fails (an
-        op rejecting its input) leaves it pending instead of losing it."""
-        state = self.state[p]
-        while group["epoch"] - int(state["epoch"]) > 1:  # rare path: the skipped epochs summed to 0
-            apply_boundary(_boundary_kind(state), state["gain"], state["grad_sum"],
-                           state["prev_sign"], self.spec.record(group))
-            _record_boundary(state)
-        return Boundary.NONE if int(state["epoch"]) == group["epoch"] else _boundary_kind(state)
 
     # ---- step ---------------------------------------------------------------------------
 
@@ -423,9 +348,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             state["step"] = float(any(k in state for k in self.spec.state))
         for key in self.spec.state_keys(self.spec.record(group)):  # SGD without momentum: none
             state.setdefault(key, torch.zeros_like(p))
-        f32 = dict(dtype=torch.float32, device=p.device)
-        return dict(state, gain=torch.ones_like(p, **f32), grad_sum=torch.zeros_like(p, **f32),
-                    prev_sign=torch.zeros_like(p, dtype=torch.int8), **_bookkeeping(0, False))
+        return dict(state, **sign_state(p, 0))
 
     def _check_saved_group(self, i: int, group: dict, saved: dict) -> None:
         name = type(self).__name__
@@ -474,7 +397,7 @@ class ActiveOptimizer(torch.optim.Optimizer):
             f"{name}: state of param {param_id} has epoch={epoch!r} and has_prev_sign="
             f"{has_prev_sign!r}; expected an int in [0, {group['epoch']}] and a bool",
         )
-        loaded = _bookkeeping(epoch, has_prev_sign)
+        loaded = bookkeeping(epoch, has_prev_sign)
         dtypes = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
         for key, value in saved.items():
             if key in BOOKKEEPING_KEYS:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from .clock import check_gain_args
+
 
 def check(condition: bool, message: str) -> None:
     if not condition:
@@ -45,13 +47,7 @@ class GainHyper:
         """Checks of the values (the lr's type and shape are checked by the optimizer)."""
         check(float(self.lr) >= 0, f"Invalid learning rate: {float(self.lr)}")
         check(self.weight_decay >= 0, f"Invalid weight_decay: {self.weight_decay}")
-        check(self.gain_inc >= 0, f"gain_inc must be >= 0, got {self.gain_inc}")
-        check(0 < self.gain_dec <= 1, f"gain_dec must be in (0, 1], got {self.gain_dec}")
-        check(
-            0 <= self.min_gain <= 1 <= self.max_gain,
-            "gains need 0 <= min_gain <= 1 <= max_gain, got "
-            f"min_gain={self.min_gain}, max_gain={self.max_gain}",
-        )
+        check_gain_args(vars(self))
 
 
 @dataclass(frozen=True)

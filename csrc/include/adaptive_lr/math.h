@@ -274,3 +274,27 @@ ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Ke
 ADAPTIVE_LR_ISA_NAMESPACE_END
 
 }  // namespace adaptive_lr
+
+// ================================ Active(optimizer) ============================================
+
+namespace adaptive_lr {
+ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
+
+// One element of Active(optimizer)'s pass after its inner optimizer moved theta from
+// theta_before (docs/active_wrapper.md): the epoch boundary, then the inner step scaled by the
+// (new) gain, theta_before + gain * (theta - theta_before), and the gradient into the epoch sum.
+// Where the gain is 1 theta is kept as it is: the formula would round it.
+template <Boundary B, class T>
+ADAPTIVE_LR_HOST_DEVICE void scale_inner_step(const CommonLanes<T>& c, T& theta, T theta_before,
+                                              T grad, T& gain, T& grad_sum, T& prev_sign) {
+  apply_boundary<B>(c, gain, grad_sum, prev_sign);
+  // (gain - 1)^2 > 0 exactly when gain != 1: a float32 gain is 1 or at least 2^-24 away from it
+  const T off_one = gain - T(1);
+  theta = Ops<T>::where_positive(off_one * off_one, theta_before + gain * (theta - theta_before),
+                                 theta);
+  const T g = c.divide_grad ? grad / c.grad_divisor : grad;
+  grad_sum = grad_sum + Ops<T>::round_to_float(g);
+}
+
+ADAPTIVE_LR_ISA_NAMESPACE_END
+}  // namespace adaptive_lr

@@ -1,0 +1,91 @@
+"""Active(optimizer)'s pass after its inner optimizer stepped (docs/active_wrapper.md), on every
+backend: for each element of a bucket (params of one device and dtype, one boundary kind),
+
+1. the epoch boundary named by ``bucket.boundary``, as in ``bucket.py``;
+2. ``param <- before + gain * (param - before)``, where ``param`` is the inner optimizer's
+   result and ``before`` the param's value before it; ``param`` is kept as it is where the gain
+   is 1 (the formula would round it); in float64 for float64 params, else in float32;
+3. ``grad_sum <- grad_sum + g`` (float32), ``g`` the grad, negated when the inner optimizer's
+   group says ``maximize``.
+
+``reference`` is the oracle (a for-loop of plain torch ops), ``foreach`` the portable version,
+``cpu`` one fused C++ op (``torch.ops.adaptive_lr.active_rescale_``). The ``cuda`` and
+``triton`` backends use ``foreach`` here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import cpu as cpu_backend
+from . import fused
+from . import foreach as foreach_backend
+from . import reference as reference_backend
+from . import resolve as resolve_step
+from .bucket import Boundary, GainRule, state_dtype
+
+
+@dataclass
+class RescaleBucket:
+    params: list[Tensor]
+    befores: list[Tensor]
+    grads: list[Tensor]
+    gains: list[Tensor]
+    grad_sums: list[Tensor]
+    prev_signs: list[Tensor]
+    rule: GainRule
+    maximize: bool  # the inner optimizer group's: the epoch sum is of the negated grad
+    boundary: Boundary
+
+
+def _scaled(param: Tensor, before: Tensor, gain: Tensor) -> Tensor:
+    compute = state_dtype(param.dtype)
+    after, before, gain = param.to(compute), before.to(compute), gain.to(compute)
+    return torch.where(gain == 1, after, before + gain * (after - before))
+
+
+def reference(b: RescaleBucket) -> None:
+    for i, param in enumerate(b.params):
+        reference_backend.apply_boundary(b.boundary, b.gains[i], b.grad_sums[i], b.prev_signs[i],
+                                         b.rule)
+        param.copy_(_scaled(param, b.befores[i], b.gains[i]))
+        g = b.grads[i].to(state_dtype(param.dtype))
+        b.grad_sums[i].add_((-g if b.maximize else g).float())
+
+
+def foreach(b: RescaleBucket) -> None:
+    if b.boundary != Boundary.NONE:
+        foreach_backend.apply_boundary(b.boundary, b.gains, b.grad_sums, b.prev_signs, b.rule)
+    compute = state_dtype(b.params[0].dtype)
+    after = [p.to(compute) for p in b.params]
+    before = [t.to(compute) for t in b.befores]
+    scaled = torch._foreach_sub(after, before)
+    torch._foreach_mul_(scaled, [g.to(compute) for g in b.gains])
+    torch._foreach_add_(scaled, before)
+    # no foreach select: one where per tensor keeps the inner result exactly where the gain is 1
+    torch._foreach_copy_(b.params, [torch.where(gain == 1, a, s)
+                                    for gain, a, s in zip(b.gains, after, scaled)])
+    grads = [g.float() for g in b.grads]
+    if b.maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(b.grad_sums, grads)
+
+
+def cpu(b: RescaleBucket) -> None:
+    h = b.rule
+    fused.run(torch.ops.adaptive_lr.active_rescale_.default, dict(
+        params=b.params, befores=b.befores, grads=b.grads, gains=b.gains, grad_sums=b.grad_sums,
+        prev_signs=b.prev_signs, gain_inc=h.gain_inc, gain_dec=h.gain_dec,
+        min_gain=h.min_gain, max_gain=h.max_gain, maximize=b.maximize,
+        boundary=int(b.boundary)))
+
+
+_BY_STEP = {reference_backend.step: reference, cpu_backend.step: cpu}
+
+
+def resolve(name: str, device: torch.device):
+    """The pass for backend ``name`` ("auto" included) on ``device``; raises as
+    ``adaptive_lr.backends.resolve`` does for a backend that cannot run there."""
+    return _BY_STEP.get(resolve_step(name, device), foreach)

@@ -1,0 +1,125 @@
+"""The epoch clock every Active optimizer shares (docs/algorithm.md, "The epoch clock"): one clock
+per optimizer, kept in its param groups, and each param's sign state (gain, grad_sum, prev_sign)
+with the epoch that state belongs to, so that missed boundaries are caught up.
+
+A class using :class:`EpochClock` has ``param_groups`` (dicts holding ``CLOCK_KEYS`` and the
+gain arguments), ``state`` (per-param dicts made by :func:`sign_state`) and ``steps_per_epoch``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from ..backends import Boundary, GainRule, apply_boundary
+
+# The epoch clock kept in every param group (identical in all of them: one clock per optimizer).
+CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending")
+# Per-param bookkeeping: the epoch its grad_sum belongs to, and whether it has a previous sign.
+# 0-dim CPU tensors (int64, bool), read on the host without a device sync: tools that walk
+# optimizer state expect tensors there.
+BOOKKEEPING_KEYS = ("epoch", "has_prev_sign")
+BOOKKEEPING_DTYPES = {"epoch": torch.int64, "has_prev_sign": torch.bool}
+SIGN_KEYS = ("gain", "grad_sum", "prev_sign")
+GAIN_KEYS = ("gain_inc", "gain_dec", "min_gain", "max_gain")
+
+
+def bookkeeping(epoch, has_prev_sign) -> dict:
+    return {key: torch.tensor(value, dtype=BOOKKEEPING_DTYPES[key])
+            for key, value in (("epoch", epoch), ("has_prev_sign", has_prev_sign))}
+
+
+def sign_state(p: Tensor, epoch: int) -> dict:
+    """A param's fresh sign state: gains 1, an empty epoch sum, no previous sign yet."""
+    f32 = dict(dtype=torch.float32, device=p.device)
+    return dict(gain=torch.ones_like(p, **f32), grad_sum=torch.zeros_like(p, **f32),
+                prev_sign=torch.zeros_like(p, dtype=torch.int8), **bookkeeping(epoch, False))
+
+
+def boundary_kind(state: dict) -> Boundary:
+    """The kind of a param's next boundary: its first only rolls over (no sign to compare yet)."""
+    return Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
+
+
+def record_boundary(state: dict) -> None:
+    state["epoch"].add_(1)
+    state["has_prev_sign"].fill_(True)
+
+
+def check_gain_args(group: dict) -> None:
+    """The gain arguments of a param group, checked as a ValueError naming the value."""
+    for key in GAIN_KEYS:
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{key} must be a real number, got {value!r:.40}")
+    if not group["gain_inc"] >= 0:
+        raise ValueError(f"gain_inc must be >= 0, got {group['gain_inc']}")
+    if not 0 < group["gain_dec"] <= 1:
+        raise ValueError(f"gain_dec must be in (0, 1], got {group['gain_dec']}")
+    if not 0 <= group["min_gain"] <= 1 <= group["max_gain"]:
+        raise ValueError("gains need 0 <= min_gain <= 1 <= max_gain, got "
+                         f"min_gain={group['min_gain']}, max_gain={group['max_gain']}")
+
+
+def check_steps_per_epoch(steps_per_epoch) -> None:
+    if steps_per_epoch is not None and not (
+            isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
+        raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+
+
+def new_clock() -> dict:
+    return {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False}
+
+
+class EpochClock:
+    """end_epoch, the clock's tick after a step, and the catch-up of missed boundaries."""
+
+    def end_epoch(self) -> None:
+        """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""
+        if self.steps_per_epoch is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} counts epochs itself (steps_per_epoch="
+                f"{self.steps_per_epoch}); end_epoch() is for steps_per_epoch=None"
+            )
+        self._mark_boundary()
+
+    def _clock(self) -> dict:
+        """The clock a param group added now joins (every group holds the same one)."""
+        if not self.param_groups:
+            return new_clock()
+        return {k: self.param_groups[0][k] for k in CLOCK_KEYS}
+
+    def _mark_boundary(self) -> None:
+        for group in self.param_groups:
+            group["epoch"] += 1
+            group["steps_in_epoch"] = 0
+            group["boundary_pending"] = True
+
+    # torch.compile runs this eagerly: traced, the clock's ints became SymInt graph inputs
+    @torch.compiler.disable
+    def _advance_clock(self, crossed: list[dict]) -> None:
+        """After every bucket has run: record the boundaries they fused, and tick the clock."""
+        for state in crossed:
+            record_boundary(state)
+        for group in self.param_groups:
+            group["boundary_pending"] = False
+            group["steps_in_epoch"] += 1
+        # >=: a checkpoint resumed with a shorter epoch (a bigger batch, more ranks), or from
+        # manual mode, may already be past the end of its epoch, which then ends at this step
+        if self.steps_per_epoch is not None:
+            if self.param_groups[0]["steps_in_epoch"] >= self.steps_per_epoch:
+                self._mark_boundary()
+
+    def _catch_up(self, p: Tensor, group: dict) -> Boundary:
+        """Apply all but the last boundary this param missed (its grad was None) and return the
+        kind of the last one, which the backend fuses into this step. That one is recorded in
+        the param's state by _advance_clock, once every bucket has run: a step that fails (an
+        op rejecting its input) leaves it pending instead of losing it."""
+        state = self.state[p]
+        # rare path: the skipped epochs summed to 0
+        while group["epoch"] - int(state["epoch"]) > 1:
+            apply_boundary(boundary_kind(state), state["gain"], state["grad_sum"],
+                           state["prev_sign"], GainRule.of(group))
+            record_boundary(state)
+        return Boundary.NONE if int(state["epoch"]) == group["epoch"] else boundary_kind(state)

@@ -1,0 +1,278 @@
+"""Active(optimizer): ActiveLR's per-element gains on top of any torch.optim.Optimizer
+(docs/active_wrapper.md)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends import rescale
+from ..backends.bucket import Boundary
+from ..backends import GainRule, apply_boundary
+from .clock import (
+    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_gain_args,
+    check_steps_per_epoch, new_clock, sign_state,
+)
+
+SIGN_DTYPES = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class Active(EpochClock, torch.optim.Optimizer):
+    """Wraps ``optimizer`` (any ``torch.optim.Optimizer``): its step runs, then every element's
+    step is scaled by the element's gain, ``θ ← θ_before + γ·(θ_after − θ_before)``, where ``γ``
+    follows ActiveLR's gain rule once per epoch, as in the native Active optimizers.
+
+    While every gain is 1 (the first two epochs) it steps exactly as ``optimizer``, bit for bit.
+    ``param_groups`` are the inner optimizer's (a scheduler changes its lr); the gain arguments
+    and the epoch clock are added to them, so a group may override the gain arguments.
+
+    Args:
+        optimizer: the optimizer to wrap (its param groups get the keys ``gain_inc``,
+            ``gain_dec``, ``min_gain``, ``max_gain``, ``epoch``, ``steps_in_epoch`` and
+            ``boundary_pending``).
+        steps_per_epoch (int or None): optimizer steps per epoch; ``None``: call
+            :meth:`end_epoch` at each epoch's end instead.
+        gain_inc, gain_dec, min_gain, max_gain: the gain rule, as in the native Active
+            optimizers (2.0, 0.5, 0 and inf).
+        backend (str): "auto", "reference", "foreach", "cpu", "cuda" or "triton" (the last two
+            run the scaling pass with foreach ops).
+    """
+
+    # GradScaler then always calls step() with grad_scale/found_inf: an overflow step is counted
+    # on the epoch clock and still applies a pending boundary, as in the native optimizers
+    _step_supports_amp_scaling = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int | None,
+                 gain_inc: float = 2.0, gain_dec: float = 0.5, min_gain: float = 0.0,
+                 max_gain: float = math.inf, backend: str = "auto"):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"Active wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, EpochClock):
+            raise TypeError(
+                f"{type(optimizer).__name__} already has gains; wrap its base optimizer")
+        check_steps_per_epoch(steps_per_epoch)
+        _check(
+            backend == "auto" or backend in backends.NAMES,
+            f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
+        )
+        gains = dict(gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain)
+        check_gain_args(gains)
+        for i, group in enumerate(optimizer.param_groups):
+            taken = sorted(set(group) & set(GAIN_KEYS + CLOCK_KEYS))
+            _check(not taken, f"Active: param group {i} of the optimizer already has {taken} "
+                              "(is it wrapped by another Active?)")
+            for p in group["params"]:
+                rescale.resolve(backend, p.device)  # an unavailable backend fails here
+        self.optimizer = optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.backend = backend
+        # Optimizer.__init__ would copy the groups; __setstate__ sets up the hooks and the step
+        # profiling without touching them
+        super().__setstate__({"defaults": gains, "state": defaultdict(dict)})
+        for group in optimizer.param_groups:
+            group.update(gains, **new_clock())
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.optimizer.param_groups = groups
+
+    def __getstate__(self) -> dict:
+        return {"optimizer": self.optimizer, "defaults": self.defaults, "state": self.state,
+                "steps_per_epoch": self.steps_per_epoch, "backend": self.backend}
+
+    def __repr__(self) -> str:
+        return f"Active({self.optimizer!r}, steps_per_epoch={self.steps_per_epoch})"
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds the group to the inner optimizer, with the gain arguments (its own, else
+        Active's) and the running epoch clock; checked before anything changes."""
+        group = dict(param_group)
+        for key in GAIN_KEYS:
+            group.setdefault(key, self.defaults[key])
+        check_gain_args(group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if isinstance(p, Tensor):
+                rescale.resolve(self.backend, p.device)
+        self.optimizer.add_param_group(dict(group, params=params, **self._clock()))
+
+    # ---- step ---------------------------------------------------------------------------
+
+    def _params_with_grad(self) -> list[tuple[dict, list[Tensor]]]:
+        """Every (group, params with a grad), validated before anything is written."""
+        work = []
+        for i, group in enumerate(self.param_groups):
+            missing = [k for k in GAIN_KEYS + CLOCK_KEYS if k not in group]
+            if missing:
+                raise RuntimeError(
+                    f"Active: param group {i} has no {missing}: add param groups with "
+                    "Active.add_param_group, not with the inner optimizer's"
+                )
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("Active does not support sparse gradients")
+                if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                    raise RuntimeError(
+                        f"Active: grad ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does "
+                        f"not match its param ({p.dtype}, {tuple(p.shape)}, {p.device})"
+                    )
+            work.append((group, params))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """The inner optimizer's step scaled by the gains (a due epoch boundary first updates
+        them). A closure is evaluated once, before the inner step, which gets none."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
+        found_inf = getattr(self, "found_inf", None)
+        work = self._params_with_grad()
+        if found_inf is not None and found_inf.item() != 0:
+            # an overflow step: nothing moves, but a pending boundary is applied (it reads no
+            # gradient of this step), and the step counts on the clock
+            crossing = []
+            for group, params in work:
+                for p, boundary in zip(params, self._prepare_states(group, params)):
+                    if boundary != Boundary.NONE:
+                        state = self.state[p]
+                        apply_boundary(boundary, *(state[k] for k in SIGN_KEYS), GainRule.of(group))
+                        crossing.append(state)
+            self._advance_clock(crossing)
+            return loss
+        if grad_scale is not None:
+            _unscale([p.grad for _, params in work for p in params], grad_scale)
+        # the grads as handed to this step, whatever the inner optimizer does with p.grad
+        befores = [[(p.detach().clone(), p.grad) for p in params] for _, params in work]
+        self.optimizer.step()
+        crossing = []
+        for (group, params), group_befores in zip(work, befores):
+            buckets: dict[tuple, list[int]] = defaultdict(list)
+            for i, boundary in enumerate(self._prepare_states(group, params)):
+                buckets[(params[i].device, params[i].dtype, boundary)].append(i)
+            for (device, _, boundary), indices in buckets.items():
+                states = [self.state[params[i]] for i in indices]
+                rescale.resolve(self.backend, device)(rescale.RescaleBucket(
+                    params=[params[i].detach() for i in indices],
+                    befores=[group_befores[i][0] for i in indices],
+                    grads=[group_befores[i][1] for i in indices],
+                    gains=[s["gain"] for s in states],
+                    grad_sums=[s["grad_sum"] for s in states],
+                    prev_signs=[s["prev_sign"] for s in states],
+                    rule=GainRule.of(group),
+                    maximize=bool(group.get("maximize", False)),
+                    boundary=boundary,
+                ))
+                if boundary != Boundary.NONE:
+                    crossing += states
+        self._advance_clock(crossing)
+        return loss
+
+    def _prepare_states(self, group: dict, params: list[Tensor]) -> list[Boundary]:
+        """Create the sign state of params stepped for the first time, apply the boundaries
+        they missed but the last, and return the kind of that last one for each param."""
+        for p in params:
+            if p not in self.state:
+                self.state[p] = sign_state(p, group["epoch"])
+        return [self._catch_up(p, group) for p in params]
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """``{"inner": the inner optimizer's state dict (its groups hold the clock and the gain
+        arguments), "state": {param index: gain, grad_sum, prev_sign, epoch, has_prev_sign}}``,
+        params numbered across groups as in torch's state dicts."""
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return {"inner": self.optimizer.state_dict(),
+                "state": {index[id(p)]: dict(state) for p, state in self.state.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load an Active state dict; everything Active adds is checked, and the inner optimizer
+        checks its own part, before anything changes: one that does not fit raises and leaves
+        the optimizer as it was."""
+        _check(
+            isinstance(state_dict, dict) and set(state_dict) == {"inner", "state"}
+            and isinstance(state_dict["inner"], dict) and isinstance(state_dict["state"], dict)
+            and isinstance(state_dict["inner"].get("param_groups"), list),
+            "Active.load_state_dict expects Active.state_dict()'s {'inner': ..., 'state': ...}",
+        )
+        saved_groups = state_dict["inner"]["param_groups"]
+        _check(
+            len(saved_groups) == len(self.param_groups),
+            f"Active: the state dict has {len(saved_groups)} param groups, "
+            f"the optimizer {len(self.param_groups)}",
+        )
+        params, epochs = [], []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            _check(isinstance(saved, dict) and isinstance(saved.get("params"), list)
+                   and len(saved["params"]) == len(group["params"]),
+                   f"Active: param group {i} of the state dict does not match the optimizer's "
+                   f"{len(group['params'])} params")
+            missing = [k for k in GAIN_KEYS + CLOCK_KEYS if k not in saved]
+            _check(not missing, f"Active: param group {i} of the state dict has no {missing} "
+                                "(not a state dict of Active?)")
+            check_gain_args(saved)
+            epoch = saved["epoch"]
+            _check(type(epoch) is int and epoch >= 0,
+                   f"Active: param group {i} of the state dict has epoch {epoch!r}")
+            params += group["params"]
+            epochs += [epoch] * len(group["params"])
+        new_state = defaultdict(dict)
+        for index, saved in state_dict["state"].items():
+            _check(isinstance(index, int) and 0 <= index < len(params),
+                   f"Active: the state dict has state for unknown param {index!r}")
+            new_state[params[index]] = _loaded_sign_state(params[index], saved, index,
+                                                          epochs[index])
+        self.optimizer.load_state_dict(state_dict["inner"])
+        self.state = new_state
+
+
+def _loaded_sign_state(p: Tensor, saved: Any, index: int, group_epoch: int) -> dict:
+    _check(isinstance(saved, dict) and set(saved) == set(SIGN_KEYS + BOOKKEEPING_KEYS),
+           f"Active: the state of param {index} must have exactly "
+           f"{list(SIGN_KEYS + BOOKKEEPING_KEYS)}")
+    epoch, has_prev_sign = (saved[k].item() if isinstance(saved[k], Tensor) else saved[k]
+                            for k in BOOKKEEPING_KEYS)
+    _check(type(epoch) is int and 0 <= epoch <= group_epoch and type(has_prev_sign) is bool,
+           f"Active: the state of param {index} has epoch={epoch!r} and has_prev_sign="
+           f"{has_prev_sign!r}; expected an int in [0, {group_epoch}] and a bool")
+    loaded = bookkeeping(epoch, has_prev_sign)
+    for key in SIGN_KEYS:
+        value = saved[key]
+        _check(isinstance(value, Tensor) and value.shape == p.shape,
+               f"Active: state {key!r} of param {index} must be a tensor of its param's shape "
+               f"{tuple(p.shape)}")
+        loaded[key] = torch.empty_like(p, dtype=SIGN_DTYPES[key]).copy_(value)
+    return loaded
+
+
+def _unscale(grads: list[Tensor], grad_scale: Tensor) -> None:
+    """Divide the grads by GradScaler's scale in place, as GradScaler.unscale_ does (same op,
+    same float64 reciprocal), so that the inner optimizer sees what it would see without Active."""
+    inv_scale = grad_scale.double().reciprocal().float()
+    by_device_dtype = defaultdict(list)
+    for g in grads:
+        by_device_dtype[(g.device, g.dtype)].append(g)
+    for (device, _), group in by_device_dtype.items():
+        found_inf = torch.zeros((), device=device)  # known to be 0: found_inf was checked
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))

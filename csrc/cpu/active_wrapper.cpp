@@ -1,0 +1,210 @@
+// torch.ops.adaptive_lr.active_rescale_: Active(optimizer)'s one pass over memory after its inner
+// optimizer stepped (adaptive_lr/optim/wrapper.py): per element, the epoch boundary, the inner
+// step scaled by the gain, and the gradient into the epoch sum (scale_inner_step in math.h).
+//
+// setup.py compiles this file once per CPU capability, like fused_step_kernel.cpp: the element
+// loop below is plain C++ that the compiler vectorizes for each capability's ISA flags. The
+// DEFAULT build also holds the op (validation, chunk table, OpenMP launch) and registers it.
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include "adaptive_lr/chunks.h"
+#include "adaptive_lr/math.h"
+#include "cpu/fused_step.h"
+
+#ifndef CPU_CAPABILITY
+#error "compile active_wrapper.cpp with -DCPU_CAPABILITY=<DEFAULT|AVX2|AVX512>"
+#endif
+
+// Heavy headers only in the DEFAULT build: an inline function they define, compiled with AVX-512
+// flags, could be the copy the linker keeps for the whole library.
+#if defined(CPU_CAPABILITY_DEFAULT)
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "active_args.h"
+#endif
+
+namespace adaptive_lr::cpu::rescale {
+
+// One param's arrays, all contiguous with its number of elements.
+struct Ptrs {
+  void* param;          // the param's dtype: the inner optimizer's result, scaled in place
+  const void* before;   // the param's dtype: its value before the inner step
+  const void* grad;     // the param's dtype
+  float* gain;
+  float* grad_sum;
+  int8_t* prev_sign;
+};
+
+struct Pass {
+  at::ScalarType dtype;
+  Boundary boundary;
+  CommonHyper common;
+  const Ptrs* tensors;
+  const Chunk* chunks;
+};
+
+#define ADAPTIVE_LR_DECLARE_RESCALE(CAPABILITY) \
+  namespace CAPABILITY {                        \
+  void run_chunks(const Pass& pass, int64_t begin, int64_t end); \
+  }
+ADAPTIVE_LR_DECLARE_RESCALE(DEFAULT)
+ADAPTIVE_LR_DECLARE_RESCALE(AVX2)
+ADAPTIVE_LR_DECLARE_RESCALE(AVX512)
+#undef ADAPTIVE_LR_DECLARE_RESCALE
+
+namespace CPU_CAPABILITY {
+namespace {
+
+template <Boundary B, class P>
+void rescale_chunk(const Pass& pass, const Chunk& chunk) {
+  using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute type
+  const Ptrs& t = pass.tensors[chunk.tensor];
+  P* __restrict__ const param = static_cast<P*>(t.param) + chunk.offset;
+  const P* __restrict__ const before = static_cast<const P*>(t.before) + chunk.offset;
+  const P* __restrict__ const grad = static_cast<const P*>(t.grad) + chunk.offset;
+  float* __restrict__ const gain = t.gain + chunk.offset;
+  float* __restrict__ const grad_sum = t.grad_sum + chunk.offset;
+  int8_t* __restrict__ const prev_sign = t.prev_sign + chunk.offset;
+  const CommonLanes<C> common(pass.common);
+  for (int64_t i = 0; i < chunk.length; ++i) {
+    C theta = static_cast<C>(param[i]), gamma = gain[i], g_sum = grad_sum[i], sign = 0;
+    if constexpr (B != Boundary::kNone) sign = prev_sign[i];
+    scale_inner_step<B>(common, theta, static_cast<C>(before[i]), static_cast<C>(grad[i]), gamma,
+                        g_sum, sign);
+    if constexpr (B == Boundary::kUpdate) gain[i] = static_cast<float>(gamma);
+    if constexpr (B != Boundary::kNone) prev_sign[i] = static_cast<int8_t>(sign);
+    grad_sum[i] = static_cast<float>(g_sum);
+    param[i] = static_cast<P>(theta);
+  }
+}
+
+template <Boundary B>
+void run(const Pass& pass, int64_t begin, int64_t end) {
+  const auto each = [&](auto chunk_fn) {
+    for (int64_t c = begin; c < end; ++c) chunk_fn(pass, pass.chunks[c]);
+  };
+  switch (pass.dtype) {
+    case at::kDouble: return each(rescale_chunk<B, double>);
+    case at::kBFloat16: return each(rescale_chunk<B, c10::BFloat16>);
+    case at::kHalf: return each(rescale_chunk<B, c10::Half>);
+    default: return each(rescale_chunk<B, float>);  // validated: the only other dtype
+  }
+}
+
+}  // namespace
+
+void run_chunks(const Pass& pass, int64_t begin, int64_t end) {
+  switch (pass.boundary) {
+    case Boundary::kNone: return run<Boundary::kNone>(pass, begin, end);
+    case Boundary::kRoll: return run<Boundary::kRoll>(pass, begin, end);
+    case Boundary::kUpdate: return run<Boundary::kUpdate>(pass, begin, end);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+
+#if defined(CPU_CAPABILITY_DEFAULT)  // the op, once
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using RunChunks = void (*)(const Pass&, int64_t, int64_t);
+
+RunChunks pick_capability() {
+#if defined(ADAPTIVE_LR_CPU_X86)
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") return &AVX512::run_chunks;
+  if (capability == "AVX2") return &AVX2::run_chunks;
+#endif
+  return &DEFAULT::run_chunks;
+}
+
+// Everything is checked before anything is written, so a failing call changes nothing.
+void validate(const char* op, TensorList params, TensorList befores, TensorList grads,
+              TensorList gains, TensorList grad_sums, TensorList prev_signs, int64_t boundary) {
+  TORCH_CHECK(boundary >= 0 && boundary <= 2, op,
+              ": boundary must be 0 (none), 1 (roll) or 2 (update), got ", boundary);
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0 && params[0].defined(), op, ": params is empty");
+  const std::vector<NamedList> lists = {{"befores", befores}, {"grads", grads}, {"gains", gains},
+                                        {"grad_sums", grad_sums}, {"prev_signs", prev_signs}};
+  for (const NamedList& l : lists) {
+    TORCH_CHECK(l.tensors.size() == n, op, ": ", l.name, " has ", l.tensors.size(),
+                " tensors but params has ", n);
+  }
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cpu(), op, ": this implementation runs on CPU tensors, got ", device);
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              op, ": params must be float32, float64, bfloat16 or float16, got ", dtype);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& p = params[i];
+    check_tensor(op, "params", i, p, device, dtype, nullptr);
+    check_tensor(op, "befores", i, befores[i], device, dtype, &p);
+    check_tensor(op, "grads", i, grads[i], device, dtype, &p);
+    check_tensor(op, "gains", i, gains[i], device, at::kFloat, &p);
+    check_tensor(op, "grad_sums", i, grad_sums[i], device, at::kFloat, &p);
+    check_tensor(op, "prev_signs", i, prev_signs[i], device, at::kChar, &p);
+  }
+}
+
+void active_rescale_(TensorList params, TensorList befores, TensorList grads, TensorList gains,
+                     TensorList grad_sums, TensorList prev_signs, double gain_inc,
+                     double gain_dec, double min_gain, double max_gain, bool maximize,
+                     int64_t boundary) {
+  validate("active_rescale_", params, befores, grads, gains, grad_sums, prev_signs, boundary);
+  const size_t n = params.size();
+  std::vector<Ptrs> tensors(n);
+  std::vector<int64_t> numels(n);
+  int64_t numel = 0;
+  for (size_t i = 0; i < n; ++i) {
+    tensors[i] = {params[i].data_ptr(), befores[i].const_data_ptr(), grads[i].const_data_ptr(),
+                  gains[i].data_ptr<float>(), grad_sums[i].data_ptr<float>(),
+                  prev_signs[i].data_ptr<int8_t>()};
+    numels[i] = params[i].numel();
+    numel += numels[i];
+  }
+  const std::vector<Chunk> chunks =
+      make_chunks(numels.data(), static_cast<int32_t>(n), kChunkSize);
+  // no weight decay or lr here (decay 1): only the gain rule and maximize's sign are used
+  const Pass pass{params[0].scalar_type(), static_cast<Boundary>(boundary),
+                  common_hyper(gain_inc, gain_dec, min_gain, max_gain, 0.0, maximize, 0.0,
+                               nullptr),
+                  tensors.data(), chunks.data()};
+  static const RunChunks run_chunks = pick_capability();
+  // below 2^15 elements one thread is cheaper than waking the others (as fused_step.cpp)
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t grain = numel < (1 << 15) ? num_chunks : 1;
+  at::parallel_for(0, num_chunks, grain,
+                   [&](int64_t begin, int64_t end) { run_chunks(pass, begin, end); });
+}
+
+void active_rescale_meta(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
+                         double, double, double, double, bool, int64_t) {}
+
+}  // namespace
+
+// A fragment: ops.cpp holds the library's TORCH_LIBRARY block.
+TORCH_LIBRARY_FRAGMENT(adaptive_lr, m) {
+  m.def("active_rescale_(Tensor(a!)[] params, Tensor[] befores, Tensor[] grads, "
+        "Tensor(b!)[] gains, Tensor(c!)[] grad_sums, Tensor(d!)[] prev_signs, float gain_inc, "
+        "float gain_dec, float min_gain, float max_gain, bool maximize, int boundary) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(adaptive_lr, CPU, m) { m.impl("active_rescale_", &active_rescale_); }
+
+// mutates its inputs and returns nothing: all torch.compile needs of its fake kernel
+TORCH_LIBRARY_IMPL(adaptive_lr, Meta, m) { m.impl("active_rescale_", &active_rescale_meta); }
+#endif
+
+}  // namespace adaptive_lr::cpu::rescale

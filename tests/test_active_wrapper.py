@@ -1,0 +1,510 @@
+"""Active(optimizer): bitwise its inner optimizer while every gain is 1, a float64 hand
+transcription of the gain rule and of θ_before + γ·(θ_after − θ_before) after that, the epoch
+clock (counted, manual, catch-up), GreedyLR, GradScaler, checkpoints, bad input, deepcopy, and the
+scaling pass of every backend against the reference one."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from adaptive_lr import Active, ActiveAdamW, GreedyLR, available_backends
+from adaptive_lr.backends import Boundary, rescale
+
+BACKENDS = [b for b in available_backends("cpu") if b in ("reference", "foreach", "cpu")]
+SHAPES = [(8, 6), (6, 4), (5, 3)]  # 2-D only: Muon steps matrices
+
+INNERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+    "Adafactor": lambda p: torch.optim.Adafactor(p, lr=0.01),
+    "Muon": lambda p: torch.optim.Muon(p, lr=0.02),
+}
+
+
+def make_params(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def clone(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def grad_sequence(steps, dtype=torch.float32, seed=1):
+    """Grads whose epoch sums are far from 0: a fixed sign on most elements, flipping every step
+    on the others, so that the gains move both ways."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = [torch.randn(s, generator=gen).sign() for s in SHAPES]
+    flips = [torch.rand(s, generator=gen) < 0.3 for s in SHAPES]
+    out = []
+    for k in range(steps):
+        flip = -1.0 if k % 2 else 1.0
+        out.append([(torch.where(f, flip * s, s) * (0.5 + torch.rand(s.shape, generator=gen)))
+                    .to(dtype) for s, f in zip(signs, flips)])
+    return out
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inner", INNERS)
+def test_bitwise_the_inner_optimizer_for_two_epochs(inner, backend):
+    params, twin_params = make_params(), make_params()
+    opt = Active(INNERS[inner](params), steps_per_epoch=3, backend=backend)
+    twin = INNERS[inner](twin_params)
+    for grads in grad_sequence(6):
+        set_grads(params, grads)
+        set_grads(twin_params, grads)
+        opt.step()
+        twin.step()
+        for p, q in zip(params, twin_params):
+            assert torch.equal(p, q)
+    set_grads(params, grad_sequence(1, seed=7)[0])
+    opt.step()  # epoch 3's first step: the gains move
+    assert any(not torch.equal(opt.state[p]["gain"], torch.ones_like(p)) for p in params)
+
+
+class HandOracle:
+    """The gain rule and the scaling, by hand in float64, per param (docs/algorithm.md): the
+    inner optimizer's step comes from a deep copy of it taken before each step."""
+
+    def __init__(self, params, gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=math.inf):
+        self.rule = gain_inc, gain_dec, min_gain, max_gain
+        self.state = {}  # id(param) -> [gain, grad_sum, prev_sign, has_prev_sign]
+
+    def boundary(self):
+        inc, dec, lo, hi = self.rule
+        for s in self.state.values():
+            gain, grad_sum, prev_sign, has_prev = s
+            sign = grad_sum.sign()
+            if has_prev:
+                gain = torch.where(prev_sign * sign > 0, gain + inc, gain * dec).clamp(lo, hi)
+            s[:] = [gain, torch.zeros_like(grad_sum), sign, True]
+
+    def step(self, opt, params):
+        """The params a step of Active(opt.optimizer) must give, computed before it runs."""
+        inner = copy.deepcopy(opt.optimizer)
+        twin_params = [p for g in inner.param_groups for p in g["params"]]
+        inner.step()
+        expected = []
+        for p, after in zip(params, twin_params):
+            if p.grad is None:
+                expected.append(p.detach().clone())
+                continue
+            s = self.state.setdefault(id(p), [torch.ones_like(p, dtype=torch.float64),
+                                              torch.zeros_like(p, dtype=torch.float64),
+                                              torch.zeros_like(p, dtype=torch.float64), False])
+            before, gain = p.detach().double(), s[0]
+            expected.append((before + gain * (after.detach().double() - before)).to(p.dtype))
+            s[1] = s[1] + p.grad.double()
+        return expected
+
+
+def run_against_oracle(opt, params, grad_seq, end_epoch_every=None):
+    oracle = HandOracle(params)
+    for k, grads in enumerate(grad_seq):
+        if k and end_epoch_every and k % end_epoch_every == 0:
+            opt.end_epoch()
+        if opt.param_groups[0]["boundary_pending"]:
+            oracle.boundary()
+        set_grads(params, grads)
+        expected = oracle.step(opt, params)
+        opt.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-6)
+    for p in params:
+        if id(p) in oracle.state:
+            assert torch.equal(opt.state[p]["gain"], oracle.state[id(p)][0].float())
+    return oracle
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inner", ["SGD", "AdamW", "Adafactor"])
+def test_moving_gains_match_a_float64_hand_transcription(inner, backend):
+    params = make_params()
+    opt = Active(INNERS[inner](params), steps_per_epoch=3, backend=backend)
+    oracle = run_against_oracle(opt, params, grad_sequence(15))
+    gains = torch.cat([s[0].flatten() for s in oracle.state.values()])
+    assert (gains > 1).any() and (gains < 1).any()  # the rule moved them both ways
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manual_mode_equals_counted_mode(backend):
+    counted_params, manual_params = make_params(), make_params()
+    counted = Active(INNERS["AdamW"](counted_params), steps_per_epoch=3, backend=backend)
+    manual = Active(INNERS["AdamW"](manual_params), steps_per_epoch=None, backend=backend)
+    with pytest.raises(RuntimeError, match="end_epoch"):
+        counted.end_epoch()
+    for k, grads in enumerate(grad_sequence(12)):
+        if k and k % 3 == 0:
+            manual.end_epoch()
+        set_grads(counted_params, grads)
+        set_grads(manual_params, grads)
+        counted.step()
+        manual.step()
+    for p, q in zip(counted_params, manual_params):
+        assert torch.equal(p, q)
+        assert torch.equal(counted.state[p]["gain"], manual.state[q]["gain"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missed_boundaries_are_caught_up(backend):
+    """Param 1 has no grad for steps 4..10 (boundaries 2 and 3 missed), param 2 gets its first
+    grad at step 5: the hand transcription applies every boundary to every param with state,
+    with the missing grads as zeros."""
+    params = make_params()
+    opt = Active(INNERS["SGD"](params), steps_per_epoch=3, backend=backend)
+    grad_seq = grad_sequence(18)
+    for k, grads in enumerate(grad_seq):
+        if 3 <= k < 10:
+            grads[1] = None
+        if k < 4:
+            grads[2] = None
+    oracle = run_against_oracle(opt, params, grad_seq)
+    assert (oracle.state[id(params[1])][0] < 1).any()  # the missed boundaries decreased gains
+
+
+def test_greedy_lr_moves_the_inner_lr():
+    params = make_params()
+    inner = INNERS["SGD"](params)
+    opt = Active(inner, steps_per_epoch=3)
+    assert opt.param_groups is inner.param_groups
+    sched = GreedyLR(opt, patience=0, factor=0.5, cooldown=0, warmup=0)
+    for k, grads in enumerate(grad_sequence(4)):
+        set_grads(params, grads)
+        opt.step()
+        sched.step(10.0 - k)  # improving: GreedyLR raises the lr
+    assert inner.param_groups[0]["lr"] > 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_steps_as_the_inner_optimizer_with_it(backend):
+    params, twin_params = make_params(), make_params()
+    opt = Active(INNERS["AdamW"](params), steps_per_epoch=3, backend=backend)
+    twin = INNERS["AdamW"](twin_params)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    for grads in grad_sequence(6):
+        for o, ps, scaler in ((opt, params, scalers[0]), (twin, twin_params, scalers[1])):
+            scale = scaler.scale(torch.ones(())).item()
+            set_grads(ps, [g * scale for g in grads])
+            scaler.step(o)
+            scaler.update()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+    assert opt.state[params[0]]["grad_sum"].abs().max() < 100  # the sum saw unscaled grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("steps_before", [4, 6], ids=["mid-epoch", "boundary-pending"])
+def test_overflow_step_counts_and_applies_only_a_pending_boundary(backend, steps_before):
+    params = make_params()
+    opt = Active(INNERS["AdamW"](params), steps_per_epoch=3, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))
+    for grads in grad_sequence(steps_before):
+        set_grads(params, grads)
+        scaler.step(opt)
+        scaler.update()
+    pending = opt.param_groups[0]["boundary_pending"]
+    assert pending == (steps_before % 3 == 0)
+    before = copy.deepcopy((params, opt.optimizer.state_dict(), [opt.state[p] for p in params]))
+    steps_in_epoch = opt.param_groups[0]["steps_in_epoch"]
+    set_grads(params, [torch.full(s, math.inf) for s in SHAPES])
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 1.0  # GradScaler saw the overflow
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p, q)
+    inner_before = before[1]["state"]
+    for i, state in opt.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, inner_before[i][key])
+    assert opt.param_groups[0]["steps_in_epoch"] == (1 if pending else steps_in_epoch + 1)
+    assert opt.param_groups[0]["boundary_pending"] is False
+    for p, old in zip(params, before[2]):
+        assert torch.equal(opt.state[p]["grad_sum"], torch.zeros_like(p) if pending
+                           else old["grad_sum"])
+        assert int(opt.state[p]["epoch"]) == int(old["epoch"]) + pending
+        if pending:  # the second boundary compared signs
+            assert not torch.equal(opt.state[p]["gain"], old["gain"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inner", ["AdamW", "Adafactor"])
+def test_state_dict_resumes_mid_epoch_identically(inner, backend):
+    params = make_params()
+    opt = Active(INNERS[inner](params), steps_per_epoch=3, backend=backend)
+    grad_seq = grad_sequence(14)
+    for grads in grad_seq[:7]:  # mid-epoch 3, after a sign-comparing boundary
+        set_grads(params, grads)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_params = clone(params)
+    resumed = Active(INNERS[inner](resumed_params), steps_per_epoch=3, backend=backend,
+                     gain_inc=1.0)  # replaced by the state dict's groups
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["gain_inc"] == 2.0
+    for grads in grad_seq[7:]:
+        for o, ps in ((opt, params), (resumed, resumed_params)):
+            set_grads(ps, grads)
+            o.step()
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["gain"], resumed.state[q]["gain"])
+
+
+def test_deepcopy_continues_identically_and_independently():
+    params = make_params()
+    opt = Active(INNERS["AdamW"](params), steps_per_epoch=3)
+    grad_seq = grad_sequence(10)
+    for grads in grad_seq[:5]:
+        set_grads(params, grads)
+        opt.step()
+    twin = copy.deepcopy(opt)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    assert twin.param_groups is twin.optimizer.param_groups
+    assert all(p is not q for p, q in zip(params, twin_params))
+    for grads in grad_seq[5:]:
+        for o, ps in ((opt, params), (twin, twin_params)):
+            set_grads(ps, grads)
+            o.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["gain"], twin.state[q]["gain"])
+
+
+# ---- bad input: a clear error, and nothing changes -----------------------------------------
+
+def test_bad_constructor_arguments_raise_and_leave_the_inner_optimizer_alone():
+    params = make_params()
+    inner = INNERS["SGD"](params)
+    groups = copy.deepcopy(inner.param_groups)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        Active(params, steps_per_epoch=3)
+    with pytest.raises(TypeError, match="already has gains"):
+        Active(ActiveAdamW(params, steps_per_epoch=3), steps_per_epoch=3)
+    for kwargs, match in [({"steps_per_epoch": 0}, "steps_per_epoch"),
+                          ({"steps_per_epoch": 3, "gain_dec": 0.0}, "gain_dec"),
+                          ({"steps_per_epoch": 3, "max_gain": 0.5}, "max_gain"),
+                          ({"steps_per_epoch": 3, "gain_inc": -1.0}, "gain_inc"),
+                          ({"steps_per_epoch": 3, "backend": "gpu"}, "unknown backend")]:
+        with pytest.raises(ValueError, match=match):
+            Active(inner, **kwargs)
+    assert [set(g) for g in inner.param_groups] == [set(g) for g in groups]
+    Active(inner, steps_per_epoch=3)
+    with pytest.raises(ValueError, match="wrapped by another Active"):
+        Active(inner, steps_per_epoch=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sparse_grad_raises_before_anything_changes(backend):
+    params = make_params()
+    opt = Active(INNERS["SGD"](params), steps_per_epoch=3, backend=backend)
+    set_grads(params, grad_sequence(1)[0])
+    opt.step()
+    before = copy.deepcopy((params, opt.state_dict()))
+    set_grads(params, grad_sequence(1, seed=3)[0])
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p, q)
+    assert_state_dicts_equal(opt.state_dict(), before[1])
+
+
+def assert_state_dicts_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_state_dicts_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_state_dicts_equal(x, y)
+    else:
+        assert a == b
+
+
+class FailingSGD(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("inner step failed")
+
+
+def test_a_failing_inner_step_leaves_the_sign_state_and_the_clock_alone():
+    params = make_params()
+    opt = Active(FailingSGD(params, lr=0.1), steps_per_epoch=3)
+    set_grads(params, grad_sequence(1)[0])
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        opt.step()
+    assert not opt.state
+    assert opt.param_groups[0]["steps_in_epoch"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_inner_groups_maximize_negates_the_epoch_sum(backend):
+    params = make_params()
+    opt = Active(torch.optim.SGD(params, lr=0.1, maximize=True), steps_per_epoch=3,
+                 backend=backend)
+    grads = grad_sequence(2)
+    for step_grads in grads:
+        set_grads(params, step_grads)
+        opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(opt.state[p]["grad_sum"], -grads[0][i] - grads[1][i])
+
+
+def test_a_state_dict_that_does_not_fit_raises_and_changes_nothing():
+    params = make_params()
+    opt = Active(INNERS["AdamW"](params), steps_per_epoch=3)
+    for grads in grad_sequence(4):
+        set_grads(params, grads)
+        opt.step()
+    good = opt.state_dict()
+    snapshot = copy.deepcopy(good)
+
+    def broken(edit):
+        sd = copy.deepcopy(good)
+        edit(sd)
+        return sd
+
+    def wrong_gain_shape(sd):
+        sd["state"][0]["gain"] = torch.ones(3)
+
+    def no_clock(sd):
+        del sd["inner"]["param_groups"][0]["epoch"]
+
+    def future_epoch(sd):
+        sd["state"][1]["epoch"] = torch.tensor(99)
+
+    def unknown_param(sd):
+        sd["state"][7] = sd["state"][0]
+
+    def fewer_params(sd):
+        sd["inner"]["param_groups"][0]["params"].pop()
+
+    def bad_inner_state(sd):  # Active's part fits; the inner optimizer rejects its own
+        sd["inner"]["state"] = []
+
+    cases = {"gain of another shape": (wrong_gain_shape, "gain"),
+             "no epoch clock": (no_clock, "epoch"),
+             "a param epoch ahead of the clock": (future_epoch, "epoch"),
+             "an unknown param": (unknown_param, "unknown param"),
+             "fewer params": (fewer_params, "params"),
+             "the inner optimizer's state dict alone": (None, "inner")}
+    for name, (edit, match) in cases.items():
+        sd = opt.optimizer.state_dict() if edit is None else broken(edit)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        assert_state_dicts_equal(opt.state_dict(), snapshot)
+    with pytest.raises(AttributeError):  # torch's loader iterates the state's items()
+        opt.load_state_dict(broken(bad_inner_state))
+    assert_state_dicts_equal(opt.state_dict(), snapshot)
+
+
+def test_a_group_added_to_the_inner_optimizer_directly_raises_clearly():
+    params = make_params()
+    opt = Active(INNERS["SGD"](params[:2]), steps_per_epoch=3)
+    opt.optimizer.add_param_group({"params": [params[2]]})
+    set_grads(params, grad_sequence(1)[0])
+    with pytest.raises(RuntimeError, match="Active.add_param_group"):
+        opt.step()
+
+
+def test_add_param_group_joins_the_clock_with_its_own_gain_arguments():
+    params = make_params()
+    opt = Active(INNERS["SGD"](params[:2]), steps_per_epoch=3, gain_inc=1.0)
+    for grads in grad_sequence(4):
+        set_grads(params[:2], grads[:2])
+        opt.step()
+    with pytest.raises(ValueError, match="gain_dec"):
+        opt.add_param_group({"params": [params[2]], "gain_dec": 2.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [params[2]], "max_gain": 3.0})
+    group = opt.param_groups[1]
+    assert (group["epoch"], group["steps_in_epoch"], group["gain_inc"], group["max_gain"]) == (
+        1, 1, 1.0, 3.0)
+
+
+# ---- the scaling pass: every backend equals the reference, bit for bit ---------------------
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("boundary", list(Boundary), ids=lambda b: b.name)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_scaling_pass_equals_the_reference(backend, dtype, boundary, maximize):
+    # a tensor spanning several chunks of the cpu kernel and odd sizes (SIMD tails)
+    sizes = [(1 << 16) + 37, 5, 1000]
+    gen = torch.Generator().manual_seed(2)
+
+    def bucket():
+        befores = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        params = [b + 0.01 * torch.randn(n, generator=gen).to(dtype)
+                  for b, n in zip(befores, sizes)]
+        gains = [torch.where(torch.rand(n, generator=gen) < 0.5, 1.0,
+                             4 * torch.rand(n, generator=gen)) for n in sizes]
+        return rescale.RescaleBucket(
+            params=params, befores=befores,
+            grads=[torch.randn(n, generator=gen).to(dtype) for n in sizes], gains=gains,
+            grad_sums=[torch.randn(n, generator=gen) for n in sizes],
+            prev_signs=[torch.randint(-1, 2, (n,), generator=gen, dtype=torch.int8)
+                        for n in sizes],
+            hyper={"gain_inc": 2.0, "gain_dec": 0.5, "min_gain": 0.1, "max_gain": 3.0,
+                   "maximize": maximize},
+            boundary=boundary)
+
+    expected = bucket()
+    got = copy.deepcopy(expected)
+    rescale.reference(expected)
+    rescale.resolve(backend, torch.device("cpu"))(got)
+    for name in ("params", "gains", "grad_sums", "prev_signs"):
+        for e, g in zip(getattr(expected, name), getattr(got, name)):
+            assert torch.equal(e, g), name
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_any_param_layout_steps_as_the_reference(backend):
+    """A transposed param (dense: stepped in place by the cpu op) and a strided view (not dense:
+    stepped on contiguous copies) give the reference backend's results."""
+    def layouts():
+        gen = torch.Generator().manual_seed(4)
+        return [torch.randn(6, 8, generator=gen).t().requires_grad_(),
+                torch.randn(8, 12, generator=gen)[:, ::2].detach().requires_grad_()]
+
+    results = {}
+    for name in ("reference", backend):
+        params = layouts()
+        opt = Active(INNERS["AdamW"](params), steps_per_epoch=2, backend=name)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(7):
+            set_grads(params, [torch.randn(p.shape, generator=gen) for p in params])
+            opt.step()
+        results[name] = [(p.detach(), opt.state[p]["gain"], opt.state[p]["grad_sum"])
+                         for p in params]
+    for expected, got in zip(results["reference"], results[backend]):
+        for e, g in zip(expected, got):
+            assert torch.equal(e, g)
+    assert not torch.equal(results[backend][0][1], torch.ones(8, 6))  # the gains moved
+
+
+def test_the_cpu_op_checks_its_inputs_before_writing():
+    if "cpu" not in BACKENDS:
+        pytest.skip("adaptive_lr._C is not built")
+    p, before, grad = torch.ones(4), torch.zeros(4), torch.ones(4)
+    gain, grad_sum = torch.full((4,), 2.0), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="prev_signs"):
+        torch.ops.adaptive_lr.active_rescale_(
+            [p], [before], [grad], [gain], [grad_sum], [torch.zeros(4)], 2.0, 0.5, 0.0,
+            math.inf, False, 0)
+    assert torch.equal(p, torch.ones(4)) and torch.equal(grad_sum, torch.zeros(4))
