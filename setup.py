@@ -32,8 +32,8 @@ if X86:
 # round identically (results do not depend on thread count, tensor size or machine).
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
-CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/step_sgd.cu", "csrc/cuda/step_adam.cu",
-                "csrc/cuda/step_adabelief.cu"]
+# the kernels of every optimizer: csrc/cuda/*.cu, never a hand list
+CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
 # --fmad=false: no FMA contraction, the rounding of the CPU kernels (csrc/cuda/active_step.cuh)
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 DEFAULT_CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",

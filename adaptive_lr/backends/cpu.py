@@ -1,4 +1,4 @@
-"""The fused CPU backend: one ``torch.ops.adaptive_lr.active_<optimizer>_`` call per bucket runs the
+"""The fused CPU backend: one ``torch.ops.adaptive_lr.active_step_`` call per bucket runs the
 multi-tensor C++ kernels of ``csrc/cpu`` (OpenMP threads, SIMD picked for the machine)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import functools
 import torch
 
 from . import layout
-from .bucket import Bucket
+from .bucket import STATE_KEYS, Bucket
 
 
 @functools.cache
@@ -27,12 +27,19 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _import_error()
 
 
-# hyperparameters every op takes under the same name
+# hyperparameters the op takes as arguments of its own
 _SHARED_HYPER = ("weight_decay", "maximize", "gain_inc", "gain_dec", "min_gain", "max_gain")
+# each kernel's own hyperparameters, in the op's `hyper` order (csrc/include/adaptive_lr/math.h)
+_KERNEL_HYPER = {
+    "sgd": ("momentum", "dampening", "nesterov"),
+    "adamw": ("beta1", "beta2", "eps", "amsgrad"),
+    "radam": ("beta1", "beta2", "eps"),
+    "adabelief": ("beta1", "beta2", "eps", "amsgrad", "rectify"),
+}
 
 
 def _lr_tensor(lr) -> torch.Tensor:
-    """The ops take lr as a tensor (a 0-dim lr updated in place by a scheduler then needs no
+    """The op takes lr as a tensor (a 0-dim lr updated in place by a scheduler then needs no
     recompilation under torch.compile); a float lr is wrapped, as float64 to keep every bit."""
     if isinstance(lr, torch.Tensor):
         return lr
@@ -40,51 +47,28 @@ def _lr_tensor(lr) -> torch.Tensor:
 
 
 def op_call(bucket: Bucket):
-    """The ``torch.ops.adaptive_lr`` op that steps ``bucket``, and its keyword arguments."""
-    h, state = bucket.hyper, bucket.state
+    """``torch.ops.adaptive_lr.active_step_`` and its keyword arguments for ``bucket``."""
+    h = dict(bucket.hyper)
+    if "betas" in h:
+        h["beta1"], h["beta2"] = h["betas"]
     kwargs = dict(
+        kernel=bucket.optimizer,
         params=bucket.params,
         grads=bucket.grads,
         gains=bucket.gains,
         grad_sums=bucket.grad_sums,
         prev_signs=bucket.prev_signs,
         steps=bucket.steps,
+        # state-major: every tensor's first state, then every tensor's second, ...
+        states=[t for key in STATE_KEYS[bucket.optimizer] for t in bucket.state.get(key, [])],
         lr=_lr_tensor(h["lr"]),
+        hyper=[float(h[key]) for key in _KERNEL_HYPER[bucket.optimizer]],
         boundary=int(bucket.boundary),
         grad_scale=bucket.grad_scale,
         found_inf=bucket.found_inf,
         **{key: h[key] for key in _SHARED_HYPER},
     )
-    ops = torch.ops.adaptive_lr
-    if bucket.optimizer == "sgd":
-        kwargs.update(
-            momentum_buffers=state["momentum_buffer"],
-            momentum=h["momentum"],
-            dampening=h["dampening"],
-            nesterov=h["nesterov"],
-        )
-        return ops.active_sgd_.default, kwargs
-    beta1, beta2 = h["betas"]
-    kwargs.update(exp_avgs=state["exp_avg"], beta1=beta1, beta2=beta2, eps=h["eps"])
-    if bucket.optimizer == "adamw":
-        kwargs.update(
-            exp_avg_sqs=state["exp_avg_sq"],
-            max_exp_avg_sqs=state.get("max_exp_avg_sq", []),
-            amsgrad=h["amsgrad"],
-        )
-        return ops.active_adamw_.default, kwargs
-    if bucket.optimizer == "radam":
-        kwargs.update(exp_avg_sqs=state["exp_avg_sq"])
-        return ops.active_radam_.default, kwargs
-    if bucket.optimizer == "adabelief":
-        kwargs.update(
-            exp_avg_vars=state["exp_avg_var"],
-            max_exp_avg_vars=state.get("max_exp_avg_var", []),
-            amsgrad=h["amsgrad"],
-            rectify=h["rectify"],
-        )
-        return ops.active_adabelief_.default, kwargs
-    raise ValueError(f"the cpu backend has no kernel for optimizer {bucket.optimizer!r}")
+    return torch.ops.adaptive_lr.active_step_.default, kwargs
 
 
 def step(bucket: Bucket) -> None:
@@ -100,8 +84,8 @@ def run_op(op, kwargs: dict) -> None:
     except NotImplementedError:
         # raised before anything is written, for a layout the kernels cannot index as flat arrays
         # (a strided view, a grad laid out unlike its param) or a tensor with no CPU kernel (sparse)
-        lists = [name for name, value in kwargs.items()
-                 if isinstance(value, list) and value and name != "steps"]
+        lists = [name for name, value in kwargs.items() if isinstance(value, list) and value
+                 and isinstance(value[0], torch.Tensor) and name != "steps"]
         if any(t.layout != torch.strided for name in lists for t in kwargs[name]):
             raise
         _step_on_flat_copies(op, kwargs, lists)
@@ -111,7 +95,13 @@ def _step_on_flat_copies(op, kwargs: dict, lists: list[str]) -> None:
     """Calls op with the tensors of every param the kernels cannot index as flat arrays replaced
     by contiguous copies, written back afterwards. The common layouts never get here: the op's
     own check is the only per-step cost."""
-    rows, writeback = layout.flat_rows([kwargs[name] for name in lists], lists.index("grads"))
-    op(**dict(kwargs, **dict(zip(lists, rows))))
+    n = len(kwargs["params"])
+    # one row per list of n tensors; the state-major `states` holds one such row per state
+    counts = {name: len(kwargs[name]) // n for name in lists}
+    rows = [kwargs[name][k * n:(k + 1) * n] for name in lists for k in range(counts[name])]
+    rows, writeback = layout.flat_rows(rows, lists.index("grads"))
+    flat = iter(rows)
+    op(**dict(kwargs, **{name: [t for _ in range(counts[name]) for t in next(flat)]
+                         for name in lists}))
     for original, copy in writeback:
         original.copy_(copy)
