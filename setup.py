@@ -31,6 +31,9 @@ if X86:
 # -ffp-contract=off: no FMA contraction, so the SIMD body, the scalar tail and every capability
 # round identically (results do not depend on thread count, tensor size or machine).
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+# The kernels are explicit SIMD (at::vec); GCC 12's SLP vectorizer has miscompiled their scalar
+# set-up (AVX-512 Lion: the grad divisor reached lane 0 only; tests/test_fused_op.py), so it is off.
+KERNEL_FLAGS = CXX_FLAGS + ["-fno-tree-slp-vectorize"]
 
 # the kernels of every optimizer: csrc/cuda/*.cu, never a hand list
 CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
@@ -77,7 +80,7 @@ def _extensions_and_commands():
                     output_dir=os.path.join(self.build_temp, capability.lower()),
                     macros=[("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
                     include_dirs=ext.include_dirs,
-                    extra_postargs=CXX_FLAGS + isa_flags,
+                    extra_postargs=KERNEL_FLAGS + isa_flags,
                     depends=ext.depends,
                 )
             ext.extra_objects = objects
