@@ -1,4 +1,4 @@
-"""The fused CUDA backend: one ``torch.ops.adaptive_lr.active_<optimizer>_`` call per bucket runs
+"""The fused CUDA backend: one ``torch.ops.adaptive_lr.active_step_`` call per bucket runs
 the multi-tensor-apply kernels of ``csrc/cuda``, which ``setup.py`` builds into ``adaptive_lr._C``
 when torch has CUDA and a CUDA toolkit is found (docs/cuda.md).
 
@@ -23,7 +23,7 @@ def _build_reason() -> str | None:
     reason = cpu._import_error()
     if reason is not None:
         return reason
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("adaptive_lr::active_adamw_", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("adaptive_lr::active_step_", "CUDA"):
         return (
             "adaptive_lr._C was built without its CUDA kernels (setup.py builds them when torch "
             f"has CUDA and a CUDA toolkit is found; this torch {torch.__version__} has CUDA "
