@@ -32,7 +32,7 @@ if X86:
 # round identically (results do not depend on thread count, tensor size or machine).
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # The kernels are explicit SIMD (at::vec); GCC 12's SLP vectorizer has miscompiled their scalar
-# set-up (AVX-512 Lion: the grad divisor reached lane 0 only; tests/test_fused_op.py), so it is off.
+# set-up (AVX-512: a gradient divisor reached lane 0 only; tests/test_fused_op.py), so it is off.
 KERNEL_FLAGS = CXX_FLAGS + ["-fno-tree-slp-vectorize"]
 
 # the kernels of every optimizer: csrc/cuda/*.cu, never a hand list

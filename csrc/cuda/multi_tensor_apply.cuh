@@ -23,7 +23,7 @@ constexpr int32_t kMaxBlocks = 320;
 
 // A launch's limits for a kernel: kMaxBlocks blocks and as many tensor slots as the rest of the
 // 4 KB holds beside its StepArgs (the slack covers LaunchMetadata's padding; the static_assert in
-// multi_tensor_apply checks the real sizes). E.g. 28 slots for AdamW's 9 lists, 34 for SGD's 7.
+// multi_tensor_apply checks the real sizes). E.g. 28 slots with 9 lists, 34 with 7.
 template <class Kernel>
 constexpr LaunchLimits launch_limits() {
   constexpr std::size_t per_block = sizeof(uint8_t) + sizeof(int32_t);
