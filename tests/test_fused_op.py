@@ -156,10 +156,10 @@ def test_new_kernels_pass_opcheck(case):
 
 
 BAD_ARGS = {
-    "unknown kernel": (dict(kernel="adamax"),
-                       r"unknown kernel 'adamax'; the kernels are sgd adamw radam adabelief adam lion"),
-    "hyper count": (dict(hyper=[0.9, 0.999, 1e-8, 0.0]),
-                    r"adam takes 5 hyperparameters \(beta1, beta2, eps, amsgrad, weight_decay\), got 4"),
+    "unknown kernel": (dict(kernel="adamax"), r"unknown kernel 'adamax'; the kernels are "
+                       r"sgd adamw radam adabelief adam lion"),
+    "hyper count": (dict(hyper=[0.9, 0.999, 1e-8, 0.0]), r"adam takes 5 hyperparameters "
+                    r"\(beta1, beta2, eps, amsgrad, weight_decay\), got 4"),
     "beta": (dict(hyper=[0.9, 1.0, 1e-8, 0.0, 0.1]), r"adam's beta2 must be in \[0, 1\), got 1"),
     "flag": (dict(hyper=[0.9, 0.999, 1e-8, 0.5, 0.1]), r"adam's amsgrad must be 0 or 1 \(a flag\)"),
     "l2": (dict(hyper=[0.9, 0.999, 1e-8, 0.0, -1.0]), r"adam's weight_decay must be >= 0"),
