@@ -1,19 +1,23 @@
-// The arguments every op of torch.ops.adaptive_lr has, and their validation: shared by the CPU
+// The arguments of torch.ops.adaptive_lr.active_step_ and their validation: shared by the CPU
 // implementation (ops.cpp) and the CUDA one (cuda/ops_cuda.cpp), which differ only in the device
-// every tensor must be on.
+// every tensor must be on. What a kernel takes (its hyperparameters and state lists) comes from
+// its tag in adaptive_lr/math.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "adaptive_lr/math.h"
 
 namespace adaptive_lr {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
-// The arguments every Active optimizer's op has.
+// The arguments of the op that every kernel uses alike.
 struct ActiveArgs {
   at::TensorList params, grads, gains, grad_sums, prev_signs, steps;
   const at::Tensor& lr;
@@ -130,6 +134,64 @@ inline void validate(const char* op, const ActiveArgs& a, const std::vector<Name
   }
   if (a.grad_scale) check_scalar_tensor(op, "grad_scale", *a.grad_scale, device);
   if (a.found_inf) check_scalar_tensor(op, "found_inf", *a.found_inf, device);
+}
+
+
+namespace detail {
+
+template <class Item, std::size_t N, class Name>
+std::string join(const Item (&items)[N], std::size_t count, const Name& name) {
+  std::string out;
+  for (std::size_t k = 0; k < count; ++k) out += (k ? ", " : "") + std::string(name(items[k]));
+  return out;
+}
+
+inline void check_hyper_value(const char* op, const char* kernel, const HyperSpec& spec,
+                              double v) {
+  const auto fail = [&](const char* range) {
+    TORCH_CHECK(false, op, ": ", kernel, "'s ", spec.name, " must be ", range, ", got ", v);
+  };
+  switch (spec.range) {
+    case HyperRange::kFlag: if (!(v == 0 || v == 1)) fail("0 or 1 (a flag)"); break;
+    case HyperRange::kNonNegative: if (!(v >= 0)) fail(">= 0"); break;
+    case HyperRange::kBeta: if (!(v >= 0 && v < 1)) fail("in [0, 1)"); break;
+    case HyperRange::kUnit: if (!(v >= 0 && v <= 1)) fail("in [0, 1]"); break;
+  }
+}
+
+}  // namespace detail
+
+// The kernel's hyperparameters from the op's `hyper` list (its lr is set where lr is read).
+template <class Kernel>
+typename Kernel::Hyper parse_hyper(const char* op, const char* kernel,
+                                   c10::ArrayRef<double> values) {
+  constexpr std::size_t count = std::size(Kernel::kHyper);
+  TORCH_CHECK(values.size() == count, op, ": ", kernel, " takes ", count, " hyperparameters (",
+              detail::join(Kernel::kHyper, count, [](const HyperSpec& h) { return h.name; }),
+              "), got ", values.size());
+  for (std::size_t k = 0; k < count; ++k) {
+    detail::check_hyper_value(op, kernel, Kernel::kHyper[k], values[k]);
+  }
+  return Kernel::make_hyper(0.0, values.data());
+}
+
+// The op's state-major `states` (states[k * n + i]: state k of tensor i) as one named list per
+// state the kernel uses with these hyperparameters.
+template <class Kernel>
+std::vector<NamedList> state_lists(const char* op, const char* kernel,
+                                   const typename Kernel::Hyper& hyper, at::TensorList states,
+                                   std::size_t n) {
+  const std::size_t count = static_cast<std::size_t>(hyper.num_states());
+  TORCH_CHECK(states.size() == count * n, op, ": ", kernel, " with these hyperparameters keeps ",
+              count, " states per param (",
+              detail::join(Kernel::kStates, count, [](const char* name) { return name; }),
+              "), so states must hold ", count, " * ", n, " = ", count * n,
+              " tensors (state-major), got ", states.size());
+  std::vector<NamedList> lists;
+  for (std::size_t k = 0; k < count; ++k) {
+    lists.push_back({Kernel::kStates[k], states.slice(k * n, n)});
+  }
+  return lists;
 }
 
 }  // namespace adaptive_lr

@@ -272,8 +272,8 @@ BREAKERS = {
     "param_dtype": (_set("params", -1, lambda t: t.int()), r"params\[2\] must have dtype Float"),
     "gain_dtype": (_set("gains", -1, lambda t: t.double()), r"gains\[2\] must have dtype Float"),
     "sign_dtype": (_set("prev_signs", -1, lambda t: t.float()), r"prev_signs\[2\] must have dtype Char"),
-    "state_dtype": (_set("exp_avg_sq", -1, lambda t: t.double()), r"exp_avg_sqs\[2\] must have dtype"),
-    "amsgrad_state_shape": (_set("max_exp_avg_sq", -1, lambda t: t[:, None]), r"max_exp_avg_sqs\[2\] must have shape"),
+    "state_dtype": (_set("exp_avg_sq", -1, lambda t: t.double()), r"exp_avg_sq\[2\] must have dtype"),
+    "amsgrad_state_shape": (_set("max_exp_avg_sq", -1, lambda t: t[:, None]), r"max_exp_avg_sq\[2\] must have shape"),
     "grad_sum_numel": (_set("grad_sums", -1, lambda t: t[1:]), r"grad_sums\[2\] must have shape"),
     "sparse_grad": (_set("grads", -1, lambda t: t.to_sparse()), r"Sparse"),
     "step_dtype": (_set("steps", -1, lambda t: t.double()), r"steps\[2\] must be a one-element float32"),
@@ -283,7 +283,7 @@ BREAKERS = {
     "boundary": (lambda b: setattr(b, "boundary", 3), r"boundary must be 0"),
     "lr_dtype": (lambda b: b.hyper.update(lr=torch.tensor(1, dtype=torch.int64)), r"lr must be a one-element float32 or float64"),
     "lr_numel": (lambda b: b.hyper.update(lr=torch.full((2,), 1e-3)), r"lr must be a one-element"),
-    "amsgrad_off_with_list": (lambda b: b.hyper.update(amsgrad=False), r"max_exp_avg_sqs must be empty"),
+    "amsgrad_off_with_list": (lambda b: b.hyper.update(amsgrad=False), r"adamw with these hyperparameters keeps 2 states per param \(exp_avg, exp_avg_sq\), so states must hold 2 \* 3 = 6 tensors \(state-major\), got 9"),
 }
 
 

@@ -36,8 +36,8 @@ void step(const Bucket<Kernel>& bucket) {
                    [&](int64_t begin, int64_t end) { kernel(bucket, begin, end); });
 }
 
-template void step<Sgd>(const Bucket<Sgd>&);
-template void step<Adam<false>>(const Bucket<Adam<false>>&);
-template void step<Adam<true>>(const Bucket<Adam<true>>&);
+#define ADAPTIVE_LR_INSTANTIATE(name, Kernel) template void step<Kernel>(const Bucket<Kernel>&);
+ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_INSTANTIATE)
+#undef ADAPTIVE_LR_INSTANTIATE
 
 }  // namespace adaptive_lr::cpu

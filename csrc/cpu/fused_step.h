@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "adaptive_lr/chunks.h"
+#include "adaptive_lr/dtype.h"
 #include "adaptive_lr/math.h"
 
 namespace adaptive_lr::cpu {
@@ -13,16 +14,15 @@ namespace adaptive_lr::cpu {
 // stream, enough to amortize the per-chunk setup while balancing the threads).
 constexpr int32_t kChunkSize = 1 << 16;
 
-enum class DType { kFloat, kDouble, kBFloat16, kHalf };
-
 // One tensor of a bucket: all arrays contiguous with the param's number of elements.
+template <class Kernel>
 struct TensorPtrs {
   void* param;  // DType
   const void* grad;  // DType
   float* gain;
   float* grad_sum;
   int8_t* prev_sign;
-  void* state[3];  // the kernel's states in its order; double for float64 params, else float
+  void* state[Kernel::kMaxStates];  // its states, in order: double for float64 params, else float
 };
 
 template <class Kernel>
@@ -32,7 +32,7 @@ struct Bucket {
   bool boundary_only;  // found_inf: the boundary is applied, nothing else
   CommonHyper common;
   typename Kernel::Hyper hyper;
-  const TensorPtrs* tensors;
+  const TensorPtrs<Kernel>* tensors;
   const typename Kernel::Scalars* scalars;  // per tensor, from its step after the increment
   const Chunk* chunks;
   int64_t num_chunks;

@@ -122,7 +122,7 @@ template <Boundary B, class Kernel, class P>
 void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute and state type
   constexpr int N = Kernel::kMaxStates;
-  const TensorPtrs& t = b.tensors[chunk.tensor];
+  const TensorPtrs<Kernel>& t = b.tensors[chunk.tensor];
   const int64_t offset = chunk.offset;
   P* const param = static_cast<P*>(t.param) + offset;
   const P* const grad = static_cast<const P*>(t.grad) + offset;
@@ -161,7 +161,7 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
 // A step skipped for found_inf still applies the pending boundary to gain, grad_sum, prev_sign.
 template <Boundary B, class Kernel>
 void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
-  const TensorPtrs& t = b.tensors[chunk.tensor];
+  const TensorPtrs<Kernel>& t = b.tensors[chunk.tensor];
   float* const gain = t.gain + chunk.offset;
   float* const grad_sum = t.grad_sum + chunk.offset;
   int8_t* const prev_sign = t.prev_sign + chunk.offset;
@@ -205,9 +205,10 @@ void step_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
   }
 }
 
-template void step_chunks<Sgd>(const Bucket<Sgd>&, int64_t, int64_t);
-template void step_chunks<Adam<false>>(const Bucket<Adam<false>>&, int64_t, int64_t);
-template void step_chunks<Adam<true>>(const Bucket<Adam<true>>&, int64_t, int64_t);
+#define ADAPTIVE_LR_INSTANTIATE(name, Kernel) \
+  template void step_chunks<Kernel>(const Bucket<Kernel>&, int64_t, int64_t);
+ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_INSTANTIATE)
+#undef ADAPTIVE_LR_INSTANTIATE
 
 }  // namespace cpu::CPU_CAPABILITY
 }  // namespace adaptive_lr

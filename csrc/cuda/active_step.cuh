@@ -1,5 +1,5 @@
-// The Active optimizers' CUDA step: one functor, templated on math.h's kernel tag (Sgd, AdamW and
-// RAdam's Adam<false>, AdaBelief's Adam<true>), the boundary kind and the param dtype, run by
+// The Active optimizers' CUDA step: one functor, templated on math.h's kernel tag (one per
+// optimizer, ADAPTIVE_LR_KERNELS), the boundary kind and the param dtype, run by
 // multi_tensor_apply with one block per chunk. Per element it calls math.h's fused_step (or
 // apply_boundary alone when found_inf skips the step): the functions the CPU kernels call.
 //
@@ -132,7 +132,7 @@ struct ActiveStep {
     s.hyper.lr = lr;
     s.skip = a.found_inf != nullptr && *a.found_inf != 0;
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
-    s.scalars = step_scalars(s.hyper, static_cast<double>(s.next_step));
+    s.scalars = Kernel::step_scalars(s.hyper, static_cast<double>(s.next_step));
     return s;
   }
 
@@ -190,8 +190,8 @@ struct ActiveStep {
 
   // The block's tensor's step counter advances once, after every block of the tensor has read it:
   // the block that arrives last writes it. Thread 0 is the only reader of the counter in a block.
-  static __device__ void advance_step(const LaunchMetadata& meta, int32_t* arrivals, int slot,
-                                      float* step, float next_step) {
+  static __device__ void advance_step(const LaunchMetadata<Kernel>& meta, int32_t* arrivals,
+                                      int slot, float* step, float next_step) {
     const int32_t blocks = meta.finishing_blocks[slot];
     if (threadIdx.x != 0 || blocks == 0) return;  // 0: the tensor continues in the next launch
     if (blocks > 1) {
@@ -203,7 +203,8 @@ struct ActiveStep {
     *step = next_step;
   }
 
-  static __device__ void block(const LaunchMetadata& meta, const StepArgs<Kernel>& args) {
+  static __device__ void block(const LaunchMetadata<Kernel>& meta,
+                               const StepArgs<Kernel>& args) {
     const int slot = meta.block_slot[blockIdx.x];
     const int64_t offset = int64_t{meta.block_chunk[blockIdx.x]} * kChunkSize;
     const int64_t left = meta.numels[slot] - offset;
@@ -253,7 +254,7 @@ cudaError_t step_with_boundary(const Bucket<Kernel>& b, const std::vector<Launch
                                cudaStream_t stream) {
   const auto run = [&](auto param) {
     using Functor = ActiveStep<B, Kernel, decltype(param)>;
-    return multi_tensor_apply<Functor>(plan, b.tensors, b.numels, b.args, stream);
+    return multi_tensor_apply<Functor, Kernel>(plan, b.tensors, b.numels, b.args, stream);
   };
   switch (b.dtype) {
     case DType::kFloat: return run(float());
@@ -267,7 +268,7 @@ cudaError_t step_with_boundary(const Bucket<Kernel>& b, const std::vector<Launch
 template <class Kernel>
 cudaError_t step(const Bucket<Kernel>& b, cudaStream_t stream) {
   const std::vector<Launch> plan =
-      plan_launches(b.numels, b.num_tensors, kChunkSize, kLaunchLimits);
+      plan_launches(b.numels, b.num_tensors, kChunkSize, launch_limits<Kernel>());
   switch (b.boundary) {
     case Boundary::kNone: return step_with_boundary<Boundary::kNone>(b, plan, stream);
     case Boundary::kRoll: return step_with_boundary<Boundary::kRoll>(b, plan, stream);

@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdint>
 
+#include "adaptive_lr/dtype.h"
 #include "adaptive_lr/launch_plan.h"
 #include "adaptive_lr/math.h"
 
@@ -24,18 +25,20 @@ enum List : int {
   kGradSum,   // float
   kPrevSign,  // int8
   kStep,      // float, one element
-  kState0,    // the kernel's states in its order (momentum_buffer; exp_avg, exp_avg_sq or
-              // exp_avg_var, max_*): double for float64 params, else float
-  kNumLists = kState0 + 3,
+  kState0,    // the kernel's states in its order (math.h's kStates): double for float64 params,
+              // else float
 };
-using TensorAddresses = std::array<void*, kNumLists>;
+// A kernel's lists: the six above and its states; the address table is sized by them.
+template <class Kernel>
+constexpr int kNumLists = kState0 + Kernel::kMaxStates;
+template <class Kernel>
+using TensorAddresses = std::array<void*, kNumLists<Kernel>>;
 
-enum class DType { kFloat, kDouble, kBFloat16, kHalf };
-
-// Elements per chunk (one block's work) and the launch limits: metadata for 24 tensors and 320
-// blocks keeps a launch's kernel arguments within 4 KB (static_assert in multi_tensor_apply.cuh).
+// Elements per chunk (one block's work). A launch's tensor and block limits depend on the
+// kernel's metadata size (launch_limits in multi_tensor_apply.cuh); no kernel has more tensor
+// slots than this (block_slot is a uint8_t), which is also how many arrival counters a bucket has.
 constexpr int32_t kChunkSize = 1 << 16;
-constexpr LaunchLimits kLaunchLimits{24, 320};
+constexpr int32_t kMaxTensorSlots = 256;
 
 // Everything the kernel reads besides the tensors, all of it valid while the step runs: the
 // scalars that change per step are device pointers, read by the kernel.
@@ -48,7 +51,7 @@ struct StepArgs {
   const void* lr;           // device
   const float* grad_scale;  // device; null: no grad scaling
   const float* found_inf;   // device; null: never skipped
-  // device, kLaunchLimits.max_tensors int32 zeros, the bucket's own: the blocks of a tensor count
+  // device, kMaxTensorSlots int32 zeros, the bucket's own: the blocks of a tensor count
   // their arrivals here so that the last one advances the step counter and resets the count to 0
   // (as every launch must find it)
   int32_t* arrivals;
@@ -59,17 +62,19 @@ struct Bucket {
   DType dtype;
   Boundary boundary;
   StepArgs<Kernel> args;
-  const TensorAddresses* tensors;  // host array, one per tensor
+  const TensorAddresses<Kernel>* tensors;  // host array, one per tensor
   const int64_t* numels;           // host array
   int32_t num_tensors;
 };
 
-// One step of a whole bucket, enqueued on `stream` (csrc/cuda/step_*.cu); returns the launch error.
+// One step of a whole bucket, enqueued on `stream` (csrc/cuda/step_kernels.cu); returns the
+// launch error.
 template <class Kernel>
 cudaError_t step(const Bucket<Kernel>& bucket, cudaStream_t stream);
 
-extern template cudaError_t step<Sgd>(const Bucket<Sgd>&, cudaStream_t);
-extern template cudaError_t step<Adam<false>>(const Bucket<Adam<false>>&, cudaStream_t);
-extern template cudaError_t step<Adam<true>>(const Bucket<Adam<true>>&, cudaStream_t);
+#define ADAPTIVE_LR_DECLARE(name, Kernel) \
+  extern template cudaError_t step<Kernel>(const Bucket<Kernel>&, cudaStream_t);
+ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_DECLARE)
+#undef ADAPTIVE_LR_DECLARE
 
 }  // namespace adaptive_lr::cuda

@@ -16,15 +16,6 @@
 namespace adaptive_lr::cuda {
 namespace {
 
-DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat;
-    case at::kDouble: return DType::kDouble;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kHalf;  // the only other dtype validate() lets through
-  }
-}
-
 // The arrival counters of a bucket (StepArgs::arrivals), keyed like its step counters by the
 // first tensor's step: a bucket's launches run in stream order and never concurrently with
 // another step of the same bucket, and other buckets (other optimizers, other streams) get their
@@ -42,7 +33,7 @@ int32_t* arrivals_for(const at::Tensor& first_step, cudaStream_t stream) {
                 "adaptive_lr: step this bucket once outside a CUDA graph capture before capturing "
                 "it (its arrival counters are allocated by the first step)");
     at::Tensor zeros =
-        at::zeros({int64_t{kLaunchLimits.max_tensors}}, first_step.options().dtype(at::kInt));
+        at::zeros({int64_t{kMaxTensorSlots}}, first_step.options().dtype(at::kInt));
     it = counters->emplace(first_step.const_data_ptr(), std::move(zeros)).first;
   }
   return it->second.data_ptr<int32_t>();
@@ -59,17 +50,17 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   const size_t n = a.params.size();
-  std::vector<TensorAddresses> tensors(n);
+  std::vector<TensorAddresses<Kernel>> tensors(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
-    TensorAddresses& t = tensors[i];
-    t = {a.params[i].data_ptr(),
-         const_cast<void*>(a.grads[i].const_data_ptr()),  // the kernels only read grads
-         a.gains[i].data_ptr(),
-         a.grad_sums[i].data_ptr(),
-         a.prev_signs[i].data_ptr(),
-         a.steps[i].data_ptr(),
-         nullptr, nullptr, nullptr};
+    TensorAddresses<Kernel>& t = tensors[i];
+    t = {};  // states the hyperparameters leave unused stay null
+    t[kParam] = a.params[i].data_ptr();
+    t[kGrad] = const_cast<void*>(a.grads[i].const_data_ptr());  // the kernels only read grads
+    t[kGain] = a.gains[i].data_ptr();
+    t[kGradSum] = a.grad_sums[i].data_ptr();
+    t[kPrevSign] = a.prev_signs[i].data_ptr();
+    t[kStep] = a.steps[i].data_ptr();
     for (size_t k = 0; k < states.size(); ++k) t[kState0 + k] = states[k].tensors[i].data_ptr();
     numels[i] = a.params[i].numel();
   }
@@ -85,17 +76,16 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
                               a.grad_scale ? a.grad_scale->const_data_ptr<float>() : nullptr,
                               a.found_inf ? a.found_inf->const_data_ptr<float>() : nullptr,
                               arrivals_for(a.steps[0], stream)};
-  C10_CUDA_CHECK(step(Bucket<Kernel>{kernel_dtype(a.params[0].scalar_type()),
+  C10_CUDA_CHECK(step(Bucket<Kernel>{to_dtype(a.params[0].scalar_type()),
                                      static_cast<Boundary>(a.boundary), args, tensors.data(),
                                      numels.data(), static_cast<int32_t>(n)},
                       stream));
 }
 
-template void fused_step<Sgd>(const char*, const ActiveArgs&, const std::vector<NamedList>&,
-                              const Sgd::Hyper&);
-template void fused_step<Adam<false>>(const char*, const ActiveArgs&,
-                                      const std::vector<NamedList>&, const Adam<false>::Hyper&);
-template void fused_step<Adam<true>>(const char*, const ActiveArgs&,
-                                     const std::vector<NamedList>&, const Adam<true>::Hyper&);
+#define ADAPTIVE_LR_INSTANTIATE(name, Kernel)                                                  \
+  template void fused_step<Kernel>(const char*, const ActiveArgs&, const std::vector<NamedList>&, \
+                                   const Kernel::Hyper&);
+ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_INSTANTIATE)
+#undef ADAPTIVE_LR_INSTANTIATE
 
 }  // namespace adaptive_lr::cuda

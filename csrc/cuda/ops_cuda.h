@@ -1,5 +1,5 @@
-// The CUDA implementation behind torch.ops.adaptive_lr's ops (csrc/cuda/ops_cuda.cpp), compiled
-// and registered only when the extension is built against a CUDA build of torch.
+// The CUDA implementation behind torch.ops.adaptive_lr.active_step_ (csrc/cuda/ops_cuda.cpp),
+// compiled and registered only when the extension is built against a CUDA build of torch.
 #pragma once
 
 #include <vector>

@@ -1,5 +1,7 @@
 // math.h on scalar lanes (float and double), against hand-computed expectations.
 #include <cmath>
+#include <initializer_list>
+#include <iterator>
 #include <limits>
 
 #include "adaptive_lr/math.h"
@@ -13,6 +15,20 @@ CommonHyper hyper(float min_gain = 0, float max_gain = INFINITY, double decay = 
                   double grad_divisor = 1, bool divide_grad = false) {
   return {2.0f, 0.5f, min_gain, max_gain, decay, grad_divisor, divide_grad};
 }
+
+// Kernel K's Hyper from the op's hyperparameter list, in K::kHyper's order.
+template <class K>
+typename K::Hyper hyper_of(double lr, std::initializer_list<double> values) {
+  CHECK(values.size() == std::size(K::kHyper));
+  return K::make_hyper(lr, values.begin());
+}
+
+// Every tag of the list names its states and hyperparameters consistently.
+#define CHECK_TAG(name, K)                                    \
+  static_assert(std::size(K::kStates) == K::kMaxStates, #K); \
+  static_assert(std::size(K::kHyper) > 0, #K);
+ADAPTIVE_LR_KERNELS(CHECK_TAG)
+#undef CHECK_TAG
 
 // Gain after one boundary from (gain, prev_sign, grad_sum); also checks the roll-over.
 template <Boundary B, class T>
@@ -47,28 +63,29 @@ void test_boundary() {
   CHECK(std::isnan(Ops<T>::maximum(nan, 1)) && std::isnan(Ops<T>::maximum(1, nan)));
 }
 
-// One fused step of a single element for kernel K; returns theta, updates the rest in place.
+// One fused step (the tensor's t-th) of a single element for kernel K; returns theta, updates the
+// rest in place.
 template <Boundary B, class K, class T>
-T step(const CommonHyper& h, const typename K::Hyper& kh, const typename K::Scalars& ks, T theta,
-       T grad, T& gain, T& grad_sum, T& prev_sign, T (&state)[K::kMaxStates]) {
-  fused_step<B>(CommonLanes<T>(h), Update<K, T>(kh, ks), theta, grad, gain, grad_sum, prev_sign,
-                state);
+T step(const CommonHyper& h, const typename K::Hyper& kh, double t, T theta, T grad, T& gain,
+       T& grad_sum, T& prev_sign, T (&state)[K::kMaxStates]) {
+  fused_step<B>(CommonLanes<T>(h), Update<K, T>(kh, K::step_scalars(kh, t)), theta, grad, gain,
+                grad_sum, prev_sign, state);
   return theta;
 }
 
 template <class T>
 void test_accumulation_and_grad_scaling() {
-  const Sgd::Hyper sgd{0.1, 0, 0, false};
+  const Sgd::Hyper sgd = hyper_of<Sgd>(0.1, {0, 0, 0});
   T gain = 1, sum = 0.25, sign = 1, buf[1] = {0};
   // grad_scale 2 with maximize: divisor -2, so g = -0.25 is accumulated and followed
-  const T theta = step<Boundary::kNone, Sgd, T>(hyper(0, INFINITY, 1, -2, true), sgd, {true}, 1,
+  const T theta = step<Boundary::kNone, Sgd, T>(hyper(0, INFINITY, 1, -2, true), sgd, 1, 1,
                                                 0.5, gain, sum, sign, buf);
   CHECK(sum == 0);
   CHECK(buf[0] == T(-0.25));
   CHECK_CLOSE(theta, 1.025, 1e-7);
   // a boundary first resets the sum, then this step's gradient is accumulated with the new gain
   sum = -1;
-  const T theta2 = step<Boundary::kUpdate, Sgd, T>(hyper(), sgd, {true}, 1, 0.5, gain, sum, sign,
+  const T theta2 = step<Boundary::kUpdate, Sgd, T>(hyper(), sgd, 1, 1, 0.5, gain, sum, sign,
                                                    buf);
   CHECK(gain == 0.5 && sign == -1 && sum == 0.5);
   CHECK_CLOSE(theta2, 1 - 0.1 * 0.5 * 0.5, 1e-7);
@@ -77,21 +94,21 @@ void test_accumulation_and_grad_scaling() {
 template <class T>
 void test_sgd() {
   T gain = 2, sum = 0, sign = 0;
-  const Sgd::Hyper h{0.1, 0.9, 0.5, false};
+  const Sgd::Hyper h = hyper_of<Sgd>(0.1, {0.9, 0.5, 0});
   T buf[1] = {0.2};
   // first step: the buffer is the gradient itself; decay 0.99 is applied before the update
-  CHECK_CLOSE((step<Boundary::kNone, Sgd, T>(hyper(0, INFINITY, 0.99), h, sgd_scalars(1), 1, 0.5,
+  CHECK_CLOSE((step<Boundary::kNone, Sgd, T>(hyper(0, INFINITY, 0.99), h, 1, 1, 0.5,
                                              gain, sum, sign, buf)),
               0.99 - 0.1 * 2 * 0.5, 1e-7);
   CHECK(buf[0] == T(0.5));
   buf[0] = 0.2;  // later steps: b = 0.9 * 0.2 + 0.5 * 0.5 = 0.43
-  CHECK_CLOSE((step<Boundary::kNone, Sgd, T>(hyper(), h, sgd_scalars(2), 1, 0.5, gain, sum, sign,
+  CHECK_CLOSE((step<Boundary::kNone, Sgd, T>(hyper(), h, 2, 1, 0.5, gain, sum, sign,
                                              buf)),
               1 - 0.2 * 0.43, 1e-7);
   CHECK_CLOSE(buf[0], 0.43, 1e-7);
   buf[0] = 0.2;  // nesterov: direction g + 0.9 * b = 0.887
-  const Sgd::Hyper nesterov{0.1, 0.9, 0.5, true};
-  CHECK_CLOSE((step<Boundary::kNone, Sgd, T>(hyper(), nesterov, sgd_scalars(2), 1, 0.5, gain, sum,
+  const Sgd::Hyper nesterov = hyper_of<Sgd>(0.1, {0.9, 0.5, 1});
+  CHECK_CLOSE((step<Boundary::kNone, Sgd, T>(hyper(), nesterov, 2, 1, 0.5, gain, sum,
                                              sign, buf)),
               1 - 0.2 * 0.887, 1e-7);
 }
@@ -101,18 +118,18 @@ void test_adamw() {
   T gain = 1, sum = 0, sign = 0;
   // step 1 from zero moments: m = 0.05, v = 0.00025, bc1 = 0.1, bc2 = 0.001, so
   // m_hat = 0.5 and sqrt(v_hat) = 0.5: the update is lr * gain * 0.5 / (0.5 + eps)
-  const AdamW::Hyper h{0.01, 0.9, 0.999, 1e-8, false, false};
+  const AdamW::Hyper h = hyper_of<AdamW>(0.01, {0.9, 0.999, 1e-8, 0});
   T st[3] = {0, 0, 0};
-  CHECK_CLOSE((step<Boundary::kNone, AdamW, T>(hyper(0, INFINITY, 0.999), h, adamw_scalars(h, 1),
+  CHECK_CLOSE((step<Boundary::kNone, AdamW, T>(hyper(0, INFINITY, 0.999), h, 1,
                                                1, 0.5, gain, sum, sign, st)),
               0.999 - 0.01 * 0.5 / (0.5 + 1e-8), 1e-6);
   CHECK_CLOSE(st[0], 0.05, 1e-6);
   CHECK_CLOSE(st[1], 0.00025, 1e-6);
   // amsgrad: a larger running max (1.0) is used instead of v
-  const AdamW::Hyper ams{0.01, 0.9, 0.999, 1e-8, true, false};
+  const AdamW::Hyper ams = hyper_of<AdamW>(0.01, {0.9, 0.999, 1e-8, 1});
   T st2[3] = {0, 0, 1};
   gain = 3;
-  CHECK_CLOSE((step<Boundary::kNone, AdamW, T>(hyper(), ams, adamw_scalars(ams, 1), 1, 0.5, gain,
+  CHECK_CLOSE((step<Boundary::kNone, AdamW, T>(hyper(), ams, 1, 1, 0.5, gain,
                                                sum, sign, st2)),
               1 - 0.1 * 3 * 0.05 / (1 / std::sqrt(0.001) + 1e-8), 1e-6);
   CHECK(st2[2] == 1);
@@ -120,21 +137,21 @@ void test_adamw() {
 
 template <class T>
 void test_radam() {
-  const RAdam::Hyper h{0.01, 0.9, 0.999, 1e-8, false, false};
+  const RAdam::Hyper h = hyper_of<RAdam>(0.01, {0.9, 0.999, 1e-8});
   CHECK(!radam_rectification(0.999, 5).active);  // rho_5 = 4.996
   CHECK(radam_rectification(0.999, 6).active);   // rho_6 = 5.994
   CHECK_CLOSE(radam_rectification(0.999, 6).r, 0.02582111280185855, 1e-12);
   T gain = 2, sum = 0, sign = 0;
   // un-rectified (t = 1): theta -= lr * gain * m / bc1 = 0.01 * 2 * 0.05 / 0.1
-  T st[3] = {0, 0, 0};
-  CHECK_CLOSE((step<Boundary::kNone, RAdam, T>(hyper(), h, radam_scalars(h, 1), 1, 0.5, gain, sum,
+  T st[2] = {0, 0};
+  CHECK_CLOSE((step<Boundary::kNone, RAdam, T>(hyper(), h, 1, 1, 0.5, gain, sum,
                                                sign, st)),
               1 - 0.01, 1e-6);
   // rectified (t = 6): theta -= lr * gain * r * (m / bc1) * sqrt(bc2) / (sqrt(v) + eps)
-  T st2[3] = {0.1, 0.04, 0};
+  T st2[2] = {0.1, 0.04};
   const double m = 0.9 * 0.1 + 0.1 * 0.5, v = 0.999 * 0.04 + 0.001 * 0.25;
   const double bc1 = 1 - std::pow(0.9, 6), bc2 = 1 - std::pow(0.999, 6);
-  CHECK_CLOSE((step<Boundary::kNone, RAdam, T>(hyper(), h, radam_scalars(h, 6), 1, 0.5, gain, sum,
+  CHECK_CLOSE((step<Boundary::kNone, RAdam, T>(hyper(), h, 6, 1, 0.5, gain, sum,
                                                sign, st2)),
               1 - 0.01 * 2 * 0.02582111280185855 * (m / bc1) * std::sqrt(bc2) /
                       (std::sqrt(v) + 1e-8),
@@ -147,25 +164,113 @@ void test_adabelief() {
   // m = 0.05, s = 0.001 * (0.5 - 0.05)^2 + eps (eps accumulates inside s)
   const double eps = 1e-6, m = 0.05, s = 0.001 * 0.45 * 0.45 + eps;
   const double bc1 = 0.1, bc2 = 0.001;
-  const AdaBelief::Hyper plain{0.01, 0.9, 0.999, eps, false, false};
+  const AdaBelief::Hyper plain = hyper_of<AdaBelief>(0.01, {0.9, 0.999, eps, 0, 0});
   T st[3] = {0, 0, 0};
-  CHECK_CLOSE((step<Boundary::kNone, AdaBelief, T>(hyper(), plain, adabelief_scalars(plain, 1), 1,
+  CHECK_CLOSE((step<Boundary::kNone, AdaBelief, T>(hyper(), plain, 1, 1,
                                                    0.5, gain, sum, sign, st)),
               1 - 0.01 / bc1 * m / (std::sqrt(s) / std::sqrt(bc2) + eps), 1e-6);
   CHECK_CLOSE(st[1], s, 1e-6);
   // rectify at t = 1: rho_1 <= 5, so the bias-corrected momentum step lr * gain * m / bc1
-  const AdaBelief::Hyper rectified{0.01, 0.9, 0.999, eps, false, true};
+  const AdaBelief::Hyper rectified = hyper_of<AdaBelief>(0.01, {0.9, 0.999, eps, 0, 1});
   T st2[3] = {0, 0, 0};
   CHECK_CLOSE((step<Boundary::kNone, AdaBelief, T>(hyper(), rectified,
-                                                   adabelief_scalars(rectified, 1), 1, 0.5, gain,
+                                                   1, 1, 0.5, gain,
                                                    sum, sign, st2)),
               1 - 0.01 * m / bc1, 1e-6);
   // amsgrad keeps the max of the running variance
-  const AdaBelief::Hyper ams{0.01, 0.9, 0.999, eps, true, false};
+  const AdaBelief::Hyper ams = hyper_of<AdaBelief>(0.01, {0.9, 0.999, eps, 1, 0});
   T st3[3] = {0, 0, 0.5};
-  step<Boundary::kNone, AdaBelief, T>(hyper(), ams, adabelief_scalars(ams, 1), 1, 0.5, gain, sum,
+  step<Boundary::kNone, AdaBelief, T>(hyper(), ams, 1, 1, 0.5, gain, sum,
                                       sign, st3);
   CHECK(st3[2] == T(0.5));
+}
+
+// RAdam is its own tag: it rectifies without any flag, where AdamW (same moments) never does and
+// AdaBelief does only with its own rectify flag.
+template <class T>
+void test_radam_is_its_own_kernel() {
+  const RAdam::Hyper radam = hyper_of<RAdam>(0.01, {0.9, 0.999, 1e-8});
+  const AdamW::Hyper adamw = hyper_of<AdamW>(0.01, {0.9, 0.999, 1e-8, 0});
+  CHECK(!RAdam::step_scalars(radam, 1).adaptive);  // rho_1 <= 5: the momentum step
+  CHECK(AdamW::step_scalars(adamw, 1).adaptive);
+  CHECK(!adamw.rectify && !radam.rectify);  // rectify is AdaBelief's option only
+  T gain = 1, sum = 0, sign = 0, st[2] = {0, 0}, st2[3] = {0, 0, 0};
+  const T radam_theta = step<Boundary::kNone, RAdam, T>(hyper(), radam,
+                                                        1, 1, 0.5,
+                                                        gain, sum, sign, st);
+  const T adamw_theta = step<Boundary::kNone, AdamW, T>(hyper(), adamw,
+                                                        1, 1, 0.5,
+                                                        gain, sum, sign, st2);
+  CHECK_CLOSE(radam_theta, 1 - 0.01 * 0.05 / 0.1, 1e-6);
+  CHECK_CLOSE(adamw_theta, 1 - 0.01 * 0.5 / (0.5 + 1e-8), 1e-6);
+}
+
+// torch.optim.Adam: the moments see g + weight_decay * theta (theta before the update), grad_sum
+// sees g alone; with maximize g is the negated gradient before the L2 term is added.
+template <class T>
+void test_adam() {
+  const Adam::Hyper h = hyper_of<Adam>(0.01, {0.9, 0.999, 1e-8, 0, 0.1});
+  CHECK(h.l2 == 0.1 && !h.amsgrad && h.num_states() == 2);
+  T gain = 1, sum = 0, sign = 0, st[3] = {0, 0, 0};
+  // g = 0.5 + 0.1 * 1 = 0.6: m = 0.06, v = 0.00036, m_hat = 0.6 = sqrt(v_hat)
+  CHECK_CLOSE((step<Boundary::kNone, Adam, T>(hyper(), h, 1, 1, 0.5, gain,
+                                              sum, sign, st)),
+              1 - 0.01 * 0.6 / (0.6 + 1e-8), 1e-6);
+  CHECK_CLOSE(st[0], 0.06, 1e-6);
+  CHECK_CLOSE(st[1], 0.00036, 1e-6);
+  CHECK(sum == T(0.5));
+  // maximize (divisor -1): g = -0.5 + 0.1 * 1 = -0.4, grad_sum accumulates -0.5
+  T st2[3] = {0, 0, 0};
+  sum = 0;
+  CHECK_CLOSE((step<Boundary::kNone, Adam, T>(hyper(0, INFINITY, 1, -1, true), h,
+                                              1, 1, 0.5, gain, sum, sign,
+                                              st2)),
+              1 + 0.01 * 0.4 / (0.4 + 1e-8), 1e-6);
+  CHECK_CLOSE(st2[0], -0.04, 1e-6);
+  CHECK(sum == T(-0.5));
+  // amsgrad: the running max (1.0) is the denominator's second moment; gain 3; theta 2 makes
+  // g = 0.5 + 0.2 = 0.7, m = 0.07
+  const Adam::Hyper ams = hyper_of<Adam>(0.01, {0.9, 0.999, 1e-8, 1, 0.1});
+  CHECK(ams.amsgrad && ams.num_states() == 3);
+  T st3[3] = {0, 0, 1};
+  gain = 3;
+  CHECK_CLOSE((step<Boundary::kNone, Adam, T>(hyper(), ams, 1, 2, 0.5,
+                                              gain, sum, sign, st3)),
+              2 - 0.1 * 3 * 0.07 / (1 / std::sqrt(0.001) + 1e-8), 1e-6);
+  CHECK(st3[2] == 1);
+  CHECK_CLOSE(st3[1], 0.001 * 0.49, 1e-6);
+}
+
+// Lion: theta -= lr * gain * sign(beta1 * m + (1 - beta1) * g), then m moves with beta2.
+template <class T>
+void test_lion() {
+  const Lion::Hyper h = hyper_of<Lion>(0.01, {0.9, 0.99});
+  T gain = 2, sum = 0, sign = 0;
+  // c = 0.9 * 0.2 + 0.1 * 0.5 = 0.23 > 0; decoupled decay 0.99 first
+  T m[1] = {0.2};
+  CHECK_CLOSE((step<Boundary::kNone, Lion, T>(hyper(0, INFINITY, 0.99), h,
+                                              1, 1, 0.5, gain, sum, sign,
+                                              m)),
+              0.99 - 0.01 * 2, 1e-7);
+  CHECK_CLOSE(m[0], 0.99 * 0.2 + 0.01 * 0.5, 1e-6);
+  // c = 0.18 - 0.3 < 0: the step goes up
+  m[0] = 0.2;
+  CHECK_CLOSE((step<Boundary::kNone, Lion, T>(hyper(), h, 1, 1, -3, gain,
+                                              sum, sign, m)),
+              1 + 0.01 * 2, 1e-7);
+  CHECK_CLOSE(m[0], 0.99 * 0.2 - 0.01 * 3, 1e-6);
+  // c = 0.5 * 0.5 - 0.5 * 0.5 = 0 exactly: sign(0) = 0, theta stays
+  const Lion::Hyper half = hyper_of<Lion>(0.01, {0.5, 0.5});
+  m[0] = 0.5;
+  CHECK((step<Boundary::kNone, Lion, T>(hyper(), half, 1, 1, -0.5,
+                                        gain, sum, sign, m)) == 1);
+  CHECK(m[0] == 0);
+  // a NaN gradient has sign 0 too: theta stays, the NaN reaches the moment
+  m[0] = 0.2;
+  CHECK((step<Boundary::kNone, Lion, T>(hyper(), h, 1, 1,
+                                        std::numeric_limits<T>::quiet_NaN(), gain, sum, sign,
+                                        m)) == 1);
+  CHECK(std::isnan(m[0]));
 }
 
 template <class T>
@@ -176,6 +281,9 @@ void test_all() {
   test_adamw<T>();
   test_radam<T>();
   test_adabelief<T>();
+  test_radam_is_its_own_kernel<T>();
+  test_adam<T>();
+  test_lion<T>();
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ADAPTIVE_LR_HOST_DEVICE __host__ __device__ __forceinline__
@@ -66,43 +67,72 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
           grad_scale != nullptr || maximize};
 }
 
-// Kernel tags: the per-element code the loops are instantiated for. AdamW and RAdam share one
-// (they differ only in their per-tensor scalars), AdaBelief adds the "belief" second moment.
+// ---- kernel tags ------------------------------------------------------------------------------
+//
+// One tag per optimizer, listed once in ADAPTIVE_LR_KERNELS (end of this file): every
+// instantiation (CPU kernels, CUDA kernels, the op's name -> kernel dispatch) expands that list.
+// A tag carries what the generic code needs:
+//  * kHyper: its hyperparameters in the op's order (`hyper`, a float list; flags as 0.0/1.0), each
+//    with its valid range, and make_hyper(lr, values) building its Hyper from them;
+//  * kStates: its state lists in the op's order, kMaxStates of them; Hyper::num_states() says how
+//    many a call uses (amsgrad's running maximum is the optional last one);
+//  * Scalars and step_scalars(hyper, t): what is derived once per tensor per step from its step t;
+//  * its per-element update: Update<Tag, T>, in the element side below.
+
+// The valid values of a hyperparameter (checked by the op before anything is written).
+enum class HyperRange {
+  kFlag,         // 0 or 1 (a bool)
+  kNonNegative,  // >= 0
+  kBeta,         // [0, 1)
+  kUnit,         // [0, 1]
+};
+
+struct HyperSpec {
+  const char* name;
+  HyperRange range;
+};
+
 struct Sgd {
-  static constexpr int kMaxStates = 1;  // momentum_buffer
+  static constexpr HyperSpec kHyper[] = {{"momentum", HyperRange::kNonNegative},
+                                         {"dampening", HyperRange::kUnit},
+                                         {"nesterov", HyperRange::kFlag}};
+  static constexpr const char* kStates[] = {"momentum_buffer"};
+  static constexpr int kMaxStates = 1;
   struct Hyper {
     double lr, momentum, dampening;
     bool nesterov;
     ADAPTIVE_LR_HOST_DEVICE int num_states() const { return 1; }
   };
+  static Hyper make_hyper(double lr, const double* v) { return {lr, v[0], v[1], v[2] != 0}; }
   struct Scalars {
     bool first_step;  // torch.optim.SGD: the buffer starts as a copy of the first gradient
   };
+  static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper&, double step) {
+    return {step == 1};
+  }
 };
 
-template <bool kBelief>
-struct Adam {
-  static constexpr int kMaxStates = 3;  // exp_avg, exp_avg_sq (exp_avg_var), max_* (amsgrad)
+// The Adam family: first moment m, a second moment (of g, or AdaBelief's of g - m), an optional
+// running maximum of it (amsgrad), and a step size from the per-tensor scalars:
+// theta -= step_size * gain * m / (sqrt(v) / sqrt_bc2 + eps) if adaptive, else
+// theta -= step_size * gain * m (the un-rectified warm-up steps of RAdam and AdaBelief).
+struct AdamFamily {
+  static constexpr int kMaxStates = 3;  // 2 for a member without amsgrad
   struct Hyper {
     double lr, beta1, beta2, eps;
-    bool amsgrad;
-    bool rectify;  // RAdam's rectification: RAdam always, AdaBelief optionally, AdamW never
+    double l2;     // coupled weight decay (torch.optim.Adam): the moments see g + l2 * theta
+    bool amsgrad;  // the running maximum of the second moment is the third state
+    bool rectify;  // AdaBelief's option: RAdam's rectification (RAdam has its own step_scalars)
     ADAPTIVE_LR_HOST_DEVICE int num_states() const { return amsgrad ? 3 : 2; }
   };
-  // theta -= step_size * gain * m / (sqrt(v) / sqrt_bc2 + eps) if adaptive, else
-  // theta -= step_size * gain * m (RAdam's un-rectified warm-up steps).
   struct Scalars {
     double step_size, sqrt_bc2;
     bool adaptive;
   };
+  // Defaults of the traits a family member may override.
+  static constexpr bool kBelief = false;  // the second moment tracks (g - m)^2 + eps
+  static constexpr bool kL2 = false;      // Hyper::l2 is used
 };
-using AdamW = Adam<false>;
-using RAdam = Adam<false>;
-using AdaBelief = Adam<true>;
-
-// ---- per-tensor scalars from the tensor's step t (>= 1), once per tensor per step -----------
-
-ADAPTIVE_LR_HOST_DEVICE Sgd::Scalars sgd_scalars(double step) { return {step == 1}; }
 
 struct Rectification {
   bool active;  // rho_t > 5
@@ -119,40 +149,99 @@ ADAPTIVE_LR_HOST_DEVICE Rectification radam_rectification(double beta2, double s
                           ((rho_inf - 4) * (rho_inf - 2) * rho_t))};
 }
 
-ADAPTIVE_LR_HOST_DEVICE AdamW::Scalars adamw_scalars(const AdamW::Hyper& h, double step) {
-  const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
-  return {h.lr / bc1, std::sqrt(bc2), true};
-}
-
-// theta -= lr * r * (m / bc1) * sqrt(bc2) / (sqrt(v) + eps): the bias correction of v moves into
-// the step size, so the denominator is sqrt(v) / 1 + eps.
-ADAPTIVE_LR_HOST_DEVICE RAdam::Scalars radam_scalars(const RAdam::Hyper& h, double step) {
-  const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
-  const Rectification rect = radam_rectification(h.beta2, step);
-  if (!rect.active) return {h.lr / bc1, 1.0, false};
-  return {h.lr * rect.r * std::sqrt(bc2) / bc1, 1.0, true};
-}
-
-ADAPTIVE_LR_HOST_DEVICE AdaBelief::Scalars adabelief_scalars(const AdaBelief::Hyper& h,
-                                                             double step) {
+// Adam's bias-corrected step: theta -= lr * (m / bc1) / (sqrt(v) / sqrt(bc2) + eps); with
+// `rectify`, RAdam's r_t multiplies it, and below the threshold the step is lr * m / bc1.
+ADAPTIVE_LR_HOST_DEVICE AdamFamily::Scalars adam_scalars(const AdamFamily::Hyper& h,
+                                                         double step) {
   const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
   const Rectification rect =
       h.rectify ? radam_rectification(h.beta2, step) : Rectification{true, 1.0};
   return {h.lr * rect.r / bc1, std::sqrt(bc2), rect.active};
 }
 
-// The per-tensor scalars of each kernel tag (Adam<false>: RAdam when rectify, else AdamW).
-ADAPTIVE_LR_HOST_DEVICE Sgd::Scalars step_scalars(const Sgd::Hyper&, double step) {
-  return sgd_scalars(step);
-}
-ADAPTIVE_LR_HOST_DEVICE Adam<false>::Scalars step_scalars(const Adam<false>::Hyper& h,
-                                                          double step) {
-  return h.rectify ? radam_scalars(h, step) : adamw_scalars(h, step);
-}
-ADAPTIVE_LR_HOST_DEVICE Adam<true>::Scalars step_scalars(const Adam<true>::Hyper& h,
-                                                         double step) {
-  return adabelief_scalars(h, step);
-}
+struct AdamW : AdamFamily {
+  static constexpr HyperSpec kHyper[] = {{"beta1", HyperRange::kBeta},
+                                         {"beta2", HyperRange::kBeta},
+                                         {"eps", HyperRange::kNonNegative},
+                                         {"amsgrad", HyperRange::kFlag}};
+  static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+  static Hyper make_hyper(double lr, const double* v) {
+    return {lr, v[0], v[1], v[2], 0, v[3] != 0, false};
+  }
+  static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper& h, double step) {
+    return adam_scalars(h, step);
+  }
+};
+
+// torch.optim.Adam: weight decay coupled as an L2 term of the gradient the moments see (the op's
+// decoupled weight_decay is then 0). grad_sum still accumulates the loss gradient alone.
+struct Adam : AdamFamily {
+  static constexpr HyperSpec kHyper[] = {{"beta1", HyperRange::kBeta},
+                                         {"beta2", HyperRange::kBeta},
+                                         {"eps", HyperRange::kNonNegative},
+                                         {"amsgrad", HyperRange::kFlag},
+                                         {"weight_decay", HyperRange::kNonNegative}};
+  static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+  static constexpr bool kL2 = true;
+  static Hyper make_hyper(double lr, const double* v) {
+    return {lr, v[0], v[1], v[2], v[4], v[3] != 0, false};
+  }
+  static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper& h, double step) {
+    return adam_scalars(h, step);
+  }
+};
+
+// RAdam always rectifies, with the current step's moments; the bias correction of v moves into the
+// step size: theta -= lr * r * (m / bc1) * sqrt(bc2) / (sqrt(v) / 1 + eps).
+struct RAdam : AdamFamily {
+  static constexpr HyperSpec kHyper[] = {{"beta1", HyperRange::kBeta},
+                                         {"beta2", HyperRange::kBeta},
+                                         {"eps", HyperRange::kNonNegative}};
+  static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq"};
+  static constexpr int kMaxStates = 2;
+  static Hyper make_hyper(double lr, const double* v) {
+    return {lr, v[0], v[1], v[2], 0, false, false};
+  }
+  static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper& h, double step) {
+    const double bc1 = 1 - std::pow(h.beta1, step), bc2 = 1 - std::pow(h.beta2, step);
+    const Rectification rect = radam_rectification(h.beta2, step);
+    if (!rect.active) return {h.lr / bc1, 1.0, false};
+    return {h.lr * rect.r * std::sqrt(bc2) / bc1, 1.0, true};
+  }
+};
+
+// AdaBelief: the "belief" second moment; rectify (RAdam's threshold and fallback) is its option.
+struct AdaBelief : AdamFamily {
+  static constexpr HyperSpec kHyper[] = {{"beta1", HyperRange::kBeta},
+                                         {"beta2", HyperRange::kBeta},
+                                         {"eps", HyperRange::kNonNegative},
+                                         {"amsgrad", HyperRange::kFlag},
+                                         {"rectify", HyperRange::kFlag}};
+  static constexpr const char* kStates[] = {"exp_avg", "exp_avg_var", "max_exp_avg_var"};
+  static constexpr bool kBelief = true;
+  static Hyper make_hyper(double lr, const double* v) {
+    return {lr, v[0], v[1], v[2], 0, v[3] != 0, v[4] != 0};
+  }
+  static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper& h, double step) {
+    return adam_scalars(h, step);
+  }
+};
+
+// Lion (Chen et al. 2023, as the lion-pytorch package): the sign of an interpolation of momentum
+// and gradient. No bias correction: the step count only counts.
+struct Lion {
+  static constexpr HyperSpec kHyper[] = {{"beta1", HyperRange::kBeta},
+                                         {"beta2", HyperRange::kBeta}};
+  static constexpr const char* kStates[] = {"exp_avg"};
+  static constexpr int kMaxStates = 1;
+  struct Hyper {
+    double lr, beta1, beta2;
+    ADAPTIVE_LR_HOST_DEVICE int num_states() const { return 1; }
+  };
+  static Hyper make_hyper(double lr, const double* v) { return {lr, v[0], v[1]}; }
+  struct Scalars {};
+  static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper&, double) { return {}; }
+};
 
 // ================================ element side =================================================
 
@@ -206,7 +295,7 @@ ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T&
 
 // The base optimizer's update of one element of theta (already weight-decayed) and its state,
 // with the element's learning-rate gain gamma.
-template <class Kernel, class T>
+template <class Kernel, class T, class Enable = void>
 struct Update;
 
 template <class T>
@@ -227,33 +316,59 @@ struct Update<Sgd, T> {
   }
 };
 
-template <bool kBelief, class T>
-struct Update<Adam<kBelief>, T> {
-  using K = Adam<kBelief>;
-  T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, sqrt_bc2;
+// Every member of the Adam family: one update, specialized at compile time by its traits.
+template <class K, class T>
+struct AdamUpdate {
+  T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, step_size, sqrt_bc2;
   bool amsgrad, adaptive;
 
-  ADAPTIVE_LR_HOST_DEVICE Update(const typename K::Hyper& h, const typename K::Scalars& s)
+  ADAPTIVE_LR_HOST_DEVICE AdamUpdate(const AdamFamily::Hyper& h, const AdamFamily::Scalars& s)
       : beta1(T(h.beta1)), one_minus_beta1(T(1 - h.beta1)), beta2(T(h.beta2)),
-        one_minus_beta2(T(1 - h.beta2)), eps(T(h.eps)), step_size(T(s.step_size)),
+        one_minus_beta2(T(1 - h.beta2)), eps(T(h.eps)), l2(T(h.l2)), step_size(T(s.step_size)),
         sqrt_bc2(T(s.sqrt_bc2)), amsgrad(h.amsgrad), adaptive(s.adaptive) {}
 
-  ADAPTIVE_LR_HOST_DEVICE void operator()(T& theta, T g, T gamma,
+  ADAPTIVE_LR_HOST_DEVICE void operator()(T& theta, T grad, T gamma,
                                           T (&state)[K::kMaxStates]) const {
     T& m = state[0];
     T& v = state[1];
+    T g = grad;
+    if constexpr (K::kL2) g = g + l2 * theta;  // theta before this step's update
     m = beta1 * m + one_minus_beta1 * g;
-    if constexpr (kBelief) {
+    if constexpr (K::kBelief) {
       // AdaBelief: the variance of g around the new m, with eps accumulating inside it
       const T residual = g - m;
       v = beta2 * v + one_minus_beta2 * residual * residual + eps;
     } else {
       v = beta2 * v + one_minus_beta2 * g * g;
     }
-    if (amsgrad) state[2] = Ops<T>::maximum(state[2], v);
-    const T second = amsgrad ? state[2] : v;
+    T second = v;
+    if constexpr (K::kMaxStates > 2) {
+      if (amsgrad) second = state[2] = Ops<T>::maximum(state[2], v);
+    }
     theta = adaptive ? theta - step_size * gamma * m / (Ops<T>::sqrt(second) / sqrt_bc2 + eps)
                      : theta - step_size * gamma * m;
+  }
+};
+
+template <class K, class T>
+struct Update<K, T, std::enable_if_t<std::is_base_of_v<AdamFamily, K>>> : AdamUpdate<K, T> {
+  using AdamUpdate<K, T>::AdamUpdate;
+};
+
+template <class T>
+struct Update<Lion, T> {
+  T lr, beta1, one_minus_beta1, beta2, one_minus_beta2;
+
+  ADAPTIVE_LR_HOST_DEVICE Update(const Lion::Hyper& h, const Lion::Scalars&)
+      : lr(T(h.lr)), beta1(T(h.beta1)), one_minus_beta1(T(1 - h.beta1)), beta2(T(h.beta2)),
+        one_minus_beta2(T(1 - h.beta2)) {}
+
+  ADAPTIVE_LR_HOST_DEVICE void operator()(T& theta, T g, T gamma,
+                                          T (&state)[Lion::kMaxStates]) const {
+    T& m = state[0];
+    const T direction = Ops<T>::sign(beta1 * m + one_minus_beta1 * g);  // sign(0) = sign(NaN) = 0
+    theta = theta - lr * gamma * direction;
+    m = beta2 * m + one_minus_beta2 * g;
   }
 };
 
@@ -275,7 +390,6 @@ ADAPTIVE_LR_ISA_NAMESPACE_END
 
 }  // namespace adaptive_lr
 
-// ================================ Active(optimizer) ============================================
 
 namespace adaptive_lr {
 ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
@@ -298,3 +412,15 @@ ADAPTIVE_LR_HOST_DEVICE void scale_inner_step(const CommonLanes<T>& c, T& theta,
 
 ADAPTIVE_LR_ISA_NAMESPACE_END
 }  // namespace adaptive_lr
+=======
+// Every kernel: X(name, Tag), name being the op's `kernel` argument. Adding an optimizer is its
+// tag and Update above and one line here; everything else expands this list.
+#define ADAPTIVE_LR_KERNELS(X) \
+  X(sgd, Sgd)                  \
+  X(adamw, AdamW)              \
+  X(radam, RAdam)              \
+  X(adabelief, AdaBelief)      \
+  X(adam, Adam)                \
+  X(lion, Lion)
+
+// ================================ Active(optimizer) =====================================
