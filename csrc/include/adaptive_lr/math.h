@@ -390,6 +390,17 @@ ADAPTIVE_LR_ISA_NAMESPACE_END
 
 }  // namespace adaptive_lr
 
+// Every kernel: X(name, Tag), name being the op's `kernel` argument. Adding an optimizer is its
+// tag and Update above and one line here; everything else expands this list.
+#define ADAPTIVE_LR_KERNELS(X) \
+  X(sgd, Sgd)                  \
+  X(adamw, AdamW)              \
+  X(radam, RAdam)              \
+  X(adabelief, AdaBelief)      \
+  X(adam, Adam)                \
+  X(lion, Lion)
+
+// ================================ Active(optimizer) ============================================
 
 namespace adaptive_lr {
 ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
@@ -412,15 +423,3 @@ ADAPTIVE_LR_HOST_DEVICE void scale_inner_step(const CommonLanes<T>& c, T& theta,
 
 ADAPTIVE_LR_ISA_NAMESPACE_END
 }  // namespace adaptive_lr
-=======
-// Every kernel: X(name, Tag), name being the op's `kernel` argument. Adding an optimizer is its
-// tag and Update above and one line here; everything else expands this list.
-#define ADAPTIVE_LR_KERNELS(X) \
-  X(sgd, Sgd)                  \
-  X(adamw, AdamW)              \
-  X(radam, RAdam)              \
-  X(adabelief, AdaBelief)      \
-  X(adam, Adam)                \
-  X(lion, Lion)
-
-// ================================ Active(optimizer) =====================================
