@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 import adaptive_lr
-from adaptive_lr import Active, ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+from adaptive_lr import Active
+from adaptive_lr.optim import ActiveOptimizer
 from adaptive_lr.model_shapes import MODELS, param_count
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
@@ -39,10 +40,9 @@ SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_
 # Bytes per element a steady-state (mid-epoch) step must move: params and grads in the param
 # dtype, everything else at its state dtype. Active optimizers read gain and grad_sum and write
 # grad_sum on top of their base (prev_sign is touched only at a boundary: once per epoch).
-#   torch AdamW/RAdam: read p, g, m, v; write p, m, v.  torch SGD: read p, g, b; write p, b.
-#   Active*: + read gain, read + write grad_sum (fp32 each).
-def bytes_per_element(family: str, active: bool, param_bytes: int, torch_state_bytes: int) -> int:
-    moments = 1 if family == "sgd" else 2
+#   torch AdamW/RAdam: read p, g, m, v; write p, m, v.  torch SGD (and Lion, fused): read p, g,
+#   b; write p, b.  Active*: + read gain, read + write grad_sum (fp32 each).
+def bytes_per_element(moments: int, active: bool, param_bytes: int, torch_state_bytes: int) -> int:
     state_bytes = 4 if active else torch_state_bytes  # Active state is fp32 for bf16 params
     total = 2 * param_bytes + param_bytes  # read p, g; write p
     total += 2 * moments * state_bytes  # read + write each moment
@@ -60,7 +60,7 @@ def wrapper_extra_bytes(param_bytes: int) -> int:
 @dataclass
 class Contender:
     name: str
-    family: str  # adamw | sgd | radam | adabelief
+    moments: int  # state tensors read and written per element (amsgrad off)
     active: bool
     make: callable  # params -> optimizer
     baseline: str | None = None  # the torch contender this one is compared with
@@ -71,45 +71,60 @@ class Contender:
 def contenders(backends: list[str], size: int) -> list[Contender]:
     lr = 1e-4
     out = [
-        Contender("torch AdamW for-loop", "adamw", False,
+        Contender("torch AdamW for-loop", 2, False,
                   lambda p: torch.optim.AdamW(p, lr=lr, foreach=False)),
-        Contender("torch AdamW foreach", "adamw", False,
+        Contender("torch AdamW foreach", 2, False,
                   lambda p: torch.optim.AdamW(p, lr=lr, foreach=True)),
-        Contender("torch AdamW fused", "adamw", False,
+        Contender("torch AdamW fused", 2, False,
                   lambda p: torch.optim.AdamW(p, lr=lr, fused=True)),
-        Contender("torch SGD foreach", "sgd", False,
+        Contender("torch Adam fused", 2, False, lambda p: torch.optim.Adam(p, lr=lr, fused=True)),
+        Contender("torch SGD foreach", 1, False,
                   lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, foreach=True)),
-        Contender("torch SGD fused", "sgd", False,
+        Contender("torch SGD fused", 1, False,
                   lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, fused=True)),
-        Contender("torch RAdam foreach", "radam", False,
+        Contender("torch RAdam foreach", 2, False,
                   lambda p: torch.optim.RAdam(p, lr=lr, foreach=True)),
     ]
     if size > 1_000_000:  # the for-loop baseline is only informative at the small size
         out = out[1:]
     # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
-    out += [Contender(f"Active({c.name})", c.family, False,
+    out += [Contender(f"Active({c.name})", c.moments, False,
                       lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
                       c.name, wrapped=True)
             for c in out if c.name in ("torch AdamW fused", "torch SGD fused")]
-    active = [
-        ("ActiveAdamW", "adamw", ActiveAdamW, "torch AdamW fused", {}),
-        ("ActiveSGD", "sgd", ActiveSGD, "torch SGD fused", {}),
-        ("ActiveRAdam", "radam", ActiveRAdam, "torch RAdam foreach", {}),
-        ("ActiveAdaBelief", "adabelief", ActiveAdaBelief, "torch AdamW fused", {}),
-    ]
+    torch_names = {c.name for c in out}
     for backend in backends:
         if backend == "reference" and size > 1_000_000:
             continue  # a Python loop per tensor: minutes per round at 50M
-        for name, family, cls, baseline, kwargs in active:
+        for cls in _active_optimizers():
+            name = cls.__name__
+            moments = len(cls.spec.state) - (cls.spec.amsgrad_state is not None)
             out.append(Contender(
-                f"{name} {backend}", family, True,
+                f"{name} {backend}", moments, True,
                 # mid-epoch steps: the once-per-epoch boundary is not what this measures
                 lambda p, cls=cls, backend=backend: cls(p, lr=1e-4, steps_per_epoch=10**9,
                                                         backend=backend),
-                baseline,
+                _baseline(cls.spec, moments, torch_names),
                 f"{name} foreach" if backend != "foreach" and "foreach" in backends else None,
             ))
     return out
+
+
+def _active_optimizers() -> list[type]:
+    """Every Active optimizer (each class with its own spec), in a fixed order."""
+    return sorted(ActiveOptimizer.__subclasses__(), key=lambda cls: cls.__name__)
+
+
+def _baseline(spec, moments: int, torch_names: set[str]) -> str:
+    """The torch contender an Active optimizer is compared with: its torch.optim base's fused
+    step (else foreach) where that is benchmarked, else the fused step that moves the same bytes
+    (torch has no AdaBelief or Lion: their ratio is against AdamW's or SGD's traffic)."""
+    if spec.base is not None:
+        short = spec.base.name.removeprefix("torch.optim.")
+        for name in (f"torch {short} fused", f"torch {short} foreach"):
+            if name in torch_names:
+                return name
+    return "torch AdamW fused" if moments == 2 else "torch SGD fused"
 
 
 def make_tensors(size: int, layout: str, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
@@ -166,7 +181,7 @@ def rotation_copies(size: int, dtype: torch.dtype, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     param_bytes = torch.finfo(dtype).bits // 8
-    per_copy = bytes_per_element("sgd", False, param_bytes, param_bytes) * size
+    per_copy = bytes_per_element(1, False, param_bytes, param_bytes) * size
     return math.ceil(3 * torch.cuda.get_device_properties(device).L2_cache_size / per_copy)
 
 
@@ -275,7 +290,7 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.
                 param_bytes = torch.finfo(dtype).bits // 8
                 for c in entries:
                     q1, med, q3 = quartiles(times[c.name])
-                    moved = bytes_per_element(c.family, c.active, param_bytes, param_bytes) * size
+                    moved = bytes_per_element(c.moments, c.active, param_bytes, param_bytes) * size
                     moved += wrapper_extra_bytes(param_bytes) * size if c.wrapped else 0
                     rows.append({
                         "size": size_name, "tensors": layout, "dtype": str(dtype).split(".")[-1],

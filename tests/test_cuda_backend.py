@@ -12,6 +12,7 @@ the mark run everywhere.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import os
 import subprocess
@@ -20,13 +21,14 @@ import sys
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, backends
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD, backends
 from adaptive_lr.backends import cpu, cuda, reference, triton
+from adaptive_lr.backends import lr as lr_module
+from adaptive_lr.backends.lr import lr_tensor
 from adaptive_lr.backends.bucket import Boundary, Bucket
-from optim_configs import assert_no_host_sync
+from optim_configs import CONFIGS, assert_no_host_sync, config
 from test_cpu_backend import (
-    CONFIG_IDS,
-    CONFIGS,
+    _op_call,
     assert_all_equal,
     assert_found_inf_applies_only_the_boundary,
     make_bucket,
@@ -37,6 +39,8 @@ from test_cpu_backend import (
 )
 
 _GPU_REASON = cuda.unavailable_reason(torch.device("cuda"))
+SGD = config("defaults", cls=ActiveSGD)
+AMSGRAD_ADAMW = config("amsgrad", cls=ActiveAdamW)
 
 
 def gpu(test):
@@ -57,8 +61,8 @@ def moved(bucket: Bucket, device, place=lambda t, device: t.to(device)) -> Bucke
     for name in ("grad_scale", "found_inf"):
         if getattr(b, name) is not None:
             setattr(b, name, getattr(b, name).to(device))
-    if isinstance(b.hyper["lr"], torch.Tensor):
-        b.hyper["lr"] = b.hyper["lr"].to(device)
+    if isinstance(b.hyper.lr, torch.Tensor):
+        b.hyper = dataclasses.replace(b.hyper, lr=b.hyper.lr.to(device))
     b.device = torch.device(device)
     return b
 
@@ -86,7 +90,7 @@ def test_unavailable_with_a_cpu_torch_names_the_build():
     reason = cuda.unavailable_reason(torch.device("cuda"))
     assert "without its CUDA kernels" in reason and "has CUDA None" in reason
     with pytest.raises(RuntimeError, match="without its CUDA kernels"):
-        cuda.step(make_bucket("sgd", sizes=(3,)))
+        cuda.step(make_bucket(SGD, sizes=(3,)))
 
 
 def test_auto_prefers_the_cuda_backend_on_cuda_devices(monkeypatch):
@@ -95,20 +99,27 @@ def test_auto_prefers_the_cuda_backend_on_cuda_devices(monkeypatch):
     assert backends.resolve("auto", torch.device("cuda")) is cuda.step
 
 
-def test_a_float_lr_lives_in_one_device_tensor_per_bucket():
-    # device_lr is device-agnostic: CPU tensors stand in for CUDA ones here
-    first, other = torch.zeros(3), torch.zeros(3)
-    lr = cuda.device_lr(0.1, first)
-    assert lr.dtype == torch.float64 and lr.item() == 0.1
-    assert cuda.device_lr(0.1, first) is lr
-    assert cuda.device_lr(0.25, first) is lr and lr.item() == 0.25  # refreshed in place
-    assert cuda.device_lr(0.25, other) is not lr
+def test_a_cpu_lr_is_read_as_it_is():
     given = torch.tensor(3e-3)
-    assert cuda.device_lr(given, first) is given  # a tensor on the device is read as it is
-    held = len(cuda._FLOAT_LRS)
+    assert lr_tensor(given, torch.zeros(3)) is given
+    wrapped = lr_tensor(0.1, torch.zeros(3))
+    assert wrapped.dtype == torch.float64 and wrapped.item() == 0.1
+
+
+@gpu
+def test_a_float_lr_lives_in_one_device_tensor_per_bucket():
+    first, other = torch.zeros(3, device="cuda"), torch.zeros(3, device="cuda")
+    lr = lr_tensor(0.1, first)
+    assert lr.dtype == torch.float64 and lr.item() == 0.1
+    assert lr_tensor(0.1, first) is lr
+    assert lr_tensor(0.25, first) is lr and lr.item() == 0.25  # refreshed in place
+    assert lr_tensor(0.25, other) is not lr
+    given = torch.tensor(3e-3, device="cuda")
+    assert lr_tensor(given, first) is given  # a tensor on the device is read as it is
+    held = len(lr_module._FLOAT_LRS)
     del other
     gc.collect()
-    assert len(cuda._FLOAT_LRS) == held - 1  # freed with its param, never while it lives
+    assert len(lr_module._FLOAT_LRS) == held - 1  # freed with its param, never while it lives
 
 
 def test_gpus_older_than_the_built_kernels_are_left_to_other_backends(monkeypatch):
@@ -124,9 +135,9 @@ def test_gpus_older_than_the_built_kernels_are_left_to_other_backends(monkeypatc
 
 
 @gpu
-@pytest.mark.parametrize(("optimizer", "overrides"), CONFIGS, ids=CONFIG_IDS)
-def test_float64_matches_reference(optimizer, overrides):
-    ref = make_bucket(optimizer, overrides, torch.float64)
+@pytest.mark.parametrize("row", CONFIGS, ids=lambda c: c.id)
+def test_float64_matches_reference(row):
+    ref = make_bucket(row, torch.float64)
     fused = moved(ref, "cuda")
     grads = make_grads(ref)
     run(cuda.step, fused, grads)
@@ -136,9 +147,9 @@ def test_float64_matches_reference(optimizer, overrides):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("optimizer", "overrides"), CONFIGS, ids=CONFIG_IDS)
-def test_low_precision_error_at_most_twice_the_reference(optimizer, overrides, dtype):
-    ref = make_bucket(optimizer, overrides, dtype)
+@pytest.mark.parametrize("row", CONFIGS, ids=lambda c: c.id)
+def test_low_precision_error_at_most_twice_the_reference(row, dtype):
+    ref = make_bucket(row, dtype)
     fused, exact = moved(ref, "cuda"), to_float64(ref)
     grads = make_grads(ref)
     run(cuda.step, fused, grads)
@@ -157,12 +168,12 @@ def test_low_precision_error_at_most_twice_the_reference(optimizer, overrides, d
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("optimizer", "overrides"), CONFIGS, ids=CONFIG_IDS)
-def test_bit_identical_to_the_cpu_backend(optimizer, overrides, dtype):
+@pytest.mark.parametrize("row", CONFIGS, ids=lambda c: c.id)
+def test_bit_identical_to_the_cpu_backend(row, dtype):
     """Both call math.h per element without FMA contraction and with IEEE division and sqrt; only
     the per-tensor scalars (double pow on the device vs glibc) may differ, by a double ulp that
     rounding to float32 absorbs."""
-    on_host = make_bucket(optimizer, overrides, dtype)
+    on_host = make_bucket(row, dtype)
     fused = moved(on_host, "cuda")
     grads = make_grads(on_host)
     run(cuda.step, fused, grads)
@@ -174,7 +185,7 @@ def test_bit_identical_to_the_cpu_backend(optimizer, overrides, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("scale", [1024.0, 3.0])
 def test_grad_scale_matches_reference(dtype, scale):
-    ref = make_bucket("adamw", dict(amsgrad=True, maximize=True), dtype)
+    ref = make_bucket(AMSGRAD_ADAMW, dtype, maximize=True)
     ref.grad_scale = torch.tensor([scale])
     ref.found_inf = torch.zeros(1)
     fused = moved(ref, "cuda")
@@ -201,7 +212,7 @@ def test_a_bucket_split_over_several_launches():
     blocks (320 of 65536 elements): the split tensor continues in the next launch, and every step
     counter advances exactly once per step."""
     sizes = (3,) * 30 + (320 * 65536 + 5,) + (7,) * 5 + (0,)
-    on_host = make_bucket("adamw", dict(amsgrad=True), torch.float32, sizes=sizes)
+    on_host = make_bucket(AMSGRAD_ADAMW, torch.float32, sizes=sizes)
     fused = moved(on_host, "cuda")
     grads = make_grads(on_host, steps=3)
     run(cuda.step, fused, grads)
@@ -220,7 +231,7 @@ def _misaligned(t: torch.Tensor, device) -> torch.Tensor:
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_misaligned_views_take_the_scalar_path(dtype):
-    on_host = make_bucket("adabelief", dict(amsgrad=True), dtype, sizes=(1, 17, 65537, 300))
+    on_host = make_bucket(config("amsgrad", cls=ActiveAdaBelief), dtype, sizes=(1, 17, 65537, 300))
     fused = moved(on_host, "cuda", place=_misaligned)
     assert fused.params[2].data_ptr() % 16 != 0
     grads = make_grads(on_host)
@@ -238,7 +249,7 @@ def _strided(t: torch.Tensor, device) -> torch.Tensor:
 
 @gpu
 def test_layouts_the_kernels_cannot_index_run_on_contiguous_copies():
-    on_host = make_bucket("adamw", dict(amsgrad=True), torch.float32, sizes=(17, 65537))
+    on_host = make_bucket(AMSGRAD_ADAMW, torch.float32, sizes=(17, 65537))
     fused = moved(on_host, "cuda", place=_strided)
     grads = make_grads(on_host)
     run(cuda.step, fused, grads)
@@ -262,8 +273,8 @@ def test_cuda_graphs_replay_every_boundary_kind(backend):
     """One graph per boundary kind (the only per-step value that is a launch argument), replayed
     in an epoch clock's order while grads, an lr tensor and found_inf change in place between
     replays: the same result as the reference stepping eagerly. For both fused CUDA backends."""
-    graphed = moved(make_bucket("radam", dict(lr=torch.tensor(1e-2)), torch.float32,
-                                sizes=(70_000, 3, 0, 65536)), "cuda")
+    graphed = moved(make_bucket(config("defaults", cls=ActiveRAdam), torch.float32,
+                                sizes=(70_000, 3, 0, 65536), lr=torch.tensor(1e-2)), "cuda")
     graphed.grad_scale = torch.full((1,), 4.0, device="cuda")
     graphed.found_inf = torch.zeros(1, device="cuda")
     side = torch.cuda.Stream()
@@ -290,7 +301,7 @@ def test_cuda_graphs_replay_every_boundary_kind(backend):
             g.copy_(new)
             r.copy_(new)
         for b in (graphed, ref):
-            b.hyper["lr"].mul_(0.9)
+            b.hyper.lr.mul_(0.9)
             b.found_inf.fill_(float(t == overflow_at))
         ref.boundary = kind
         graphs[kind].replay()
@@ -302,8 +313,8 @@ def test_cuda_graphs_replay_every_boundary_kind(backend):
 
 @gpu
 def test_steps_never_sync_with_the_host():
-    bucket = moved(make_bucket("adamw", dict(amsgrad=True, lr=torch.tensor(1e-3)),
-                               sizes=(70_000, 5, 0)), "cuda")
+    bucket = moved(make_bucket(AMSGRAD_ADAMW, sizes=(70_000, 5, 0), lr=torch.tensor(1e-3)),
+                   "cuda")
     bucket.grad_scale = torch.full((1,), 2.0, device="cuda")
     bucket.found_inf = torch.zeros(1, device="cuda")
     params = [torch.randn(n, device="cuda", requires_grad=True) for n in (70_000, 5)]
@@ -315,7 +326,7 @@ def test_steps_never_sync_with_the_host():
         for kind in Boundary:
             bucket.boundary = kind
             cuda.step(bucket)
-            bucket.hyper["lr"].mul_(0.9)
+            bucket.hyper.lr.mul_(0.9)
         bucket.found_inf.fill_(1.0)
         cuda.step(bucket)
         bucket.found_inf.zero_()
@@ -329,8 +340,8 @@ def test_steps_never_sync_with_the_host():
 _CAPTURE_FIRST_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_cuda_backend import cuda, make_bucket, moved
-bucket = moved(make_bucket("sgd", dict(lr=torch.tensor(0.05)), sizes=(5,)), "cuda")
+from test_cuda_backend import SGD, cuda, make_bucket, moved
+bucket = moved(make_bucket(SGD, sizes=(5,), lr=torch.tensor(0.05)), "cuda")
 try:
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         cuda.step(bucket)
@@ -351,13 +362,13 @@ def test_capturing_before_any_eager_step_is_refused():
 
 @gpu
 def test_a_new_float_lr_inside_a_capture_is_refused():
-    bucket = moved(make_bucket("sgd", dict(lr=0.125), sizes=(5,)), "cuda")
+    bucket = moved(make_bucket(SGD, sizes=(5,), lr=0.125), "cuda")
     cuda.step(bucket)
-    bucket.hyper["lr"] = 0.25
+    bucket.hyper = dataclasses.replace(bucket.hyper, lr=0.25)
     with pytest.raises(RuntimeError, match="pass lr as a device tensor"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             cuda.step(bucket)
-    assert cuda.device_lr(0.125, bucket.params[0]).item() == 0.125  # the cache is unchanged
+    assert lr_tensor(0.125, bucket.params[0]).item() == 0.125  # the cache is unchanged
 
 
 @gpu
@@ -373,7 +384,7 @@ def test_a_new_float_lr_inside_a_capture_is_refused():
     ids=["grad_on_cpu", "step_on_cpu", "found_inf_on_cpu", "state_dtype"],
 )
 def test_invalid_input_raises_and_changes_nothing(breaker, message):
-    bucket = moved(make_bucket("adamw", dict(amsgrad=True), sizes=(5, 6, 7)), "cuda")
+    bucket = moved(make_bucket(AMSGRAD_ADAMW, sizes=(5, 6, 7)), "cuda")
     bucket.boundary = Boundary.UPDATE
     breaker(bucket)
     before = copy.deepcopy(on_cpu(bucket))
@@ -383,13 +394,12 @@ def test_invalid_input_raises_and_changes_nothing(breaker, message):
 
 
 @gpu
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "radam", "adabelief"])
-def test_ops_pass_opcheck(optimizer):
+@pytest.mark.parametrize("row", CONFIGS, ids=lambda c: c.id)
+def test_op_passes_opcheck(row):
     """Schema, fake (Meta) kernel, autograd registration and AOT dispatch with CUDA tensors."""
-    bucket = moved(make_bucket(optimizer, dict(amsgrad=True, lr=torch.tensor(1e-2)), sizes=(3, 5)),
-                   "cuda")
+    bucket = moved(make_bucket(row, sizes=(3, 5), lr=torch.tensor(1e-2)), "cuda")
     bucket.boundary = Boundary.UPDATE
-    op, kwargs = cpu.op_call(bucket)
+    op, kwargs = _op_call(bucket)
     torch.library.opcheck(op, (), kwargs)
 
 
@@ -400,8 +410,10 @@ def test_a_tensor_beyond_2_31_elements():
     if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:
         pytest.skip("needs a GPU with >= 48 GiB")
     kw = dict(device="cuda")
+    sgd = SGD.make([torch.zeros(1, requires_grad=True)], backend="reference", lr=0.5,
+                   momentum=0.0).param_groups[0]
     bucket = Bucket(
-        "sgd",
+        ActiveSGD.spec,
         params=[torch.zeros(n, dtype=torch.bfloat16, **kw)],
         grads=[torch.ones(n, dtype=torch.bfloat16, **kw)],
         gains=[torch.ones(n, **kw)],
@@ -409,9 +421,7 @@ def test_a_tensor_beyond_2_31_elements():
         prev_signs=[torch.zeros(n, dtype=torch.int8, **kw)],
         steps=[torch.zeros((), **kw)],
         state={"momentum_buffer": [torch.zeros(n, **kw)]},
-        hyper=dict(lr=0.5, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                   maximize=False, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
-                   max_gain=float("inf")),
+        hyper=ActiveSGD.spec.record(sgd),
     )
     cuda.step(bucket)
     torch.cuda.synchronize()

@@ -23,12 +23,16 @@ from adaptive_lr.study.digits import load_digits, train
 # Each pair is equivalent with every gain at 1 (tests/test_reference_vs_torch.py): base and
 # Active optimizer differ only by the gains. AdaBelief unrectified: the package's rectification
 # (rho > 4, SGD fallback) is not ActiveAdaBelief's.
-PAIRS = ("SGD", "AdamW", "RAdam", "AdaBelief")
+PAIRS = ("SGD", "AdamW", "RAdam", "AdaBelief", "Adam", "Lion")
+# the pairs of the published sweep (docs/RESULTS.md); Adam and Lion run on request (--optimizers)
+STUDY_PAIRS = PAIRS[:4]
 PAPER_LR_RANGE = (1e-6, 1e-2)  # the paper's spread is over lr 1e-6 ... 1e-2
 
 
 def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: int):
-    from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveRAdam, ActiveSGD
+    from adaptive_lr import (
+        ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD,
+    )
 
     if active:
         cls, kwargs = {
@@ -36,6 +40,8 @@ def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: 
             "AdamW": (ActiveAdamW, {}),
             "RAdam": (ActiveRAdam, {}),
             "AdaBelief": (ActiveAdaBelief, dict(rectify=False)),
+            "Adam": (ActiveAdam, {}),
+            "Lion": (ActiveLion, {}),
         }[pair]
         return cls(params, lr=lr, steps_per_epoch=steps_per_epoch, **kwargs)
     if pair == "AdaBelief":
@@ -45,10 +51,15 @@ def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: 
         with contextlib.redirect_stdout(io.StringIO()):
             return AdaBelief(params, lr=lr, eps=1e-16, weight_decouple=True, rectify=False,
                              print_change_log=False)
+    if pair == "Lion":
+        from lion_pytorch import Lion
+
+        return Lion(params, lr=lr)
     cls, kwargs = {
         "SGD": (torch.optim.SGD, dict(momentum=0.9)),
         "AdamW": (torch.optim.AdamW, {}),
         "RAdam": (torch.optim.RAdam, dict(decoupled_weight_decay=True)),
+        "Adam": (torch.optim.Adam, {}),
     }[pair]
     return cls(params, lr=lr, **kwargs)
 
@@ -60,7 +71,7 @@ def optimizer_name(pair: str, active: bool) -> str:
 @dataclass(frozen=True)
 class SweepConfig:
     models: tuple[str, ...] = ("mlp", "cnn")
-    pairs: tuple[str, ...] = PAIRS
+    pairs: tuple[str, ...] = STUDY_PAIRS
     lrs: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     seeds: int = 5
     epochs: int = 40
