@@ -151,7 +151,8 @@ def test_many_tiny_tensors_in_one_launch():
     kernels.clear_plan_cache()
     _compare(CONFIGS[4], shapes, torch.float32, steps=3, steps_per_epoch=1)  # no, roll, update
     # each step is one bucket: all 300 tensors in one table, one program each, one launch
-    assert launch._plans and all(plan.n_chunks == 300 and plan.ptr_table.numel() == 300 * 9
+    rows = len(kernels.ROWS) + 2  # AdamW: exp_avg, exp_avg_sq
+    assert launch._plans and all(plan.n_chunks == 300 and plan.ptr_table.numel() == 300 * rows
                                  for plan in launch._plans.values())
 
 
@@ -349,7 +350,8 @@ def test_dense_layouts_run_in_place_and_others_on_copies():
     strided = torch.zeros(5, 8)[:, ::2]
     rows = [[dense, strided] for _ in range(9)]
     rows[5] = [torch.zeros(()), torch.zeros(())]  # the step row is never copied
-    out, writeback = layout.flat_rows(rows, launch.GRAD, (launch.STEP,))
+    out, writeback = layout.flat_rows(rows, kernels.ROWS.index("grad"),
+                                      (kernels.ROWS.index("step"),))
     assert all(row[0] is dense for r, row in enumerate(out) if r != 5)  # same layout: no copy
     assert all(row[1].is_contiguous() for row in out)
     assert len(writeback) == 7  # every row but the grad and the step is written back
@@ -390,23 +392,30 @@ import re, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import adaptive_lr
 from adaptive_lr.kernels.active_step import active_step_kernel as kernel
+from adaptive_lr.kernels.updates import UPDATES
 
 POINTERS = {"ptr_table": "*i64", "numels": "*i64", "chunk_tensor": "*i64", "chunk_start": "*i64",
             "arrivals": "*i32", "hyper": "*fp64", "lr_ptr": "*fp64", "grad_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32"}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
-VARIANTS = [(90, opt, dtype, boundary, flags) for opt in range(4)
+SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
+         if hasattr(cls, "spec")]
+# flags on: every option that adds code (amsgrad's state, weight decay, maximize, AMP)
+VARIANTS = [(90, spec, dtype, boundary, flags) for spec in SPECS
             for dtype, boundary, flags in (("fp32", 2, True), ("bf16", 0, False))]
-VARIANTS += [(80, opt, "bf16", 2, True) for opt in range(4)]
-VARIANTS += [(90, 1, "fp64", 1, True), (90, 0, "fp16", 0, True)]
-for arch, opt, dtype, boundary, flags in VARIANTS:
+VARIANTS += [(80, spec, "bf16", 2, True) for spec in SPECS]
+VARIANTS += [(90, SPECS[0], "fp64", 1, True), (90, SPECS[-1], "fp16", 0, True)]
+for arch, spec, dtype, boundary, flags in VARIANTS:
     ct = tl.float64 if dtype == "fp64" else tl.float32
-    constants = dict(OPTIMIZER=opt, BOUNDARY=boundary, AMSGRAD=flags, NESTEROV=flags,
-                     RECTIFY=flags, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags, HAS_GRAD_SCALE=flags,
-                     HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct, ALIGNED=True,
-                     SOFTWARE_BF16_ROUNDING=False, BLOCK=1024 if ct == tl.float32 else 512,
-                     CHUNK=4096)
+    update = UPDATES[spec.kernel]
+    n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
+    constants = dict(UPDATE=update.function, N_HYPER=len(update.hyper), N_STATE=n_state,
+                     BOUNDARY=boundary, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                     HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
+                     ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,
+                     BLOCK=1024 if ct == tl.float32 else 512, CHUNK=4096)
     signature = dict(POINTERS, n_tensors="i32", **{name: "constexpr" for name in constants})
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
     compiled = triton.compile(
@@ -414,9 +423,15 @@ for arch, opt, dtype, boundary, flags in VARIANTS:
         target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
     vector_loads = len(re.findall(r"ld[.]global[.](v4|v2[.]b64)", ptx))
-    print(arch, opt, dtype, boundary, flags, "vector loads", vector_loads, flush=True)
+    print(arch, spec.kernel, n_state, dtype, boundary, flags, "vector loads", vector_loads,
+          flush=True)
     assert vector_loads > 0, "full blocks are not vectorised"
     assert ".local" not in ptx, "register spills"
+    # the update's float64 scalars (bias corrections ...) are hoisted out of the block loop
+    blocks = re.split(r"^[$](L__BB\w+):", ptx, flags=re.M)
+    loops = [body for label, body in zip(blocks[1::2], blocks[2::2]) if f"${label};" in body]
+    assert loops and (ct == tl.float64 or not any(".f64" in body for body in loops)), \
+        "float64 work in the block loop"
 """
 
 
