@@ -11,6 +11,7 @@ under the interpreter (``SOFTWARE_BF16_ROUNDING``); bf16 results are then bit-ex
 reference here, and the GPU path's hardware rounding is checked by the cuda tests.
 """
 
+import ast
 import importlib.util
 import math
 import os
@@ -20,11 +21,13 @@ import sys
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD, available_backends
+import adaptive_lr
+from adaptive_lr import ActiveAdam, ActiveAdamW, ActiveLion, ActiveSGD, available_backends
 from adaptive_lr.backends import layout
 from adaptive_lr.backends import triton as triton_backend
 from optim_configs import (
-    CONFIGS, DTYPES, assert_no_host_sync, clone_params, grad_sequence, make_params, run,
+    CONFIGS, DTYPES, OptimConfig, assert_no_host_sync, clone_params, grad_sequence, make_params,
+    run,
 )
 
 INTERPRETED = "triton" in available_backends("cpu")
@@ -71,6 +74,17 @@ def _assert_same(ref_params, ref_opt, out_params, out_opt, dtype, atol=None):
         for key, value in s_ref.items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(s_out[key].cpu(), value.cpu(), rtol=tol, atol=tol)
+
+
+# ActiveAdam and ActiveLion, with every option their update has
+ADAM_LION = [
+    OptimConfig(ActiveAdam, dict(weight_decay=0.1)),
+    OptimConfig(ActiveAdam, dict(amsgrad=True, maximize=True, weight_decay=0.05)),
+    OptimConfig(ActiveLion, dict(weight_decay=0.1)),
+    OptimConfig(ActiveLion, dict(maximize=True, betas=(0.8, 0.95))),
+]
+SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
+         if hasattr(cls, "spec")]
 
 
 def _arrivals_are_zero():
@@ -140,6 +154,57 @@ def test_kernels_ship_as_adaptive_lr_kernels():
 def test_listed_for_cpu_under_the_interpreter():
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" in available_backends("cpu")
     assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+
+
+# ---- one kernel, each optimizer's update ------------------------------------------------------
+
+
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs triton")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.kernel)
+def test_every_optimizer_has_a_triton_update_for_its_hyperparameter_vector(spec):
+    cls = next(c for c in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
+               if getattr(c, "spec", None) is spec)
+    opt = cls([torch.zeros(2, requires_grad=True)], lr=1e-3, steps_per_epoch=2,
+              backend="reference")
+    hyper = spec.kernel_hyper(spec.record(opt.param_groups[0]))
+    assert len(kernels.UPDATES[spec.kernel].hyper) == len(hyper)
+
+
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs triton")
+def test_a_wrong_hyperparameter_vector_or_update_is_refused():
+    p = torch.zeros(3)
+    rows = [[p], [p.clone()], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3, dtype=torch.int8)],
+            [torch.zeros(())], [torch.zeros(3)], [torch.zeros(3)]]
+    args = dict(lr=torch.tensor(0.1, dtype=torch.float64), weight_decay=0.0,
+                gain_rule=(2.0, 0.5, 0.0, math.inf), maximize=False, boundary=0, contiguous=True)
+    with pytest.raises(ValueError, match=r"adamw takes 4 hyperparameters .*got 3"):
+        kernels.active_step("adamw", rows, [0.9, 0.999, 1e-8], **args)
+    with pytest.raises(ValueError, match="no update 'adamx'"):
+        kernels.active_step("adamx", rows, [0.9, 0.999, 1e-8, 0.0], **args)
+    assert torch.equal(p, torch.zeros(3)) and rows[5][0].item() == 0  # nothing ran
+
+
+def test_kernels_import_nothing_of_adaptive_lr():
+    """Dependencies go one way: the backend calls the kernels, never the reverse."""
+    kernels_dir = os.path.join(os.path.dirname(__file__), os.pardir, "kernels")
+    for name in sorted(os.listdir(kernels_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(kernels_dir, name)) as f:
+                tree = ast.parse(f.read())
+            modules = [node.module or "" for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom)]
+            modules += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for a in node.names]
+            assert not [m for m in modules if m.startswith("adaptive_lr")], name
+
+
+@interpreter
+@pytest.mark.parametrize("config", ADAM_LION, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_adam_and_lion_match_the_reference(config, dtype):
+    """2 steps per epoch over 7 steps: roll, then two gain updates; a grad skipped across a
+    boundary; a scalar and a tensor of several blocks."""
+    _compare(config, [(5, 3), (17,), (), (1100,)], dtype, steps=7, skip={(2, 1), (3, 1)})
 
 
 # ---- sizes: many tiny tensors, odd sizes, several chunks, empty tensors ---------------------
