@@ -154,10 +154,10 @@ def active_step(
     ``rows`` = [params, grads, gains, grad_sums, prev_signs, steps, *state lists] (``ROWS``, then
     the update's state lists in order); every column contiguous, or dense with its param's
     strides (the caller runs other layouts on copies); ``contiguous``: whether every tensor is
-    (then the plan's key needs no strides). ``lr``: a one-element tensor on the
-    params' device, read by the kernel; ``weight_decay``: decoupled, applied before the update
-    (0: none); ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain); ``boundary`` 0 / 1
-    (roll) / 2 (update), as ``adaptive_lr.backends.bucket.Boundary``.
+    (then the plan's key needs no strides). ``lr``: a one-element tensor on the params' device,
+    read by the kernel; ``weight_decay``: decoupled, applied before the update (0: none);
+    ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain); ``boundary`` 0 / 1 (roll) / 2
+    (update), as ``adaptive_lr.backends.bucket.Boundary``.
     """
     if update not in UPDATES:
         raise ValueError(f"adaptive_lr triton backend: no update {update!r}; have {list(UPDATES)}")
@@ -165,8 +165,6 @@ def active_step(
     if len(hyper) != len(names):
         raise ValueError(f"adaptive_lr triton backend: {update} takes {len(names)} "
                          f"hyperparameters {names}, got {len(hyper)}: {list(hyper)}")
-    if len(rows) <= len(ROWS):
-        raise ValueError(f"adaptive_lr triton backend: {update} got no state lists")
     params = rows[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _TL_DTYPES:
