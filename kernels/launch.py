@@ -1,10 +1,10 @@
 """Host side of the multi-tensor launch: the device tables, their cache, and the launch itself.
 
 A *plan* holds everything the kernel needs that does not change while the bucket's tensors stay
-where they are: one int64 device buffer with the pointer table (``SLOTS`` rows of ``data_ptr()``s),
-the tensors' element counts and the chunk table (tensor index, 64-bit start offset), plus the
-per-tensor arrival counters, the float64 hyperparameter table and the device copy of a float lr.
-Launch configuration is fixed (no autotuning: the kernel updates its inputs in place).
+where they are: one int64 device buffer with the pointer table (one row of ``data_ptr()``s per
+list), the tensors' element counts and the chunk table (tensor index, 64-bit start offset), plus
+the per-tensor arrival counters and the float64 hyperparameter table. Launch configuration is
+fixed (no autotuning: the kernel updates its inputs in place).
 
 Plans are cached by the data pointers, strides, sizes and dtypes of every tensor of the bucket
 (never by Python ids): a grad set to None and recreated, or a state dict loaded, gives new
@@ -12,11 +12,15 @@ pointers and so a new plan; the key is recomputed and validated on every step. A
 no device work; a miss copies the tables host-to-device once, asynchronously from pinned memory
 (not allowed inside a CUDA-graph capture: run a warm-up step before capturing). Nothing on the
 step path reads device memory on the host.
+
+This package knows no optimizer and imports nothing of adaptive_lr: the caller
+(adaptive_lr/backends/triton.py) names the update and hands over its hyperparameter vector.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +28,9 @@ import triton.language as tl
 from triton import knobs
 from torch import Tensor
 
-from adaptive_lr.backends.layout import flat_rows
+from .active_step import ROWS, active_step_kernel
+from .updates import UPDATES
 
-from .active_step import HYPER_SLOTS, OPTIMIZERS, ROWS, active_step_kernel
-
-SLOTS = len(ROWS)
-GRAD, STEP, STATE0 = ROWS.index("grad"), ROWS.index("step"), ROWS.index("state0")
 
 # Elements per program (one chunk-table entry) and per loop iteration (BLOCK, below). 1024 float32
 # per iteration with 4 warps = 8 elements (two 16-byte vectors) per thread and stream; float64
@@ -68,25 +69,22 @@ class _Plan:
     aligned: bool
     hyper_values: tuple | None = None
     hyper: Tensor | None = None
-    lr_value: float | None = None
-    lr: Tensor | None = None
 
 
 def _build_plan(rows: list[list[Tensor]], device: torch.device) -> _Plan:
-    n = len(rows[0])
+    n, n_rows = len(rows[0]), len(rows)
     numels = [p.numel() for p in rows[0]]
     # an empty tensor still gets a program: its step counter must advance
     counts = [max(1, -(-k // CHUNK)) for k in numels]
-    host = torch.empty(SLOTS * n + n + 2 * sum(counts), dtype=torch.int64)
-    ptrs = host[: SLOTS * n].view(SLOTS, n)
-    ptrs.zero_()
+    host = torch.empty(n_rows * n + n + 2 * sum(counts), dtype=torch.int64)
+    ptrs = host[: n_rows * n].view(n_rows, n)
     for r, row in enumerate(rows):
         ptrs[r] = torch.tensor([t.data_ptr() for t in row], dtype=torch.int64)
-    host[SLOTS * n : SLOTS * n + n] = torch.tensor(numels, dtype=torch.int64)
+    host[n_rows * n : n_rows * n + n] = torch.tensor(numels, dtype=torch.int64)
     tensor_index = torch.repeat_interleave(torch.arange(n), torch.tensor(counts))
     first_chunk = torch.tensor([0] + counts[:-1]).cumsum(0)
     starts = (torch.arange(len(tensor_index)) - first_chunk[tensor_index]) * CHUNK
-    tail = host[SLOTS * n + n :]
+    tail = host[n_rows * n + n :]
     tail[: len(starts)] = tensor_index
     tail[len(starts) :] = starts
     if device.type == "cuda":  # pinned + non_blocking: even a miss does not block the host
@@ -95,10 +93,10 @@ def _build_plan(rows: list[list[Tensor]], device: torch.device) -> _Plan:
         buffer = host.to(device)
     c = len(starts)
     return _Plan(
-        ptr_table=buffer[: SLOTS * n],
-        numels=buffer[SLOTS * n : SLOTS * n + n],
-        chunk_tensor=buffer[SLOTS * n + n : SLOTS * n + n + c],
-        chunk_start=buffer[SLOTS * n + n + c :],
+        ptr_table=buffer[: n_rows * n],
+        numels=buffer[n_rows * n : n_rows * n + n],
+        chunk_tensor=buffer[n_rows * n + n : n_rows * n + n + c],
+        chunk_start=buffer[n_rows * n + n + c :],
         arrivals=torch.zeros(n, dtype=torch.int32, device=device),
         n_chunks=c,
         aligned=all(t.data_ptr() % 16 == 0 for row in rows for t in row),
@@ -128,61 +126,60 @@ def _plan_for(rows: list[list[Tensor]], device: torch.device, contiguous: bool) 
     return plan
 
 
-def _device_scalars(plan: _Plan, hyper: dict, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The hyperparameter table and lr as device tensors, refreshed without a host sync."""
-    beta1, beta2 = hyper.get("betas", (0.0, 0.0))
-    named = dict(hyper, beta1=beta1, beta2=beta2)
-    values = tuple(float(named.get(name, 0.0)) for name in HYPER_SLOTS)
+def _hyper_table(plan: _Plan, values: tuple, device: torch.device) -> Tensor:
+    """The hyperparameter table as a device tensor, rebuilt only when a value changed."""
     if values != plan.hyper_values:  # rare: a hyperparameter other than lr changed
         plan.hyper = torch.tensor(values, dtype=torch.float64).to(device)
         plan.hyper_values = values
-    lr = hyper["lr"]
-    if isinstance(lr, Tensor):  # read in the kernel: in-place changes need no host work at all
-        return plan.hyper, lr.to(device)
-    lr = float(lr)
-    if plan.lr is None:
-        plan.lr = torch.full((1,), lr, dtype=torch.float64, device=device)
-    elif lr != plan.lr_value:  # a fill kernel: no transfer, no sync
-        plan.lr.fill_(lr)
-    plan.lr_value = lr
-    return plan.hyper, plan.lr
+    return plan.hyper
 
 
 def active_step(
-    optimizer: str,
+    update: str,
     rows: list[list[Tensor]],
-    hyper: dict,
+    hyper: Sequence[float],
+    *,
+    lr: Tensor,
+    weight_decay: float,
+    gain_rule: tuple[float, float, float, float],
+    maximize: bool,
     boundary: int,
+    contiguous: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
     """One optimizer step over a bucket in one launch.
 
-    ``rows`` = [params, grads, gains, grad_sums, prev_signs, steps, *state lists] (the state
-    lists in ``bucket.STATE_KEYS`` order, amsgrad-only ones only when present); ``hyper`` the
-    param group's hyperparameters; ``boundary`` 0 / 1 (roll) / 2 (update), as ``bucket.Boundary``.
+    ``update``: a name of ``UPDATES``, with ``hyper`` its hyperparameter vector (bools as 0/1).
+    ``rows`` = [params, grads, gains, grad_sums, prev_signs, steps, *state lists] (``ROWS``, then
+    the update's state lists in order); every column contiguous, or dense with its param's
+    strides (the caller runs other layouts on copies); ``contiguous``: whether every tensor is
+    (then the plan's key needs no strides). ``lr``: a one-element tensor on the params' device,
+    read by the kernel; ``weight_decay``: decoupled, applied before the update (0: none);
+    ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain); ``boundary`` 0 / 1 (roll) / 2
+    (update), as ``adaptive_lr.backends.bucket.Boundary``.
     """
+    if update not in UPDATES:
+        raise ValueError(f"adaptive_lr triton backend: no update {update!r}; have {list(UPDATES)}")
+    names = UPDATES[update].hyper
+    if len(hyper) != len(names):
+        raise ValueError(f"adaptive_lr triton backend: {update} takes {len(names)} "
+                         f"hyperparameters {names}, got {len(hyper)}: {list(hyper)}")
     params = rows[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _TL_DTYPES:
         raise TypeError(f"adaptive_lr triton backend: unsupported param dtype {dtype}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    contiguous = all(t.is_contiguous() for row in rows for t in row)
-    rows, writeback = (rows, ()) if contiguous else flat_rows(rows, GRAD, (STEP,))
     plan = _plan_for(rows, device, contiguous)
-    hyper_table, lr = _device_scalars(plan, hyper, device)
-    amsgrad = bool(hyper.get("amsgrad", False))
-    if len(rows) > STATE0 + 3 or (amsgrad and len(rows) != STATE0 + 3):
-        raise ValueError(f"adaptive_lr triton backend: unexpected state lists for {optimizer}")
+    values = (weight_decay, *gain_rule, *hyper)  # active_step.COMMON_HYPER, then the vector
+    table = _hyper_table(plan, tuple(float(v) for v in values), device)
     active_step_kernel[(plan.n_chunks,)](
         plan.ptr_table, plan.numels, plan.chunk_tensor, plan.chunk_start, plan.arrivals,
-        len(params), hyper_table, lr,
+        len(params), table, lr,
         lr if grad_scale is None else grad_scale,  # unused pointer when the flag is off
         lr if found_inf is None else found_inf,
-        OPTIMIZER=OPTIMIZERS[optimizer], BOUNDARY=int(boundary), AMSGRAD=amsgrad,
-        NESTEROV=bool(hyper.get("nesterov", False)), RECTIFY=bool(hyper.get("rectify", True)),
-        MAXIMIZE=bool(hyper.get("maximize", False)),
-        HAS_WEIGHT_DECAY=hyper.get("weight_decay", 0) != 0,
+        UPDATE=UPDATES[update].function, N_HYPER=len(hyper), N_STATE=len(rows) - len(ROWS),
+        BOUNDARY=int(boundary), MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         PARAM_DTYPE=_TL_DTYPES[dtype], CT=_TL_DTYPES[compute], ALIGNED=plan.aligned,
         SOFTWARE_BF16_ROUNDING=dtype == torch.bfloat16 and knobs.runtime.interpret,
@@ -192,5 +189,3 @@ def active_step(
         # (the kernel is memory-bound, so this costs nothing)
         enable_fp_fusion=False,
     )
-    for original, copy in writeback:
-        original.copy_(copy)

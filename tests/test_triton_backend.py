@@ -11,6 +11,7 @@ under the interpreter (``SOFTWARE_BF16_ROUNDING``); bf16 results are then bit-ex
 reference here, and the GPU path's hardware rounding is checked by the cuda tests.
 """
 
+import ast
 import importlib.util
 import math
 import os
@@ -20,11 +21,13 @@ import sys
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD, available_backends
+import adaptive_lr
+from adaptive_lr import ActiveAdam, ActiveAdamW, ActiveLion, ActiveSGD, available_backends
 from adaptive_lr.backends import layout
 from adaptive_lr.backends import triton as triton_backend
 from optim_configs import (
-    CONFIGS, DTYPES, assert_no_host_sync, clone_params, grad_sequence, make_params, run,
+    CONFIGS, DTYPES, OptimConfig, assert_no_host_sync, clone_params, grad_sequence, make_params,
+    run,
 )
 
 INTERPRETED = "triton" in available_backends("cpu")
@@ -71,6 +74,17 @@ def _assert_same(ref_params, ref_opt, out_params, out_opt, dtype, atol=None):
         for key, value in s_ref.items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(s_out[key].cpu(), value.cpu(), rtol=tol, atol=tol)
+
+
+# ActiveAdam and ActiveLion, with every option their update has
+ADAM_LION = [
+    OptimConfig(ActiveAdam, dict(weight_decay=0.1)),
+    OptimConfig(ActiveAdam, dict(amsgrad=True, maximize=True, weight_decay=0.05)),
+    OptimConfig(ActiveLion, dict(weight_decay=0.1)),
+    OptimConfig(ActiveLion, dict(maximize=True, betas=(0.8, 0.95))),
+]
+SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
+         if hasattr(cls, "spec")]
 
 
 def _arrivals_are_zero():
@@ -142,6 +156,57 @@ def test_listed_for_cpu_under_the_interpreter():
     assert triton_backend.unavailable_reason(torch.device("cpu")) is None
 
 
+# ---- one kernel, each optimizer's update ------------------------------------------------------
+
+
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs triton")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.kernel)
+def test_every_optimizer_has_a_triton_update_for_its_hyperparameter_vector(spec):
+    cls = next(c for c in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
+               if getattr(c, "spec", None) is spec)
+    opt = cls([torch.zeros(2, requires_grad=True)], lr=1e-3, steps_per_epoch=2,
+              backend="reference")
+    hyper = spec.kernel_hyper(spec.record(opt.param_groups[0]))
+    assert len(kernels.UPDATES[spec.kernel].hyper) == len(hyper)
+
+
+@pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs triton")
+def test_a_wrong_hyperparameter_vector_or_update_is_refused():
+    p = torch.zeros(3)
+    rows = [[p], [p.clone()], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3, dtype=torch.int8)],
+            [torch.zeros(())], [torch.zeros(3)], [torch.zeros(3)]]
+    args = dict(lr=torch.tensor(0.1, dtype=torch.float64), weight_decay=0.0,
+                gain_rule=(2.0, 0.5, 0.0, math.inf), maximize=False, boundary=0, contiguous=True)
+    with pytest.raises(ValueError, match=r"adamw takes 4 hyperparameters .*got 3"):
+        kernels.active_step("adamw", rows, [0.9, 0.999, 1e-8], **args)
+    with pytest.raises(ValueError, match="no update 'adamx'"):
+        kernels.active_step("adamx", rows, [0.9, 0.999, 1e-8, 0.0], **args)
+    assert torch.equal(p, torch.zeros(3)) and rows[5][0].item() == 0  # nothing ran
+
+
+def test_kernels_import_nothing_of_adaptive_lr():
+    """Dependencies go one way: the backend calls the kernels, never the reverse."""
+    kernels_dir = os.path.join(os.path.dirname(__file__), os.pardir, "kernels")
+    for name in sorted(os.listdir(kernels_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(kernels_dir, name)) as f:
+                tree = ast.parse(f.read())
+            modules = [node.module or "" for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom)]
+            modules += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for a in node.names]
+            assert not [m for m in modules if m.startswith("adaptive_lr")], name
+
+
+@interpreter
+@pytest.mark.parametrize("config", ADAM_LION, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_adam_and_lion_match_the_reference(config, dtype):
+    """2 steps per epoch over 7 steps: roll, then two gain updates; a grad skipped across a
+    boundary; a scalar and a tensor of several blocks."""
+    _compare(config, [(5, 3), (17,), (), (1100,)], dtype, steps=7, skip={(2, 1), (3, 1)})
+
+
 # ---- sizes: many tiny tensors, odd sizes, several chunks, empty tensors ---------------------
 
 
@@ -151,7 +216,8 @@ def test_many_tiny_tensors_in_one_launch():
     kernels.clear_plan_cache()
     _compare(CONFIGS[4], shapes, torch.float32, steps=3, steps_per_epoch=1)  # no, roll, update
     # each step is one bucket: all 300 tensors in one table, one program each, one launch
-    assert launch._plans and all(plan.n_chunks == 300 and plan.ptr_table.numel() == 300 * 9
+    rows = len(kernels.ROWS) + 2  # AdamW: exp_avg, exp_avg_sq
+    assert launch._plans and all(plan.n_chunks == 300 and plan.ptr_table.numel() == 300 * rows
                                  for plan in launch._plans.values())
 
 
@@ -349,7 +415,8 @@ def test_dense_layouts_run_in_place_and_others_on_copies():
     strided = torch.zeros(5, 8)[:, ::2]
     rows = [[dense, strided] for _ in range(9)]
     rows[5] = [torch.zeros(()), torch.zeros(())]  # the step row is never copied
-    out, writeback = layout.flat_rows(rows, launch.GRAD, (launch.STEP,))
+    out, writeback = layout.flat_rows(rows, kernels.ROWS.index("grad"),
+                                      (kernels.ROWS.index("step"),))
     assert all(row[0] is dense for r, row in enumerate(out) if r != 5)  # same layout: no copy
     assert all(row[1].is_contiguous() for row in out)
     assert len(writeback) == 7  # every row but the grad and the step is written back
@@ -390,23 +457,30 @@ import re, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import adaptive_lr
 from adaptive_lr.kernels.active_step import active_step_kernel as kernel
+from adaptive_lr.kernels.updates import UPDATES
 
 POINTERS = {"ptr_table": "*i64", "numels": "*i64", "chunk_tensor": "*i64", "chunk_start": "*i64",
             "arrivals": "*i32", "hyper": "*fp64", "lr_ptr": "*fp64", "grad_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32"}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
-VARIANTS = [(90, opt, dtype, boundary, flags) for opt in range(4)
+SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
+         if hasattr(cls, "spec")]
+# flags on: every option that adds code (amsgrad's state, weight decay, maximize, AMP)
+VARIANTS = [(90, spec, dtype, boundary, flags) for spec in SPECS
             for dtype, boundary, flags in (("fp32", 2, True), ("bf16", 0, False))]
-VARIANTS += [(80, opt, "bf16", 2, True) for opt in range(4)]
-VARIANTS += [(90, 1, "fp64", 1, True), (90, 0, "fp16", 0, True)]
-for arch, opt, dtype, boundary, flags in VARIANTS:
+VARIANTS += [(80, spec, "bf16", 2, True) for spec in SPECS]
+VARIANTS += [(90, SPECS[0], "fp64", 1, True), (90, SPECS[-1], "fp16", 0, True)]
+for arch, spec, dtype, boundary, flags in VARIANTS:
     ct = tl.float64 if dtype == "fp64" else tl.float32
-    constants = dict(OPTIMIZER=opt, BOUNDARY=boundary, AMSGRAD=flags, NESTEROV=flags,
-                     RECTIFY=flags, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags, HAS_GRAD_SCALE=flags,
-                     HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct, ALIGNED=True,
-                     SOFTWARE_BF16_ROUNDING=False, BLOCK=1024 if ct == tl.float32 else 512,
-                     CHUNK=4096)
+    update = UPDATES[spec.kernel]
+    n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
+    constants = dict(UPDATE=update.function, N_HYPER=len(update.hyper), N_STATE=n_state,
+                     BOUNDARY=boundary, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                     HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
+                     ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,
+                     BLOCK=1024 if ct == tl.float32 else 512, CHUNK=4096)
     signature = dict(POINTERS, n_tensors="i32", **{name: "constexpr" for name in constants})
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
     compiled = triton.compile(
@@ -414,9 +488,15 @@ for arch, opt, dtype, boundary, flags in VARIANTS:
         target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
     vector_loads = len(re.findall(r"ld[.]global[.](v4|v2[.]b64)", ptx))
-    print(arch, opt, dtype, boundary, flags, "vector loads", vector_loads, flush=True)
+    print(arch, spec.kernel, n_state, dtype, boundary, flags, "vector loads", vector_loads,
+          flush=True)
     assert vector_loads > 0, "full blocks are not vectorised"
     assert ".local" not in ptx, "register spills"
+    # the update's float64 scalars (bias corrections ...) are hoisted out of the block loop
+    blocks = re.split(r"^[$](L__BB\w+):", ptx, flags=re.M)
+    loops = [body for label, body in zip(blocks[1::2], blocks[2::2]) if f"${label};" in body]
+    assert loops and (ct == tl.float64 or not any(".f64" in body for body in loops)), \
+        "float64 work in the block loop"
 """
 
 

@@ -11,13 +11,14 @@ one-element arrays into Python ints, which numpy 2.4 refuses (compiled GPU kerne
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 
 import torch
 
+from . import layout
 from .bucket import Bucket
+from .lr import lr_tensor
 
 MIN_TRITON = (3, 4)
 # the first triton whose interpreter runs with numpy >= 2.4 (NUMPY_BREAKING_INTERPRETER)
@@ -91,9 +92,21 @@ def unavailable_reason(device: torch.device) -> str | None:
 def step(bucket: Bucket) -> None:
     from adaptive_lr import kernels
 
+    h, spec = bucket.hyper, bucket.spec
     rows = [bucket.params, bucket.grads, bucket.gains, bucket.grad_sums, bucket.prev_signs,
             bucket.steps]
-    rows += [bucket.state[key] for key in bucket.spec.state_keys(bucket.hyper)]
-    hyper = {f.name: getattr(bucket.hyper, f.name) for f in dataclasses.fields(bucket.hyper)}
-    kernels.active_step(bucket.spec.kernel, rows, hyper, int(bucket.boundary),
-                        bucket.grad_scale, bucket.found_inf)
+    rows += [bucket.state[key] for key in spec.state_keys(h)]
+    contiguous = all(t.is_contiguous() for row in rows for t in row)
+    # the kernel indexes every tensor as a flat array: other layouts run on copies
+    rows, writeback = (rows, ()) if contiguous else layout.flat_rows(
+        rows, kernels.ROWS.index("grad"), (kernels.ROWS.index("step"),))
+    kernels.active_step(
+        spec.kernel, rows, spec.kernel_hyper(h),
+        lr=lr_tensor(h.lr, bucket.params[0]),
+        weight_decay=h.weight_decay if spec.decoupled_weight_decay else 0.0,
+        gain_rule=(h.gain_inc, h.gain_dec, h.min_gain, h.max_gain),
+        maximize=h.maximize, boundary=int(bucket.boundary), contiguous=contiguous,
+        grad_scale=bucket.grad_scale, found_inf=bucket.found_inf,
+    )
+    for original, copy in writeback:
+        original.copy_(copy)
