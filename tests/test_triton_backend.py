@@ -22,12 +22,14 @@ import pytest
 import torch
 
 import adaptive_lr
-from adaptive_lr import ActiveAdam, ActiveAdamW, ActiveLion, ActiveSGD, available_backends
+from adaptive_lr import (
+    ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD, available_backends,
+)
 from adaptive_lr.backends import layout
 from adaptive_lr.backends import triton as triton_backend
 from optim_configs import (
-    CONFIGS, DTYPES, OptimConfig, assert_no_host_sync, clone_params, grad_sequence, make_params,
-    run,
+    CONFIGS, DTYPES, assert_no_host_sync, clone_params, config, configs, grad_sequence,
+    make_params, run,
 )
 
 INTERPRETED = "triton" in available_backends("cpu")
@@ -41,10 +43,10 @@ if INTERPRETED or HAS_CUDA:
 
 # One config per optimizer, with the options that change the kernel's code path.
 REPRESENTATIVE = [
-    CONFIGS[1],  # ActiveSGD(nesterov, weight_decay)
-    CONFIGS[5],  # ActiveAdamW(amsgrad)
-    CONFIGS[10],  # ActiveRAdam(betas=(0.9, 0.9)): both sides of rho_t > 5
-    CONFIGS[13],  # ActiveAdaBelief(amsgrad, max_gain)
+    config("nesterov", cls=ActiveSGD),
+    config("amsgrad", cls=ActiveAdamW),
+    config("both_rectify_branches", cls=ActiveRAdam),  # both sides of rho_t > 5
+    config("amsgrad", "clamps", cls=ActiveAdaBelief),
 ]
 
 
@@ -77,12 +79,7 @@ def _assert_same(ref_params, ref_opt, out_params, out_opt, dtype, atol=None):
 
 
 # ActiveAdam and ActiveLion, with every option their update has
-ADAM_LION = [
-    OptimConfig(ActiveAdam, dict(weight_decay=0.1)),
-    OptimConfig(ActiveAdam, dict(amsgrad=True, maximize=True, weight_decay=0.05)),
-    OptimConfig(ActiveLion, dict(weight_decay=0.1)),
-    OptimConfig(ActiveLion, dict(maximize=True, betas=(0.8, 0.95))),
-]
+ADAM_LION = configs(cls=ActiveAdam) + configs(cls=ActiveLion)
 SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
          if hasattr(cls, "spec")]
 
@@ -214,7 +211,7 @@ def test_adam_and_lion_match_the_reference(config, dtype):
 def test_many_tiny_tensors_in_one_launch():
     shapes = [(1 + i % 7,) for i in range(300)]
     kernels.clear_plan_cache()
-    _compare(CONFIGS[4], shapes, torch.float32, steps=3, steps_per_epoch=1)  # no, roll, update
+    _compare(config("defaults", cls=ActiveAdamW), shapes, torch.float32, steps=3, steps_per_epoch=1)  # no, roll, update
     # each step is one bucket: all 300 tensors in one table, one program each, one launch
     rows = len(kernels.ROWS) + 2  # AdamW: exp_avg, exp_avg_sq
     assert launch._plans and all(plan.n_chunks == 300 and plan.ptr_table.numel() == 300 * rows
@@ -242,7 +239,7 @@ def test_empty_tensors_count_their_steps(config):
 def test_skipped_grads_across_chunks_and_boundaries():
     chunk = launch.CHUNK
     skip = {(1, 0), (2, 0), (3, 0), (4, 2)}  # tensor 0 misses a whole epoch
-    _compare(CONFIGS[8], [(chunk + 5,), (3,), (40,)], torch.float32, steps=7, skip=skip)
+    _compare(config("defaults", cls=ActiveRAdam), [(chunk + 5,), (3,), (40,)], torch.float32, steps=7, skip=skip)
 
 
 @interpreter
@@ -265,7 +262,7 @@ def test_plan_is_reused_while_nothing_is_reallocated():
     grads = grad_sequence([tuple(p.shape) for p in params], 6, torch.float32)
     for p in params:
         p.grad = torch.zeros_like(p)
-    opt = CONFIGS[4].make(params, backend="triton")
+    opt = config("defaults", cls=ActiveAdamW).make(params, backend="triton")
     kernels.clear_plan_cache()
     for step_grads in grads:  # grads written in place: same data pointers every step
         for p, g in zip(params, step_grads):
@@ -280,8 +277,9 @@ def test_plan_is_rebuilt_when_a_grad_or_state_is_reallocated():
     start = make_params(dtype)
     grads = grad_sequence([tuple(p.shape) for p in start], steps, dtype)
     ref_params, out_params = clone_params(start), clone_params(start)
-    ref_opt = CONFIGS[5].make(ref_params, backend="reference")
-    out_opt = CONFIGS[5].make(out_params, backend="triton")
+    amsgrad = config("amsgrad", cls=ActiveAdamW)
+    ref_opt = amsgrad.make(ref_params, backend="reference")
+    out_opt = amsgrad.make(out_params, backend="triton")
     kernels.clear_plan_cache()
     keep_alive = []  # old grads stay allocated, so the new ones cannot reuse their addresses
     for t, step_grads in enumerate(grads):
@@ -310,8 +308,9 @@ def test_lr_tensor_changed_in_place_between_steps():
     grads = grad_sequence([tuple(p.shape) for p in start], 6, dtype)
     ref_params, out_params = clone_params(start), clone_params(start)
     ref_lr, out_lr = torch.tensor(1e-2), torch.tensor(1e-2)
-    ref_opt = CONFIGS[6].make(ref_params, backend="reference", lr=ref_lr)
-    out_opt = CONFIGS[6].make(out_params, backend="triton", lr=out_lr)
+    maximize = config("maximize", cls=ActiveAdamW)
+    ref_opt = maximize.make(ref_params, backend="reference", lr=ref_lr)
+    out_opt = maximize.make(out_params, backend="triton", lr=out_lr)
     for p in out_params:
         p.grad = torch.zeros_like(p)
     kernels.clear_plan_cache()
@@ -335,7 +334,7 @@ def test_float_lr_changed_by_a_scheduler():
     runs = []
     for backend in ("reference", "triton"):
         params = clone_params(start)
-        opt = CONFIGS[0].make(params, backend=backend, steps_per_epoch=2)
+        opt = config("defaults", cls=ActiveSGD).make(params, backend=backend, steps_per_epoch=2)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         for step_grads in grads:
             for p, g in zip(params, step_grads):

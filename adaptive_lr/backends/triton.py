@@ -103,7 +103,7 @@ def step(bucket: Bucket) -> None:
     kernels.active_step(
         spec.kernel, rows, spec.kernel_hyper(h),
         lr=lr_tensor(h.lr, bucket.params[0]),
-        weight_decay=h.weight_decay if spec.decoupled_weight_decay else 0.0,
+        weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
         gain_rule=(h.gain_inc, h.gain_dec, h.min_gain, h.max_gain),
         maximize=h.maximize, boundary=int(bucket.boundary), contiguous=contiguous,
         grad_scale=bucket.grad_scale, found_inf=bucket.found_inf,
