@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adaptive_lr import Active, ActiveAdamW, GreedyLR, available_backends
-from adaptive_lr.backends import Boundary, rescale
+from adaptive_lr.backends import Boundary, GainRule, rescale
 
 BACKENDS = [b for b in available_backends("cpu") if b in ("reference", "foreach", "cpu")]
 SHAPES = [(8, 6), (6, 4), (5, 3)]  # 2-D only: Muon steps matrices
@@ -460,8 +460,8 @@ def test_scaling_pass_equals_the_reference(backend, dtype, boundary, maximize):
             grad_sums=[torch.randn(n, generator=gen) for n in sizes],
             prev_signs=[torch.randint(-1, 2, (n,), generator=gen, dtype=torch.int8)
                         for n in sizes],
-            hyper={"gain_inc": 2.0, "gain_dec": 0.5, "min_gain": 0.1, "max_gain": 3.0,
-                   "maximize": maximize},
+            rule=GainRule(gain_inc=2.0, gain_dec=0.5, min_gain=0.1, max_gain=3.0),
+            maximize=maximize,
             boundary=boundary)
 
     expected = bucket()
