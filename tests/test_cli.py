@@ -35,7 +35,7 @@ def test_help_of_each_subcommand(argv, expected, capsys):
     (["sweep", "--epochs", "-2"], "positive integer"),
     (["sweep", "--workers", "0"], "positive integer"),
     (["sweep", "--models", "resnet"], "invalid choice"),
-    (["sweep", "--optimizers", "Adam"], "invalid choice"),
+    (["sweep", "--optimizers", "Adagrad"], "invalid choice"),
     (["sweep", "--study", "both"], "invalid choice"),
     (["sweep", "--problems", "sphere"], "invalid choice"),
     (["bench", "--sizes", "3M"], "invalid choice"),
