@@ -36,10 +36,10 @@ from optim_configs import device_backends, on_cpu
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # exact comparison in every dtype: the same float32 values added in the same order
-EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum")
+EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum", "epoch", "has_prev_sign")
 # docs/algorithm.md: the state dtypes of every param dtype (moments: float64 for float64 params)
 FIXED_STATE_DTYPES = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
-                      "prev_sign": torch.int8}
+                      "prev_sign": torch.int8, "epoch": torch.int64, "has_prev_sign": torch.bool}
 
 unit = st.floats(0.0, 1.0)
 gain_options = st.fixed_dictionaries({
