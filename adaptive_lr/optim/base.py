@@ -371,7 +371,9 @@ class ActiveOptimizer(torch.optim.Optimizer):
                 id_to_param[param_id] = (p, saved)
         new_state = defaultdict(dict)
         for param_id, saved in saved_state.items():
-            if not isinstance(param_id, int):  # belongs to no param (a hook's): kept, as torch does
+            # a key of no param that is no param index (a hook's entry) is kept, as torch does;
+            # keys are indices, or names under torch.distributed.checkpoint
+            if param_id not in id_to_param and not isinstance(param_id, int):
                 new_state[param_id] = saved
                 continue
             _check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
