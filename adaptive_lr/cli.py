@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 from adaptive_lr import benchmark, demo
-from adaptive_lr.study import greedy, lr_sweep
+from adaptive_lr.study import greedy, lr_sweep, runner
 from adaptive_lr.study.options import positive_float, positive_int
 
 BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _sweep(args: argparse.Namespace) -> int:
+    """Runs the chosen studies; the exit status: 0, 1 when a run failed, 130 after Ctrl-C (the
+    next study is then not started)."""
+    runs = {}
     if args.study in ("lr", "all"):
         overrides = {key: tuple(value) if isinstance(value, list) else value
                      for key, value in (("models", args.models), ("pairs", args.optimizers),
@@ -68,14 +72,25 @@ def _sweep(args: argparse.Namespace) -> None:
                                      **overrides)
         summary = lr_sweep.run(config, args.out, args.workers)
         print(lr_sweep.markdown(summary))
-    if args.study in ("greedy", "all"):
+        runs.update(summary["runs"])
+    if args.study in ("greedy", "all") and not any(s["interrupted"] for s in runs.values()):
         config = greedy.QUICK if args.quick else greedy.GreedyConfig()
         if args.problems:
             config = dataclasses.replace(
                 config, problems=tuple(args.problems),
                 trace_problems=tuple(p for p in config.trace_problems if p in args.problems))
-        print(greedy.markdown(greedy.run(config, args.out, args.workers)))
+        summary = greedy.run(config, args.out, args.workers)
+        print(greedy.markdown(summary))
+        runs.update(summary["runs"])
     print(f"results written to {os.path.abspath(args.out)}")
+    missing = runner.incomplete(runs)
+    for phase, status in missing.items():
+        print(f"adaptive-lr sweep: {phase}: {runner.describe(status)}", file=sys.stderr)
+    if not missing:
+        return 0
+    print("adaptive-lr sweep: the results are partial; the same command run again runs the rest",
+          file=sys.stderr)
+    return 130 if any(s["interrupted"] for s in missing.values()) else 1
 
 
 def main(argv=None) -> None:
@@ -89,7 +104,9 @@ def main(argv=None) -> None:
     if args.command == "demo":
         demo.run(args)
     else:
-        _sweep(args)
+        status = _sweep(args)
+        if status:
+            sys.exit(status)
 
 
 if __name__ == "__main__":
