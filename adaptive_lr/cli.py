@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 
@@ -19,6 +20,10 @@ from adaptive_lr.study.options import positive_float, positive_int
 
 BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
                     "--steps-per-round", "3"]
+# What each command imports of the `study` extra (setup.py); bench needs none of it. Imported
+# by the command that runs, so that a plain install has `--help` and `bench`.
+STUDY_MODULES = {"demo": ("sklearn",),
+                 "sweep": ("numpy", "sklearn", "adabelief_pytorch", "tqdm", "matplotlib")}
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(commands.add_parser(
         "sweep", help="LR-robustness sweep and GreedyLR study", description=lr_sweep.__doc__))
     return parser
+
+
+def _require_study_extra(command: str) -> None:
+    for module in STUDY_MODULES[command]:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            sys.exit(f"adaptive-lr {command} needs the study extra ({error}): "
+                     "pip install 'adaptive_lr[study]'")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -101,6 +115,7 @@ def main(argv=None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _require_study_extra(args.command)
     if args.command == "demo":
         demo.run(args)
     else:
