@@ -2,6 +2,10 @@
 ADAPTIVE_LR_JIT), the fused kernels compiled on first use where adaptive_lr._C does not load, and
 (slow) the wheel installed into a fresh virtual environment (scripts/check_wheel.sh)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -37,3 +41,57 @@ def test_the_backend_variable_overrides_auto_only_and_empty_is_unset(monkeypatch
     monkeypatch.setenv("ADAPTIVE_LR_BACKEND", "reference")
     assert backends.resolve("auto", "cpu") is backends._module("reference").step
     assert backends.resolve("foreach", "cpu") is backends._module("foreach").step
+
+
+# a Python where adaptive_lr._C does not import, as after a pure-Python install
+WITHOUT_AOT_EXTENSION = "import sys\nsys.modules['adaptive_lr._C'] = None\n"
+REPORT = """
+import warnings
+import torch
+import adaptive_lr
+from adaptive_lr.backends import unavailable_reason
+print(adaptive_lr.available_backends("cpu"))
+print(unavailable_reason("cpu", "cpu"))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    adaptive_lr.ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=None)
+print(caught[0].message)
+"""
+
+
+def _python(code: str, cache, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache), **env})
+
+
+def test_jit_off_cpu_backend_unavailable_with_the_reason_and_auto_warns(tmp_path):
+    result = _python(WITHOUT_AOT_EXTENSION + REPORT, tmp_path, ADAPTIVE_LR_JIT="0")
+    assert result.returncode == 0, result.stderr
+    backends_here, reason, warning = result.stdout.splitlines()
+    assert "'foreach'" in backends_here and "'cpu'" not in backends_here
+    assert reason.startswith("adaptive_lr._C does not load (import of adaptive_lr._C halted")
+    assert reason.endswith(
+        "and ADAPTIVE_LR_JIT=0 turns off compiling the kernels on first use: unset "
+        "ADAPTIVE_LR_JIT, or reinstall adaptive_lr with torch importable at build time (pip "
+        "install --no-build-isolation)")
+    assert warning == (f"adaptive_lr: the fused 'cpu' backend is unavailable ({reason}); using "
+                       "'foreach', which is much slower")
+    assert "building" not in result.stderr and not (tmp_path / "adaptive_lr").exists()
+
+
+def test_jit_without_ninja_says_pip_install_ninja(tmp_path):
+    no_ninja = "import torch.utils.cpp_extension as c\nc.is_ninja_available = lambda: False\n"
+    result = _python(WITHOUT_AOT_EXTENSION + no_ninja + REPORT, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].endswith(
+        ", and compiling the kernels on first use needs ninja: pip install ninja")
+    assert not (tmp_path / "adaptive_lr").exists()
+
+
+def test_a_bad_jit_variable_names_itself(tmp_path):
+    result = _python(WITHOUT_AOT_EXTENSION + REPORT, tmp_path, ADAPTIVE_LR_JIT="no")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ValueError: ADAPTIVE_LR_JIT='no': expected 1 (compile the fused CPU kernels on first "
+        "use, the default) or 0 (never)")
+
