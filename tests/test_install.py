@@ -95,3 +95,14 @@ def test_a_bad_jit_variable_names_itself(tmp_path):
         "ValueError: ADAPTIVE_LR_JIT='no': expected 1 (compile the fused CPU kernels on first "
         "use, the default) or 0 (never)")
 
+
+@pytest.mark.slow
+def test_the_wheel_and_a_pure_python_install_in_a_fresh_virtual_environment():
+    """scripts/check_wheel.sh: builds the wheel, installs it into a fresh venv with torch only
+    and runs the fused backend; then a plain `pip install .` compiles the kernels on first use."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(["bash", os.path.join(root, "scripts", "check_wheel.sh")],
+                            capture_output=True, text=True,
+                            env={**os.environ, "ADAPTIVE_LR_VENV": sys.prefix})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].endswith("all checks passed")
