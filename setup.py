@@ -2,38 +2,36 @@
 kernels when torch has CUDA and a CUDA toolkit is found).
 
 Build against the installed torch: `pip install --no-build-isolation -e .` (an isolated build would
-fetch another torch). Without torch at build time the package installs pure-Python, and the "cpu"
-backend reports that adaptive_lr._C is not built. For the CUDA kernels set CUDA_HOME to the toolkit
-root (the directory whose bin/ holds the real nvcc) and, optionally, TORCH_CUDA_ARCH_LIST (default:
-sm_80 and sm_90 code, plus PTX that newer GPUs compile at load time); see docs/cuda.md.
+fetch another torch). Without torch at build time (a plain `pip install .`) the package installs
+pure-Python and compiles its CPU kernels on first use instead (adaptive_lr/backends/extension.py);
+csrc/ ships in the package as adaptive_lr/csrc for that. For the CUDA kernels set CUDA_HOME to the
+toolkit root (the directory whose bin/ holds the real nvcc) and, optionally, TORCH_CUDA_ARCH_LIST
+(default: sm_80 and sm_90 code, plus PTX that newer GPUs compile at load time); see docs/cuda.md.
 """
 
 import glob
+import importlib.util
 import os
-import platform
+import sys
 import warnings
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-KERNEL_SOURCE = "csrc/cpu/fused_step_kernel.cpp"
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
-# at::vec::Vectorized is real SIMD only in a translation unit compiled for one capability, so the
-# kernel source is compiled once per capability (ISA flags as torch's own kernels use them) and the
-# launcher picks one at run time. Never -march=native: the wheel must run on other machines.
-CPU_CAPABILITIES = {"DEFAULT": []}
-if X86:
-    CPU_CAPABILITIES["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
-    CPU_CAPABILITIES["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 
-# -fopenmp: at::parallel_for is serial without it. -fno-math-errno: sqrt becomes an instruction.
-# -ffp-contract=off: no FMA contraction, so the SIMD body, the scalar tail and every capability
-# round identically (results do not depend on thread count, tensor size or machine).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
-# The kernels are explicit SIMD (at::vec); GCC 12's SLP vectorizer has miscompiled their scalar
-# set-up (AVX-512: a gradient divisor reached lane 0 only; tests/test_fused_op.py), so it is off.
-KERNEL_FLAGS = CXX_FLAGS + ["-fno-tree-slp-vectorize"]
+def _load_cpu_build():
+    """adaptive_lr/backends/cpu_build.py, the compile settings the just-in-time build shares
+    (loaded by path: importing the package would import torch)."""
+    path = os.path.join(ROOT, "adaptive_lr", "backends", "cpu_build.py")
+    spec = importlib.util.spec_from_file_location("adaptive_lr_cpu_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_build = _load_cpu_build()
+KERNEL_SOURCES = [f"csrc/{source}" for source in cpu_build.KERNEL_SOURCES]
 
 # the kernels of every optimizer: csrc/cuda/*.cu, never a hand list
 CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
@@ -65,22 +63,29 @@ def _cuda_toolkit():
 def _extensions_and_commands():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        warnings.warn("torch is not importable at build time: adaptive_lr._C is not built")
+    except ImportError as error:
+        # pip hides a successful build's output (shown with -v); python -m build shows it
+        rule = "!" * 100
+        print(f"{rule}\nWARNING: torch is not importable at build time ({error}), so "
+              "adaptive_lr._C is NOT built: this is a pure-Python\nbuild. The fused CPU kernels "
+              "will be compiled on first use instead (needs a C++ compiler and ninja; once per\n"
+              "torch version), unless ADAPTIVE_LR_JIT=0. To build them now, install torch first "
+              "and then adaptive_lr with\n`pip install --no-build-isolation`.\n"
+              f"{rule}", file=sys.stderr)
         return [], {}
 
     class BuildExtensionPerCapability(BuildExtension):
-        """Compiles KERNEL_SOURCE once per CPU capability and links every variant into _C."""
+        """Compiles KERNEL_SOURCES once per CPU capability and links every variant into _C."""
 
         def build_extension(self, ext):
             objects = []
-            for capability, isa_flags in CPU_CAPABILITIES.items():
+            for capability, isa_flags in cpu_build.CPU_CAPABILITIES.items():
                 objects += self.compiler.compile(
-                    [KERNEL_SOURCE, "csrc/cpu/active_wrapper.cpp"],
+                    KERNEL_SOURCES,
                     output_dir=os.path.join(self.build_temp, capability.lower()),
-                    macros=[("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
+                    macros=cpu_build.capability_macros(capability),
                     include_dirs=ext.include_dirs,
-                    extra_postargs=KERNEL_FLAGS + isa_flags,
+                    extra_postargs=cpu_build.KERNEL_FLAGS + isa_flags,
                     depends=ext.depends,
                 )
             ext.extra_objects = objects
@@ -90,14 +95,15 @@ def _extensions_and_commands():
     nvcc_archs = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else DEFAULT_CUDA_ARCHS
     extension = (CUDAExtension if with_cuda else CppExtension)(
         "adaptive_lr._C",
-        sources=["csrc/ops.cpp", "csrc/cpu/fused_step.cpp"] + (CUDA_SOURCES if with_cuda else []),
-        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
-        define_macros=([("ADAPTIVE_LR_CPU_X86", None)] if X86 else [])
+        sources=[f"csrc/{source}" for source in cpu_build.SOURCES]
+        + (CUDA_SOURCES if with_cuda else []),
+        include_dirs=[os.path.join(ROOT, "csrc", d) for d in cpu_build.INCLUDE_DIRS],
+        define_macros=([("ADAPTIVE_LR_CPU_X86", None)] if cpu_build.X86 else [])
         + ([("ADAPTIVE_LR_WITH_CUDA", None)] if with_cuda else []),
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + nvcc_archs},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cpu_build.CXX_FLAGS, "nvcc": NVCC_FLAGS + nvcc_archs},
+        extra_link_args=cpu_build.LINK_FLAGS,
         # a change to the kernel or a header relinks _C (the kernel objects are built above)
-        depends=[KERNEL_SOURCE, "csrc/cpu/active_wrapper.cpp"]
+        depends=KERNEL_SOURCES
         + glob.glob("csrc/**/*.h", root_dir=ROOT, recursive=True)
         + glob.glob("csrc/**/*.cuh", root_dir=ROOT, recursive=True),
     )
@@ -111,9 +117,12 @@ setup(
     version="0.1.0",
     description="ActiveLR optimizers and the GreedyLR scheduler for PyTorch, with fused kernels",
     python_requires=">=3.10",
-    # kernels/ ships as adaptive_lr.kernels: a top-level `kernels` belongs to another PyPI project
-    packages=find_packages(include=["adaptive_lr", "adaptive_lr.*"]) + ["adaptive_lr.kernels"],
-    package_dir={"adaptive_lr.kernels": "kernels"},
+    # kernels/ ships as adaptive_lr.kernels: a top-level `kernels` belongs to another PyPI project;
+    # csrc/ as adaptive_lr/csrc, the sources of the just-in-time build
+    packages=find_packages(include=["adaptive_lr", "adaptive_lr.*"])
+    + ["adaptive_lr.kernels", "adaptive_lr.csrc"],
+    package_dir={"adaptive_lr.kernels": "kernels", "adaptive_lr.csrc": "csrc"},
+    package_data={"adaptive_lr.csrc": ["**/*.h", "**/*.cuh", "**/*.cpp", "**/*.cu"]},
     install_requires=["torch>=2.5"],
     # `adaptive-lr demo|bench|sweep`: data, baselines, progress bars and plots
     extras_require={"study": ["numpy", "scikit-learn", "adabelief-pytorch", "lion-pytorch", "tqdm",

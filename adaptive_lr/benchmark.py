@@ -34,6 +34,7 @@ import adaptive_lr
 from adaptive_lr import Active
 from adaptive_lr.optim import ActiveOptimizer
 from adaptive_lr.model_shapes import MODELS, param_count
+from adaptive_lr.study.options import positive_int
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
 
@@ -340,16 +341,26 @@ def main(argv=None, prog=None) -> dict:
                         help="param counts, or real models' parameter lists (model_shapes.py)")
     parser.add_argument("--layouts", nargs="+", default=["4", "200"], choices=["4", "200"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--backends", nargs="+", default=None,
+    parser.add_argument("--backends", nargs="+", default=None, choices=adaptive_lr.backends.NAMES,
                         help="Active backends to time (default: all available except reference)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps-per-round", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU device only)")
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--steps-per-round", type=positive_int, default=4)
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="CPU threads (CPU device only)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    # what can be checked before minutes of measuring
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
     device = torch.device(args.device)
+    for backend in args.backends or []:
+        reason = adaptive_lr.backends.unavailable_reason(backend, device)
+        if reason is not None:
+            parser.error(f"--backends {backend}: unavailable on {device}: {reason}")
+    if args.json and os.path.isdir(args.json):
+        parser.error(f"--json {args.json}: is a directory, not a file name")
+    torch.set_num_threads(args.threads)
     backends = args.backends or [b for b in adaptive_lr.available_backends(device)
                                  if b != "reference"]
     result = run(args.sizes, args.layouts, [getattr(torch, d) for d in args.dtypes], args.rounds,

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
+import sys
 
 from adaptive_lr import benchmark, demo
-from adaptive_lr.study import greedy, lr_sweep
+from adaptive_lr.study import greedy, lr_sweep, runner
 from adaptive_lr.study.options import positive_float, positive_int
 
 BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
                     "--steps-per-round", "3"]
+# What each command imports of the `study` extra (setup.py); bench needs none of it. Imported
+# by the command that runs, so that a plain install has `--help` and `bench`.
+STUDY_MODULES = {"demo": ("sklearn",),
+                 "sweep": ("numpy", "sklearn", "adabelief_pytorch", "tqdm", "matplotlib")}
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _require_study_extra(command: str) -> None:
+    for module in STUDY_MODULES[command]:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            sys.exit(f"adaptive-lr {command} needs the study extra ({error}): "
+                     "pip install 'adaptive_lr[study]'")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Runs the chosen studies; the exit status: 0, 1 when a run failed, 130 after Ctrl-C (the
+    next study is then not started)."""
+    runs = {}
     if args.study in ("lr", "all"):
         overrides = {key: tuple(value) if isinstance(value, list) else value
                      for key, value in (("models", args.models), ("pairs", args.optimizers),
@@ -68,14 +86,25 @@ def _sweep(args: argparse.Namespace) -> None:
                                      **overrides)
         summary = lr_sweep.run(config, args.out, args.workers)
         print(lr_sweep.markdown(summary))
-    if args.study in ("greedy", "all"):
+        runs.update(summary["runs"])
+    if args.study in ("greedy", "all") and not any(s["interrupted"] for s in runs.values()):
         config = greedy.QUICK if args.quick else greedy.GreedyConfig()
         if args.problems:
             config = dataclasses.replace(
                 config, problems=tuple(args.problems),
                 trace_problems=tuple(p for p in config.trace_problems if p in args.problems))
-        print(greedy.markdown(greedy.run(config, args.out, args.workers)))
+        summary = greedy.run(config, args.out, args.workers)
+        print(greedy.markdown(summary))
+        runs.update(summary["runs"])
     print(f"results written to {os.path.abspath(args.out)}")
+    missing = runner.incomplete(runs)
+    for phase, status in missing.items():
+        print(f"adaptive-lr sweep: {phase}: {runner.describe(status)}", file=sys.stderr)
+    if not missing:
+        return 0
+    print("adaptive-lr sweep: the results are partial; the same command run again runs the rest",
+          file=sys.stderr)
+    return 130 if any(s["interrupted"] for s in missing.values()) else 1
 
 
 def main(argv=None) -> None:
@@ -86,10 +115,13 @@ def main(argv=None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _require_study_extra(args.command)
     if args.command == "demo":
         demo.run(args)
     else:
-        _sweep(args)
+        status = _sweep(args)
+        if status:
+            sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from adaptive_lr import ActiveAdamW
 from adaptive_lr.study.digits import load_digits, train
-from adaptive_lr.study.runner import mean_sd, run_tasks
+from adaptive_lr.study.runner import describe, mean_sd, run_tasks
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,7 +90,10 @@ def print_training_table(seeds: int, epochs: int, lrs: list[float], workers: int
     tasks = [dict(optimizer=optimizer, params=params, lr=lr, seed=seed, epochs=epochs)
              for lr in lrs for optimizer in OPTIMIZERS for params in PARAM_DTYPES
              for seed in range(seeds)]
-    results = run_tasks(train_one, tasks, workers, "digits MLP")
+    outcome = run_tasks(train_one, tasks, workers, "digits MLP")
+    if outcome.failed or outcome.interrupted:
+        sys.exit(f"digits MLP: {describe(outcome.status())}; no table")
+    results = outcome.rows
     print(f"\ndigits MLP, {epochs} epochs, batch 64, seeds 0-{seeds - 1}: mean ± sd")
     print("| lr | optimizer | params | final train loss | final test accuracy |")
     print("|---|---|---|---|---|")

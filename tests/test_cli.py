@@ -3,8 +3,11 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from adaptive_lr.cli import main
 
@@ -39,6 +42,15 @@ def test_help_of_each_subcommand(argv, expected, capsys):
     (["sweep", "--study", "both"], "invalid choice"),
     (["sweep", "--problems", "sphere"], "invalid choice"),
     (["bench", "--sizes", "3M"], "invalid choice"),
+    (["bench", "--rounds", "0"], "positive integer"),
+    (["bench", "--steps-per-round", "0"], "positive integer"),
+    (["bench", "--threads", "0"], "positive integer"),
+    (["bench", "--threads", "-1"], "positive integer"),
+    (["bench", "--dtypes", "float16"], "invalid choice"),
+    (["bench", "--layouts", "7"], "invalid choice"),
+    (["bench", "--backends", "foo"], "invalid choice"),
+    (["bench", "--backends", "cuda"], "--backends cuda: unavailable on cpu"),
+    (["bench", "--json", "."], "is a directory"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
     out = tmp_path / "results"
@@ -49,6 +61,51 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing was run or written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_bench_on_cuda_without_cuda_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+# The `study` extra of setup.py, made unimportable as on a plain `pip install adaptive_lr` (a None
+# in sys.modules: find_spec says absent, import raises); torch then warns that it found no numpy.
+STUDY_EXTRA = ("numpy", "sklearn", "tqdm", "matplotlib", "adabelief_pytorch")
+
+
+def _cli_without_study_extra(argv: list[str]) -> subprocess.CompletedProcess:
+    code = (f"import sys\nsys.modules.update(dict.fromkeys({STUDY_EXTRA!r}))\n"
+            f"from adaptive_lr.cli import main\nmain({argv!r})\n")
+    return subprocess.run(
+        [sys.executable, "-W", "ignore:Failed to initialize NumPy:UserWarning", "-c", code],
+        capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--help"], "sweep"),
+    (["bench", "--help"], "--sizes"),
+    (["bench", "--sizes", "1M", "--layouts", "4", "--dtypes", "float32", "--backends", "foreach",
+      "--rounds", "1", "--steps-per-round", "1"], "| ActiveAdamW foreach |"),
+])
+def test_help_and_bench_need_no_study_extra(argv, expected):
+    result = _cli_without_study_extra(argv)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+
+
+@pytest.mark.parametrize("command", ["sweep", "demo"])
+def test_study_commands_without_the_extra_say_how_to_get_it(command, tmp_path):
+    result = _cli_without_study_extra([command, "--quick"] + (
+        ["--out", str(tmp_path / "out")] if command == "sweep" else []))
+    assert result.returncode == 1
+    module = "numpy" if command == "sweep" else "sklearn"
+    assert result.stderr.strip().splitlines() == [
+        f"adaptive-lr {command} needs the study extra (import of {module} halted; None in "
+        "sys.modules): pip install 'adaptive_lr[study]'"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_tiny_sweep_end_to_end(tmp_path):

@@ -4,10 +4,16 @@ study end to end."""
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from adaptive_lr.cli import main
 from adaptive_lr.study import greedy, lr_sweep, runner
 
 
@@ -106,3 +112,159 @@ def test_tiny_greedy_study_end_to_end(tmp_path):
     assert "| active+greedy max_gain=10 |" in (tmp_path / "greedy.md").read_text()
     for png in ("greedy_final_loss.png", "greedy_spike_traces.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ failed and interrupted runs
+
+def _square(task: dict) -> dict:
+    """A fake run (module level: worker processes import it) that fails for task 2."""
+    if task["i"] == 2:
+        raise ValueError("task 2 is broken")
+    return {"i": task["i"], "square": task["i"] ** 2}
+
+
+def _journal(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_run_is_recorded_and_the_others_kept(workers, tmp_path):
+    tasks = [{"i": i} for i in range(5)]
+    journal = tmp_path / "runs.jsonl"
+    outcome = runner.run_tasks(_square, tasks, workers, "fake", str(journal))
+    assert outcome.rows == [{"i": i, "square": i * i} for i in (0, 1, 3, 4)]
+    assert outcome.status() == dict(finished=4, total=5, failed=1, interrupted=False)
+    records = sorted(_journal(journal), key=lambda r: r["task"]["i"])
+    assert [r["task"] for r in records] == tasks
+    assert "ValueError: task 2 is broken" in records[2]["error"]
+    assert [r["result"] for r in records[:2] + records[3:]] == outcome.rows
+
+    # run again: only the failed run is run again
+    ran = []
+    again = runner.run_tasks(lambda task: ran.append(task) or {"i": task["i"], "square": 4},
+                             tasks, 1, "fake", str(journal))
+    assert ran == [{"i": 2}]
+    assert again.status() == dict(finished=5, total=5, failed=0, interrupted=False)
+    assert [r["square"] for r in again.rows] == [0, 1, 4, 9, 16]
+
+
+def test_ctrl_c_keeps_the_finished_runs(tmp_path):
+    def interrupted_at_3(task):
+        if task["i"] == 3:
+            raise KeyboardInterrupt
+        return {"i": task["i"]}
+
+    journal = tmp_path / "runs.jsonl"
+    outcome = runner.run_tasks(interrupted_at_3, [{"i": i} for i in range(6)], 1, "fake",
+                               str(journal))
+    assert outcome.status() == dict(finished=3, total=6, failed=0, interrupted=True)
+    assert [r["result"] for r in _journal(journal)] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def slow_sweep_run(task: dict) -> dict:
+    """A fake lr-sweep run: seed 0 finishes at once, seed 1 runs until it is ended (it writes
+    its process id into $SLOW_RUN_PIDS first)."""
+    if task["seed"] == 1:
+        with open(os.path.join(os.environ["SLOW_RUN_PIDS"], str(os.getpid())), "w"):
+            pass
+        time.sleep(3600)
+    return {"model": task["model"], "optimizer": lr_sweep.optimizer_name(task["pair"],
+                                                                         task["active"]),
+            "lr": task["lr"], "seed": task["seed"], "final_train_loss": 0.5,
+            "final_test_accuracy": 0.8, "best_test_accuracy": 0.9, "epochs_to_target": 1}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_stops_a_sweep_at_once_and_writes_what_finished(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while both workers
+    are busy: the sweep ends, the workers are gone, the four finished runs are written."""
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    pids.mkdir()
+    code = (f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "import test_study\nfrom adaptive_lr.study import lr_sweep\n"
+            "lr_sweep.train_one = test_study.slow_sweep_run\n"
+            "from adaptive_lr.cli import main\n"
+            "main(['sweep', '--study', 'lr', '--models', 'mlp', '--optimizers', 'SGD', '--lrs', "
+            f"'1e-3', '1e-2', '--seeds', '2', '--epochs', '1', '--workers', '2', '--out', "
+            f"{str(out)!r}])\n")
+    sweep = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "SLOW_RUN_PIDS": str(pids)})
+    try:
+        # 8 runs: the 4 of seed 0 finish, then both workers are busy with seed 1
+        journal = out / "lr_sweep_runs.jsonl"
+        while not (journal.exists() and len(journal.read_text().splitlines()) == 4
+                   and len(os.listdir(pids)) == 2):
+            assert sweep.poll() is None, sweep.communicate()
+            time.sleep(0.2)
+        os.killpg(sweep.pid, signal.SIGINT)
+        stdout, stderr = sweep.communicate(timeout=120)  # a hang here is the failure
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "lr sweep: 4 of 8 runs finished (interrupted)" in stderr
+    for pid in map(int, os.listdir(pids)):  # the workers were ended, not left running
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid)
+    with open(out / "lr_sweep.csv") as f:
+        assert sorted(int(r["seed"]) for r in csv.DictReader(f)) == [0, 0, 0, 0]
+    summary = json.loads((out / "lr_sweep.json").read_text())
+    assert summary["runs"] == {"lr sweep": dict(finished=4, total=8, failed=0, interrupted=True)}
+    markdown = (out / "lr_sweep.md").read_text()
+    assert markdown.startswith("**PARTIAL RESULTS: lr sweep: 4 of 8 runs finished (interrupted)")
+    assert "PARTIAL RESULTS" in stdout
+
+
+def test_a_failing_sweep_run_fails_the_command_after_the_others(tmp_path, monkeypatch, capsys):
+    def fails_at_lr_1e2(task):
+        if task["lr"] == 1e-2 and task["active"]:
+            raise RuntimeError("diverged badly")
+        return slow_sweep_run(task)
+
+    monkeypatch.setattr(lr_sweep, "train_one", fails_at_lr_1e2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--study", "lr", "--models", "mlp", "--optimizers", "SGD", "--lrs", "1e-3",
+              "1e-2", "--seeds", "1", "--epochs", "1", "--workers", "1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "lr sweep: 3 of 4 runs finished (1 failed)" in capsys.readouterr().err
+    with open(tmp_path / "lr_sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    cells = json.loads((tmp_path / "lr_sweep.json").read_text())["cells"]
+    assert [c["runs"] for c in cells] == [1, 1, 1, 0]  # ActiveSGD at 1e-2 has none
+    assert "| ActiveSGD | 80.0 ± 0.0 | no run |" in (tmp_path / "lr_sweep.md").read_text()
+
+
+def test_greedy_study_interrupted_while_tuning_evaluates_nothing(tmp_path, monkeypatch):
+    config = greedy.GreedyConfig(
+        problems=("quadratic-k100",), schedules=("constant", "greedy"), analytic_lrs=(1e-2, 1e-1),
+        analytic_steps=60, tuning_seeds=(100,), analytic_eval_seeds=2)
+    run_one = greedy.run_one
+
+    def interrupted_at_the_third(task):
+        if (task["schedule"], task["lr"]) == ("greedy", 1e-2):
+            raise KeyboardInterrupt
+        return run_one(task)
+
+    monkeypatch.setattr(greedy, "run_one", interrupted_at_the_third)
+    summary = greedy.run(config, str(tmp_path), workers=1)
+    assert summary["runs"] == {
+        "GreedyLR study: tuning": dict(finished=2, total=4, failed=0, interrupted=True),
+        "GreedyLR study: evaluation": dict(finished=0, total=4, failed=0, interrupted=True)}
+    assert not (tmp_path / "greedy_eval_runs.jsonl").exists()
+    with open(tmp_path / "greedy_tuning.csv") as f:
+        assert [r["schedule"] for r in csv.DictReader(f)] == ["constant", "constant"]
+    markdown = (tmp_path / "greedy.md").read_text()
+    assert markdown.startswith("**PARTIAL RESULTS: GreedyLR study: tuning: 2 of 4 runs finished")
+    assert "| greedy | no tuning run finished |" in markdown

@@ -15,6 +15,7 @@ from .reference import apply_boundary
 # Names in order of preference for "auto" (fastest first); "reference" is never auto's choice.
 _AUTO_ORDER = {"cpu": ("cpu", "foreach"), "cuda": ("cuda", "triton", "foreach")}
 NAMES = ("reference", "foreach", "cpu", "cuda", "triton")
+ENV_VARIABLE = "ADAPTIVE_LR_BACKEND"  # overrides "auto"
 
 __all__ = ["Boundary", "Bucket", "GainRule", "NAMES", "apply_boundary", "available_backends",
            "resolve", "state_dtype"]
@@ -45,12 +46,17 @@ def resolve(name: str, device: torch.device):
     fastest available; an explicitly named backend that cannot run raises instead of falling back.
     """
     device = torch.device(device)
-    if name == "auto":
-        name = os.environ.get("ADAPTIVE_LR_BACKEND", "auto")
+    chosen_by = ""
+    if name == "auto" and os.environ.get(ENV_VARIABLE):  # set but empty: as if unset
+        name, chosen_by = os.environ[ENV_VARIABLE], f" (chosen by {ENV_VARIABLE})"
+        if name not in ("auto",) + NAMES:
+            raise ValueError(f"{ENV_VARIABLE}={name!r} is no adaptive_lr backend; choose one of "
+                             f"{', '.join(('auto',) + NAMES)}")
     if name != "auto":
         reason = unavailable_reason(name, device)
         if reason is not None:
-            raise RuntimeError(f"adaptive_lr backend {name!r} is unavailable on {device}: {reason}")
+            raise RuntimeError(
+                f"adaptive_lr backend {name!r}{chosen_by} is unavailable on {device}: {reason}")
         return _module(name).step
     preferred = _AUTO_ORDER.get(device.type, ("foreach",))
     for candidate in preferred:

@@ -8,24 +8,29 @@ counter are read by the kernels from device memory, so a step can be captured in
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
-from . import cpu, fused
+
+from . import extension, fused
 from .bucket import Bucket
 from .lr import lr_tensor
 
 
 @functools.cache
 def _build_reason() -> str | None:
-    """Why adaptive_lr._C has no CUDA kernels (None when it has them); loads it on first use."""
-    reason = cpu._import_error()
+    """Why the loaded kernels have no CUDA ones (None when they have); loads them on first use."""
+    reason = extension.load_error()
     if reason is not None:
         return reason
     if not torch._C._dispatch_has_kernel_for_dispatch_key("adaptive_lr::active_step_", "CUDA"):
+        built = ("adaptive_lr._C was built without its CUDA kernels"
+                 if sys.modules.get("adaptive_lr._C") is not None
+                 else "adaptive_lr._C does not load, and the kernels compiled on first use are "
+                 "CPU-only")
         return (
-            "adaptive_lr._C was built without its CUDA kernels (setup.py builds them when torch "
-            f"has CUDA and a CUDA toolkit is found; this torch {torch.__version__} has CUDA "
-            f"{torch.version.cuda})"
+            f"{built} (setup.py builds them when torch has CUDA and a CUDA toolkit is found; this "
+            f"torch {torch.__version__} has CUDA {torch.version.cuda})"
         )
     return None
 

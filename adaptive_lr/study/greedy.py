@@ -267,39 +267,49 @@ def _base_task(config: GreedyConfig, problem: str, schedule: str) -> dict:
                 mlp_epochs=config.mlp_epochs)
 
 
-def tune(config: GreedyConfig, workers: int) -> tuple[dict, list[dict]]:
-    """The starting lr of every (problem, schedule): lowest median final loss over the tuning
-    seeds, noisy condition without spike. Returns it and the raw tuning rows."""
-    tasks = [
+def tuning_tasks(config: GreedyConfig) -> list[dict]:
+    """Every (problem, schedule) at every lr of its grid, over the tuning seeds, noisy condition
+    without spike."""
+    return [
         dict(_base_task(config, problem, schedule), lr=lr, seed=seed, spike=False)
         for problem in config.problems for schedule in config.schedules
         for lr in (config.mlp_lrs if problem in MLPS else config.analytic_lrs)
         for seed in config.tuning_seeds
     ]
-    rows = runner.run_tasks(run_one, tasks, workers, "GreedyLR study: tuning")
+
+
+def tune(config: GreedyConfig, tuning_rows: list[dict]) -> dict:
+    """The starting lr of every (problem, schedule) that has tuning runs: lowest median final
+    loss over the tuning seeds."""
     tuned = {}
     for problem in config.problems:
         for schedule in config.schedules:
             by_lr = {}
-            for r in rows:
+            for r in tuning_rows:
                 if r["problem"] == problem and r["schedule"] == schedule:
                     by_lr.setdefault(r["lr"], []).append(r["final_loss"])
-            tuned[(problem, schedule)] = min(by_lr, key=lambda lr: runner.median_iqr(by_lr[lr])[1])
-    return tuned, rows
+            if by_lr:
+                tuned[(problem, schedule)] = min(
+                    by_lr, key=lambda lr: runner.median_iqr(by_lr[lr])[1])
+    return tuned
 
 
-def evaluate(config: GreedyConfig, tuned: dict, workers: int) -> list[dict]:
+def evaluation_tasks(config: GreedyConfig, tuned: dict) -> list[dict]:
+    """Every tuned (problem, schedule) at its tuned lr, over the evaluation seeds, with and
+    without the spike."""
     tasks = []
     for problem in config.problems:
         seeds = config.mlp_eval_seeds if problem in MLPS else config.analytic_eval_seeds
         for schedule in config.schedules:
+            if (problem, schedule) not in tuned:
+                continue
             for spike in (False, True):
                 for seed in range(seeds):
                     tasks.append(dict(
                         _base_task(config, problem, schedule), lr=tuned[(problem, schedule)],
                         seed=seed, spike=spike,
                         trace=spike and seed == 0 and problem in config.trace_problems))
-    return runner.run_tasks(run_one, tasks, workers, "GreedyLR study: evaluation")
+    return tasks
 
 
 def summarize(config: GreedyConfig, tuned: dict, tuning_rows: list[dict], rows: list[dict]) -> dict:
@@ -312,7 +322,7 @@ def summarize(config: GreedyConfig, tuned: dict, tuning_rows: list[dict], rows: 
             recovered = [r["recovery_steps"] for r in spiked if r["recovery_steps"] is not None]
             grid = [r for r in tuning_rows if r["problem"] == problem and r["schedule"] == schedule]
             cells.append(dict(
-                problem=problem, schedule=schedule, tuned_lr=tuned[(problem, schedule)],
+                problem=problem, schedule=schedule, tuned_lr=tuned.get((problem, schedule)),
                 seeds=len(noisy),
                 final_loss=runner.median_iqr(r["final_loss"] for r in noisy),
                 ended_above_start=sum(r["ended_above_start"] for r in noisy),
@@ -338,15 +348,21 @@ def _quartiles(q: tuple[float, float, float]) -> str:
 
 
 def markdown(summary: dict) -> str:
-    out = []
-    for problem in summary["config"]["problems"]:
+    note = runner.partial_note(summary["runs"])
+    out = [note, ""] if note else []
+    config = summary["config"]
+    for problem in config["problems"]:
         cells = [c for c in summary["cells"] if c["problem"] == problem]
-        out += [f"**{problem}** ({cells[0]['seeds']} seeds; median [IQR])", "",
+        seeds = config["mlp_eval_seeds" if problem in MLPS else "analytic_eval_seeds"]
+        out += [f"**{problem}** ({seeds} seeds; median [IQR])", "",
                 "| schedule | tuned lr | final loss | ended above start | final loss, spike run "
                 "| spike peak / pre-spike | recovery steps | not recovered "
                 "| grid runs ended above start |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for c in cells:
+            if c["tuned_lr"] is None:
+                out.append(f"| {c['schedule']} | no tuning run finished |" + " |" * 7)
+                continue
             out.append(
                 f"| {c['schedule']} | {c['tuned_lr']:g} | {_quartiles(c['final_loss'])} | "
                 f"{c['ended_above_start']}/{c['seeds']} | "
@@ -401,11 +417,14 @@ def plot(summary: dict, traces: list[dict], out_dir: str) -> None:
     fig, axes = plt.subplots(2, len(trace_problems), figsize=(6.5 * len(trace_problems), 7.5),
                              sharex="col", squeeze=False)
     for column, problem in enumerate(trace_problems):
-        for schedule in schedules:
-            trace = next(t for t in traces if t["problem"] == problem and t["schedule"] == schedule)
-            axes[0, column].plot(trace["true_losses"], lw=1, label=schedule)
+        mine = [t for t in traces if t["problem"] == problem]  # a partial study may lack some
+        for trace in mine:
+            axes[0, column].plot(trace["true_losses"], lw=1, label=trace["schedule"])
             axes[1, column].plot(trace["lrs"], lw=1)
-        spike = int(SPIKE_AT * len(trace["lrs"]))
+        if not mine:
+            axes[0, column].set_title(f"{problem}: no trace (partial study)")
+            continue
+        spike = int(SPIKE_AT * len(mine[0]["lrs"]))
         for ax in axes[:, column]:
             ax.axvline(spike, color="k", ls=":", lw=1)
             ax.set_yscale("log")
@@ -414,23 +433,34 @@ def plot(summary: dict, traces: list[dict], out_dir: str) -> None:
         axes[1, column].set_xlabel("step")
     axes[0, 0].set_ylabel("true loss")
     axes[1, 0].set_ylabel("group lr")
-    axes[0, 0].legend(fontsize=7)
+    if traces:
+        axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "greedy_spike_traces.png"), dpi=110)
     plt.close(fig)
 
 
 def run(config: GreedyConfig, out_dir: str, workers: int) -> dict:
-    """Tune, evaluate; write greedy_tuning.csv, greedy_eval.csv (one row per run),
-    greedy_traces.json, greedy.json (the summary), greedy.md and two PNGs into ``out_dir``."""
+    """Tune, evaluate; write greedy_tuning_runs.jsonl and greedy_eval_runs.jsonl (each run as it
+    finishes: a run of the same settings into the same directory resumes from them),
+    greedy_tuning.csv, greedy_eval.csv (one row per finished run), greedy_traces.json, greedy.json
+    (the summary; its "runs" says how many finished), greedy.md and two PNGs into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    tuned, tuning_rows = tune(config, workers)
-    rows = evaluate(config, tuned, workers)
+    tuning = runner.run_tasks(run_one, tuning_tasks(config), workers, "GreedyLR study: tuning",
+                              os.path.join(out_dir, "greedy_tuning_runs.jsonl"))
+    tuned = tune(config, tuning.rows)
+    tasks = evaluation_tasks(config, tuned)
+    evaluation = (runner.Outcome([], len(tasks), interrupted=True) if tuning.interrupted
+                  else runner.run_tasks(run_one, tasks, workers, "GreedyLR study: evaluation",
+                                        os.path.join(out_dir, "greedy_eval_runs.jsonl")))
+    rows = evaluation.rows
     traces = [r for r in rows if "true_losses" in r]
     plain = [{k: v for k, v in r.items() if k not in ("true_losses", "lrs")} for r in rows]
-    summary = summarize(config, tuned, tuning_rows, plain)
+    summary = summarize(config, tuned, tuning.rows, plain)
+    summary["runs"] = {"GreedyLR study: tuning": tuning.status(),
+                       "GreedyLR study: evaluation": evaluation.status()}
     summary["machine"] = runner.machine()
-    runner.write_csv(os.path.join(out_dir, "greedy_tuning.csv"), tuning_rows)
+    runner.write_csv(os.path.join(out_dir, "greedy_tuning.csv"), tuning.rows)
     runner.write_csv(os.path.join(out_dir, "greedy_eval.csv"), plain)
     runner.write_json(os.path.join(out_dir, "greedy_traces.json"), {"traces": [
         {**t, "true_losses": [float(f"{v:.4g}") for v in t["true_losses"]],

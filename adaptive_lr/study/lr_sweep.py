@@ -169,7 +169,8 @@ def markdown(summary: dict) -> str:
                             for k, v in summary["config"].items()})
     names = [optimizer_name(p, a) for p in config.pairs for a in (False, True)]
     lr_header = " | ".join(f"lr {lr:g}" for lr in config.lrs)
-    out = []
+    note = runner.partial_note(summary["runs"])
+    out = [note, ""] if note else []
     tables = [
         ("final test accuracy, % (mean ± sd over seeds)",
          lambda c: _percent(c["final_accuracy_mean"], c["final_accuracy_sd"])),
@@ -187,7 +188,8 @@ def markdown(summary: dict) -> str:
             for name in names:
                 cells = [c for c in summary["cells"]
                          if c["model"] == model and c["optimizer"] == name]
-                out.append(f"| {name} | " + " | ".join(cell_text(c) for c in cells) + " |")
+                out.append(f"| {name} | " + " | ".join(cell_text(c) if c["runs"] else "no run"
+                                                       for c in cells) + " |")
             out.append("")
     low, high = PAPER_LR_RANGE
     out += ["**Spread across the lr grid** (sd of the seed-mean test accuracy across the lrs, "
@@ -243,13 +245,17 @@ def plot(summary: dict, model: str, path: str) -> None:
 
 
 def run(config: SweepConfig, out_dir: str, workers: int) -> dict:
-    """Run the sweep; write lr_sweep.csv (one row per run), lr_sweep.json (the summary),
-    lr_sweep.md (the tables) and lr_sweep_<model>.png into ``out_dir``."""
+    """Run the sweep; write lr_sweep_runs.jsonl (each run as it finishes: a run of the same
+    settings into the same directory resumes from it), lr_sweep.csv (one row per finished run),
+    lr_sweep.json (the summary; its "runs" says how many finished), lr_sweep.md (the tables) and
+    lr_sweep_<model>.png into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = runner.run_tasks(train_one, tasks(config), workers, "lr sweep")
-    summary = summarize(rows, config)
+    outcome = runner.run_tasks(train_one, tasks(config), workers, "lr sweep",
+                               os.path.join(out_dir, "lr_sweep_runs.jsonl"))
+    summary = summarize(outcome.rows, config)
+    summary["runs"] = {"lr sweep": outcome.status()}
     summary["machine"] = runner.machine()
-    runner.write_csv(os.path.join(out_dir, "lr_sweep.csv"), rows)
+    runner.write_csv(os.path.join(out_dir, "lr_sweep.csv"), outcome.rows)
     runner.write_json(os.path.join(out_dir, "lr_sweep.json"), summary)
     with open(os.path.join(out_dir, "lr_sweep.md"), "w") as f:
         f.write(markdown(summary))

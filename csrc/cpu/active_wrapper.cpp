@@ -21,7 +21,7 @@
 
 // Heavy headers only in the DEFAULT build: an inline function they define, compiled with AVX-512
 // flags, could be the copy the linker keeps for the whole library.
-#if defined(CPU_CAPABILITY_DEFAULT)
+#if defined(CPU_CAPABILITY_DEFAULT) || defined(ADAPTIVE_LR_ONE_CAPABILITY)
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -112,7 +112,8 @@ void run_chunks(const Pass& pass, int64_t begin, int64_t end) {
 
 }  // namespace CPU_CAPABILITY
 
-#if defined(CPU_CAPABILITY_DEFAULT)  // the op, once
+// the op, once (the just-in-time build compiles this file for one capability only)
+#if defined(CPU_CAPABILITY_DEFAULT) || defined(ADAPTIVE_LR_ONE_CAPABILITY)
 namespace {
 
 using at::Tensor;
@@ -120,12 +121,16 @@ using at::TensorList;
 using RunChunks = void (*)(const Pass&, int64_t, int64_t);
 
 RunChunks pick_capability() {
+#if defined(ADAPTIVE_LR_ONE_CAPABILITY)
+  return &CPU_CAPABILITY::run_chunks;
+#else
 #if defined(ADAPTIVE_LR_CPU_X86)
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") return &AVX512::run_chunks;
   if (capability == "AVX2") return &AVX2::run_chunks;
 #endif
   return &DEFAULT::run_chunks;
+#endif
 }
 
 // Everything is checked before anything is written, so a failing call changes nothing.

@@ -18,12 +18,18 @@ using KernelFn = void (*)(const Bucket<Kernel>&, int64_t, int64_t);
 // extension uses the same SIMD width as torch's kernels and can be tested at each width.
 template <class Kernel>
 KernelFn<Kernel> pick_kernel() {
+#if defined(CPU_CAPABILITY)
+  // the just-in-time build (adaptive_lr/backends/extension.py) compiles every file for the one
+  // capability ATen chose on this machine
+  return &CPU_CAPABILITY::step_chunks<Kernel>;
+#else
 #if defined(ADAPTIVE_LR_CPU_X86)
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") return &AVX512::step_chunks<Kernel>;
   if (capability == "AVX2") return &AVX2::step_chunks<Kernel>;
 #endif
   return &DEFAULT::step_chunks<Kernel>;
+#endif
 }
 
 }  // namespace
