@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import numbers
 import warnings
 from collections import defaultdict
@@ -221,6 +222,42 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             found_inf=None if found_inf is None else found_inf.to(device),
         )
 
+    # ---- inspection ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def gain_stats(self, since: dict | None = None) -> dict[str, dict]:
+        """Per param that has state: statistics of its gains, the ones the current epoch's
+        steps use (a boundary marked but not yet applied is not in them).
+
+        Keys are the param names (``named_parameters()`` given to the optimizer) or
+        ``"<group>.<index>"``. Each entry: ``numel``, ``median``, ``p99``, ``max`` (nearest-rank
+        quantiles, as floats), ``gain`` (a copy of the gain tensor), and, when ``since`` is an
+        earlier result of this method, ``grew`` / ``shrank``: the fraction of elements whose
+        gain is larger / smaller than in ``since`` (one call per epoch: at the last boundary).
+        Reads state only (works on every backend); costs a copy and two selections per param.
+        For a sharded (DTensor) param it describes this rank's shard."""
+        stats = {}
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"{g}.{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                if "gain" not in self.state[p]:
+                    continue
+                gain = _local(self.state[p]["gain"]).detach().clone()
+                flat = gain.reshape(-1)
+                entry = {
+                    "numel": flat.numel(),
+                    "median": _nearest_rank(flat, 0.5),
+                    "p99": _nearest_rank(flat, 0.99),
+                    "max": flat.max().item(),
+                    "gain": gain,
+                }
+                before = (since or {}).get(name)
+                if before is not None:
+                    entry["grew"] = (gain > before["gain"]).float().mean().item()
+                    entry["shrank"] = (gain < before["gain"]).float().mean().item()
+                stats[name] = entry
+        return stats
+
     # ---- checkpoints --------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -425,6 +462,12 @@ def _all_hyperparameters() -> set[str]:
     """Every Active optimizer's hyperparameter names (its record's fields)."""
     return {f.name for cls in ActiveOptimizer.__subclasses__()
             for f in dataclasses.fields(cls.spec.hyper)}
+
+
+def _nearest_rank(flat: Tensor, q: float) -> float:
+    """The q-quantile by nearest rank (torch.quantile refuses tensors over 2**24 elements)."""
+    k = max(1, math.ceil(q * flat.numel()))
+    return flat.kthvalue(k).values.item()
 
 
 def _python_scalar(value: Any) -> Any:

@@ -1,0 +1,54 @@
+"""gain_stats(): per-param gain statistics read from the optimizer state, on every backend."""
+
+import pytest
+import torch
+
+from adaptive_lr import ActiveAdamW, ActiveSGD, available_backends
+
+# 6 elements: the first 4 keep their gradient sign every epoch, the last 2 flip it.
+SIGNS = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, -1.0])
+FLIPS = torch.tensor([False, False, False, False, True, True])
+
+
+def _epoch_grad(epoch: int) -> torch.Tensor:
+    return torch.where(FLIPS, SIGNS * (-1) ** epoch, SIGNS)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_statistics_and_growth_fractions_per_epoch(backend):
+    w = torch.nn.Parameter(torch.zeros(6))
+    b = torch.nn.Parameter(torch.zeros(2))
+    opt = ActiveSGD([("w", w), ("b", b)], lr=1e-3, steps_per_epoch=1, momentum=0.0,
+                    backend=backend)
+    assert opt.gain_stats() == {}  # no state before the first step
+    history = []
+    for epoch in range(4):
+        w.grad = _epoch_grad(epoch)
+        b.grad = None if epoch == 0 else torch.ones(2)  # b's state starts one epoch late
+        opt.step()
+        history.append(opt.gain_stats(since=history[-1] if history else None))
+    # epoch index 2 is the first step with updated gains (persist: 1 + 2, flip: 1 * 0.5)
+    assert set(history[0]) == {"w"} and set(history[1]) == {"w", "b"}
+    assert "grew" not in history[0]["w"] and "grew" not in history[1]["b"]
+    assert history[1]["w"]["grew"] == 0 and history[1]["w"]["shrank"] == 0
+    third = history[2]["w"]
+    assert (third["numel"], third["median"], third["p99"], third["max"]) == (6, 3.0, 3.0, 3.0)
+    assert third["grew"] == pytest.approx(4 / 6) and third["shrank"] == pytest.approx(2 / 6)
+    assert torch.equal(third["gain"], torch.where(FLIPS, 0.5, 3.0))  # a copy: kept as it was
+    fourth = history[3]["w"]  # gains 5 (persist) and 0.25 (flip); nearest-rank median: 5
+    assert (fourth["median"], fourth["max"]) == (5.0, 5.0)
+    assert fourth["grew"] == pytest.approx(4 / 6) and fourth["shrank"] == pytest.approx(2 / 6)
+    assert history[2]["b"]["max"] == 1.0 and history[3]["b"]["grew"] == 1.0  # its first update
+    assert torch.equal(fourth["gain"], opt.state[w]["gain"])
+
+
+def test_quantiles_are_nearest_rank_and_names_default_to_group_and_index():
+    p = torch.nn.Parameter(torch.zeros(200))
+    q = torch.nn.Parameter(torch.zeros(3))
+    opt = ActiveAdamW([p, q], steps_per_epoch=1, backend="reference")
+    p.grad, q.grad = torch.ones(200), torch.ones(3)
+    opt.step()
+    opt.state[p]["gain"].copy_(torch.arange(1.0, 201.0))  # ranks 100 and 198 of 1..200
+    stats = opt.gain_stats()
+    assert set(stats) == {"0.0", "0.1"}
+    assert (stats["0.0"]["median"], stats["0.0"]["p99"], stats["0.0"]["max"]) == (100.0, 198.0, 200.0)
