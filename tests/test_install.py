@@ -1,6 +1,6 @@
 """The installed package: the environment variables that configure it (ADAPTIVE_LR_BACKEND,
-ADAPTIVE_LR_JIT), the fused kernels compiled on first use where adaptive_lr._C does not load, and
-(slow) the wheel installed into a fresh virtual environment (scripts/check_wheel.sh)."""
+ADAPTIVE_LR_JIT), the fused kernels compiled on first use where adaptive_lr._C does not load,
+and (slow) the wheel installed into a fresh virtual environment (scripts/check_wheel.sh)."""
 
 import os
 import subprocess
