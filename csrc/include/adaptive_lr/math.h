@@ -69,7 +69,7 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
 
 // ---- kernel tags ------------------------------------------------------------------------------
 //
-// One tag per optimizer, listed once in ADAPTIVE_LR_KERNELS (end of this file): every
+// One tag per optimizer, listed once in ADAPTIVE_LR_KERNELS (after the element side): every
 // instantiation (CPU kernels, CUDA kernels, the op's name -> kernel dispatch) expands that list.
 // A tag carries what the generic code needs:
 //  * kHyper: its hyperparameters in the op's order (`hyper`, a float list; flags as 0.0/1.0), each
