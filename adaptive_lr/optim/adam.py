@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..backends.scalars import bias_corrections
+from .adamw import ADAMW
 from .base import GAIN_ARGS_DOC, ActiveOptimizer
-from .moments import adam_moments, foreach_adam_moments, foreach_scaled_step
 from .spec import AdamHyper, BaseOptimizer, OptimizerSpec
 
 
@@ -25,22 +23,13 @@ def _l2(h: AdamHyperL2) -> float:
 def _reference(theta, g, gamma, step, state, h: AdamHyperL2) -> None:
     if _l2(h) != 0:  # the moments see it; the epoch sum does not
         g = g + _l2(h) * theta
-    v = adam_moments(g, state, h, h.amsgrad)
-    bc1, bc2 = bias_corrections(h.betas, step)
-    denom = v.sqrt() / math.sqrt(bc2) + h.eps
-    theta.sub_((h.lr / bc1) * gamma * state["exp_avg"] / denom)
+    ADAMW.reference(theta, g, gamma, step, state, h)
 
 
 def _foreach(theta, g, gammas, steps, state, h: AdamHyperL2) -> None:
     if _l2(h) != 0:
         g = torch._foreach_add(g, theta, alpha=_l2(h))
-    v = foreach_adam_moments(g, state, h, h.amsgrad)
-    corrections = [bias_corrections(h.betas, t) for t in steps]
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, [math.sqrt(bc2) for _, bc2 in corrections])
-    torch._foreach_add_(denom, h.eps)
-    foreach_scaled_step(theta, gammas, state["exp_avg"], [h.lr / bc1 for bc1, _ in corrections],
-                        denom)
+    ADAMW.foreach(theta, g, gammas, steps, state, h)
 
 
 ADAM = OptimizerSpec(
