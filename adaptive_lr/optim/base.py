@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from .. import backends
 from ..backends import Boundary, Bucket, state_dtype
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping,
+    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
     check_steps_per_epoch, sign_state,
 )
 from .spec import OptimizerSpec, check
@@ -149,18 +149,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             if params:  # a scheduler or the user may have replaced the lr since construction
                 _check_lr(group["lr"], params[0].device)
             for p in params:
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
-                    raise RuntimeError(
-                        f"{name}: grad ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does not "
-                        f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})"
-                    )
-                if isinstance(p, DTensor) and _placement(grad) != _placement(p):
+                check_grad(name, p)
+                if isinstance(p, DTensor) and _placement(p.grad) != _placement(p):
                     raise RuntimeError(
                         f"{name}: the grad of a DTensor param must be sharded like it, "
-                        f"param {_placement(p)}, grad {_placement(grad)}"
+                        f"param {_placement(p)}, grad {_placement(p.grad)}"
                     )
             work.append((group, params))
         return work

@@ -62,6 +62,18 @@ def check_gain_args(group: dict) -> None:
                          f"min_gain={group['min_gain']}, max_gain={group['max_gain']}")
 
 
+def check_grad(name: str, p: Tensor) -> None:
+    """A param's grad must be dense and match its param (checked before anything is written)."""
+    grad = p.grad
+    if grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+        raise RuntimeError(
+            f"{name}: grad ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does not "
+            f"match its param ({p.dtype}, {tuple(p.shape)}, {p.device})"
+        )
+
+
 def check_steps_per_epoch(steps_per_epoch) -> None:
     if steps_per_epoch is not None and not (
             isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):

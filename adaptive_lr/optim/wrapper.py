@@ -16,7 +16,7 @@ from ..backends.bucket import Boundary
 from ..backends import GainRule, apply_boundary
 from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_gain_args,
-    check_steps_per_epoch, new_clock, sign_state,
+    check_grad, check_steps_per_epoch, new_clock, sign_state,
 )
 
 SIGN_DTYPES = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
@@ -126,14 +126,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                 )
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("Active does not support sparse gradients")
-                if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
-                    raise RuntimeError(
-                        f"Active: grad ({grad.dtype}, {tuple(grad.shape)}, {grad.device}) does "
-                        f"not match its param ({p.dtype}, {tuple(p.shape)}, {p.device})"
-                    )
+                check_grad("Active", p)
             work.append((group, params))
         return work
 
