@@ -24,6 +24,8 @@ struct ActiveArgs {
   double weight_decay;
   bool maximize;
   double gain_inc, gain_dec, min_gain, max_gain;
+  double sign_threshold;  // > 0: the sign test, for kernels with a second moment
+  int64_t epoch_steps;    // the length of the epoch that ended (the sign test's S)
   int64_t boundary;
   const OptionalTensor& grad_scale;
   const OptionalTensor& found_inf;

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -45,9 +46,13 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
   const auto boundary = static_cast<Boundary>(a.boundary);
   if (skip && boundary == Boundary::kNone) return;
 
+  const CommonHyper common = common_hyper(
+      a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold, a.epoch_steps,
+      a.weight_decay, a.maximize, lr, a.grad_scale ? a.grad_scale->const_data_ptr<float>() : nullptr);
   const size_t n = a.params.size();
   std::vector<cpu::TensorPtrs<Kernel>> tensors(n);
   std::vector<typename Kernel::Scalars> scalars(n);
+  std::vector<double> sign_test_factors(n);
   std::vector<int64_t> numels(n);
   int64_t numel = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -56,8 +61,9 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
          a.gains[i].data_ptr<float>(), a.grad_sums[i].data_ptr<float>(),
          a.prev_signs[i].data_ptr<int8_t>(), {}};
     for (size_t k = 0; k < states.size(); ++k) t.state[k] = states[k].tensors[i].data_ptr();
+    float& step = *a.steps[i].data_ptr<float>();
+    sign_test_factors[i] = sign_test_factor<Kernel>(common, hyper, static_cast<double>(step));
     if (!skip) {
-      float& step = *a.steps[i].data_ptr<float>();
       step += 1;  // float32, like the reference's steps[i].add_(1)
       scalars[i] = Kernel::step_scalars(hyper, static_cast<double>(step));
     }
@@ -67,18 +73,21 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
   const std::vector<Chunk> chunks =
       make_chunks(numels.data(), static_cast<int32_t>(n), cpu::kChunkSize);
 
-  const CommonHyper common =
-      common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.weight_decay, a.maximize, lr,
-                   a.grad_scale ? a.grad_scale->const_data_ptr<float>() : nullptr);
   cpu::step(cpu::Bucket<Kernel>{to_dtype(a.params[0].scalar_type()), boundary, skip, common,
-                                hyper, tensors.data(), scalars.data(), chunks.data(),
-                                static_cast<int64_t>(chunks.size()), numel});
+                                hyper, tensors.data(), scalars.data(), sign_test_factors.data(),
+                                chunks.data(), static_cast<int64_t>(chunks.size()), numel});
 }
 
 // One kernel's step: its hyperparameters and state lists checked, then the device's kernels.
 template <class Kernel>
 void step(const char* kernel, const ActiveArgs& a, TensorList states,
           c10::ArrayRef<double> hyper_values) {
+  TORCH_CHECK(a.sign_threshold >= 0 && a.sign_threshold < INFINITY, kOp,
+              ": sign_threshold must be finite and >= 0, got ", a.sign_threshold);
+  TORCH_CHECK(a.sign_threshold == 0 || Kernel::kSecondMoment >= 0, kOp, ": kernel '", kernel,
+              "' has no second moment for the sign test; sign_threshold must be 0, got ",
+              a.sign_threshold);
+  TORCH_CHECK(a.epoch_steps >= 0, kOp, ": epoch_steps must be >= 0, got ", a.epoch_steps);
   const typename Kernel::Hyper hyper = parse_hyper<Kernel>(kOp, kernel, hyper_values);
   const std::vector<NamedList> lists =
       state_lists<Kernel>(kOp, kernel, hyper, states, a.params.size());
@@ -94,11 +103,13 @@ void active_step_(std::string_view kernel, TensorList params, TensorList grads, 
                   TensorList grad_sums, TensorList prev_signs, TensorList steps,
                   TensorList states, const Tensor& lr, c10::ArrayRef<double> hyper,
                   double weight_decay, bool maximize, double gain_inc, double gain_dec,
-                  double min_gain, double max_gain, int64_t boundary,
-                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  const ActiveArgs args{params,   grads,    gains,        grad_sums, prev_signs, steps,
-                        lr,       weight_decay, maximize, gain_inc,  gain_dec,   min_gain,
-                        max_gain, boundary, grad_scale,   found_inf};
+                  double min_gain, double max_gain, double sign_threshold, int64_t epoch_steps,
+                  int64_t boundary, const OptionalTensor& grad_scale,
+                  const OptionalTensor& found_inf) {
+  const ActiveArgs args{params,   grads,          gains,       grad_sums, prev_signs,
+                        steps,    lr,             weight_decay, maximize, gain_inc,
+                        gain_dec, min_gain,       max_gain,    sign_threshold, epoch_steps,
+                        boundary, grad_scale,     found_inf};
 #define ADAPTIVE_LR_DISPATCH(name, Kernel) \
   if (kernel == #name) return step<Kernel>(#name, args, states, hyper);
   ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_DISPATCH)
@@ -123,7 +134,8 @@ TORCH_LIBRARY(adaptive_lr, m) {
   m.def("active_step_(str kernel, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] gains, "
         "Tensor(c!)[] grad_sums, Tensor(d!)[] prev_signs, Tensor(e!)[] steps, "
         "Tensor(f!)[] states, Tensor lr, float[] hyper, float weight_decay, bool maximize, "
-        "float gain_inc, float gain_dec, float min_gain, float max_gain, int boundary, "
+        "float gain_inc, float gain_dec, float min_gain, float max_gain, float sign_threshold, "
+        "int epoch_steps, int boundary, "
         "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 

@@ -24,19 +24,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .numerics import div
+from .numerics import bias_corrections, div
 
 # Rows of the pointer table: these lists, then the spec's state lists in state_keys order.
 ROWS = ("param", "grad", "gain", "grad_sum", "prev_sign", "step")
 # The float64 hyperparameter table on the device: these entries every optimizer has (the
 # decoupled weight decay is 0 for an optimizer whose update applies its own), then the spec's
 # kernel_hyper vector.
-COMMON_HYPER = ("weight_decay", "gain_inc", "gain_dec", "min_gain", "max_gain")
+COMMON_HYPER = ("weight_decay", "gain_inc", "gain_dec", "min_gain", "max_gain",
+                "sign_threshold", "epoch_steps")
 
 # the same indices as kernel constants (a @triton.jit function reads only constexpr globals)
 PARAM, GRAD, GAIN, GRAD_SUM, PREV_SIGN, STEP = map(tl.constexpr, range(len(ROWS)))
 FIRST_STATE = tl.constexpr(len(ROWS))
-WEIGHT_DECAY, GAIN_INC, GAIN_DEC, MIN_GAIN, MAX_GAIN = map(tl.constexpr, range(len(COMMON_HYPER)))
+(WEIGHT_DECAY, GAIN_INC, GAIN_DEC, MIN_GAIN, MAX_GAIN, SIGN_THRESHOLD,
+ EPOCH_STEPS) = map(tl.constexpr, range(len(COMMON_HYPER)))
 FIRST_KERNEL_HYPER = tl.constexpr(len(COMMON_HYPER))
 
 
@@ -79,18 +81,26 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule,
-                    BOUNDARY: tl.constexpr, MASKED: tl.constexpr):
+def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment, factor,
+                    SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr, MASKED: tl.constexpr):
     """The fused boundary (docs/algorithm.md): returns the gain this step uses. The caller
-    stores the reset grad_sum (0, plus this step's gradient unless the step is skipped)."""
+    stores the reset grad_sum (0, plus this step's gradient unless the step is skipped).
+    Under SIGN_TEST, ``moment`` is the second-moment block (before this step) and ``factor``
+    the tensor's sign-test factor, in its compute dtype."""
     gain_inc, gain_dec, min_gain, max_gain = gain_rule
     old_sum = _load(grad_sum, offs, mask, MASKED)
     sign = (old_sum > 0).to(tl.int8) - (old_sum < 0).to(tl.int8)
+    if SIGN_TEST:  # a sum within the epoch's gradient noise counts as no sign
+        wide = old_sum.to(moment.dtype)
+        sign = tl.where(wide * wide > factor * moment, sign, 0).to(tl.int8)
     gain = _load(gain_ptr, offs, mask, MASKED)
     if BOUNDARY == 2:
         prev = _load(prev_sign, offs, mask, MASKED)
-        same = prev.to(tl.int32) * sign.to(tl.int32) > 0
-        gain = tl.where(same, gain + gain_inc, gain * gain_dec)
+        agreement = prev.to(tl.int32) * sign.to(tl.int32)
+        decreased = gain * gain_dec
+        if SIGN_TEST:  # no evidence either way: the gain is held
+            decreased = tl.where(agreement < 0, decreased, gain)
+        gain = tl.where(agreement > 0, gain + gain_inc, decreased)
         gain = tl.minimum(tl.maximum(gain, min_gain), max_gain)
         _store(gain_ptr, offs, gain, mask, MASKED)
     _store(prev_sign, offs, sign, mask, MASKED)
@@ -100,14 +110,18 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule,
 @triton.jit
 def _step_block(
     offs, mask, param, grad, gain_ptr, grad_sum, prev_sign, states, h, t, lr, decay, grad_scale,
-    gain_rule, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr, MAXIMIZE: tl.constexpr,
+    gain_rule, factor, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr, MOMENT: tl.constexpr,
+    SIGN_TEST: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
     CT: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr, MASKED: tl.constexpr,
 ):
     """One block of a step that is not skipped: boundary, accumulation, the update."""
+    state = ()
+    for k in tl.static_range(len(states)):
+        state = state + (_load(states[k], offs, mask, MASKED),)
     if BOUNDARY != 0:
-        gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, BOUNDARY,
-                               MASKED)
+        gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule,
+                               state[MOMENT], factor, SIGN_TEST, BOUNDARY, MASKED)
         sum_before = tl.zeros_like(gain)
     else:
         gain = _load(gain_ptr, offs, mask, MASKED)
@@ -123,9 +137,6 @@ def _step_block(
     theta = _load(param, offs, mask, MASKED).to(CT)
     if HAS_WEIGHT_DECAY:  # decoupled, not scaled by the gain
         theta = theta * decay
-    state = ()
-    for k in tl.static_range(len(states)):
-        state = state + (_load(states[k], offs, mask, MASKED),)
     theta, state = UPDATE(h, t, lr, theta, g, gain.to(CT), state, CT)
     tl.static_assert(theta.dtype == CT, "an update must return theta in the compute dtype")
     tl.static_assert(len(state) == len(states), "an update must return every state block")
@@ -143,7 +154,7 @@ def active_step_kernel(
     ptr_table, numels, chunk_tensor, chunk_start, arrivals, n_tensors,
     hyper, lr_ptr, grad_scale_ptr, found_inf_ptr,
     UPDATE: tl.constexpr, N_HYPER: tl.constexpr, N_STATE: tl.constexpr,
-    BOUNDARY: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
     SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -182,6 +193,12 @@ def active_step_kernel(
     h = ()
     for k in tl.static_range(N_HYPER):
         h = h + (tl.load(hyper + FIRST_KERNEL_HYPER + k).to(tl.float64),)
+    factor = lr.to(CT)  # a placeholder unless a boundary runs the sign test
+    if SIGN_TEST and BOUNDARY != 0:  # k^2 S / (1 - beta2^t), t the step count before this step
+        # (h[1] is beta2: the host checked it)
+        threshold = tl.load(hyper + SIGN_THRESHOLD)
+        _, bc2, _ = bias_corrections(h[0], h[1], t.to(tl.float64) - 1.0)
+        factor = (threshold * threshold * tl.load(hyper + EPOCH_STEPS) / bc2).to(CT)
 
     # ---- one pass over the chunk: full blocks unmasked (vectorised), then the masked tail ------
     n_full = n_here // BLOCK
@@ -192,20 +209,25 @@ def active_step_kernel(
         for it in range(0, n_full):
             _step_block(
                 it * BLOCK + offs, None, param, grad, gain_ptr, grad_sum, prev_sign, states, h,
-                t64, lr, decay, grad_scale, gain_rule, UPDATE, BOUNDARY, MAXIMIZE,
-                HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
+                t64, lr, decay, grad_scale, gain_rule, factor, UPDATE, BOUNDARY, MOMENT, SIGN_TEST,
+                MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT,
+                SOFTWARE_BF16_ROUNDING, False)
         if n_full * BLOCK < n_here:
             _step_block(
                 tail, tail < n_here, param, grad, gain_ptr, grad_sum, prev_sign, states, h,
-                t64, lr, decay, grad_scale, gain_rule, UPDATE, BOUNDARY, MAXIMIZE,
-                HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
+                t64, lr, decay, grad_scale, gain_rule, factor, UPDATE, BOUNDARY, MOMENT, SIGN_TEST,
+                MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT,
+                SOFTWARE_BF16_ROUNDING, True)
     else:
         # found_inf: the step is skipped, but a due boundary is applied (and the sum reset)
         if BOUNDARY != 0:
             for it in range(0, tl.cdiv(n_here, BLOCK)):
                 block = it * BLOCK + offs
+                moment = factor  # a placeholder unless SIGN_TEST
+                if SIGN_TEST:
+                    moment = tl.load(states[MOMENT] + block, mask=block < n_here, other=0)
                 _epoch_boundary(block, block < n_here, gain_ptr, grad_sum, prev_sign, gain_rule,
-                                BOUNDARY, True)
+                                moment, factor, SIGN_TEST, BOUNDARY, True)
                 tl.store(grad_sum + block, tl.zeros([BLOCK], tl.float32), mask=block < n_here)
 
     # ---- step counter: the last program of this tensor to finish increments it ------------

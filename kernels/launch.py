@@ -141,7 +141,8 @@ def active_step(
     *,
     lr: Tensor,
     weight_decay: float,
-    gain_rule: tuple[float, float, float, float],
+    gain_rule: tuple[float, float, float, float, float],
+    epoch_steps: int,
     maximize: bool,
     boundary: int,
     contiguous: bool,
@@ -156,8 +157,10 @@ def active_step(
     strides (the caller runs other layouts on copies); ``contiguous``: whether every tensor is
     (then the plan's key needs no strides). ``lr``: a one-element tensor on the params' device,
     read by the kernel; ``weight_decay``: decoupled, applied before the update (0: none);
-    ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain); ``boundary`` 0 / 1 (roll) / 2
-    (update), as ``adaptive_lr.backends.bucket.Boundary``.
+    ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain, sign_threshold), the sign test on
+    when sign_threshold > 0 (an update with a second moment only), over epochs of
+    ``epoch_steps`` steps; ``boundary`` 0 / 1 (roll) / 2 (update), as
+    ``adaptive_lr.backends.bucket.Boundary``.
     """
     if update not in UPDATES:
         raise ValueError(f"adaptive_lr triton backend: no update {update!r}; have {list(UPDATES)}")
@@ -165,13 +168,18 @@ def active_step(
     if len(hyper) != len(names):
         raise ValueError(f"adaptive_lr triton backend: {update} takes {len(names)} "
                          f"hyperparameters {names}, got {len(hyper)}: {list(hyper)}")
+    sign_test = gain_rule[4] > 0
+    moment = UPDATES[update].second_moment
+    if sign_test and (moment is None or names[:2] != ("beta1", "beta2")):
+        raise ValueError(f"adaptive_lr triton backend: {update} has no second moment for the "
+                         f"sign test; sign_threshold must be 0, got {gain_rule[4]}")
     params = rows[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _TL_DTYPES:
         raise TypeError(f"adaptive_lr triton backend: unsupported param dtype {dtype}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     plan = _plan_for(rows, device, contiguous)
-    values = (weight_decay, *gain_rule, *hyper)  # active_step.COMMON_HYPER, then the vector
+    values = (weight_decay, *gain_rule, epoch_steps, *hyper)  # COMMON_HYPER, then the vector
     table = _hyper_table(plan, tuple(float(v) for v in values), device)
     active_step_kernel[(plan.n_chunks,)](
         plan.ptr_table, plan.numels, plan.chunk_tensor, plan.chunk_start, plan.arrivals,
@@ -179,7 +187,7 @@ def active_step(
         lr if grad_scale is None else grad_scale,  # unused pointer when the flag is off
         lr if found_inf is None else found_inf,
         UPDATE=UPDATES[update].function, N_HYPER=len(hyper), N_STATE=len(rows) - len(ROWS),
-        BOUNDARY=int(boundary), MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
+        BOUNDARY=int(boundary), MOMENT=moment or 0, SIGN_TEST=sign_test, MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         PARAM_DTYPE=_TL_DTYPES[dtype], CT=_TL_DTYPES[compute], ALIGNED=plan.aligned,
         SOFTWARE_BF16_ROUNDING=dtype == torch.bfloat16 and knobs.runtime.interpret,

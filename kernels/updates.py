@@ -128,13 +128,15 @@ def lion(h, t, lr, theta, g, gamma, state, CT: tl.constexpr):
 class Update(NamedTuple):
     function: Any  # the @triton.jit update
     hyper: tuple[str, ...]  # the entries of kernel_hyper, in order (documentation and length)
+    # the index of the state the sign test reads (its hyper then starts with beta1, beta2)
+    second_moment: int | None = None
 
 
 UPDATES = {
     "sgd": Update(sgd, ("momentum", "dampening", "nesterov")),
-    "adamw": Update(adamw, ("beta1", "beta2", "eps", "amsgrad")),
-    "adam": Update(adam, ("beta1", "beta2", "eps", "amsgrad", "weight_decay")),
-    "radam": Update(radam, ("beta1", "beta2", "eps")),
-    "adabelief": Update(adabelief, ("beta1", "beta2", "eps", "amsgrad", "rectify")),
+    "adamw": Update(adamw, ("beta1", "beta2", "eps", "amsgrad"), second_moment=1),
+    "adam": Update(adam, ("beta1", "beta2", "eps", "amsgrad", "weight_decay"), second_moment=1),
+    "radam": Update(radam, ("beta1", "beta2", "eps"), second_moment=1),
+    "adabelief": Update(adabelief, ("beta1", "beta2", "eps", "amsgrad", "rectify"), second_moment=1),
     "lion": Update(lion, ("beta1", "beta2")),
 }

@@ -96,6 +96,13 @@ CONFIGS = [
     _config(ActiveAdam, "amsgrad weight_decay maximize", amsgrad=True, weight_decay=0.1,
             maximize=True),
     _config(ActiveAdam, "decoupled_weight_decay", decoupled_weight_decay=True, weight_decay=0.1),
+    # the sign test (k > 0): thresholds low enough that some epoch sums pass and some do not
+    _config(ActiveAdamW, "sign_test", sign_threshold=1.0),
+    _config(ActiveRAdam, "sign_test both_rectify_branches", betas=(0.9, 0.9), sign_threshold=1.0),
+    _config(ActiveAdaBelief, "sign_test amsgrad clamps", amsgrad=True, sign_threshold=0.5,
+            max_gain=3.0),
+    _config(ActiveAdam, "sign_test amsgrad weight_decay maximize", amsgrad=True,
+            weight_decay=0.1, maximize=True, sign_threshold=1.5),
     _config(ActiveLion, "defaults"),
     _config(ActiveLion, "weight_decay maximize clamps", betas=(0.8, 0.95), weight_decay=0.1,
             maximize=True, max_gain=3.0),
@@ -127,7 +134,9 @@ class OptimizerInfo:
 
 _BETAS_EPS_ERRORS = ((dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
                      (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
-                     (dict(eps=-1e-8), "epsilon"))
+                     (dict(eps=-1e-8), "epsilon"),
+                     (dict(sign_threshold=-1.0), "sign_threshold must be finite and >= 0"),
+                     (dict(sign_threshold=float("inf")), "sign_threshold must be finite"))
 INFOS = [
     OptimizerInfo(ActiveSGD, torch.optim.SGD, (
         (dict(momentum=-0.1), "momentum"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdamW
-from adaptive_lr.backends import Boundary, apply_boundary
+from adaptive_lr.backends import Boundary, apply_boundary, sign_test_floor
 from optim_configs import (
     CONFIGS, clone_params, config, configs, device_backends, grad_sequence, make_params,
 )
@@ -26,11 +26,15 @@ def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
     """Each param's state after an overflow step: as now, except that a pending boundary is
     applied (by the reference, the oracle) and rolls the param's epoch."""
     group = opt.param_groups[0]
+    rule = opt.spec.record(group).gain_rule()
     expected = [copy.deepcopy(opt.state[p]) for p in params]
     for state in expected:
         if pending != Boundary.NONE:
-            apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"],
-                           opt.spec.record(group))
+            floor = None if rule.sign_threshold == 0 else sign_test_floor(
+                state[opt.spec.second_moment], state["step"].item(), rule, group["epoch_steps"],
+                group["betas"][1])
+            apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"], rule,
+                           floor)
             state["epoch"].fill_(group["epoch"])
             state["has_prev_sign"].fill_(True)
     return expected

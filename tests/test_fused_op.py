@@ -16,7 +16,8 @@ _REASON = cpu.unavailable_reason(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"fused cpu backend: {_REASON}")
 
 OP = torch.ops.adaptive_lr.active_step_.default
-GAIN_RULE = dict(gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=3.0)
+GAIN_RULE = dict(gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=3.0, sign_threshold=0.0,
+                 epoch_steps=3)
 SIZES = (1, 17, 300)  # a lone element, SIMD groups plus a tail
 SCHEDULE = (Boundary.ROLL, Boundary.NONE, Boundary.UPDATE, Boundary.NONE, Boundary.UPDATE)
 
@@ -27,7 +28,7 @@ def num_states(kernel, hyper):
     return 3 if hyper[3] else 2  # adam: exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad
 
 
-def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, seed=0):
+def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_threshold=0.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -59,7 +60,7 @@ def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, seed=0):
         boundary=int(Boundary.NONE),
         grad_scale=None,
         found_inf=None,
-        **GAIN_RULE,
+        **dict(GAIN_RULE, sign_threshold=sign_threshold),
     )
 
 
@@ -73,10 +74,18 @@ def transcription(a: dict) -> None:
         g = -a["grads"][i].double() if a["maximize"] else a["grads"][i].double()
         gain, gsum = a["gains"][i].double(), a["grad_sums"][i].double()
         prev = a["prev_signs"][i].double()
+        k = a["sign_threshold"]
         if a["boundary"] != Boundary.NONE:
             sign = torch.sign(gsum)
+            if k > 0:  # the sign test, against v before this step (float64 division: 0 -> inf)
+                v = a["states"][n + i].double()
+                bc2 = 1 - torch.tensor(a["hyper"][1], dtype=torch.float64) ** float(a["steps"][i])
+                sign = torch.where(gsum * gsum > k * k * a["epoch_steps"] / bc2 * v, sign, 0)
+            product = prev * sign
             if a["boundary"] == Boundary.UPDATE:
-                gain = torch.where(prev * sign > 0, gain + a["gain_inc"], gain * a["gain_dec"])
+                held = (product == 0) & (k > 0)
+                gain = torch.where(product > 0, gain + a["gain_inc"],
+                                   torch.where(held, gain, gain * a["gain_dec"]))
                 gain = gain.float().double().clamp(a["min_gain"], a["max_gain"])
             prev, gsum = sign, torch.zeros_like(gsum)
         gsum = gsum + g.float().double()
@@ -120,6 +129,7 @@ def tensor_lists(args):
 CASES = {
     "adam": ("adam", [0.9, 0.999, 1e-8, 0.0, 0.1], {}),
     "adam-amsgrad-maximize": ("adam", [0.8, 0.99, 1e-6, 1.0, 0.05], dict(maximize=True)),
+    "adam-sign-test": ("adam", [0.9, 0.5, 1e-8, 1.0, 0.1], dict(sign_threshold=0.7)),
     "lion": ("lion", [0.9, 0.99], dict(weight_decay=0.1)),
     "lion-maximize": ("lion", [0.95, 0.98], dict(maximize=True)),
 }
@@ -144,7 +154,10 @@ def test_new_kernels_match_a_float64_transcription(case, dtype):
             torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=rtol,
                                        msg=f"{case} {key}[{i}]")
     # the gains moved, so the boundaries were really exercised
-    assert not torch.equal(args["gains"][2], make_args(kernel, hyper, dtype)["gains"][2])
+    start = make_args(kernel, hyper, dtype, **options)["gains"][2]
+    assert not torch.equal(args["gains"][2], start)
+    if options.get("sign_threshold"):  # and the sign test held some gains and moved others
+        assert (args["prev_signs"][2] == 0).any() and (args["prev_signs"][2] != 0).any()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -163,6 +176,8 @@ BAD_ARGS = {
     "beta": (dict(hyper=[0.9, 1.0, 1e-8, 0.0, 0.1]), r"adam's beta2 must be in \[0, 1\), got 1"),
     "flag": (dict(hyper=[0.9, 0.999, 1e-8, 0.5, 0.1]), r"adam's amsgrad must be 0 or 1 \(a flag\)"),
     "l2": (dict(hyper=[0.9, 0.999, 1e-8, 0.0, -1.0]), r"adam's weight_decay must be >= 0"),
+    "sign_threshold": (dict(sign_threshold=-1.0), r"sign_threshold must be finite and >= 0"),
+    "epoch_steps": (dict(epoch_steps=-1), r"epoch_steps must be >= 0"),
     "state count": (dict(hyper=[0.9, 0.999, 1e-8, 1.0, 0.1]),
                     r"adam with these hyperparameters keeps 3 states per param \(exp_avg, "
                     r"exp_avg_sq, max_exp_avg_sq\), so states must hold 3 \* 3 = 9 tensors"),
@@ -180,6 +195,12 @@ def test_bad_arguments_raise_and_change_nothing(name):
     for key, values in before.items():
         for x, y in zip(tensor_lists(args)[key], values):
             assert torch.equal(x, y), key
+
+
+def test_a_kernel_without_a_second_moment_refuses_the_sign_test():
+    args = make_args("lion", [0.9, 0.99], torch.float32, sign_threshold=1.0)
+    with pytest.raises(RuntimeError, match=r"kernel 'lion' has no second moment"):
+        OP(**args)
 
 
 def test_state_errors_name_the_state():

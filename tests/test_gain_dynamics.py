@@ -47,6 +47,49 @@ def test_zero_gradients_shrink(backend):
     torch.testing.assert_close(gain, expected)
 
 
+def _run_adamw_grads(grads_per_epoch, backend, sign_threshold):
+    """ActiveAdamW on one param of 4 elements; epoch e's steps get grads_per_epoch[e][step]
+    (with a constant gradient g, v_hat = g^2 and the epoch sum is S g: the sign test passes
+    exactly when S > sign_threshold^2)."""
+    p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = ActiveAdamW([p], lr=1e-6, steps_per_epoch=S, weight_decay=0.0,
+                      sign_threshold=sign_threshold, backend=backend)
+    for epoch in grads_per_epoch:
+        for grad in epoch:
+            p.grad = torch.tensor(grad, dtype=torch.float64)
+            opt.step()
+    p.grad = torch.zeros(4, dtype=torch.float64)
+    opt.step()
+    return opt.state[p]["gain"], opt.state[p]["prev_sign"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sign_test_counts_consistent_sums_as_the_paper_does(backend):
+    persistent = [[[1.0, -2.0, 0.5, -0.1]] * S] * 4
+    gain, _ = _run_adamw_grads(persistent, backend, sign_threshold=1.5)  # S = 3 > 1.5^2
+    torch.testing.assert_close(gain, torch.full((4,), 1 + 3 * 2.0))
+    alternating = [[[1.0, -1.0, 2.0, -3.0]] * S if e % 2 == 0 else [[-1.0, 1.0, -2.0, 3.0]] * S
+                   for e in range(4)]
+    gain, _ = _run_adamw_grads(alternating, backend, sign_threshold=1.5)
+    torch.testing.assert_close(gain, torch.full((4,), 0.5**3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sign_test_holds_gains_without_evidence(backend):
+    # constant gradients, but an epoch too short for the threshold (S = 3 < 2^2): no sign counts
+    gain, prev_sign = _run_adamw_grads([[[1.0, -2.0, 0.5, -0.1]] * S] * 4, backend, 2.0)
+    torch.testing.assert_close(gain, torch.ones(4))
+    assert (prev_sign == 0).all()
+    # noise around a small mean (+1, -1, +1 each epoch: sum 1, v_hat about 1): the paper's rule
+    # grows every gain, the sign test holds them; zero gradients (a dead unit) are held too,
+    # where the paper halves them each epoch
+    noise = [[[1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]] * 4
+    paper, _ = _run_adamw_grads(noise, backend, 0.0)
+    torch.testing.assert_close(paper, torch.tensor([7.0, 7.0, 0.125, 0.125]))
+    tested, _ = _run_adamw_grads(noise, backend, 1.0)
+    torch.testing.assert_close(tested, torch.ones(4))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clamps_hold(backend):
     grow = _run_signs([[1.0, -1.0, 1.0, 1.0]] * 6, backend, max_gain=4.0)

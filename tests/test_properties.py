@@ -65,7 +65,8 @@ def optimizers(draw):
                       dampening=0.0 if nesterov else draw(unit))
         return ActiveSGD, kwargs
     kwargs.update(lr=draw(st.floats(1e-4, 0.1)), betas=draw(betas),
-                  eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])))
+                  eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])),
+                  sign_threshold=draw(st.one_of(st.just(0.0), st.floats(0.0, 3.0))))
     if name in ("adamw", "adabelief"):
         kwargs["amsgrad"] = draw(st.booleans())
     if name == "adabelief":

@@ -173,11 +173,15 @@ def test_a_wrong_hyperparameter_vector_or_update_is_refused():
     rows = [[p], [p.clone()], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3, dtype=torch.int8)],
             [torch.zeros(())], [torch.zeros(3)], [torch.zeros(3)]]
     args = dict(lr=torch.tensor(0.1, dtype=torch.float64), weight_decay=0.0,
-                gain_rule=(2.0, 0.5, 0.0, math.inf), maximize=False, boundary=0, contiguous=True)
+                gain_rule=(2.0, 0.5, 0.0, math.inf, 0.0), epoch_steps=3, maximize=False,
+                boundary=0, contiguous=True)
     with pytest.raises(ValueError, match=r"adamw takes 4 hyperparameters .*got 3"):
         kernels.active_step("adamw", rows, [0.9, 0.999, 1e-8], **args)
     with pytest.raises(ValueError, match="no update 'adamx'"):
         kernels.active_step("adamx", rows, [0.9, 0.999, 1e-8, 0.0], **args)
+    with pytest.raises(ValueError, match="lion has no second moment for the sign test"):
+        kernels.active_step("lion", rows[:7], [0.9, 0.99],
+                            **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0)))
     assert torch.equal(p, torch.zeros(3)) and rows[5][0].item() == 0  # nothing ran
 
 
@@ -475,8 +479,10 @@ for arch, spec, dtype, boundary, flags in VARIANTS:
     ct = tl.float64 if dtype == "fp64" else tl.float32
     update = UPDATES[spec.kernel]
     n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
+    # flags on: the sign test too, where the update has a second moment
     constants = dict(UPDATE=update.function, N_HYPER=len(update.hyper), N_STATE=n_state,
-                     BOUNDARY=boundary, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                     BOUNDARY=boundary, MOMENT=update.second_moment or 0,
+                     SIGN_TEST=flags and update.second_moment is not None, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                      HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
                      ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,
                      BLOCK=1024 if ct == tl.float32 else 512, CHUNK=4096)

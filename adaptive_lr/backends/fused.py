@@ -18,9 +18,6 @@ def step(bucket: Bucket, lr: torch.Tensor) -> None:
 def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
     """The op's arguments for ``bucket``, its lr given as the tensor the kernels read."""
     h, spec = bucket.hyper, bucket.spec
-    if h.gain_rule().sign_threshold != 0:
-        raise NotImplementedError("the sign test (sign_threshold > 0) is not in the fused C++/CUDA "
-                                  "kernels yet: use backend='foreach' or 'reference'")
     return dict(
         kernel=spec.kernel,
         params=bucket.params,
@@ -39,6 +36,8 @@ def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
         gain_dec=h.gain_dec,
         min_gain=h.min_gain,
         max_gain=h.max_gain,
+        sign_threshold=h.gain_rule().sign_threshold,
+        epoch_steps=bucket.epoch_steps,
         boundary=int(bucket.boundary),
         grad_scale=bucket.grad_scale,
         found_inf=bucket.found_inf,

@@ -11,6 +11,8 @@ one-element arrays into Python ints, which numpy 2.4 refuses (compiled GPU kerne
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import importlib.util
 
@@ -93,9 +95,6 @@ def step(bucket: Bucket) -> None:
     from adaptive_lr import kernels
 
     h, spec = bucket.hyper, bucket.spec
-    if h.gain_rule().sign_threshold != 0:
-        raise NotImplementedError("the sign test (sign_threshold > 0) is not in the Triton kernel "
-                                  "yet: use backend='foreach' or 'reference'")
     rows = [bucket.params, bucket.grads, bucket.gains, bucket.grad_sums, bucket.prev_signs,
             bucket.steps]
     rows += [bucket.state[key] for key in spec.state_keys(h)]
@@ -107,7 +106,7 @@ def step(bucket: Bucket) -> None:
         spec.kernel, rows, spec.kernel_hyper(h),
         lr=lr_tensor(h.lr, bucket.params[0]),
         weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
-        gain_rule=(h.gain_inc, h.gain_dec, h.min_gain, h.max_gain),
+        gain_rule=dataclasses.astuple(h.gain_rule()), epoch_steps=bucket.epoch_steps,
         maximize=h.maximize, boundary=int(bucket.boundary), contiguous=contiguous,
         grad_scale=bucket.grad_scale, found_inf=bucket.found_inf,
     )

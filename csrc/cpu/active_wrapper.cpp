@@ -183,7 +183,7 @@ void active_rescale_(TensorList params, TensorList befores, TensorList grads, Te
       make_chunks(numels.data(), static_cast<int32_t>(n), kChunkSize);
   // no weight decay or lr here (decay 1): only the gain rule and maximize's sign are used
   const Pass pass{params[0].scalar_type(), static_cast<Boundary>(boundary),
-                  common_hyper(gain_inc, gain_dec, min_gain, max_gain, 0.0, maximize, 0.0,
+                  common_hyper(gain_inc, gain_dec, min_gain, max_gain, 0.0, 0, 0.0, maximize, 0.0,
                                nullptr),
                   tensors.data(), chunks.data()};
   static const RunChunks run_chunks = pick_capability();

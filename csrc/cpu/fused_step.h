@@ -34,6 +34,7 @@ struct Bucket {
   typename Kernel::Hyper hyper;
   const TensorPtrs<Kernel>* tensors;
   const typename Kernel::Scalars* scalars;  // per tensor, from its step after the increment
+  const double* sign_test_factors;  // per tensor, from its step before the increment
   const Chunk* chunks;
   int64_t num_chunks;
   int64_t numel;  // all tensors together

@@ -136,7 +136,10 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
 
   for_each_lane<C>(
       chunk.length,
-      [&]<class T>(T) { return Lanes<Kernel, T>{CommonLanes<T>(b.common), {b.hyper, scalars}}; },
+      [&]<class T>(T) {
+        return Lanes<Kernel, T>{CommonLanes<T>(b.common, b.sign_test_factors[chunk.tensor]),
+                                {b.hyper, scalars}};
+      },
       [&]<class T>(const Lanes<Kernel, T>& lanes, int64_t i) {
         using io = Io<T>;
         T g_sum = io::load(grad_sum + i), gamma = io::load(gain + i), sign{};
@@ -158,19 +161,26 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
       });
 }
 
-// A step skipped for found_inf still applies the pending boundary to gain, grad_sum, prev_sign.
-template <Boundary B, class Kernel>
+// A step skipped for found_inf still applies the pending boundary to gain, grad_sum, prev_sign
+// (in the compute type of param type P, as a step would: the sign test compares in it).
+template <Boundary B, class Kernel, class P>
 void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
+  using C = std::conditional_t<std::is_same_v<P, double>, double, float>;
   const TensorPtrs<Kernel>& t = b.tensors[chunk.tensor];
   float* const gain = t.gain + chunk.offset;
   float* const grad_sum = t.grad_sum + chunk.offset;
   int8_t* const prev_sign = t.prev_sign + chunk.offset;
-  for_each_lane<float>(
-      chunk.length, [&]<class T>(T) { return CommonLanes<T>(b.common); },
+  const C* moment = nullptr;
+  if constexpr (Kernel::kSecondMoment >= 0) {
+    if (b.common.sign_test) moment = static_cast<const C*>(t.state[Kernel::kSecondMoment]) + chunk.offset;
+  }
+  for_each_lane<C>(
+      chunk.length,
+      [&]<class T>(T) { return CommonLanes<T>(b.common, b.sign_test_factors[chunk.tensor]); },
       [&]<class T>(const CommonLanes<T>& common, int64_t i) {
         using io = Io<T>;
         T gamma = io::load(gain + i), g_sum = io::load(grad_sum + i), sign = io::load(prev_sign + i);
-        apply_boundary<B>(common, gamma, g_sum, sign);
+        apply_boundary<B>(common, gamma, g_sum, sign, moment ? io::load(moment + i) : T(0));
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         io::store(prev_sign + i, sign);
         io::store(grad_sum + i, g_sum);
@@ -183,7 +193,11 @@ void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) chunk_fn(b, b.chunks[c]);
   };
   if (b.boundary_only) {
-    if constexpr (B != Boundary::kNone) each(boundary_chunk<B, Kernel>);
+    if constexpr (B != Boundary::kNone) {
+      // only the compute type matters: float64 params compute in double, all others in float
+      if (b.dtype == DType::kDouble) return each(boundary_chunk<B, Kernel, double>);
+      each(boundary_chunk<B, Kernel, float>);
+    }
     return;
   }
   switch (b.dtype) {

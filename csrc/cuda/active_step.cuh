@@ -98,6 +98,7 @@ struct ActiveStep {
     CommonHyper common;
     typename Kernel::Hyper hyper;
     typename Kernel::Scalars scalars;
+    double sign_test_factor;  // from the step count before this step
     float next_step;
     bool skip;  // found_inf: apply a due boundary, nothing else
   };
@@ -126,10 +127,11 @@ struct ActiveStep {
     BlockScalars s;
     const double lr = a.lr_is_double ? *static_cast<const double*>(a.lr)
                                      : *static_cast<const float*>(a.lr);
-    s.common = common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.weight_decay,
-                            a.maximize, lr, a.grad_scale);
+    s.common = common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold,
+                            a.epoch_steps, a.weight_decay, a.maximize, lr, a.grad_scale);
     s.hyper = a.hyper;
     s.hyper.lr = lr;
+    s.sign_test_factor = sign_test_factor<Kernel>(s.common, s.hyper, static_cast<double>(step));
     s.skip = a.found_inf != nullptr && *a.found_inf != 0;
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
     s.scalars = Kernel::step_scalars(s.hyper, static_cast<double>(s.next_step));
@@ -170,17 +172,24 @@ struct ActiveStep {
     }
   }
 
-  // A step skipped for found_inf still applies the due boundary (float lanes, as on the CPU).
+  // A step skipped for found_inf still applies the due boundary (in the compute type, as a step
+  // would: the sign test compares in it).
   template <int W>
   static __device__ void boundary_elements(const ChunkPtrs& c, int i,
-                                           const CommonLanes<float>& common) {
+                                           const CommonLanes<C>& common) {
     Pack<float, W> gain = load<W>(c.gain + i);
     Pack<float, W> grad_sum = load<W>(c.grad_sum + i);
     Pack<int8_t, W> sign = load<W>(c.prev_sign + i);
+    Pack<C, W> moment{};
+    if constexpr (Kernel::kSecondMoment >= 0) {
+      if (common.sign_test) moment = load<W>(c.state[Kernel::kSecondMoment] + i);
+    }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      float prev = sign.v[j];
-      apply_boundary<B>(common, gain.v[j], grad_sum.v[j], prev);
+      C gamma = gain.v[j], sum = grad_sum.v[j], prev = sign.v[j];
+      apply_boundary<B>(common, gamma, sum, prev, moment.v[j]);
+      gain.v[j] = static_cast<float>(gamma);
+      grad_sum.v[j] = static_cast<float>(sum);
       sign.v[j] = static_cast<int8_t>(prev);
     }
     if constexpr (B == Boundary::kUpdate) store<W>(c.gain + i, gain);
@@ -231,14 +240,14 @@ struct ActiveStep {
 
     if (s.skip) {
       if constexpr (B != Boundary::kNone) {
-        const CommonLanes<float> common(s.common);
+        const CommonLanes<C> common(s.common, s.sign_test_factor);
         for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
           boundary_elements<decltype(w)::value>(c, i, common);
         });
       }
       return;  // the step counter stays
     }
-    const CommonLanes<C> common(s.common);
+    const CommonLanes<C> common(s.common, s.sign_test_factor);
     const Update<Kernel, C> update(s.hyper, s.scalars);
     for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
       step_elements<decltype(w)::value>(c, i, common, update);

@@ -45,7 +45,9 @@ constexpr int32_t kMaxTensorSlots = 256;
 template <class Kernel>
 struct StepArgs {
   typename Kernel::Hyper hyper;  // its lr is ignored: the kernel reads *lr
-  double gain_inc, gain_dec, min_gain, max_gain, weight_decay;
+  double gain_inc, gain_dec, min_gain, max_gain, sign_threshold;
+  int64_t epoch_steps;
+  double weight_decay;
   bool maximize;
   bool lr_is_double;        // *lr is a double, else a float
   const void* lr;           // device

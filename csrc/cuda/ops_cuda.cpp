@@ -69,6 +69,8 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
                               a.gain_dec,
                               a.min_gain,
                               a.max_gain,
+                              a.sign_threshold,
+                              a.epoch_steps,
                               a.weight_decay,
                               a.maximize,
                               a.lr.scalar_type() == at::kDouble,

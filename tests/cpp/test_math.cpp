@@ -13,7 +13,12 @@ namespace {
 
 CommonHyper hyper(float min_gain = 0, float max_gain = INFINITY, double decay = 1,
                   double grad_divisor = 1, bool divide_grad = false) {
-  return {2.0f, 0.5f, min_gain, max_gain, decay, grad_divisor, divide_grad};
+  return {2.0f, 0.5f, min_gain, max_gain, false, 0.0, decay, grad_divisor, divide_grad};
+}
+
+// The paper's gains (2, 0.5, no clamp) with the sign test at threshold k over epochs of S steps.
+CommonHyper sign_test_hyper(double k, int64_t epoch_steps) {
+  return common_hyper(2.0, 0.5, 0.0, INFINITY, k, epoch_steps, 0.0, false, 0.0, nullptr);
 }
 
 // Kernel K's Hyper from the op's hyperparameter list, in K::kHyper's order.
@@ -36,7 +41,7 @@ T boundary_gain(T gain, T prev_sign, T grad_sum, const CommonHyper& h = hyper())
   const CommonLanes<T> c(h);
   const T expected_sign = grad_sum > 0 ? 1 : grad_sum < 0 ? -1 : 0;
   const T old_sign = prev_sign;
-  apply_boundary<B>(c, gain, grad_sum, prev_sign);
+  apply_boundary<B>(c, gain, grad_sum, prev_sign, T(1));  // v is unused without the sign test
   CHECK(prev_sign == (B == Boundary::kNone ? old_sign : expected_sign));
   CHECK(B == Boundary::kNone || grad_sum == 0);
   return gain;
@@ -61,6 +66,41 @@ void test_boundary() {
   const T nan = std::numeric_limits<T>::quiet_NaN();
   CHECK(boundary_gain<U, T>(1, 1, nan) == 0.5);
   CHECK(std::isnan(Ops<T>::maximum(nan, 1)) && std::isnan(Ops<T>::maximum(1, nan)));
+}
+
+// The sign test: factor = k^2 S / (1 - beta2^t); G counts where G^2 > factor * v, else its sign
+// is 0, and a gain with a zero product is held.
+template <class T>
+void test_sign_test() {
+  const CommonHyper h = sign_test_hyper(2, 4);  // k^2 S = 16
+  CHECK(h.sign_test && h.sign_test_numerator == 16);
+  const AdamW::Hyper adamw = hyper_of<AdamW>(1e-3, {0.9, 0.5, 1e-8, 0});
+  CHECK(sign_test_factor<AdamW>(h, adamw, 1) == 32);  // 16 / (1 - 0.5)
+  CHECK(sign_test_factor<Sgd>(h, hyper_of<Sgd>(0.1, {0, 0, 0}), 1) == 0);
+  const CommonLanes<T> c(h, 16);  // v = 1: a sum counts where |G| > 4
+  const auto after = [&](T gain, T prev, T sum, T& sign) {
+    sign = prev;
+    apply_boundary<Boundary::kUpdate>(c, gain, sum, sign, T(1));
+    CHECK(sum == 0);
+    return gain;
+  };
+  T sign;
+  CHECK(after(1, 1, 4.5, sign) == 3 && sign == 1);     // significant, same sign: + gain_inc
+  CHECK(after(1, 1, -4.5, sign) == 0.5 && sign == -1); // significant flip: * gain_dec
+  CHECK(after(1, 1, 3.5, sign) == 1 && sign == 0);     // within the noise: held, no sign
+  CHECK(after(1, 1, 4, sign) == 1 && sign == 0);       // G^2 == floor: not significant
+  CHECK(after(1, 0, 4.5, sign) == 1 && sign == 1);     // no previous sign: held
+  CHECK(after(1, 1, 0, sign) == 1 && sign == 0);       // a zero sum (dead unit): held
+  // v = 0 with a step-0 factor (inf or NaN): no sign, held
+  for (T factor : {T(INFINITY), std::numeric_limits<T>::quiet_NaN()}) {
+    T gain = 1, sum = 0, prev = 1;
+    apply_boundary<Boundary::kUpdate>(CommonLanes<T>(h, factor), gain, sum, prev, T(0));
+    CHECK(gain == 1 && prev == 0);
+  }
+  // the roll-over applies the test too
+  T gain = 1, sum = 3.5, prev = 1;
+  apply_boundary<Boundary::kRoll>(c, gain, sum, prev, T(1));
+  CHECK(gain == 1 && prev == 0);
 }
 
 // One fused step (the tensor's t-th) of a single element for kernel K; returns theta, updates the
@@ -276,6 +316,7 @@ void test_lion() {
 template <class T>
 void test_all() {
   test_boundary<T>();
+  test_sign_test<T>();
   test_accumulation_and_grad_scaling<T>();
   test_sgd<T>();
   test_adamw<T>();

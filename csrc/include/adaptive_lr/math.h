@@ -46,6 +46,10 @@ enum class Boundary : int { kNone = 0, kRoll = 1, kUpdate = 2 };
 struct CommonHyper {
   // The gain rule in float32, as the reference applies it to the float32 gains.
   float gain_inc, gain_dec, min_gain, max_gain;
+  // The sign test (sign_threshold k > 0; docs/algorithm.md): an epoch sum G counts as a sign
+  // only where G^2 > k^2 S / (1 - beta2^t) * v, and a gain with no sign to compare is held.
+  bool sign_test;
+  double sign_test_numerator;  // k^2 S, S the length of the epoch that ended
   double decay;         // 1 - lr * weight_decay: decoupled weight decay, not scaled by the gain
   double grad_divisor;  // g = grad / grad_divisor: grad_scale, negated when maximizing
   bool divide_grad;     // false when there is neither a grad_scale nor maximize
@@ -54,7 +58,8 @@ struct CommonHyper {
 // One step's CommonHyper from the op's arguments, lr and *grad_scale (null: no grad scaling) as
 // read for this step: by the CPU op on the host, by the CUDA kernels from device memory.
 ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_dec, double min_gain,
-                                                 double max_gain, double weight_decay,
+                                                 double max_gain, double sign_threshold,
+                                                 int64_t epoch_steps, double weight_decay,
                                                  bool maximize, double lr,
                                                  const float* grad_scale) {
   const double scale = grad_scale != nullptr ? *grad_scale : 1.0;
@@ -62,6 +67,8 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
           static_cast<float>(gain_dec),
           static_cast<float>(min_gain),
           static_cast<float>(max_gain),
+          sign_threshold > 0,
+          sign_threshold * sign_threshold * static_cast<double>(epoch_steps),
           1 - lr * weight_decay,
           maximize ? -scale : scale,  // g / -s == -(g / s) exactly
           grad_scale != nullptr || maximize};
@@ -77,6 +84,8 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
 //  * kStates: its state lists in the op's order, kMaxStates of them; Hyper::num_states() says how
 //    many a call uses (amsgrad's running maximum is the optional last one);
 //  * Scalars and step_scalars(hyper, t): what is derived once per tensor per step from its step t;
+//  * kSecondMoment: the index of the state the sign test compares an epoch sum with, -1 for none
+//    (the op then refuses sign_threshold > 0), and Hyper::beta2 when there is one;
 //  * its per-element update: Update<Tag, T>, in the element side below.
 
 // The valid values of a hyperparameter (checked by the op before anything is written).
@@ -98,6 +107,7 @@ struct Sgd {
                                          {"nesterov", HyperRange::kFlag}};
   static constexpr const char* kStates[] = {"momentum_buffer"};
   static constexpr int kMaxStates = 1;
+  static constexpr int kSecondMoment = -1;
   struct Hyper {
     double lr, momentum, dampening;
     bool nesterov;
@@ -118,6 +128,7 @@ struct Sgd {
 // theta -= step_size * gain * m (the un-rectified warm-up steps of RAdam and AdaBelief).
 struct AdamFamily {
   static constexpr int kMaxStates = 3;  // 2 for a member without amsgrad
+  static constexpr int kSecondMoment = 1;  // exp_avg_sq (AdaBelief: exp_avg_var), never the max
   struct Hyper {
     double lr, beta1, beta2, eps;
     double l2;     // coupled weight decay (torch.optim.Adam): the moments see g + l2 * theta
@@ -234,6 +245,7 @@ struct Lion {
                                          {"beta2", HyperRange::kBeta}};
   static constexpr const char* kStates[] = {"exp_avg"};
   static constexpr int kMaxStates = 1;
+  static constexpr int kSecondMoment = -1;  // its exp_avg is a momentum
   struct Hyper {
     double lr, beta1, beta2;
     ADAPTIVE_LR_HOST_DEVICE int num_states() const { return 1; }
@@ -242,6 +254,19 @@ struct Lion {
   struct Scalars {};
   static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper&, double) { return {}; }
 };
+
+// The sign test's factor for one tensor whose step count (before this step) is `step`: its
+// epoch sum G counts as a sign where G^2 > factor * v. Step 0 (never stepped: v = 0, G = 0)
+// divides by 0; any factor then gives "no sign".
+template <class Kernel>
+ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
+                                                const typename Kernel::Hyper& h, double step) {
+  if constexpr (Kernel::kSecondMoment < 0) {
+    return 0.0;
+  } else {
+    return c.sign_test_numerator / (1 - std::pow(h.beta2, step));
+  }
+}
 
 // ================================ element side =================================================
 
@@ -264,32 +289,53 @@ struct Ops {
   static ADAPTIVE_LR_HOST_DEVICE T round_to_float(T x) { return T(static_cast<float>(x)); }
 };
 
-// Bucket-level constants broadcast to lane type T once per loop.
+// Bucket-level constants (and one tensor's sign-test factor) broadcast to lane type T once per
+// loop.
 template <class T>
 struct CommonLanes {
-  T gain_inc, gain_dec, min_gain, max_gain, decay, grad_divisor;
-  bool divide_grad;
-  ADAPTIVE_LR_HOST_DEVICE explicit CommonLanes(const CommonHyper& h)
+  T gain_inc, gain_dec, min_gain, max_gain, sign_test_factor, decay, grad_divisor;
+  bool sign_test, divide_grad;
+  ADAPTIVE_LR_HOST_DEVICE explicit CommonLanes(const CommonHyper& h, double sign_test_factor = 0)
       : gain_inc(T(h.gain_inc)), gain_dec(T(h.gain_dec)), min_gain(T(h.min_gain)),
-        max_gain(T(h.max_gain)), decay(T(h.decay)), grad_divisor(T(h.grad_divisor)),
-        divide_grad(h.divide_grad) {}
+        max_gain(T(h.max_gain)), sign_test_factor(T(sign_test_factor)), decay(T(h.decay)),
+        grad_divisor(T(h.grad_divisor)), sign_test(h.sign_test), divide_grad(h.divide_grad) {}
 };
 
-// The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T. The new gain is
-// rounded to float32 (a no-op for float lanes) before it is used: gains are float32 state.
+// The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T; second_moment is
+// the element's v before this step (read only by the sign test). The new gain is rounded to
+// float32 (a no-op for float lanes) before it is used: gains are float32 state.
 template <Boundary B, class T>
 ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T& grad_sum,
-                                            T& prev_sign) {
+                                            T& prev_sign, T second_moment) {
   if constexpr (B != Boundary::kNone) {
-    const T sign = Ops<T>::sign(grad_sum);
+    T sign = Ops<T>::sign(grad_sum);
+    if (c.sign_test) {  // a sum within the epoch's gradient noise counts as no sign
+      sign = Ops<T>::where_positive(grad_sum * grad_sum - c.sign_test_factor * second_moment,
+                                    sign, T(0));
+    }
     if constexpr (B == Boundary::kUpdate) {
-      // same sign: the steps were too small (additive increase); flip or zero: too large
+      // same sign: the steps were too small (additive increase); a flip: too large; a zero
+      // product decreases too in the paper's rule, and is held under the sign test
+      const T agreement = prev_sign * sign;
+      const T decreased = c.sign_test
+                              ? Ops<T>::where_positive(T(0) - agreement, gain * c.gain_dec, gain)
+                              : gain * c.gain_dec;
       gain = Ops<T>::round_to_float(
-          Ops<T>::where_positive(prev_sign * sign, gain + c.gain_inc, gain * c.gain_dec));
+          Ops<T>::where_positive(agreement, gain + c.gain_inc, decreased));
       gain = Ops<T>::minimum(Ops<T>::maximum(gain, c.min_gain), c.max_gain);
     }
     prev_sign = sign;
     grad_sum = T(0);
+  }
+}
+
+// The element's v the sign test reads (0 for an optimizer without one: its test is off).
+template <class Kernel, class T>
+ADAPTIVE_LR_HOST_DEVICE T second_moment(const T (&state)[Kernel::kMaxStates]) {
+  if constexpr (Kernel::kSecondMoment < 0) {
+    return T(0);
+  } else {
+    return state[Kernel::kSecondMoment];
   }
 }
 
@@ -379,7 +425,7 @@ template <Boundary B, class Kernel, class T>
 ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Kernel, T>& update,
                                         T& theta, T grad, T& gain, T& grad_sum, T& prev_sign,
                                         T (&state)[Kernel::kMaxStates]) {
-  apply_boundary<B>(c, gain, grad_sum, prev_sign);
+  apply_boundary<B>(c, gain, grad_sum, prev_sign, second_moment<Kernel>(state));
   const T g = c.divide_grad ? grad / c.grad_divisor : grad;
   grad_sum = grad_sum + Ops<T>::round_to_float(g);
   theta = theta * c.decay;
@@ -412,7 +458,7 @@ ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
 template <Boundary B, class T>
 ADAPTIVE_LR_HOST_DEVICE void scale_inner_step(const CommonLanes<T>& c, T& theta, T theta_before,
                                               T grad, T& gain, T& grad_sum, T& prev_sign) {
-  apply_boundary<B>(c, gain, grad_sum, prev_sign);
+  apply_boundary<B>(c, gain, grad_sum, prev_sign, T(0));  // no second moment: no sign test
   // (gain - 1)^2 > 0 exactly when gain != 1: a float32 gain is 1 or at least 2^-24 away from it
   const T off_one = gain - T(1);
   theta = Ops<T>::where_positive(off_one * off_one, theta_before + gain * (theta - theta_before),
