@@ -8,6 +8,10 @@ index ``i`` of the bucket, exactly the per-element step of docs/algorithm.md:
    ``ROLL``   prev_sign <- sign(grad_sum); grad_sum <- 0
    ``UPDATE`` gain <- clamp(gain + gain_inc if prev_sign * sign(grad_sum) > 0 else gain * gain_dec,
                             min_gain, max_gain); then as ROLL
+   With the sign test (``sign_threshold`` k > 0, the Adam family), an element's sign(grad_sum)
+   counts only where grad_sum**2 > k**2 * epoch_steps * v / (1 - beta2**step) (v its second
+   moment, step its count, both before this step), else it is 0; and a gain whose signs'
+   product is 0 is held instead of decreased (docs/algorithm.md, "The sign test").
    The boundary is applied even when ``found_inf`` is set (it never reads this step's gradient).
 2. if ``found_inf`` is given and non-zero: nothing else (no accumulation, no update, step unchanged);
 3. g = grad / grad_scale (if given), negated when ``maximize``; grad_sum += g (float32);
@@ -24,6 +28,7 @@ whose math runs in float32).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,16 +46,45 @@ class Boundary(enum.IntEnum):
 
 @dataclass(frozen=True)
 class GainRule:
-    """The epoch boundary's arguments (what every optimizer's hyperparameter record also has)."""
+    """The epoch boundary's arguments. ``sign_threshold`` k > 0 turns the sign test on (the
+    Adam family only: it needs a second moment); 0 is the paper's rule."""
 
     gain_inc: float
     gain_dec: float
     min_gain: float
     max_gain: float
+    sign_threshold: float = 0.0
 
     @classmethod
     def of(cls, group: dict) -> "GainRule":
-        return cls(group["gain_inc"], group["gain_dec"], group["min_gain"], group["max_gain"])
+        return cls(group["gain_inc"], group["gain_dec"], group["min_gain"], group["max_gain"],
+                   group.get("sign_threshold", 0.0))
+
+
+def sign_test_factor(rule: GainRule, epoch_steps: int, beta2: float, step: float) -> float:
+    """The per-tensor factor of the sign test: a sum G counts where G**2 > factor * v, with
+    factor = k**2 * epoch_steps / (1 - beta2**step) (every backend computes it so, in double).
+    A param that never stepped (step 0) has v = 0 and G = 0: its factor is never used."""
+    bias_correction = 1 - beta2**step
+    numerator = rule.sign_threshold * rule.sign_threshold * epoch_steps
+    return numerator / bias_correction if bias_correction != 0 else math.inf
+
+
+def sign_test_floors(bucket: "Bucket", steps: list[float]) -> list[Tensor] | None:
+    """Per tensor of the bucket, factor * v: where grad_sum**2 exceeds it the sum's sign counts.
+    ``steps``: the tensors' step counts before this step. None when the sign test is off."""
+    rule = bucket.hyper.gain_rule()
+    if rule.sign_threshold == 0:
+        return None
+    beta2 = bucket.hyper.betas[1]
+    return [sign_test_floor(v, step, rule, bucket.epoch_steps, beta2)
+            for v, step in zip(bucket.state[bucket.spec.second_moment], steps)]
+
+
+def sign_test_floor(v: Tensor, step: float, rule: GainRule, epoch_steps: int,
+                    beta2: float) -> Tensor:
+    """One tensor's factor * v (v its second moment, ``step`` its count before this step)."""
+    return v * sign_test_factor(rule, epoch_steps, beta2, step)
 
 
 @dataclass
@@ -67,6 +101,8 @@ class Bucket:
     # the param group's typed hyperparameter record (lr may be a float or a 1-element tensor)
     hyper: Any
     boundary: Boundary = Boundary.NONE
+    # the length in steps of the epoch that ended at the boundary (the sign test's S)
+    epoch_steps: int = 0
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
     device: torch.device = field(init=False)

@@ -12,7 +12,7 @@ import torch
 
 from torch import Tensor
 
-from .bucket import Boundary, Bucket, GainRule, state_dtype
+from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -20,23 +20,37 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tensor],
-                   prev_signs: list[Tensor], h: GainRule) -> None:
+                   prev_signs: list[Tensor], rule: GainRule,
+                   floors: list[Tensor] | None = None) -> None:
     """The epoch boundary of a list of params (reference.apply_boundary's, with foreach ops)."""
     signs = torch._foreach_sign(grad_sums)
+    if floors is not None:  # the sign test: 1 where the sum is significant, else 0
+        sums = [s.to(f.dtype) for s, f in zip(grad_sums, floors)]
+        significant = torch._foreach_mul(sums, sums)
+        torch._foreach_sub_(significant, floors)
+        torch._foreach_sign_(significant)
+        torch._foreach_clamp_min_(significant, 0.0)  # NaN (0 * inf) stays NaN: zeroed below
+        torch._foreach_mul_(signs, [s.float().nan_to_num_(0.0) for s in significant])
     if boundary == Boundary.UPDATE:
-        same = torch._foreach_mul([s.float() for s in prev_signs], signs)
-        same = torch._foreach_sign(same)
-        torch._foreach_clamp_min_(same, 0.0)  # 1 where the sign persisted, else 0
-        flipped = torch._foreach_neg(same)
-        torch._foreach_add_(flipped, 1.0)
-        # a 0/1 blend of the two candidates is exact: it picks one of them bit for bit
-        increased = torch._foreach_add(gains, h.gain_inc)
+        product = torch._foreach_mul([s.float() for s in prev_signs], signs)
+        same = torch._foreach_clamp_min(product, 0.0)  # 1 where the sign persisted, else 0
+        # 1 where the gain decreases: a flip, or (paper's rule) any product that is not 1
+        flipped = torch._foreach_neg(product if rule.sign_threshold > 0 else same)
+        if rule.sign_threshold > 0:
+            torch._foreach_clamp_min_(flipped, 0.0)
+        else:
+            torch._foreach_add_(flipped, 1.0)
+        held = torch._foreach_add(torch._foreach_add(same, flipped), -1.0)
+        torch._foreach_neg_(held)  # 1 where neither (the sign test's "no evidence")
+        # a 0/1 blend of the candidates is exact: it picks one of them bit for bit
+        increased = torch._foreach_add(gains, rule.gain_inc)
         torch._foreach_mul_(increased, same)
-        decreased = torch._foreach_mul(gains, h.gain_dec)
+        decreased = torch._foreach_mul(gains, rule.gain_dec)
         torch._foreach_mul_(decreased, flipped)
         torch._foreach_add_(increased, decreased)
-        torch._foreach_clamp_min_(increased, h.min_gain)
-        torch._foreach_clamp_max_(increased, h.max_gain)
+        torch._foreach_add_(increased, torch._foreach_mul(gains, held))
+        torch._foreach_clamp_min_(increased, rule.min_gain)
+        torch._foreach_clamp_max_(increased, rule.max_gain)
         torch._foreach_copy_(gains, increased)
     for prev_sign, sign in zip(prev_signs, signs):
         prev_sign.copy_(sign)
@@ -46,7 +60,9 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
 def step(bucket: Bucket) -> None:
     h = dataclasses.replace(bucket.hyper, lr=float(bucket.hyper.lr))
     if bucket.boundary != Boundary.NONE:
-        apply_boundary(bucket.boundary, bucket.gains, bucket.grad_sums, bucket.prev_signs, h)
+        floors = sign_test_floors(bucket, torch.stack(bucket.steps).tolist())
+        apply_boundary(bucket.boundary, bucket.gains, bucket.grad_sums, bucket.prev_signs,
+                       h.gain_rule(), floors)
     if bucket.found_inf is not None and bool(bucket.found_inf.item()):
         return
     compute = state_dtype(bucket.dtype)

@@ -18,6 +18,9 @@ def step(bucket: Bucket, lr: torch.Tensor) -> None:
 def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
     """The op's arguments for ``bucket``, its lr given as the tensor the kernels read."""
     h, spec = bucket.hyper, bucket.spec
+    if h.gain_rule().sign_threshold != 0:
+        raise NotImplementedError("the sign test (sign_threshold > 0) is not in the fused C++/CUDA "
+                                  "kernels yet: use backend='foreach' or 'reference'")
     return dict(
         kernel=spec.kernel,
         params=bucket.params,

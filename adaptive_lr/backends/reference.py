@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .bucket import Boundary, Bucket, GainRule, state_dtype
+from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -18,16 +18,24 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign: Tensor,
-                   h: GainRule) -> None:
+                   rule: GainRule, floor: Tensor | None = None) -> None:
     """The epoch-boundary update of one param's gain and sign state (docs/algorithm.md, "The
-    gain rule"); ``h``: a GainRule or a hyperparameter record (which has its fields)."""
+    gain rule"). ``floor``: the sign test's factor * v (bucket.sign_test_floors), given exactly
+    when ``rule.sign_threshold`` > 0."""
     if boundary == Boundary.NONE:
         return
-    sign = torch.sign(grad_sum).to(torch.int8)
+    sign = torch.sign(grad_sum)
+    if floor is not None:  # the sign test: a sum within the gradient noise has no sign
+        grad_sum_c = grad_sum.to(floor.dtype)
+        sign = torch.where(grad_sum_c * grad_sum_c > floor, sign, 0)
+    sign = sign.to(torch.int8)
     if boundary == Boundary.UPDATE:
-        same_sign = (prev_sign.to(torch.int32) * sign.to(torch.int32)) > 0
-        new_gain = torch.where(same_sign, gain + h.gain_inc, gain * h.gain_dec)
-        gain.copy_(new_gain.clamp_(h.min_gain, h.max_gain))
+        product = prev_sign.to(torch.int32) * sign.to(torch.int32)
+        decreased = gain * rule.gain_dec
+        if rule.sign_threshold > 0:  # no evidence either way: the gain is held
+            decreased = torch.where(product < 0, decreased, gain)
+        new_gain = torch.where(product > 0, gain + rule.gain_inc, decreased)
+        gain.copy_(new_gain.clamp_(rule.min_gain, rule.max_gain))
     prev_sign.copy_(sign)
     grad_sum.zero_()
 
@@ -36,9 +44,13 @@ def step(bucket: Bucket) -> None:
     h = dataclasses.replace(bucket.hyper, lr=float(bucket.hyper.lr))
     skip = bucket.found_inf is not None and bool(bucket.found_inf.item())
     compute = state_dtype(bucket.dtype)
+    floors = None
+    if bucket.boundary != Boundary.NONE:
+        floors = sign_test_floors(bucket, [step.item() for step in bucket.steps])
     for i, param in enumerate(bucket.params):
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
-        apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h)
+        apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
+                       None if floors is None else floors[i])
         if skip:
             continue
         bucket.steps[i].add_(1)

@@ -93,6 +93,9 @@ def step(bucket: Bucket) -> None:
     from adaptive_lr import kernels
 
     h, spec = bucket.hyper, bucket.spec
+    if h.gain_rule().sign_threshold != 0:
+        raise NotImplementedError("the sign test (sign_threshold > 0) is not in the Triton kernel "
+                                  "yet: use backend='foreach' or 'reference'")
     rows = [bucket.params, bucket.grads, bucket.gains, bucket.grad_sums, bucket.prev_signs,
             bucket.steps]
     rows += [bucket.state[key] for key in spec.state_keys(h)]

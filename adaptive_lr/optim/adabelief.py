@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends.scalars import bias_corrections, radam_rectification
-from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .base import DEFAULT_SIGN_THRESHOLD, GAIN_ARGS_DOC, SIGN_TEST_DOC, ActiveOptimizer
 from .moments import foreach_scaled_step, pick
 from .radam import split_by_rectification
 from .spec import AdamHyper, OptimizerSpec
@@ -69,6 +69,7 @@ ADABELIEF = OptimizerSpec(
     kernel="adabelief",
     hyper=AdaBeliefHyper,
     state=("exp_avg", "exp_avg_var", "max_exp_avg_var"),
+    second_moment="exp_avg_var",
     amsgrad_state="max_exp_avg_var",
     reference=_reference,
     foreach=_foreach,
@@ -87,14 +88,16 @@ class ActiveAdaBelief(ActiveOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr, betas, eps, weight_decay, amsgrad, rectify: as in the ``adabelief-pytorch`` package
-            with ``weight_decouple=True``; weight decay is not scaled by the gain.""" + GAIN_ARGS_DOC
+            with ``weight_decouple=True``; weight decay is not scaled by the gain.""" + GAIN_ARGS_DOC + SIGN_TEST_DOC
 
     spec = ADABELIEF
 
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-16,
                  weight_decay=0.0, amsgrad=False, rectify=True, gain_inc=2.0, gain_dec=0.5,
-                 min_gain=0.0, max_gain=float("inf"), maximize=False, backend="auto"):
+                 min_gain=0.0, max_gain=float("inf"), sign_threshold=DEFAULT_SIGN_THRESHOLD,
+                 maximize=False, backend="auto"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, rectify=rectify, gain_inc=gain_inc, gain_dec=gain_dec,
-                        min_gain=min_gain, max_gain=max_gain, maximize=maximize)
+                        min_gain=min_gain, max_gain=max_gain, sign_threshold=sign_threshold,
+                        maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)

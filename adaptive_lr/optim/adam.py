@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .adamw import ADAMW
-from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .base import DEFAULT_SIGN_THRESHOLD, GAIN_ARGS_DOC, SIGN_TEST_DOC, ActiveOptimizer
 from .spec import AdamHyper, BaseOptimizer, OptimizerSpec
 
 
@@ -36,6 +36,7 @@ ADAM = OptimizerSpec(
     kernel="adam",
     hyper=AdamHyperL2,
     state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    second_moment="exp_avg_sq",
     amsgrad_state="max_exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
@@ -55,16 +56,17 @@ class ActiveAdam(ActiveOptimizer):
         lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay: as in
             ``torch.optim.Adam``: ``g + weight_decay * param`` feeds the moments (the epoch sum
             that moves the gains is of ``g`` alone); with ``decoupled_weight_decay=True`` it is
-            ActiveAdamW's decoupled decay instead.""" + GAIN_ARGS_DOC
+            ActiveAdamW's decoupled decay instead.""" + GAIN_ARGS_DOC + SIGN_TEST_DOC
 
     spec = ADAM
 
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, amsgrad=False, decoupled_weight_decay=False, gain_inc=2.0,
-                 gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), maximize=False,
-                 backend="auto"):
+                 gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), sign_threshold=DEFAULT_SIGN_THRESHOLD,
+                 maximize=False, backend="auto"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
                         gain_inc=gain_inc, gain_dec=gain_dec,
-                        min_gain=min_gain, max_gain=max_gain, maximize=maximize)
+                        min_gain=min_gain, max_gain=max_gain, sign_threshold=sign_threshold,
+                        maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends.scalars import bias_corrections
-from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .base import DEFAULT_SIGN_THRESHOLD, GAIN_ARGS_DOC, SIGN_TEST_DOC, ActiveOptimizer
 from .moments import adam_moments, foreach_adam_moments, foreach_scaled_step
 from .spec import AdamHyper, BaseOptimizer, OptimizerSpec
 
@@ -37,6 +37,7 @@ ADAMW = OptimizerSpec(
     kernel="adamw",
     hyper=AdamWHyper,
     state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    second_moment="exp_avg_sq",
     amsgrad_state="max_exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
@@ -55,14 +56,16 @@ class ActiveAdamW(ActiveOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr, betas, eps, weight_decay, amsgrad: as in ``torch.optim.AdamW``; weight decay is not
-            scaled by the gain.""" + GAIN_ARGS_DOC
+            scaled by the gain.""" + GAIN_ARGS_DOC + SIGN_TEST_DOC
 
     spec = ADAMW
 
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, amsgrad=False, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
-                 max_gain=float("inf"), maximize=False, backend="auto"):
+                 max_gain=float("inf"), sign_threshold=DEFAULT_SIGN_THRESHOLD,
+                 maximize=False, backend="auto"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, gain_inc=gain_inc, gain_dec=gain_dec,
-                        min_gain=min_gain, max_gain=max_gain, maximize=maximize)
+                        min_gain=min_gain, max_gain=max_gain, sign_threshold=sign_threshold,
+                        maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)

@@ -16,14 +16,15 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .. import backends
-from ..backends import Boundary, Bucket, state_dtype
+from ..backends import Boundary, Bucket, GainRule, sign_test_floor, state_dtype
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
-    check_steps_per_epoch, sign_state,
+    BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
+    check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
 )
 from .spec import OptimizerSpec, check
 
 ACTIVE_TENSOR_KEYS = ("step",) + SIGN_KEYS
+GAIN_RULE_KEYS = {f.name for f in dataclasses.fields(GainRule)}
 
 GAIN_ARGS_DOC = """
     steps_per_epoch (int or None): optimizer steps per epoch (usually ``len(train_loader)``;
@@ -34,6 +35,15 @@ GAIN_ARGS_DOC = """
     min_gain, max_gain (float): clamp of every gain (0 and inf: off, as in the paper).
     maximize (bool): maximize the objective instead of minimizing it.
     backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
+"""
+
+# The Adam family's default sign test (docs/algorithm.md, "The sign test"); 0 is the paper's rule.
+DEFAULT_SIGN_THRESHOLD = 0.0
+
+SIGN_TEST_DOC = """    sign_threshold (float): the sign test: an element's epoch sum G counts as a sign only where
+        |G| > sign_threshold * sqrt(steps_in_epoch * v_hat) (v_hat: the bias-corrected second
+        moment), and a gain with no counted sign to compare is held, not decreased. 0: the
+        paper's rule (every nonzero sum counts; a zero product decreases the gain).
 """
 
 
@@ -190,14 +200,24 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                 self._init_state(p, group, keys)
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
-                bucket = self._make_bucket(hyper, keys, bucket_params, boundary, grad_scale,
-                                           found_inf)
+                bucket = self._make_bucket(group, hyper, keys, bucket_params, boundary,
+                                           grad_scale, found_inf)
                 plan.append((backends.resolve(self.backend, device), bucket))
                 if boundary != Boundary.NONE:
                     crossing += [self.state[p] for p in bucket_params]
         return plan, crossing
 
-    def _make_bucket(self, hyper, keys, params, boundary, grad_scale, found_inf) -> Bucket:
+    def _missed_boundary_rule(self, p: Tensor, group: dict) -> tuple[GainRule, Tensor | None]:
+        hyper = self.spec.record(group)
+        rule = hyper.gain_rule()
+        if rule.sign_threshold == 0:
+            return rule, None
+        state = self.state[p]
+        return rule, sign_test_floor(state[self.spec.second_moment], state["step"].item(), rule,
+                                     group["epoch_steps"], hyper.betas[1])
+
+    def _make_bucket(self, group, hyper, keys, params, boundary, grad_scale,
+                     found_inf) -> Bucket:
         states = [self.state[p] for p in params]
         device = params[0].device
         return Bucket(
@@ -211,6 +231,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             state={k: [_local(s[k]) for s in states] for k in keys},
             hyper=hyper,
             boundary=boundary,
+            epoch_steps=group["epoch_steps"],
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
         )
@@ -291,6 +312,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         if from_torch:
             saved_groups = [self._group_from_base(i, group, saved)
                             for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
+        else:
+            for saved in saved_groups:
+                upgrade_saved_group(saved, self.defaults)
         id_to_param = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             self._check_saved_group(i, group, saved)
@@ -354,11 +378,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         )
         converted = {k: v for k, v in saved.items()
                      if k not in TORCH_ONLY_GROUP_KEYS or k in self.defaults}
-        for key in GAIN_KEYS:
+        for key in GAIN_RULE_KEYS & group.keys():
             converted[key] = group[key]
         for key, default in self.defaults.items():
             converted.setdefault(key, default)
-        converted.update(epoch=0, steps_in_epoch=0, boundary_pending=False)
+        converted.update(new_clock())
         weight_decay = saved.get("weight_decay", 0)
         decoupled = saved.get("decoupled_weight_decay", base.decoupled_by_default)
         if weight_decay and decoupled != self.spec.decoupled_weight_decay(

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from ..backends import Boundary, GainRule, apply_boundary
 
-# The epoch clock kept in every param group (identical in all of them: one clock per optimizer).
-CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending")
+# The epoch clock kept in every param group (identical in all of them: one clock per optimizer);
+# epoch_steps: the length of the last epoch that ended (the sign test's S).
+CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending", "epoch_steps")
 # Per-param bookkeeping: the epoch its grad_sum belongs to, and whether it has a previous sign.
 # 0-dim CPU tensors (int64, bool), read on the host without a device sync: tools that walk
 # optimizer state expect tensors there.
@@ -80,8 +81,17 @@ def check_steps_per_epoch(steps_per_epoch) -> None:
         raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
 
 
+def upgrade_saved_group(saved: dict, defaults: dict) -> None:
+    """A param group saved by an earlier version, completed in place: versions up to 0.1.0 had no
+    sign test (its rule is the paper's, sign_threshold 0) and no epoch_steps (which only the
+    sign test reads)."""
+    if "sign_threshold" in defaults:
+        saved.setdefault("sign_threshold", 0.0)
+    saved.setdefault("epoch_steps", 0)
+
+
 def new_clock() -> dict:
-    return {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False}
+    return {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False, "epoch_steps": 0}
 
 
 class EpochClock:
@@ -105,6 +115,7 @@ class EpochClock:
     def _mark_boundary(self) -> None:
         for group in self.param_groups:
             group["epoch"] += 1
+            group["epoch_steps"] = group["steps_in_epoch"]
             group["steps_in_epoch"] = 0
             group["boundary_pending"] = True
 
@@ -123,6 +134,10 @@ class EpochClock:
             if self.param_groups[0]["steps_in_epoch"] >= self.steps_per_epoch:
                 self._mark_boundary()
 
+    def _missed_boundary_rule(self, p: Tensor, group: dict) -> tuple:
+        """The gain rule (and sign-test floor) of a boundary applied by _catch_up."""
+        return (GainRule.of(group),)
+
     def _catch_up(self, p: Tensor, group: dict) -> Boundary:
         """Apply all but the last boundary this param missed (its grad was None) and return the
         kind of the last one, which the backend fuses into this step. That one is recorded in
@@ -132,6 +147,6 @@ class EpochClock:
         # rare path: the skipped epochs summed to 0
         while group["epoch"] - int(state["epoch"]) > 1:
             apply_boundary(boundary_kind(state), state["gain"], state["grad_sum"],
-                           state["prev_sign"], GainRule.of(group))
+                           state["prev_sign"], *self._missed_boundary_rule(p, group))
             record_boundary(state)
         return Boundary.NONE if int(state["epoch"]) == group["epoch"] else boundary_kind(state)

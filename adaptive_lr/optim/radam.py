@@ -5,7 +5,7 @@ import math
 import torch
 
 from ..backends.scalars import bias_corrections, radam_rectification
-from .base import GAIN_ARGS_DOC, ActiveOptimizer
+from .base import DEFAULT_SIGN_THRESHOLD, GAIN_ARGS_DOC, SIGN_TEST_DOC, ActiveOptimizer
 from .moments import adam_moments, foreach_adam_moments, foreach_scaled_step, pick
 from .spec import AdamHyper, BaseOptimizer, OptimizerSpec
 
@@ -51,6 +51,7 @@ RADAM = OptimizerSpec(
     kernel="radam",
     hyper=AdamHyper,
     state=("exp_avg", "exp_avg_sq"),
+    second_moment="exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
     kernel_hyper=lambda h: [*h.betas, h.eps],
@@ -67,14 +68,16 @@ class ActiveRAdam(ActiveOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr, betas, eps, weight_decay: as in ``torch.optim.RAdam``; weight decay is decoupled
-            and not scaled by the gain.""" + GAIN_ARGS_DOC
+            and not scaled by the gain.""" + GAIN_ARGS_DOC + SIGN_TEST_DOC
 
     spec = RADAM
 
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
-                 max_gain=float("inf"), maximize=False, backend="auto"):
+                 max_gain=float("inf"), sign_threshold=DEFAULT_SIGN_THRESHOLD,
+                 maximize=False, backend="auto"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain,
-                        max_gain=max_gain, maximize=maximize)
+                        max_gain=max_gain, sign_threshold=sign_threshold,
+                        maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend)

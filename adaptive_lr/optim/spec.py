@@ -10,11 +10,14 @@ optimizer")."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import Tensor
 
+from ..backends import GainRule
 from .clock import check_gain_args
 
 
@@ -49,13 +52,18 @@ class GainHyper:
         check(self.weight_decay >= 0, f"Invalid weight_decay: {self.weight_decay}")
         check_gain_args(vars(self))
 
+    def gain_rule(self) -> GainRule:
+        return GainRule(self.gain_inc, self.gain_dec, self.min_gain, self.max_gain)
+
 
 @dataclass(frozen=True)
 class AdamHyper(GainHyper):
-    """The Adam family's moments: ``betas`` and ``eps``."""
+    """The Adam family's moments, ``betas`` and ``eps``, and the sign test they make possible
+    (``sign_threshold``, docs/algorithm.md)."""
 
     betas: tuple[float, float]
     eps: float
+    sign_threshold: float
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +71,13 @@ class AdamHyper(GainHyper):
         check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
         check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
         check(self.eps >= 0, f"Invalid epsilon value: {self.eps}")
+        k = self.sign_threshold
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            raise TypeError(f"sign_threshold must be a real number, got {k!r:.40}")
+        check(0 <= k < math.inf, f"sign_threshold must be finite and >= 0, got {k}")
+
+    def gain_rule(self) -> GainRule:
+        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,9 @@ class OptimizerSpec:
     base-optimizer state in the kernels' order (torch.optim's key names); ``amsgrad_state`` is
     the key that exists only while the group's ``amsgrad`` is on. ``decoupled_weight_decay(h)``:
     whether every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False:
-    the update uses weight_decay itself, as Adam's L2 term)."""
+    the update uses weight_decay itself, as Adam's L2 term). ``second_moment``: the state key of
+    the second moment the sign test compares an epoch's sum with (its record then has
+    ``betas`` and ``sign_threshold``); None: no sign test."""
 
     kernel: str
     hyper: type[GainHyper]
@@ -102,6 +119,7 @@ class OptimizerSpec:
     foreach: ForeachUpdate
     kernel_hyper: Callable[[Any], list[float]]
     amsgrad_state: str | None = None
+    second_moment: str | None = None
     base: BaseOptimizer | None = None
     decoupled_weight_decay: Callable[[Any], bool] = lambda h: True
 

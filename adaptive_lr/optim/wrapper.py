@@ -16,7 +16,7 @@ from ..backends.bucket import Boundary
 from ..backends import GainRule, apply_boundary
 from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_gain_args,
-    check_grad, check_steps_per_epoch, new_clock, sign_state,
+    check_grad, check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
 )
 
 SIGN_DTYPES = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
@@ -209,7 +209,13 @@ class Active(EpochClock, torch.optim.Optimizer):
             and isinstance(state_dict["inner"].get("param_groups"), list),
             "Active.load_state_dict expects Active.state_dict()'s {'inner': ..., 'state': ...}",
         )
-        saved_groups = state_dict["inner"]["param_groups"]
+        # the groups completed (a copy: the caller's state dict is not changed)
+        saved_groups = [dict(saved) if isinstance(saved, dict) else saved
+                        for saved in state_dict["inner"]["param_groups"]]
+        for saved in saved_groups:
+            if isinstance(saved, dict):
+                upgrade_saved_group(saved, self.defaults)
+        state_dict = dict(state_dict, inner=dict(state_dict["inner"], param_groups=saved_groups))
         _check(
             len(saved_groups) == len(self.param_groups),
             f"Active: the state dict has {len(saved_groups)} param groups, "
