@@ -54,6 +54,9 @@ def test_criteria_d_and_k_on_hand_made_results():
     assert paper["d_cells"] == 3 and paper["failing_d"] == 2  # -2 and -50 points
     assert paper["worst_d"] == pytest.approx(-50.0)
     assert paper["worst_d_cell"] == ["mlp", "AdamW", 0.1]
+    assert [c[:3] for c in paper["failing_d_cells"]] == [["mlp", "AdamW", 1e-3],
+                                                         ["mlp", "AdamW", 0.1]]
+    assert paper["failing_d_cells"][0][3] == pytest.approx(-2.0)
     # K over lr <= 1e-4 where the paper rule gains > 2 points: 1e-5 and 1e-4, not 1e-6 (1.5)
     assert paper["k_cells"] == 2 and paper["pooled_k"] == pytest.approx(1.0)
 

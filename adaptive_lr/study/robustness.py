@@ -288,12 +288,13 @@ def criteria(means: dict[tuple, float], candidate: str, scope: list[tuple[str, s
                     and paper - base > RESCUE_GAIN:
                 k_cells.append(((task, pair, lr), value - base, paper - base))
     result = dict(candidate=candidate, d_cells=len(d_cells), k_cells=len(k_cells),
-                  worst_d=None, worst_d_cell=None, failing_d=0, pooled_k=None, worst_k=None,
-                  worst_k_cell=None)
+                  worst_d=None, worst_d_cell=None, failing_d=0, failing_d_cells=[],
+                  pooled_k=None, worst_k=None, worst_k_cell=None)
     if d_cells:
         cell, worst = min(d_cells, key=lambda c: c[1])
-        result.update(worst_d=100 * worst, worst_d_cell=list(cell),
-                      failing_d=sum(d < D_THRESHOLD - TOLERANCE for _, d in d_cells))
+        failing = [[*c, 100 * d] for c, d in d_cells if d < D_THRESHOLD - TOLERANCE]
+        result.update(worst_d=100 * worst, worst_d_cell=list(cell), failing_d=len(failing),
+                      failing_d_cells=failing)
     if k_cells:
         cell, gained, rescued = min(k_cells, key=lambda c: c[1] / c[2])
         result.update(pooled_k=sum(c[1] for c in k_cells) / sum(c[2] for c in k_cells),
@@ -415,6 +416,12 @@ def criteria_markdown(table: list[dict], title: str) -> list[str]:
                    f"{_points(r['worst_d'])}{_cell(r['worst_d_cell'])} | "
                    f"{r['failing_d']} of {r['d_cells']} | {_share(r['pooled_k'])} | "
                    f"{_share(r['worst_k'])}{_cell(r['worst_k_cell'])} |")
+    out.append("")
+    for r in table:
+        if r["scope"] == "pooled" or not r["failing_d_cells"]:
+            continue
+        out.append(f"- {r['family']}, {r['candidate']}, {r['scope']}: fails D at " + ", ".join(
+            f"{pair} lr {lr:g} ({d:+.1f})" for _, pair, lr, d in r["failing_d_cells"]))
     return out + [""]
 
 
@@ -505,10 +512,11 @@ DIAGNOSED = (("cnn", "SGD", 0.1), ("cnn", "AdamW", 0.1), ("cnn", "AdaBelief", 0.
              ("mlp", "AdamW", 0.01), ("cnn", "AdamW", 0.01), ("cnn", "AdaBelief", 0.01))
 
 
-def gain_traces(rows: list[dict], candidates: tuple[str, ...]) -> list[dict]:
-    """The runs of DIAGNOSED cells for ``candidates`` (their gains and curves)."""
+def gain_traces(rows: list[dict], selected: dict[str, str]) -> list[dict]:
+    """The runs of DIAGNOSED cells (their gains and curves) of the paper rule and of the
+    candidate ``selected`` (family -> candidate) for the pair's family."""
     return [r for r in rows if (r["task"], r["pair"], r["lr"]) in DIAGNOSED
-            and r["candidate"] in candidates]
+            and r["candidate"] in ("paper", selected.get(family(r["pair"])))]
 
 
 def plot_gains(traces: list[dict], path: str) -> None:
@@ -583,12 +591,52 @@ def plot_accuracy(rows: list[dict], tasks: tuple[str, ...], pairs: tuple[str, ..
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             ax.set_title(f"{task}: {pair}", fontsize=9)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles),
+               fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("lr")
     for ax in axes[:, 0]:
         ax.set_ylabel("final test accuracy, %")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_anchors(rows: list[dict], tasks: tuple[str, ...], config: RulesConfig,
+                 selected: str | None, path: str) -> None:
+    """Mean final accuracy against lr / the method's default lr, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = mean_lookup(rows)
+    methods = [("AdamW", "AdamW", "base", 1e-3, dict(color="tab:gray", ls="--", marker="s")),
+               ("ActiveAdamW paper", "AdamW", "paper", 1e-3, dict(color="tab:red", marker="o"))]
+    if selected and selected != "paper":
+        methods.append((f"ActiveAdamW {selected}", "AdamW", selected, 1e-3,
+                        dict(color="tab:green", marker="^")))
+    methods += [(a, a, "anchor", ANCHORS[a], dict(color=c, ls=":", marker="x"))
+                for a, c in zip(config.anchors, ("tab:purple", "tab:orange"))]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for label, pair, candidate, default, style in methods:
+            points = sorted((k[3] / default, v) for k, v in means.items()
+                            if k[:3] == (task, pair, candidate))
+            if points:
+                ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=label,
+                        **style)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("lr / the method's default lr")
+    axes[0, 0].set_ylabel("final test accuracy, %")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -636,8 +684,8 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
                                 ["base"] + list(config.candidates), config.lrs)
         ranking = select(table)
         summary["selection"] = dict(criteria=table, ranking=ranking, rows=selection_rows)
-        traces = gain_traces(selection_rows, ("paper", (ranking.get("Adam family") or [""])[0],
-                                              (ranking.get("SGD") or [""])[0]))
+        traces = gain_traces(selection_rows, {name: ranked[0] for name, ranked in ranking.items()
+                                              if ranked})
         runner.write_json(os.path.join(out_dir, "rules_gains.json"), {"runs": traces})
         plot_gains(traces, os.path.join(out_dir, "rules_gains.png"))
     chosen = {name: ranked[:2] for name, ranked in ranking.items()}
@@ -666,6 +714,8 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
         summary["anchors"] = dict(table=anchors_table(
             grid_rows, config.selection_tasks + config.heldout_tasks, config, selected),
             rows=rows)
+        plot_anchors(grid_rows, config.selection_tasks + config.heldout_tasks, config, selected,
+                     os.path.join(out_dir, "rules_anchors.png"))
     summary["backends"] = sorted({r["backend"] for r in all_rows if r["backend"]})
     accuracy_tasks = config.selection_tasks + (config.heldout_tasks if "heldout" in summary else ())
     plot_candidates = ["base", "paper"] + ([selected] if selected and selected != "paper" else [])
