@@ -4,6 +4,8 @@ training-quality studies.
     adaptive-lr demo            a short real training run and a quick step-time table (~1 minute)
     adaptive-lr bench --quick   the step-time table (`adaptive-lr bench --help`: all its options)
     adaptive-lr sweep --quick   both studies at a small scale (a few minutes on 2 cores)
+    adaptive-lr sweep --study rules --quick
+                                the gain-rule study (docs/RESULTS.md §3) at a small scale
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import sys
 
 from adaptive_lr import benchmark, demo
-from adaptive_lr.study import greedy, lr_sweep, runner
+from adaptive_lr.study import greedy, lr_sweep, robustness, runner
 from adaptive_lr.study.options import positive_float, positive_int
 
 BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
@@ -24,26 +26,38 @@ BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "
 # by the command that runs, so that a plain install has `--help` and `bench`.
 STUDY_MODULES = {"demo": ("sklearn",),
                  "sweep": ("numpy", "sklearn", "adabelief_pytorch", "tqdm", "matplotlib")}
+# the rules study's anchors, beside the sweep's modules
+RULES_MODULES = ("prodigyopt", "schedulefree")
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small grids, fewer seeds and epochs: a few minutes on 2 cores")
-    parser.add_argument("--study", choices=["lr", "greedy", "all"], default="all",
-                        help="lr: the LR-robustness sweep; greedy: the GreedyLR study "
-                        "(default all)")
+    parser.add_argument("--study", choices=["lr", "greedy", "rules", "all"], default="all",
+                        help="lr: the LR-robustness sweep; greedy: the GreedyLR study; rules: the "
+                        "gain-rule study of docs/RESULTS.md §3 (not part of all); "
+                        "all: lr and greedy (default all)")
     parser.add_argument("--out", default="out/sweep",
                         help="directory for the CSV/JSON/Markdown/PNG results "
                         "(default %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one thread each (default %(default)s)")
-    lr = parser.add_argument_group("LR-robustness sweep (override the full or --quick preset)")
-    lr.add_argument("--models", nargs="+", choices=["mlp", "cnn"])
+    lr = parser.add_argument_group("LR-robustness sweep and rules study (override the full or "
+                                   "--quick preset)")
+    lr.add_argument("--models", nargs="+", choices=["mlp", "cnn"],
+                    help="models (rules: the selection tasks)")
     lr.add_argument("--optimizers", nargs="+", choices=list(lr_sweep.PAIRS),
                     help="base optimizers; each runs beside its Active version")
     lr.add_argument("--lrs", nargs="+", type=positive_float, help="the learning-rate grid")
     lr.add_argument("--seeds", type=positive_int, help="seeds per (optimizer, lr)")
     lr.add_argument("--epochs", type=positive_int, help="the fixed epoch budget")
+    rules = parser.add_argument_group("rules study (overrides the full or --quick preset)")
+    rules.add_argument("--phases", nargs="+", choices=list(robustness.PHASES),
+                       help="phases to run (held-out and batch run the selection first)")
+    rules.add_argument("--candidates", nargs="+",
+                       choices=[c for c in robustness.CANDIDATES if c != "base"],
+                       help="gain rules beside the base optimizer")
+    rules.add_argument("--heldout-tasks", nargs="+", choices=list(robustness.HELDOUT_TASKS))
     study = parser.add_argument_group("GreedyLR study (overrides the full or --quick preset)")
     study.add_argument("--problems", nargs="+", choices=list(greedy.PROBLEMS))
 
@@ -64,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _require_study_extra(command: str) -> None:
-    for module in STUDY_MODULES[command]:
+def _require_study_extra(command: str, extra: tuple[str, ...] = ()) -> None:
+    for module in STUDY_MODULES[command] + extra:
         try:
             importlib.import_module(module)
         except ImportError as error:
@@ -77,6 +91,19 @@ def _sweep(args: argparse.Namespace) -> int:
     """Runs the chosen studies; the exit status: 0, 1 when a run failed, 130 after Ctrl-C (the
     next study is then not started)."""
     runs = {}
+    if args.study == "rules":
+        overrides = {key: tuple(value) if isinstance(value, list) else value
+                     for key, value in (("selection_tasks", args.models), ("pairs", args.optimizers),
+                                        ("lrs", args.lrs), ("seeds", args.seeds),
+                                        ("epochs", args.epochs), ("phases", args.phases),
+                                        ("candidates", args.candidates),
+                                        ("heldout_tasks", args.heldout_tasks))
+                     if value is not None}
+        config = dataclasses.replace(robustness.QUICK if args.quick else robustness.RulesConfig(),
+                                     **overrides)
+        summary = robustness.run(config, args.out, args.workers)
+        print(robustness.markdown(summary))
+        runs.update(summary["runs"])
     if args.study in ("lr", "all"):
         overrides = {key: tuple(value) if isinstance(value, list) else value
                      for key, value in (("models", args.models), ("pairs", args.optimizers),
@@ -115,7 +142,8 @@ def main(argv=None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _require_study_extra(args.command)
+    _require_study_extra(args.command, RULES_MODULES if getattr(args, "study", None) == "rules"
+                         else ())
     if args.command == "demo":
         demo.run(args)
     else:

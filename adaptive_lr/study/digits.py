@@ -56,32 +56,48 @@ def steps_per_epoch(data: Digits, batch_size: int) -> int:
     return -(-len(data.x_train) // batch_size)
 
 
-def train(model_name: str, make_optimizer, data: Digits, epochs: int, batch_size: int,
-          seed: int, dtype: torch.dtype = torch.float32) -> dict:
-    """Train a fresh model, its weights and inputs in ``dtype``; ``make_optimizer(params,
-    steps_per_epoch)`` builds the optimizer.
+def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, epochs: int,
+          batch_size: int, seed: int, dtype: torch.dtype = torch.float32,
+          on_epoch_end: Callable[[torch.optim.Optimizer], None] | None = None) -> dict:
+    """Train a fresh model (a name in MODELS, or a function that builds one), its weights and
+    float inputs in ``dtype``; ``make_optimizer(params, steps_per_epoch)`` builds the optimizer.
+    ``data`` is any Digits-shaped tuple: class labels ``y`` of the inputs' batch shape, or of the
+    batch shape plus a sequence dimension (a model that classifies every token: loss and accuracy
+    are then per token). ``on_epoch_end(optimizer)`` runs after each epoch's last step.
 
     The seed fixes both the initial weights and the mini-batch order, so every optimizer trained
-    with one seed starts from the same weights and sees the same batches. Returns per-epoch
-    ``train_loss`` (mean over the epoch's batches) and ``test_accuracy`` lists, and ``seconds``.
+    with one seed starts from the same weights and sees the same batches. An optimizer with
+    ``train()`` / ``eval()`` methods (Schedule-Free) is switched to eval mode for each
+    evaluation and back. Returns per-epoch ``train_loss`` (mean over the epoch's batches) and
+    ``test_accuracy`` lists, and ``seconds``.
     """
     torch.manual_seed(seed)
-    model = MODELS[model_name]().to(dtype)
+    model = (MODELS[model] if isinstance(model, str) else model)().to(dtype)
     optimizer = make_optimizer(model.parameters(), steps_per_epoch(data, batch_size))
+    modes = getattr(optimizer, "train", None), getattr(optimizer, "eval", None)
+    as_input = lambda x: x.to(dtype) if x.is_floating_point() else x  # noqa: E731  (tokens stay)
     order = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     history = {"train_loss": [], "test_accuracy": []}
     start = time.perf_counter()
     for _ in range(epochs):
+        if modes[0] is not None:
+            modes[0]()
         total = 0.0
         for batch in torch.randperm(len(data.x_train), generator=order).split(batch_size):
-            loss = loss_fn(model(data.x_train[batch].to(dtype)), data.y_train[batch])
+            logits = model(as_input(data.x_train[batch]))
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), data.y_train[batch].reshape(-1))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
+        if on_epoch_end is not None:
+            on_epoch_end(optimizer)
+        if modes[1] is not None:
+            modes[1]()
         with torch.no_grad():
-            accuracy = (model(data.x_test.to(dtype)).argmax(1) == data.y_test).float().mean().item()
+            predicted = model(as_input(data.x_test)).argmax(-1)
+            accuracy = (predicted == data.y_test).float().mean().item()
         history["train_loss"].append(total / len(data.x_train))
         history["test_accuracy"].append(accuracy)
     history["seconds"] = time.perf_counter() - start

@@ -29,7 +29,10 @@ STUDY_PAIRS = PAIRS[:4]
 PAPER_LR_RANGE = (1e-6, 1e-2)  # the paper's spread is over lr 1e-6 ... 1e-2
 
 
-def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: int):
+def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: int,
+                   **gain_rule):
+    """The base optimizer of ``pair`` or its Active version; ``gain_rule``: keywords of the Active
+    optimizer's gain rule (gain_inc, max_gain, ...) over its defaults."""
     from adaptive_lr import (
         ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD,
     )
@@ -43,7 +46,9 @@ def make_optimizer(pair: str, active: bool, params, lr: float, steps_per_epoch: 
             "Adam": (ActiveAdam, {}),
             "Lion": (ActiveLion, {}),
         }[pair]
-        return cls(params, lr=lr, steps_per_epoch=steps_per_epoch, **kwargs)
+        return cls(params, lr=lr, steps_per_epoch=steps_per_epoch, **kwargs, **gain_rule)
+    if gain_rule:
+        raise ValueError(f"a gain rule {gain_rule} is for an Active optimizer, not {pair}")
     if pair == "AdaBelief":
         from adabelief_pytorch import AdaBelief
 
