@@ -63,7 +63,11 @@ class OptimConfig:
         return f"{self.cls.__name__}({args})"
 
     def make(self, params, **overrides):
-        kwargs = {"lr": 1e-2, "steps_per_epoch": 3, **self.kwargs, **overrides}
+        # The paper's rule unless the row sets sign_threshold (the "sign_test" rows): in the
+        # table's epochs of 3 steps the default sign test (k = 2) passes no sum and would hold
+        # every gain at 1, leaving the gain rule untested.
+        paper_rule = {"sign_threshold": 0.0} if self.cls.spec.second_moment else {}
+        kwargs = {"lr": 1e-2, "steps_per_epoch": 3, **paper_rule, **self.kwargs, **overrides}
         return self.cls(params, **kwargs)
 
 

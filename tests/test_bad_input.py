@@ -139,7 +139,8 @@ def test_a_step_whose_backend_fails_keeps_its_epoch_boundary(monkeypatch):
     for fail_last_step in (False, True):
         torch.manual_seed(0)
         params = [torch.randn(3, 2, requires_grad=True)]
-        opt = _make(ActiveAdamW, params, backend="reference", steps_per_epoch=3)
+        opt = _make(ActiveAdamW, params, backend="reference", steps_per_epoch=3,
+                    sign_threshold=0.0)  # the paper's rule: the boundary moves gains
         for t, g in enumerate(grads):
             params[0].grad = g.clone()
             if t == 6 and fail_last_step:  # step 7 fuses the first sign-comparing boundary

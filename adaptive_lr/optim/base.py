@@ -37,8 +37,9 @@ GAIN_ARGS_DOC = """
     backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
 """
 
-# The Adam family's default sign test (docs/algorithm.md, "The sign test"); 0 is the paper's rule.
-DEFAULT_SIGN_THRESHOLD = 0.0
+# The Adam family's default sign test (docs/algorithm.md, "The sign test"), chosen by the study of
+# docs/RESULTS.md §3; 0 is the paper's rule.
+DEFAULT_SIGN_THRESHOLD = 2.0
 
 SIGN_TEST_DOC = """    sign_threshold (float): the sign test: an element's epoch sum G counts as a sign only where
         |G| > sign_threshold * sqrt(steps_in_epoch * v_hat) (v_hat: the bias-corrected second
