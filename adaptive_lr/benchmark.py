@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -88,6 +89,7 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
     ]
     if size > 1_000_000:  # the for-loop baseline is only informative at the small size
         out = out[1:]
+    out += _lr_free_anchors(lr)
     # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
     out += [Contender(f"Active({c.name})", c.moments, False,
                       lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
@@ -109,6 +111,30 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
                 f"{name} foreach" if backend != "foreach" and "foreach" in backends else None,
             ))
     return out
+
+
+def _lr_free_anchors(lr: float) -> list[Contender]:
+    """Prodigy and Schedule-Free AdamW (docs/RESULTS.md §3.6), where installed (the study
+    extra), compared with torch's fused AdamW. Their state tensors: Prodigy exp_avg, exp_avg_sq,
+    s and p0 (counted as 4 read + written: an upper bound, p0 is only read); Schedule-Free
+    z and exp_avg_sq."""
+    anchors = []
+    if importlib.util.find_spec("prodigyopt") is not None:
+        from prodigyopt import Prodigy
+
+        anchors.append(Contender("Prodigy", 4, False, lambda p: Prodigy(p, lr=1.0),
+                                 "torch AdamW fused"))
+    if importlib.util.find_spec("schedulefree") is not None:
+        from schedulefree import AdamWScheduleFree
+
+        def schedule_free(p):
+            opt = AdamWScheduleFree(p, lr=lr)
+            opt.train()  # it steps only in train mode
+            return opt
+
+        anchors.append(Contender("Schedule-Free AdamW", 2, False, schedule_free,
+                                 "torch AdamW fused"))
+    return anchors
 
 
 def _active_optimizers() -> list[type]:

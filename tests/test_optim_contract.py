@@ -862,7 +862,8 @@ def test_param_groups_step_like_separate_optimizers(config, backend):
     grouped = config.cls([{"params": params[:1], **config.kwargs}, {"params": params[1:]}],
                          lr=LR, steps_per_epoch=SPE, backend=backend)
     alone = _clone(params)
-    separate = [config.make(alone[:1], lr=LR, steps_per_epoch=SPE, backend=backend),
+    separate = [config.cls(alone[:1], lr=LR, steps_per_epoch=SPE, backend=backend,
+                           **config.kwargs),
                 config.cls(alone[1:], lr=LR, steps_per_epoch=SPE, backend=backend)]
     for t in range(_steps(backend, 7)):
         _set_grads(params, t)
