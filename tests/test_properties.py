@@ -12,9 +12,8 @@ is rounded to its dtype once per step, and two float32 results a few ulps apart 
 neighbouring values: one ulp of the param's dtype per step, never amplified (the grads are
 given, and weight decay only shrinks a difference). So after ``n`` steps a param may differ by
 ``n`` of its dtype's ulps at the largest magnitude it reached (its start or either end value).
-float32 params are allowed two of their ulps per step: their difference is the last bits of
-the float32 update, which can be as large as the param itself (an AdaBelief step with a tiny
-belief); a derandomized example hit exactly 2 ulps in one step.
+float32 params are held to the same bound: their difference is the last bits of the float32
+update.
 
 Examples are derandomized (the same on every run: CI stays stable) and few enough for the whole
 file to take well under a minute and a half on two cores; the Triton interpreter is slow, so its
@@ -66,8 +65,7 @@ def optimizers(draw):
                       dampening=0.0 if nesterov else draw(unit))
         return ActiveSGD, kwargs
     kwargs.update(lr=draw(st.floats(1e-4, 0.1)), betas=draw(betas),
-                  eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])),
-                  sign_threshold=draw(st.one_of(st.just(0.0), st.floats(0.0, 3.0))))
+                  eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])))
     if name in ("adamw", "adabelief"):
         kwargs["amsgrad"] = draw(st.booleans())
     if name == "adabelief":
@@ -164,9 +162,7 @@ def _assert_matches_reference(case: dict, device: str, backend: str):
         torch.testing.assert_close(p[~finite], p_ref[~finite], rtol=0, atol=0, equal_nan=True)
         if finite.any():
             largest = max(t.abs().max().item() for t in (p0.double(), p_ref[finite], p[finite]))
-            ulps_per_step = 2 if dtype == torch.float32 else 1
-            bound = (ulps_per_step * steps * torch.finfo(dtype).eps
-                     * max(largest, torch.finfo(dtype).tiny))
+            bound = steps * torch.finfo(dtype).eps * max(largest, torch.finfo(dtype).tiny)
             assert (p - p_ref)[finite].abs().max().item() <= bound
 
 
