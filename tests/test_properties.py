@@ -12,8 +12,9 @@ is rounded to its dtype once per step, and two float32 results a few ulps apart 
 neighbouring values: one ulp of the param's dtype per step, never amplified (the grads are
 given, and weight decay only shrinks a difference). So after ``n`` steps a param may differ by
 ``n`` of its dtype's ulps at the largest magnitude it reached (its start or either end value).
-float32 params are held to the same bound: their difference is the last bits of the float32
-update.
+float32 params are allowed two of their ulps per step: their difference is the last bits of
+the float32 update, which can be as large as the param (seen: ActiveRAdam, gains fixed, 2 ulps
+after one step on an AVX-512 Xeon).
 
 Examples are derandomized (the same on every run: CI stays stable) and few enough for the whole
 file to take well under a minute and a half on two cores; the Triton interpreter is slow, so its
@@ -165,7 +166,9 @@ def _assert_matches_reference(case: dict, device: str, backend: str):
         torch.testing.assert_close(p[~finite], p_ref[~finite], rtol=0, atol=0, equal_nan=True)
         if finite.any():
             largest = max(t.abs().max().item() for t in (p0.double(), p_ref[finite], p[finite]))
-            bound = steps * torch.finfo(dtype).eps * max(largest, torch.finfo(dtype).tiny)
+            ulps_per_step = 2 if dtype == torch.float32 else 1
+            bound = (ulps_per_step * steps * torch.finfo(dtype).eps
+                     * max(largest, torch.finfo(dtype).tiny))
             assert (p - p_ref)[finite].abs().max().item() <= bound
 
 
