@@ -26,6 +26,9 @@ struct ActiveArgs {
   double gain_inc, gain_dec, min_gain, max_gain;
   double sign_threshold;  // > 0: the sign test, for kernels with a second moment
   int64_t epoch_steps;    // the length of the epoch that ended (the sign test's S)
+  // compact state (bfloat16 gains and grad_sums): each param's seed of the stochastic rounding
+  // of its grad_sum (math.h, rounding_key); empty for float32 gains and grad_sums
+  c10::ArrayRef<int64_t> rounding_seeds;
   int64_t boundary;
   const OptionalTensor& grad_scale;
   const OptionalTensor& found_inf;
@@ -95,6 +98,11 @@ inline void check_lr(const char* op, const at::Tensor& lr, at::Device device) {
               lr.scalar_type(), " of shape ", lr.sizes(), " on ", lr.device());
 }
 
+// Compact state is named by the dtype of gains[0] (validate checks that every list agrees).
+inline bool is_compact(const ActiveArgs& a) {
+  return !a.gains.empty() && a.gains[0].defined() && a.gains[0].scalar_type() == at::kBFloat16;
+}
+
 // Everything is checked before anything is written, so a failing step changes nothing. Every
 // tensor must be on the device of params[0], which must be of type `device_type`.
 inline void validate(const char* op, const ActiveArgs& a, const std::vector<NamedList>& states,
@@ -122,12 +130,28 @@ inline void validate(const char* op, const ActiveArgs& a, const std::vector<Name
                   dtype == at::kHalf,
               op, ": params must be float32, float64, bfloat16 or float16, got ", dtype);
   const at::ScalarType state_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const bool compact = is_compact(a);
+  const at::ScalarType sign_state_dtype = compact ? at::kBFloat16 : at::kFloat;
+  if (compact) {
+    TORCH_CHECK(dtype != at::kDouble, op,
+                ": compact state (bfloat16 gains and grad_sums) is for float32, bfloat16 and "
+                "float16 params; float64 params keep float32 gains and grad_sums");
+    TORCH_CHECK(a.rounding_seeds.size() == n, op, ": compact state needs one rounding seed per "
+                "param, got ", a.rounding_seeds.size(), " for ", n, " params");
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(a.rounding_seeds[i] >= 0 && a.rounding_seeds[i] <= 0xffffffffLL, op,
+                  ": rounding_seeds[", i, "] must be in [0, 2**32), got ", a.rounding_seeds[i]);
+    }
+  } else {
+    TORCH_CHECK(a.rounding_seeds.empty(), op, ": rounding_seeds are for compact state (bfloat16 "
+                "gains and grad_sums); float32 ones take none, got ", a.rounding_seeds.size());
+  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     check_tensor(op, "params", i, p, device, dtype, nullptr);
     check_tensor(op, "grads", i, a.grads[i], device, dtype, &p);
-    check_tensor(op, "gains", i, a.gains[i], device, at::kFloat, &p);
-    check_tensor(op, "grad_sums", i, a.grad_sums[i], device, at::kFloat, &p);
+    check_tensor(op, "gains", i, a.gains[i], device, sign_state_dtype, &p);
+    check_tensor(op, "grad_sums", i, a.grad_sums[i], device, sign_state_dtype, &p);
     check_tensor(op, "prev_signs", i, a.prev_signs[i], device, at::kChar, &p);
     for (const NamedList& s : states) {
       check_tensor(op, s.name, i, s.tensors[i], device, state_dtype, &p);

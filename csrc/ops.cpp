@@ -53,19 +53,24 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
   std::vector<cpu::TensorPtrs<Kernel>> tensors(n);
   std::vector<typename Kernel::Scalars> scalars(n);
   std::vector<double> sign_test_factors(n);
+  const bool compact = is_compact(a);
+  std::vector<uint32_t> rounding_keys(compact ? n : 0);
   std::vector<int64_t> numels(n);
   int64_t numel = 0;
   for (size_t i = 0; i < n; ++i) {
     cpu::TensorPtrs<Kernel>& t = tensors[i];
-    t = {a.params[i].data_ptr(),     a.grads[i].const_data_ptr(),
-         a.gains[i].data_ptr<float>(), a.grad_sums[i].data_ptr<float>(),
-         a.prev_signs[i].data_ptr<int8_t>(), {}};
+    t = {a.params[i].data_ptr(), a.grads[i].const_data_ptr(), a.gains[i].data_ptr(),
+         a.grad_sums[i].data_ptr(), a.prev_signs[i].data_ptr<int8_t>(), {}};
     for (size_t k = 0; k < states.size(); ++k) t.state[k] = states[k].tensors[i].data_ptr();
     float& step = *a.steps[i].data_ptr<float>();
     sign_test_factors[i] = sign_test_factor<Kernel>(common, hyper, static_cast<double>(step));
     if (!skip) {
       step += 1;  // float32, like the reference's steps[i].add_(1)
       scalars[i] = Kernel::step_scalars(hyper, static_cast<double>(step));
+      if (compact) {
+        rounding_keys[i] = rounding_key(static_cast<uint32_t>(a.rounding_seeds[i]),
+                                        static_cast<uint32_t>(step));
+      }
     }
     numels[i] = a.params[i].numel();
     numel += numels[i];
@@ -73,9 +78,11 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
   const std::vector<Chunk> chunks =
       make_chunks(numels.data(), static_cast<int32_t>(n), cpu::kChunkSize);
 
-  cpu::step(cpu::Bucket<Kernel>{to_dtype(a.params[0].scalar_type()), boundary, skip, common,
-                                hyper, tensors.data(), scalars.data(), sign_test_factors.data(),
-                                chunks.data(), static_cast<int64_t>(chunks.size()), numel});
+  cpu::step(cpu::Bucket<Kernel>{to_dtype(a.params[0].scalar_type()), boundary, skip,
+                                compact ? StatePrecision::kCompact : StatePrecision::kFull,
+                                common, hyper, tensors.data(), scalars.data(),
+                                sign_test_factors.data(), rounding_keys.data(), chunks.data(),
+                                static_cast<int64_t>(chunks.size()), numel});
 }
 
 // One kernel's step: its hyperparameters and state lists checked, then the device's kernels.
@@ -104,12 +111,12 @@ void active_step_(std::string_view kernel, TensorList params, TensorList grads, 
                   TensorList states, const Tensor& lr, c10::ArrayRef<double> hyper,
                   double weight_decay, bool maximize, double gain_inc, double gain_dec,
                   double min_gain, double max_gain, double sign_threshold, int64_t epoch_steps,
-                  int64_t boundary, const OptionalTensor& grad_scale,
-                  const OptionalTensor& found_inf) {
+                  c10::ArrayRef<int64_t> rounding_seeds, int64_t boundary,
+                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
   const ActiveArgs args{params,   grads,          gains,       grad_sums, prev_signs,
                         steps,    lr,             weight_decay, maximize, gain_inc,
                         gain_dec, min_gain,       max_gain,    sign_threshold, epoch_steps,
-                        boundary, grad_scale,     found_inf};
+                        rounding_seeds, boundary, grad_scale,  found_inf};
 #define ADAPTIVE_LR_DISPATCH(name, Kernel) \
   if (kernel == #name) return step<Kernel>(#name, args, states, hyper);
   ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_DISPATCH)
@@ -135,7 +142,7 @@ TORCH_LIBRARY(adaptive_lr, m) {
         "Tensor(c!)[] grad_sums, Tensor(d!)[] prev_signs, Tensor(e!)[] steps, "
         "Tensor(f!)[] states, Tensor lr, float[] hyper, float weight_decay, bool maximize, "
         "float gain_inc, float gain_dec, float min_gain, float max_gain, float sign_threshold, "
-        "int epoch_steps, int boundary, "
+        "int epoch_steps, int[] rounding_seeds, int boundary, "
         "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 

@@ -22,7 +22,10 @@ index ``i`` of the bucket, exactly the per-element step of docs/algorithm.md:
 
 State dtypes: gain and grad_sum float32, prev_sign int8, step a float32 0-dim tensor on the
 param's device; moments float64 for float64 params, else float32 (also for bf16/fp16 params,
-whose math runs in float32).
+whose math runs in float32). Compact state (``rounding_seeds`` given; not for float64 params):
+gain and grad_sum bfloat16; a new gain is rounded to nearest after its clamp, and in step 3
+grad_sum <- bfloat16_stochastic(float32(grad_sum) + g) with the param's rounding key
+(adaptive_lr/backends/rounding.py).
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class Bucket:
     boundary: Boundary = Boundary.NONE
     # the length in steps of the epoch that ended at the boundary (the sign test's S)
     epoch_steps: int = 0
+    # compact state (bfloat16 gain and grad_sum): each param's rounding seed; None: float32
+    rounding_seeds: list[int] | None = None
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
     device: torch.device = field(init=False)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
+from .rounding import bfloat16_stochastic, element_index, rounding_key
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -42,13 +43,15 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
             torch._foreach_add_(flipped, 1.0)
         held = torch._foreach_add(torch._foreach_add(same, flipped), -1.0)
         torch._foreach_neg_(held)  # 1 where neither (the sign test's "no evidence")
-        # a 0/1 blend of the candidates is exact: it picks one of them bit for bit
-        increased = torch._foreach_add(gains, rule.gain_inc)
+        # a 0/1 blend of the candidates is exact: it picks one of them bit for bit (in float32;
+        # the copy into compact bfloat16 gains rounds to nearest, after the clamp)
+        gains32 = [gain.float() for gain in gains]
+        increased = torch._foreach_add(gains32, rule.gain_inc)
         torch._foreach_mul_(increased, same)
-        decreased = torch._foreach_mul(gains, rule.gain_dec)
+        decreased = torch._foreach_mul(gains32, rule.gain_dec)
         torch._foreach_mul_(decreased, flipped)
         torch._foreach_add_(increased, decreased)
-        torch._foreach_add_(increased, torch._foreach_mul(gains, held))
+        torch._foreach_add_(increased, torch._foreach_mul(gains32, held))
         torch._foreach_clamp_min_(increased, rule.min_gain)
         torch._foreach_clamp_max_(increased, rule.max_gain)
         torch._foreach_copy_(gains, increased)
@@ -73,12 +76,21 @@ def step(bucket: Bucket) -> None:
         g = torch._foreach_div(g, bucket.grad_scale.to(compute))
     if h.maximize:
         g = torch._foreach_neg(g)
-    torch._foreach_add_(bucket.grad_sums, g if compute == torch.float32 else [x.float() for x in g])
+    g32 = g if compute == torch.float32 else [x.float() for x in g]
+    if bucket.rounding_seeds is None:
+        torch._foreach_add_(bucket.grad_sums, g32)
+    else:  # compact: the float32 sums, rounded stochastically to bfloat16
+        sums = torch._foreach_add([s.float() for s in bucket.grad_sums], g32)
+        for grad_sum, total, seed, step, param in zip(bucket.grad_sums, sums,
+                                                      bucket.rounding_seeds, steps, bucket.params):
+            grad_sum.copy_(bfloat16_stochastic(total, rounding_key(seed, step),
+                                               element_index(param)))
     low_precision = bucket.dtype != compute
     theta = [p.detach().to(compute) for p in bucket.params]
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
         torch._foreach_mul_(theta, 1 - h.lr * h.weight_decay)
-    gammas = bucket.gains if compute == torch.float32 else [x.to(compute) for x in bucket.gains]
+    same_dtype = bucket.gains[0].dtype == compute
+    gammas = bucket.gains if same_dtype else [x.to(compute) for x in bucket.gains]
     bucket.spec.foreach(theta, g, gammas, steps, bucket.state, h)
     if low_precision:
         torch._foreach_copy_([p.detach() for p in bucket.params], theta)

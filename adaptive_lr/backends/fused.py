@@ -38,6 +38,7 @@ def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
         max_gain=h.max_gain,
         sign_threshold=h.gain_rule().sign_threshold,
         epoch_steps=bucket.epoch_steps,
+        rounding_seeds=bucket.rounding_seeds or [],
         boundary=int(bucket.boundary),
         grad_scale=bucket.grad_scale,
         found_inf=bucket.found_inf,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
+from .rounding import bfloat16_stochastic, element_index, rounding_key
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -31,10 +32,12 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
     sign = sign.to(torch.int8)
     if boundary == Boundary.UPDATE:
         product = prev_sign.to(torch.int32) * sign.to(torch.int32)
-        decreased = gain * rule.gain_dec
+        gain32 = gain.float()  # a compact (bfloat16) gain is computed in float32
+        decreased = gain32 * rule.gain_dec
         if rule.sign_threshold > 0:  # no evidence either way: the gain is held
-            decreased = torch.where(product < 0, decreased, gain)
-        new_gain = torch.where(product > 0, gain + rule.gain_inc, decreased)
+            decreased = torch.where(product < 0, decreased, gain32)
+        new_gain = torch.where(product > 0, gain32 + rule.gain_inc, decreased)
+        # the copy into a compact gain rounds to nearest, after the clamp
         gain.copy_(new_gain.clamp_(rule.min_gain, rule.max_gain))
     prev_sign.copy_(sign)
     grad_sum.zero_()
@@ -59,7 +62,12 @@ def step(bucket: Bucket) -> None:
             g = g / bucket.grad_scale.to(compute)
         if h.maximize:
             g = -g
-        grad_sum.add_(g.float())
+        if bucket.rounding_seeds is None:
+            grad_sum.add_(g.float())
+        else:  # compact: the float32 sum, rounded stochastically to bfloat16
+            key = rounding_key(bucket.rounding_seeds[i], bucket.steps[i].item())
+            grad_sum.copy_(bfloat16_stochastic(grad_sum.float() + g.float(), key,
+                                               element_index(param)))
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

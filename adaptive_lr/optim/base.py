@@ -35,7 +35,14 @@ GAIN_ARGS_DOC = """
     min_gain, max_gain (float): clamp of every gain (0 and inf: off, as in the paper).
     maximize (bool): maximize the objective instead of minimizing it.
     backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
+    state_precision (str): "full": float32 gains and epoch sums (9 bytes per param beside the
+        base optimizer's state); "compact": bfloat16 gains (rounded to nearest) and epoch sums
+        (rounded stochastically, unbiased), 5 bytes per param; not for float64 params
+        (docs/algorithm.md, "Compact state").
 """
+
+STATE_PRECISIONS = ("full", "compact")
+SIGN_STATE_DTYPES = {"full": torch.float32, "compact": torch.bfloat16}
 
 # The Adam family's default sign test (docs/algorithm.md, "The sign test"), chosen by the study of
 # docs/RESULTS.md §3; 0 is the paper's rule.
@@ -84,20 +91,34 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
     # honours them itself, so the epoch clock counts the same step() calls everywhere.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, steps_per_epoch: int | None, backend: str):
+    def __init__(self, params, defaults: dict, steps_per_epoch: int | None, backend: str,
+                 state_precision: str):
         check_steps_per_epoch(steps_per_epoch)
         check(
             backend == "auto" or backend in backends.NAMES,
             f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
         )
+        check(
+            state_precision in STATE_PRECISIONS,
+            f"unknown state_precision {state_precision!r}; choose one of {STATE_PRECISIONS}",
+        )
         self.steps_per_epoch = steps_per_epoch
         self.backend = backend
+        self.state_precision = state_precision
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles (and so deep-copies) only defaults, state and param_groups
         return {**super().__getstate__(), "steps_per_epoch": self.steps_per_epoch,
-                "backend": self.backend}
+                "backend": self.backend, "state_precision": self.state_precision}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("state_precision", "full")  # pickled before compact state existed
+        super().__setstate__(state)
+
+    @property
+    def _compact(self) -> bool:
+        return self.state_precision == "compact"
 
     # ---- construction -------------------------------------------------------------------
 
@@ -125,6 +146,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             len({id(p) for p in tensors}) == len(tensors),
             f"{name}: a param group lists the same tensor twice; list each param once",
         )
+        check(
+            not (self._compact and any(p.dtype == torch.float64 for p in tensors)),
+            f"{name}: state_precision='compact' keeps bfloat16 gains and epoch sums, which a "
+            "float64 param would not want; use state_precision='full' for float64 params",
+        )
         devices = {p.device for p in tensors}
         check(len(devices) <= 1, f"{name}: all params of one group must be on one device, got {devices}")
         group = {k: v for k, v in param_group.items() if k != "params"}
@@ -140,11 +166,14 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
 
     # ---- state --------------------------------------------------------------------------
 
-    def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...]) -> None:
+    def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...],
+                    seeds: "_RoundingSeeds") -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state.update(sign_state(p, group["epoch"]))
+            state.update(sign_state(p, group["epoch"], SIGN_STATE_DTYPES[self.state_precision]))
+            if self._compact:
+                state["rounding_seed"] = seeds.of(p)
         for key in keys:  # amsgrad may be switched on for a group later
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
@@ -193,12 +222,13 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
         plan, crossing = [], []
+        seeds = _RoundingSeeds(self.param_groups)
         for group, params in self._params_with_grad():  # all validated before any is touched
             hyper = self.spec.record(group)
             keys = self.spec.state_keys(hyper)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
-                self._init_state(p, group, keys)
+                self._init_state(p, group, keys, seeds)
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
                 bucket = self._make_bucket(group, hyper, keys, bucket_params, boundary,
@@ -233,6 +263,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             hyper=hyper,
             boundary=boundary,
             epoch_steps=group["epoch_steps"],
+            rounding_seeds=[int(s["rounding_seed"]) for s in states] if self._compact else None,
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
         )
@@ -257,7 +288,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             for name, p in zip(names, group["params"]):
                 if "gain" not in self.state[p]:
                     continue
-                gain = _local(self.state[p]["gain"]).detach().clone()
+                gain = _local(self.state[p]["gain"]).detach().to(torch.float32, copy=True)
                 flat = gain.reshape(-1)
                 entry = {
                     "numel": flat.numel(),
@@ -316,6 +347,10 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         else:
             for saved in saved_groups:
                 upgrade_saved_group(saved, self.defaults)
+        rounded = self._compact and any(
+            isinstance(state, dict) and isinstance(state.get("gain"), Tensor)
+            and state["gain"].dtype != torch.bfloat16 for state in saved_state.values())
+        seeds = _RoundingSeeds(self.param_groups)
         id_to_param = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             self._check_saved_group(i, group, saved)
@@ -332,7 +367,15 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             p, group = id_to_param[param_id]
             if from_torch:
                 saved = self._param_state_from_base(p, saved, param_id, group)
-            new_state[p] = self._loaded_param_state(p, saved, param_id, group)
+            new_state[p] = self._loaded_param_state(p, saved, param_id, group, seeds)
+        if rounded:
+            warnings.warn(
+                f"{name}: the state dict keeps float32 gains and epoch sums; this optimizer "
+                "(state_precision='compact') keeps them in bfloat16, so each was rounded to the "
+                "nearest bfloat16 (relative error at most 2**-9: no epoch sum changes sign, a "
+                "gain may move by 0.2 %); signs, moments and step counts are loaded exactly",
+                stacklevel=2,
+            )
         self.state = new_state
         self.param_groups = [
             dict(saved, params=group["params"])
@@ -405,7 +448,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             state["step"] = float(any(k in state for k in self.spec.state))
         for key in self.spec.state_keys(self.spec.record(group)):  # SGD without momentum: none
             state.setdefault(key, torch.zeros_like(p))
-        return dict(state, **sign_state(p, 0))
+        return dict(state, **sign_state(p, 0, SIGN_STATE_DTYPES[self.state_precision]))
 
     def _check_saved_group(self, i: int, group: dict, saved: dict) -> None:
         name = type(self).__name__
@@ -434,14 +477,19 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             f"{name}: param group {i} of the state dict has epoch {epoch!r}, expected an int >= 0",
         )
 
-    def _loaded_param_state(self, p: Tensor, saved: dict, param_id, group: dict) -> dict:
+    def _loaded_param_state(self, p: Tensor, saved: dict, param_id, group: dict,
+                            seeds: "_RoundingSeeds") -> dict:
+        """One param's saved state, checked, in this optimizer's dtypes, layout and precision:
+        float32 gains and epoch sums round to nearest for compact state (bfloat16 ones widen
+        exactly for full state); a compact state's rounding seed is kept, or the param's own
+        is given where the saved state has none."""
         name = type(self).__name__
         check(isinstance(saved, dict), f"{name}: the state of param {param_id} is not a dict")
         base_keys = set(self.spec.state)
         required = (set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS)
                     | (base_keys - {self.spec.amsgrad_state}))
         missing = required - set(saved)
-        unexpected = set(saved) - required - base_keys
+        unexpected = set(saved) - required - base_keys - {"rounding_seed"}
         check(
             not missing and not unexpected,
             f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
@@ -454,10 +502,20 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             f"{name}: state of param {param_id} has epoch={epoch!r} and has_prev_sign="
             f"{has_prev_sign!r}; expected an int in [0, {group['epoch']}] and a bool",
         )
+        seed = _python_scalar(saved.get("rounding_seed", 0))
+        check(
+            type(seed) is int and 0 <= seed < 2**32,
+            f"{name}: state of param {param_id} has rounding_seed={seed!r}; expected an int in "
+            "[0, 2**32)",
+        )
         loaded = bookkeeping(epoch, has_prev_sign)
-        dtypes = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
+        if self._compact:
+            loaded["rounding_seed"] = (torch.tensor(seed) if "rounding_seed" in saved
+                                       else seeds.of(p))
+        sign_dtype = SIGN_STATE_DTYPES[self.state_precision]
+        dtypes = {"gain": sign_dtype, "grad_sum": sign_dtype, "prev_sign": torch.int8}
         for key, value in saved.items():
-            if key in BOOKKEEPING_KEYS:
+            if key in BOOKKEEPING_KEYS or key == "rounding_seed":
                 continue
             if key == "step" and isinstance(value, numbers.Real):  # saved by an older torch
                 value = torch.tensor(float(value))
@@ -474,6 +532,22 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                 dtype = dtypes.get(key, state_dtype(p.dtype))
                 loaded[key] = torch.empty_like(p, dtype=dtype).copy_(value)
         return loaded
+
+
+class _RoundingSeeds:
+    """A compact state's rounding seed: its param's index in the optimizer (as in the state
+    dict), fixed when the state is made, so that every rank and every backend draws the same
+    bits. The index is built on first use."""
+
+    def __init__(self, param_groups: list[dict]):
+        self._groups = param_groups
+        self._index: dict[int, int] | None = None
+
+    def of(self, p: Tensor) -> Tensor:
+        if self._index is None:
+            params = (q for group in self._groups for q in group["params"])
+            self._index = {id(q): i for i, q in enumerate(params)}
+        return torch.tensor(self._index[id(p)] & 0xFFFFFFFF, dtype=torch.int64)
 
 
 def _all_hyperparameters() -> set[str]:

@@ -31,10 +31,11 @@ def bookkeeping(epoch, has_prev_sign) -> dict:
             for key, value in (("epoch", epoch), ("has_prev_sign", has_prev_sign))}
 
 
-def sign_state(p: Tensor, epoch: int) -> dict:
-    """A param's fresh sign state: gains 1, an empty epoch sum, no previous sign yet."""
-    f32 = dict(dtype=torch.float32, device=p.device)
-    return dict(gain=torch.ones_like(p, **f32), grad_sum=torch.zeros_like(p, **f32),
+def sign_state(p: Tensor, epoch: int, dtype: torch.dtype = torch.float32) -> dict:
+    """A param's fresh sign state: gains 1, an empty epoch sum (both of ``dtype``: float32, or
+    bfloat16 for compact state), no previous sign yet."""
+    like = dict(dtype=dtype, device=p.device)
+    return dict(gain=torch.ones_like(p, **like), grad_sum=torch.zeros_like(p, **like),
                 prev_sign=torch.zeros_like(p, dtype=torch.int8), **bookkeeping(epoch, False))
 
 

@@ -65,8 +65,8 @@ class ActiveLion(ActiveOptimizer):
 
     def __init__(self, params, lr=1e-4, *, steps_per_epoch, betas=(0.9, 0.99), weight_decay=0.0,
                  gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=float("inf"),
-                 maximize=False, backend="auto"):
+                 maximize=False, backend="auto", state_precision="full"):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, gain_inc=gain_inc,
                         gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain,
                         maximize=maximize)
-        super().__init__(params, defaults, steps_per_epoch, backend)
+        super().__init__(params, defaults, steps_per_epoch, backend, state_precision)

@@ -19,8 +19,8 @@ template <class Kernel>
 struct TensorPtrs {
   void* param;  // DType
   const void* grad;  // DType
-  float* gain;
-  float* grad_sum;
+  void* gain;      // float32, or bfloat16 for compact state
+  void* grad_sum;  // as gain
   int8_t* prev_sign;
   void* state[Kernel::kMaxStates];  // its states, in order: double for float64 params, else float
 };
@@ -30,11 +30,13 @@ struct Bucket {
   DType dtype;
   Boundary boundary;
   bool boundary_only;  // found_inf: the boundary is applied, nothing else
+  StatePrecision precision;  // kCompact: bfloat16 gain and grad_sum
   CommonHyper common;
   typename Kernel::Hyper hyper;
   const TensorPtrs<Kernel>* tensors;
   const typename Kernel::Scalars* scalars;  // per tensor, from its step after the increment
   const double* sign_test_factors;  // per tensor, from its step before the increment
+  const uint32_t* rounding_keys;  // per tensor, compact state only: rounding_key(seed, step)
   const Chunk* chunks;
   int64_t num_chunks;
   int64_t numel;  // all tensors together

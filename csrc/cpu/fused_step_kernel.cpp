@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "fused_step.h"
@@ -44,6 +45,12 @@ struct Ops<at::vec::Vectorized<C>> {
       return V::loadu(wide);
     }
   }
+  static V round_to_bfloat16(const V& x) {  // boundary steps only: element by element
+    __at_align__ C lanes[V::size()];
+    x.store(lanes);
+    for (int k = 0; k < V::size(); ++k) lanes[k] = Ops<C>::round_to_bfloat16(lanes[k]);
+    return V::loadu(lanes);
+  }
 };
 
 ADAPTIVE_LR_ISA_NAMESPACE_END
@@ -64,6 +71,12 @@ struct Io {
   static T load(const X* p) { return static_cast<T>(*p); }
   template <class X>
   static void store(X* p, T v) { *p = static_cast<X>(v); }
+  // A compact grad_sum's store: element `index` of its tensor, rounded with `key`'s draws.
+  static void store_stochastic(c10::BFloat16* p, T v, uint32_t key, int64_t index) {
+    *p = c10::BFloat16(
+        bfloat16_stochastic(static_cast<float>(v), key, static_cast<uint32_t>(index)),
+        c10::BFloat16::from_bits());
+  }
 };
 
 template <class C>
@@ -95,6 +108,15 @@ struct Io<Vectorized<C>> {
       for (int k = 0; k < V::size(); ++k) p[k] = static_cast<X>(lanes[k]);
     }
   }
+  static void store_stochastic(c10::BFloat16* p, const V& v, uint32_t key, int64_t index) {
+    static_assert(std::is_same_v<C, float>, "compact state is for float32 compute");
+    __at_align__ float lanes[V::size()];
+    __at_align__ uint16_t bits[V::size()];
+    v.store(lanes);
+    const uint32_t first = static_cast<uint32_t>(index);
+    for (int k = 0; k < V::size(); ++k) bits[k] = bfloat16_stochastic(lanes[k], key, first + k);
+    std::memcpy(p, bits, sizeof bits);
+  }
 };
 
 // Calls body(consts, i) for the SIMD groups of [0, n) and then for each element of the tail;
@@ -116,18 +138,23 @@ struct Lanes {
   Update<Kernel, T> update;
 };
 
+// The storage type of gain and grad_sum.
+template <StatePrecision S>
+using SignState = std::conditional_t<S == StatePrecision::kCompact, c10::BFloat16, float>;
+
 // One chunk of one tensor: the whole step of its elements in a single pass over memory. The
 // boundary is a template parameter, so a mid-epoch step never touches prev_sign and only reads gain.
-template <Boundary B, class Kernel, class P>
+template <Boundary B, StatePrecision S, class Kernel, class P>
 void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute and state type
+  using G = SignState<S>;
   constexpr int N = Kernel::kMaxStates;
   const TensorPtrs<Kernel>& t = b.tensors[chunk.tensor];
   const int64_t offset = chunk.offset;
   P* const param = static_cast<P*>(t.param) + offset;
   const P* const grad = static_cast<const P*>(t.grad) + offset;
-  float* const gain = t.gain + offset;
-  float* const grad_sum = t.grad_sum + offset;
+  G* const gain = static_cast<G*>(t.gain) + offset;
+  G* const grad_sum = static_cast<G*>(t.grad_sum) + offset;
   int8_t* const prev_sign = t.prev_sign + offset;
   C* state[N];
   for (int k = 0; k < N; ++k) state[k] = static_cast<C*>(t.state[k]) + offset;
@@ -149,11 +176,15 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
         for (int k = 0; k < N; ++k) {
           if (k < num_states) st[k] = io::load(state[k] + i);
         }
-        fused_step<B>(lanes.common, lanes.update, theta, io::load(grad + i), gamma, g_sum, sign,
-                      st);
+        fused_step<B, S>(lanes.common, lanes.update, theta, io::load(grad + i), gamma, g_sum,
+                         sign, st);
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
-        io::store(grad_sum + i, g_sum);
+        if constexpr (S == StatePrecision::kCompact) {
+          io::store_stochastic(grad_sum + i, g_sum, b.rounding_keys[chunk.tensor], offset + i);
+        } else {
+          io::store(grad_sum + i, g_sum);
+        }
         io::store(param + i, theta);
         for (int k = 0; k < N; ++k) {
           if (k < num_states) io::store(state[k] + i, st[k]);
@@ -163,12 +194,13 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
 
 // A step skipped for found_inf still applies the pending boundary to gain, grad_sum, prev_sign
 // (in the compute type of param type P, as a step would: the sign test compares in it).
-template <Boundary B, class Kernel, class P>
+template <Boundary B, StatePrecision S, class Kernel, class P>
 void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;
+  using G = SignState<S>;
   const TensorPtrs<Kernel>& t = b.tensors[chunk.tensor];
-  float* const gain = t.gain + chunk.offset;
-  float* const grad_sum = t.grad_sum + chunk.offset;
+  G* const gain = static_cast<G*>(t.gain) + chunk.offset;
+  G* const grad_sum = static_cast<G*>(t.grad_sum) + chunk.offset;
   int8_t* const prev_sign = t.prev_sign + chunk.offset;
   const C* moment = nullptr;
   if constexpr (Kernel::kSecondMoment >= 0) {
@@ -180,32 +212,46 @@ void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
       [&]<class T>(const CommonLanes<T>& common, int64_t i) {
         using io = Io<T>;
         T gamma = io::load(gain + i), g_sum = io::load(grad_sum + i), sign = io::load(prev_sign + i);
-        apply_boundary<B>(common, gamma, g_sum, sign, moment ? io::load(moment + i) : T(0));
+        apply_boundary<B, S>(common, gamma, g_sum, sign, moment ? io::load(moment + i) : T(0));
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         io::store(prev_sign + i, sign);
         io::store(grad_sum + i, g_sum);
       });
 }
 
-template <Boundary B, class Kernel>
+template <Boundary B, StatePrecision S, class Kernel>
 void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
   const auto each = [&](auto chunk_fn) {
     for (int64_t c = begin; c < end; ++c) chunk_fn(b, b.chunks[c]);
   };
+  // compact state is for float32 compute: the op refuses it for float64 params
+  constexpr bool kDoubleOk = S == StatePrecision::kFull;
   if (b.boundary_only) {
     if constexpr (B != Boundary::kNone) {
       // only the compute type matters: float64 params compute in double, all others in float
-      if (b.dtype == DType::kDouble) return each(boundary_chunk<B, Kernel, double>);
-      each(boundary_chunk<B, Kernel, float>);
+      if constexpr (kDoubleOk) {
+        if (b.dtype == DType::kDouble) return each(boundary_chunk<B, S, Kernel, double>);
+      }
+      each(boundary_chunk<B, S, Kernel, float>);
     }
     return;
   }
   switch (b.dtype) {
-    case DType::kFloat: return each(step_chunk<B, Kernel, float>);
-    case DType::kDouble: return each(step_chunk<B, Kernel, double>);
-    case DType::kBFloat16: return each(step_chunk<B, Kernel, c10::BFloat16>);
-    case DType::kHalf: return each(step_chunk<B, Kernel, c10::Half>);
+    case DType::kFloat: return each(step_chunk<B, S, Kernel, float>);
+    case DType::kDouble:
+      if constexpr (kDoubleOk) each(step_chunk<B, S, Kernel, double>);
+      return;
+    case DType::kBFloat16: return each(step_chunk<B, S, Kernel, c10::BFloat16>);
+    case DType::kHalf: return each(step_chunk<B, S, Kernel, c10::Half>);
   }
+}
+
+template <Boundary B, class Kernel>
+void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
+  if (b.precision == StatePrecision::kCompact) {
+    return run_chunks<B, StatePrecision::kCompact>(b, begin, end);
+  }
+  run_chunks<B, StatePrecision::kFull>(b, begin, end);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -268,6 +269,73 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
   }
 }
 
+// ---- compact state: bfloat16 gains and epoch sums (state_precision="compact") -----------------
+//
+// A compact gain is rounded to the nearest bfloat16 (even on ties); a compact epoch sum is rounded
+// stochastically, up or down with the probabilities that make the rounding unbiased, from bits
+// drawn from a counter-based hash of (the param's rounding seed, its step count, the element's
+// index): every backend draws the same bits, so they agree bit for bit (docs/algorithm.md,
+// "Compact state"). These scalar functions are the one definition; the CPU kernels' SIMD loops
+// call them element by element (the compiler vectorizes those loops).
+
+enum class StatePrecision : int { kFull = 0, kCompact = 1 };
+
+ADAPTIVE_LR_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+ADAPTIVE_LR_HOST_DEVICE float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// A 32-bit integer hash with good avalanche (C. Wellons' "lowbias32").
+ADAPTIVE_LR_HOST_DEVICE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// One tensor's key for one step: its rounding seed and its step count after this step's
+// increment (1 on the first step).
+ADAPTIVE_LR_HOST_DEVICE uint32_t rounding_key(uint32_t seed, uint32_t step) {
+  return mix32(seed ^ mix32(step));
+}
+
+// The bits of x rounded to the nearest bfloat16, ties to even (NaN stays a quiet NaN).
+ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_nearest(float x) {
+  if (x != x) return 0x7fc0;
+  const uint32_t u = float_bits(x);
+  return static_cast<uint16_t>((u + 0x7fffU + ((u >> 16) & 1U)) >> 16);
+}
+
+// The bits of x rounded stochastically to bfloat16 with element `index`'s draw under `key`:
+// adding 16 uniform bits below the kept ones and truncating rounds up with probability equal to
+// the dropped fraction, so E[result] = x. Infinities and NaN are kept (as bfloat16_nearest).
+ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic(float x, uint32_t key, uint32_t index) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7f800000U) == 0x7f800000U) return bfloat16_nearest(x);
+  return static_cast<uint16_t>((u + (mix32(key + index) >> 16)) >> 16);
+}
+
+ADAPTIVE_LR_HOST_DEVICE float bfloat16_value(uint16_t bits) {
+  return bits_float(static_cast<uint32_t>(bits) << 16);
+}
+
 // ================================ element side =================================================
 
 ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
@@ -287,6 +355,10 @@ struct Ops {
   static ADAPTIVE_LR_HOST_DEVICE T where_positive(T c, T a, T b) { return c > T(0) ? a : b; }
   // The value rounded to float32 (grad_sum accumulates float32 even for float64 params).
   static ADAPTIVE_LR_HOST_DEVICE T round_to_float(T x) { return T(static_cast<float>(x)); }
+  // The float32 value rounded to the nearest bfloat16 (a compact gain).
+  static ADAPTIVE_LR_HOST_DEVICE T round_to_bfloat16(T x) {
+    return T(bfloat16_value(bfloat16_nearest(static_cast<float>(x))));
+  }
 };
 
 // Bucket-level constants (and one tensor's sign-test factor) broadcast to lane type T once per
@@ -302,9 +374,10 @@ struct CommonLanes {
 };
 
 // The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T; second_moment is
-// the element's v before this step (read only by the sign test). The new gain is rounded to
-// float32 (a no-op for float lanes) before it is used: gains are float32 state.
-template <Boundary B, class T>
+// the element's v before this step (read only by the sign test). The new gain is rounded to its
+// storage type before it is used: float32 (a no-op for float lanes), or bfloat16 for compact
+// state (after the clamp, so that the clamped value is what is stored).
+template <Boundary B, StatePrecision S = StatePrecision::kFull, class T>
 ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T& grad_sum,
                                             T& prev_sign, T second_moment) {
   if constexpr (B != Boundary::kNone) {
@@ -323,6 +396,7 @@ ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T&
       gain = Ops<T>::round_to_float(
           Ops<T>::where_positive(agreement, gain + c.gain_inc, decreased));
       gain = Ops<T>::minimum(Ops<T>::maximum(gain, c.min_gain), c.max_gain);
+      if constexpr (S == StatePrecision::kCompact) gain = Ops<T>::round_to_bfloat16(gain);
     }
     prev_sign = sign;
     grad_sum = T(0);
@@ -421,11 +495,12 @@ struct Update<Lion, T> {
 // One element's whole step, registers in and out (loads and stores are the caller's): the
 // boundary, the gradient's unscaling/negation, its accumulation into grad_sum, weight decay and
 // the base update with the new gain. A step skipped for found_inf calls apply_boundary alone.
-template <Boundary B, class Kernel, class T>
+// A compact grad_sum leaves here in float32; its store rounds it (bfloat16_stochastic).
+template <Boundary B, StatePrecision S, class Kernel, class T>
 ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Kernel, T>& update,
                                         T& theta, T grad, T& gain, T& grad_sum, T& prev_sign,
                                         T (&state)[Kernel::kMaxStates]) {
-  apply_boundary<B>(c, gain, grad_sum, prev_sign, second_moment<Kernel>(state));
+  apply_boundary<B, S>(c, gain, grad_sum, prev_sign, second_moment<Kernel>(state));
   const T g = c.divide_grad ? grad / c.grad_divisor : grad;
   grad_sum = grad_sum + Ops<T>::round_to_float(g);
   theta = theta * c.decay;
