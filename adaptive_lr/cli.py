@@ -17,7 +17,7 @@ import os
 import sys
 
 from adaptive_lr import benchmark, demo
-from adaptive_lr.study import greedy, lr_sweep, robustness, runner
+from adaptive_lr.study import compact, greedy, lr_sweep, robustness, runner
 from adaptive_lr.study.options import positive_float, positive_int
 
 BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
@@ -33,17 +33,19 @@ RULES_MODULES = ("prodigyopt", "schedulefree")
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small grids, fewer seeds and epochs: a few minutes on 2 cores")
-    parser.add_argument("--study", choices=["lr", "greedy", "rules", "all"], default="all",
+    parser.add_argument("--study", choices=["lr", "greedy", "rules", "compact", "all"],
+                        default="all",
                         help="lr: the LR-robustness sweep; greedy: the GreedyLR study; rules: the "
-                        "gain-rule study of docs/RESULTS.md §3 (not part of all); "
+                        "gain-rule study of docs/RESULTS.md §3; compact: compact state's quality "
+                        "study of §4 (rules and compact are not part of all); "
                         "all: lr and greedy (default all)")
     parser.add_argument("--out", default="out/sweep",
                         help="directory for the CSV/JSON/Markdown/PNG results "
                         "(default %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="worker processes, one thread each (default %(default)s)")
-    lr = parser.add_argument_group("LR-robustness sweep and rules study (override the full or "
-                                   "--quick preset)")
+    lr = parser.add_argument_group("LR-robustness sweep, rules and compact studies (override "
+                                   "the full or --quick preset)")
     lr.add_argument("--models", nargs="+", choices=["mlp", "cnn"],
                     help="models (rules: the selection tasks)")
     lr.add_argument("--optimizers", nargs="+", choices=list(lr_sweep.PAIRS),
@@ -104,13 +106,19 @@ def _sweep(args: argparse.Namespace) -> int:
         summary = robustness.run(config, args.out, args.workers)
         print(robustness.markdown(summary))
         runs.update(summary["runs"])
+    grid = {key: tuple(value) if isinstance(value, list) else value
+            for key, value in (("models", args.models), ("pairs", args.optimizers),
+                               ("lrs", args.lrs), ("seeds", args.seeds),
+                               ("epochs", args.epochs)) if value is not None}
+    if args.study == "compact":
+        config = dataclasses.replace(compact.QUICK if args.quick else compact.CompactConfig(),
+                                     **grid)
+        summary = compact.run(config, args.out, args.workers)
+        print(compact.markdown(summary))
+        runs.update(summary["runs"])
     if args.study in ("lr", "all"):
-        overrides = {key: tuple(value) if isinstance(value, list) else value
-                     for key, value in (("models", args.models), ("pairs", args.optimizers),
-                                        ("lrs", args.lrs), ("seeds", args.seeds),
-                                        ("epochs", args.epochs)) if value is not None}
         config = dataclasses.replace(lr_sweep.QUICK if args.quick else lr_sweep.SweepConfig(),
-                                     **overrides)
+                                     **grid)
         summary = lr_sweep.run(config, args.out, args.workers)
         print(lr_sweep.markdown(summary))
         runs.update(summary["runs"])
