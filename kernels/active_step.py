@@ -54,6 +54,27 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _mix32(x):
+    """math.h's mix32 (C. Wellons' "lowbias32") on uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _stochastic_bf16(x, key, index):
+    """math.h's bfloat16_stochastic as a float32 that a bfloat16 store keeps exactly: 16 hashed
+    bits of (key, element index) added below the kept bits, then truncation (unbiased);
+    infinities and NaN round to nearest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    draws = _mix32(key + index) >> 16
+    rounded = ((bits + draws) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7F800000) == 0x7F800000, _round_to_bf16(x), rounded)
+
+
+@triton.jit
 def _tensor_ptr(table, row, n_tensors, i, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Address of element ``start`` of tensor ``i`` of pointer-table row ``row`` (64-bit
     arithmetic on the scalar base, so per-element offsets stay int32)."""
@@ -82,18 +103,20 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment, factor,
-                    SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr, MASKED: tl.constexpr):
-    """The fused boundary (docs/algorithm.md): returns the gain this step uses. The caller
-    stores the reset grad_sum (0, plus this step's gradient unless the step is skipped).
+                    SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr, COMPACT: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """The fused boundary (docs/algorithm.md): returns the gain this step uses (float32). The
+    caller stores the reset grad_sum (0, plus this step's gradient unless the step is skipped).
     Under SIGN_TEST, ``moment`` is the second-moment block (before this step) and ``factor``
-    the tensor's sign-test factor, in its compute dtype."""
+    the tensor's sign-test factor, in its compute dtype. COMPACT: bfloat16 gain and grad_sum,
+    a new gain rounded to nearest after its clamp."""
     gain_inc, gain_dec, min_gain, max_gain = gain_rule
-    old_sum = _load(grad_sum, offs, mask, MASKED)
+    old_sum = _load(grad_sum, offs, mask, MASKED).to(tl.float32)
     sign = (old_sum > 0).to(tl.int8) - (old_sum < 0).to(tl.int8)
     if SIGN_TEST:  # a sum within the epoch's gradient noise counts as no sign
         wide = old_sum.to(moment.dtype)
         sign = tl.where(wide * wide > factor * moment, sign, 0).to(tl.int8)
-    gain = _load(gain_ptr, offs, mask, MASKED)
+    gain = _load(gain_ptr, offs, mask, MASKED).to(tl.float32)
     if BOUNDARY == 2:
         prev = _load(prev_sign, offs, mask, MASKED)
         agreement = prev.to(tl.int32) * sign.to(tl.int32)
@@ -102,7 +125,9 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
             decreased = tl.where(agreement < 0, decreased, gain)
         gain = tl.where(agreement > 0, gain + gain_inc, decreased)
         gain = tl.minimum(tl.maximum(gain, min_gain), max_gain)
-        _store(gain_ptr, offs, gain, mask, MASKED)
+        if COMPACT:  # the value the bfloat16 store keeps, computed (the interpreter truncates)
+            gain = _round_to_bf16(gain)
+        _store(gain_ptr, offs, gain.to(gain_ptr.dtype.element_ty), mask, MASKED)
     _store(prev_sign, offs, sign, mask, MASKED)
     return gain
 
@@ -110,8 +135,8 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
 @triton.jit
 def _step_block(
     offs, mask, param, grad, gain_ptr, grad_sum, prev_sign, states, h, t, lr, decay, grad_scale,
-    gain_rule, factor, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr, MOMENT: tl.constexpr,
-    SIGN_TEST: tl.constexpr, MAXIMIZE: tl.constexpr,
+    gain_rule, factor, key, start, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr,
+    MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
     CT: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -121,18 +146,21 @@ def _step_block(
         state = state + (_load(states[k], offs, mask, MASKED),)
     if BOUNDARY != 0:
         gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule,
-                               state[MOMENT], factor, SIGN_TEST, BOUNDARY, MASKED)
+                               state[MOMENT], factor, SIGN_TEST, BOUNDARY, COMPACT, MASKED)
         sum_before = tl.zeros_like(gain)
     else:
-        gain = _load(gain_ptr, offs, mask, MASKED)
-        sum_before = _load(grad_sum, offs, mask, MASKED)
+        gain = _load(gain_ptr, offs, mask, MASKED).to(tl.float32)
+        sum_before = _load(grad_sum, offs, mask, MASKED).to(tl.float32)
 
     g = _load(grad, offs, mask, MASKED).to(CT)
     if HAS_GRAD_SCALE:
         g = div(g, grad_scale, CT)
     if MAXIMIZE:
         g = -g
-    _store(grad_sum, offs, sum_before + g.to(tl.float32), mask, MASKED)
+    total = sum_before + g.to(tl.float32)
+    if COMPACT:  # element index within the tensor, modulo 2**32 as math.h counts it
+        total = _stochastic_bf16(total, key, (start + offs).to(tl.uint32))
+    _store(grad_sum, offs, total.to(grad_sum.dtype.element_ty), mask, MASKED)
 
     theta = _load(param, offs, mask, MASKED).to(CT)
     if HAS_WEIGHT_DECAY:  # decoupled, not scaled by the gain
@@ -151,10 +179,11 @@ def _step_block(
 
 @triton.jit(do_not_specialize=["n_tensors"])  # one compile for any number of tensors
 def active_step_kernel(
-    ptr_table, numels, chunk_tensor, chunk_start, arrivals, n_tensors,
+    ptr_table, numels, seeds, chunk_tensor, chunk_start, arrivals, n_tensors,
     hyper, lr_ptr, grad_scale_ptr, found_inf_ptr,
     UPDATE: tl.constexpr, N_HYPER: tl.constexpr, N_STATE: tl.constexpr,
-    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr,
+    COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
     SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -168,8 +197,9 @@ def active_step_kernel(
 
     param = _tensor_ptr(ptr_table, PARAM, n_tensors, i, start, PARAM_DTYPE, ALIGNED)
     grad = _tensor_ptr(ptr_table, GRAD, n_tensors, i, start, PARAM_DTYPE, ALIGNED)
-    gain_ptr = _tensor_ptr(ptr_table, GAIN, n_tensors, i, start, tl.float32, ALIGNED)
-    grad_sum = _tensor_ptr(ptr_table, GRAD_SUM, n_tensors, i, start, tl.float32, ALIGNED)
+    SIGN_STATE: tl.constexpr = tl.bfloat16 if COMPACT else tl.float32
+    gain_ptr = _tensor_ptr(ptr_table, GAIN, n_tensors, i, start, SIGN_STATE, ALIGNED)
+    grad_sum = _tensor_ptr(ptr_table, GRAD_SUM, n_tensors, i, start, SIGN_STATE, ALIGNED)
     prev_sign = _tensor_ptr(ptr_table, PREV_SIGN, n_tensors, i, start, tl.int8, ALIGNED)
     states = ()
     for k in tl.static_range(N_STATE):
@@ -200,6 +230,10 @@ def active_step_kernel(
         _, bc2, _ = bias_corrections(h[0], h[1], t.to(tl.float64) - 1.0)
         factor = (threshold * threshold * tl.load(hyper + EPOCH_STEPS) / bc2).to(CT)
 
+    key = t.to(tl.uint32)  # a placeholder unless COMPACT
+    if COMPACT:  # math.h's rounding_key(seed, t)
+        key = _mix32(tl.load(seeds + i).to(tl.uint32) ^ _mix32(t.to(tl.uint32)))
+
     # ---- one pass over the chunk: full blocks unmasked (vectorised), then the masked tail ------
     n_full = n_here // BLOCK
     offs = tl.arange(0, BLOCK)
@@ -209,15 +243,15 @@ def active_step_kernel(
         for it in range(0, n_full):
             _step_block(
                 it * BLOCK + offs, None, param, grad, gain_ptr, grad_sum, prev_sign, states, h,
-                t64, lr, decay, grad_scale, gain_rule, factor, UPDATE, BOUNDARY, MOMENT, SIGN_TEST,
-                MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT,
-                SOFTWARE_BF16_ROUNDING, False)
+                t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE, BOUNDARY,
+                MOMENT, SIGN_TEST, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
+                PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
         if n_full * BLOCK < n_here:
             _step_block(
                 tail, tail < n_here, param, grad, gain_ptr, grad_sum, prev_sign, states, h,
-                t64, lr, decay, grad_scale, gain_rule, factor, UPDATE, BOUNDARY, MOMENT, SIGN_TEST,
-                MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT,
-                SOFTWARE_BF16_ROUNDING, True)
+                t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE, BOUNDARY,
+                MOMENT, SIGN_TEST, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
+                PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
     else:
         # found_inf: the step is skipped, but a due boundary is applied (and the sum reset)
         if BOUNDARY != 0:
@@ -227,8 +261,8 @@ def active_step_kernel(
                 if SIGN_TEST:
                     moment = tl.load(states[MOMENT] + block, mask=block < n_here, other=0)
                 _epoch_boundary(block, block < n_here, gain_ptr, grad_sum, prev_sign, gain_rule,
-                                moment, factor, SIGN_TEST, BOUNDARY, True)
-                tl.store(grad_sum + block, tl.zeros([BLOCK], tl.float32), mask=block < n_here)
+                                moment, factor, SIGN_TEST, BOUNDARY, COMPACT, True)
+                tl.store(grad_sum + block, tl.zeros([BLOCK], SIGN_STATE), mask=block < n_here)
 
     # ---- step counter: the last program of this tensor to finish increments it ------------
     n_chunks = tl.maximum(tl.cdiv(numel, CHUNK), 1)

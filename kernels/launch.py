@@ -62,6 +62,7 @@ def clear_plan_cache() -> None:
 class _Plan:
     ptr_table: Tensor  # views into one int64 device buffer
     numels: Tensor
+    seeds: Tensor  # compact state's rounding seeds (0 for float32 state)
     chunk_tensor: Tensor
     chunk_start: Tensor
     arrivals: Tensor  # int32 per tensor, 0 between launches
@@ -71,20 +72,22 @@ class _Plan:
     hyper: Tensor | None = None
 
 
-def _build_plan(rows: list[list[Tensor]], device: torch.device) -> _Plan:
+def _build_plan(rows: list[list[Tensor]], device: torch.device, seeds: tuple[int, ...]
+                ) -> _Plan:
     n, n_rows = len(rows[0]), len(rows)
     numels = [p.numel() for p in rows[0]]
     # an empty tensor still gets a program: its step counter must advance
     counts = [max(1, -(-k // CHUNK)) for k in numels]
-    host = torch.empty(n_rows * n + n + 2 * sum(counts), dtype=torch.int64)
+    host = torch.empty(n_rows * n + 2 * n + 2 * sum(counts), dtype=torch.int64)
     ptrs = host[: n_rows * n].view(n_rows, n)
     for r, row in enumerate(rows):
         ptrs[r] = torch.tensor([t.data_ptr() for t in row], dtype=torch.int64)
     host[n_rows * n : n_rows * n + n] = torch.tensor(numels, dtype=torch.int64)
+    host[n_rows * n + n : n_rows * n + 2 * n] = torch.tensor(seeds or [0] * n, dtype=torch.int64)
     tensor_index = torch.repeat_interleave(torch.arange(n), torch.tensor(counts))
     first_chunk = torch.tensor([0] + counts[:-1]).cumsum(0)
     starts = (torch.arange(len(tensor_index)) - first_chunk[tensor_index]) * CHUNK
-    tail = host[n_rows * n + n :]
+    tail = host[n_rows * n + 2 * n :]
     tail[: len(starts)] = tensor_index
     tail[len(starts) :] = starts
     if device.type == "cuda":  # pinned + non_blocking: even a miss does not block the host
@@ -95,17 +98,20 @@ def _build_plan(rows: list[list[Tensor]], device: torch.device) -> _Plan:
     return _Plan(
         ptr_table=buffer[: n_rows * n],
         numels=buffer[n_rows * n : n_rows * n + n],
-        chunk_tensor=buffer[n_rows * n + n : n_rows * n + n + c],
-        chunk_start=buffer[n_rows * n + n + c :],
+        seeds=buffer[n_rows * n + n : n_rows * n + 2 * n],
+        chunk_tensor=buffer[n_rows * n + 2 * n : n_rows * n + 2 * n + c],
+        chunk_start=buffer[n_rows * n + 2 * n + c :],
         arrivals=torch.zeros(n, dtype=torch.int32, device=device),
         n_chunks=c,
         aligned=all(t.data_ptr() % 16 == 0 for row in rows for t in row),
     )
 
 
-def _plan_for(rows: list[list[Tensor]], device: torch.device, contiguous: bool) -> _Plan:
+def _plan_for(rows: list[list[Tensor]], device: torch.device, contiguous: bool,
+              seeds: tuple[int, ...]) -> _Plan:
     key = (
         device,
+        seeds,
         tuple(row[0].dtype for row in rows),
         tuple(p.numel() for p in rows[0]),
         tuple(t.data_ptr() for row in rows for t in row),
@@ -119,7 +125,7 @@ def _plan_for(rows: list[list[Tensor]], device: torch.device, contiguous: bool) 
         _plans.move_to_end(key)
         return plan
     _stats["misses"] += 1
-    plan = _build_plan(rows, device)
+    plan = _build_plan(rows, device, seeds)
     _plans[key] = plan
     if len(_plans) > MAX_PLANS:
         _plans.popitem(last=False)
@@ -146,6 +152,7 @@ def active_step(
     maximize: bool,
     boundary: int,
     contiguous: bool,
+    rounding_seeds: Sequence[int] | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
@@ -160,7 +167,8 @@ def active_step(
     ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain, sign_threshold), the sign test on
     when sign_threshold > 0 (an update with a second moment only), over epochs of
     ``epoch_steps`` steps; ``boundary`` 0 / 1 (roll) / 2 (update), as
-    ``adaptive_lr.backends.bucket.Boundary``.
+    ``adaptive_lr.backends.bucket.Boundary``. ``rounding_seeds``: one per param for compact
+    state (bfloat16 gains and grad_sums; not for float64 params), None for float32 state.
     """
     if update not in UPDATES:
         raise ValueError(f"adaptive_lr triton backend: no update {update!r}; have {list(UPDATES)}")
@@ -178,16 +186,20 @@ def active_step(
     if dtype not in _TL_DTYPES:
         raise TypeError(f"adaptive_lr triton backend: unsupported param dtype {dtype}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    plan = _plan_for(rows, device, contiguous)
+    compact = rounding_seeds is not None
+    if compact and compute == torch.float64:
+        raise TypeError("adaptive_lr triton backend: compact state is not for float64 params")
+    plan = _plan_for(rows, device, contiguous, tuple(rounding_seeds or ()))
     values = (weight_decay, *gain_rule, epoch_steps, *hyper)  # COMMON_HYPER, then the vector
     table = _hyper_table(plan, tuple(float(v) for v in values), device)
     active_step_kernel[(plan.n_chunks,)](
-        plan.ptr_table, plan.numels, plan.chunk_tensor, plan.chunk_start, plan.arrivals,
-        len(params), table, lr,
+        plan.ptr_table, plan.numels, plan.seeds, plan.chunk_tensor, plan.chunk_start,
+        plan.arrivals, len(params), table, lr,
         lr if grad_scale is None else grad_scale,  # unused pointer when the flag is off
         lr if found_inf is None else found_inf,
         UPDATE=UPDATES[update].function, N_HYPER=len(hyper), N_STATE=len(rows) - len(ROWS),
-        BOUNDARY=int(boundary), MOMENT=moment or 0, SIGN_TEST=sign_test, MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
+        BOUNDARY=int(boundary), MOMENT=moment or 0, SIGN_TEST=sign_test, COMPACT=compact,
+        MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         PARAM_DTYPE=_TL_DTYPES[dtype], CT=_TL_DTYPES[compute], ALIGNED=plan.aligned,
         SOFTWARE_BF16_ROUNDING=dtype == torch.bfloat16 and knobs.runtime.interpret,

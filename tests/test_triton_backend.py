@@ -464,8 +464,8 @@ import adaptive_lr
 from adaptive_lr.kernels.active_step import active_step_kernel as kernel
 from adaptive_lr.kernels.updates import UPDATES
 
-POINTERS = {"ptr_table": "*i64", "numels": "*i64", "chunk_tensor": "*i64", "chunk_start": "*i64",
-            "arrivals": "*i32", "hyper": "*fp64", "lr_ptr": "*fp64", "grad_scale_ptr": "*fp32",
+POINTERS = {"ptr_table": "*i64", "numels": "*i64", "seeds": "*i64", "chunk_tensor": "*i64",
+            "chunk_start": "*i64", "arrivals": "*i32", "hyper": "*fp64", "lr_ptr": "*fp64", "grad_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32"}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
 SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
@@ -479,10 +479,12 @@ for arch, spec, dtype, boundary, flags in VARIANTS:
     ct = tl.float64 if dtype == "fp64" else tl.float32
     update = UPDATES[spec.kernel]
     n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
-    # flags on: the sign test too, where the update has a second moment
+    # flags on: the sign test too, where the update has a second moment; low-precision params
+    # compile with compact state, the others with full state
     constants = dict(UPDATE=update.function, N_HYPER=len(update.hyper), N_STATE=n_state,
                      BOUNDARY=boundary, MOMENT=update.second_moment or 0,
-                     SIGN_TEST=flags and update.second_moment is not None, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                     SIGN_TEST=flags and update.second_moment is not None,
+                     COMPACT=dtype in ("bf16", "fp16"), MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                      HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
                      ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,
                      BLOCK=1024 if ct == tl.float32 else 512, CHUNK=4096)

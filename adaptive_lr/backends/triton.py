@@ -108,6 +108,7 @@ def step(bucket: Bucket) -> None:
         weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
         gain_rule=dataclasses.astuple(h.gain_rule()), epoch_steps=bucket.epoch_steps,
         maximize=h.maximize, boundary=int(bucket.boundary), contiguous=contiguous,
+        rounding_seeds=bucket.rounding_seeds,
         grad_scale=bucket.grad_scale, found_inf=bucket.found_inf,
     )
     for original, copy in writeback:

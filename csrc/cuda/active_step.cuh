@@ -1,5 +1,5 @@
 // The Active optimizers' CUDA step: one functor, templated on math.h's kernel tag (one per
-// optimizer, ADAPTIVE_LR_KERNELS), the boundary kind and the param dtype, run by
+// optimizer, ADAPTIVE_LR_KERNELS), the boundary kind, the state precision and the param dtype, run by
 // multi_tensor_apply with one block per chunk. Per element it calls math.h's fused_step (or
 // apply_boundary alone when found_inf skips the step): the functions the CPU kernels call.
 //
@@ -82,10 +82,25 @@ __device__ __forceinline__ void for_each_pack(int length, bool vectorized, const
   }
 }
 
+// gain and grad_sum: float, or (compact state) bfloat16 as its bits, converted by math.h's
+// functions so that the rounding is the one every backend does.
+template <StatePrecision S>
+using SignState = std::conditional_t<S == StatePrecision::kCompact, uint16_t, float>;
+
+template <StatePrecision S>
+__device__ __forceinline__ float sign_state_value(SignState<S> x) {
+  if constexpr (S == StatePrecision::kCompact) {
+    return bfloat16_value(x);
+  } else {
+    return x;
+  }
+}
+
 // ---- the functor -------------------------------------------------------------------------------
 
-template <Boundary B, class Kernel, class P>
+template <Boundary B, StatePrecision S, class Kernel, class P>
 struct ActiveStep {
+  using G = SignState<S>;
   static constexpr int kThreads = 512;
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute and state
   // elements per pack: one 16-byte access of every compute-type stream (states, gain and
@@ -99,6 +114,7 @@ struct ActiveStep {
     typename Kernel::Hyper hyper;
     typename Kernel::Scalars scalars;
     double sign_test_factor;  // from the step count before this step
+    uint32_t rounding_key;    // compact state: rounding_key(seed, next_step)
     float next_step;
     bool skip;  // found_inf: apply a due boundary, nothing else
   };
@@ -107,8 +123,9 @@ struct ActiveStep {
   struct ChunkPtrs {
     P* param;
     const P* grad;
-    float* gain;
-    float* grad_sum;
+    G* gain;
+    G* grad_sum;
+    int64_t offset;  // of the chunk's first element in its tensor (compact state's index)
     int8_t* prev_sign;
     C* state[kMaxStates];
     int num_states;
@@ -123,7 +140,8 @@ struct ActiveStep {
     }
   };
 
-  static __device__ BlockScalars block_scalars(const StepArgs<Kernel>& a, float step) {
+  static __device__ BlockScalars block_scalars(const StepArgs<Kernel>& a, float step,
+                                               uint32_t rounding_seed) {
     BlockScalars s;
     const double lr = a.lr_is_double ? *static_cast<const double*>(a.lr)
                                      : *static_cast<const float*>(a.lr);
@@ -135,16 +153,17 @@ struct ActiveStep {
     s.skip = a.found_inf != nullptr && *a.found_inf != 0;
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
     s.scalars = Kernel::step_scalars(s.hyper, static_cast<double>(s.next_step));
+    s.rounding_key = rounding_key(rounding_seed, static_cast<uint32_t>(s.next_step));
     return s;
   }
 
   template <int W>
   static __device__ void step_elements(const ChunkPtrs& c, int i, const CommonLanes<C>& common,
-                                       const Update<Kernel, C>& update) {
+                                       const Update<Kernel, C>& update, uint32_t key) {
     Pack<P, W> param = load<W>(c.param + i);
     const Pack<P, W> grad = load<W>(c.grad + i);
-    Pack<float, W> gain = load<W>(c.gain + i);
-    Pack<float, W> grad_sum = load<W>(c.grad_sum + i);
+    Pack<G, W> gain = load<W>(c.gain + i);
+    Pack<G, W> grad_sum = load<W>(c.grad_sum + i);
     Pack<int8_t, W> sign{};
     if constexpr (B != Boundary::kNone) sign = load<W>(c.prev_sign + i);
     Pack<C, W> state[kMaxStates]{};
@@ -153,13 +172,19 @@ struct ActiveStep {
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      C theta = to_lane<C>(param.v[j]), gamma = gain.v[j], sum = grad_sum.v[j], prev = sign.v[j];
+      C theta = to_lane<C>(param.v[j]), gamma = sign_state_value<S>(gain.v[j]),
+        sum = sign_state_value<S>(grad_sum.v[j]), prev = sign.v[j];
       C st[kMaxStates];
       for (int k = 0; k < kMaxStates; ++k) st[k] = state[k].v[j];
-      fused_step<B>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, prev, st);
+      fused_step<B, S>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, prev, st);
       param.v[j] = from_lane<P>(theta);
-      gain.v[j] = static_cast<float>(gamma);
-      grad_sum.v[j] = static_cast<float>(sum);
+      if constexpr (S == StatePrecision::kCompact) {
+        gain.v[j] = bfloat16_nearest(gamma);  // already a bfloat16 value: exact
+        grad_sum.v[j] = bfloat16_stochastic(sum, key, static_cast<uint32_t>(c.offset + i + j));
+      } else {
+        gain.v[j] = static_cast<float>(gamma);
+        grad_sum.v[j] = static_cast<float>(sum);
+      }
       sign.v[j] = static_cast<int8_t>(prev);
       for (int k = 0; k < kMaxStates; ++k) state[k].v[j] = st[k];
     }
@@ -177,8 +202,8 @@ struct ActiveStep {
   template <int W>
   static __device__ void boundary_elements(const ChunkPtrs& c, int i,
                                            const CommonLanes<C>& common) {
-    Pack<float, W> gain = load<W>(c.gain + i);
-    Pack<float, W> grad_sum = load<W>(c.grad_sum + i);
+    Pack<G, W> gain = load<W>(c.gain + i);
+    Pack<G, W> grad_sum = load<W>(c.grad_sum + i);
     Pack<int8_t, W> sign = load<W>(c.prev_sign + i);
     Pack<C, W> moment{};
     if constexpr (Kernel::kSecondMoment >= 0) {
@@ -186,10 +211,16 @@ struct ActiveStep {
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      C gamma = gain.v[j], sum = grad_sum.v[j], prev = sign.v[j];
-      apply_boundary<B>(common, gamma, sum, prev, moment.v[j]);
-      gain.v[j] = static_cast<float>(gamma);
-      grad_sum.v[j] = static_cast<float>(sum);
+      C gamma = sign_state_value<S>(gain.v[j]), sum = sign_state_value<S>(grad_sum.v[j]),
+        prev = sign.v[j];
+      apply_boundary<B, S>(common, gamma, sum, prev, moment.v[j]);
+      if constexpr (S == StatePrecision::kCompact) {
+        gain.v[j] = bfloat16_nearest(gamma);
+        grad_sum.v[j] = 0;  // the boundary reset it
+      } else {
+        gain.v[j] = static_cast<float>(gamma);
+        grad_sum.v[j] = static_cast<float>(sum);
+      }
       sign.v[j] = static_cast<int8_t>(prev);
     }
     if constexpr (B == Boundary::kUpdate) store<W>(c.gain + i, gain);
@@ -221,15 +252,16 @@ struct ActiveStep {
     float* const step = static_cast<float*>(meta.addresses[kStep][slot]);
 
     __shared__ BlockScalars shared;
-    if (threadIdx.x == 0) shared = block_scalars(args, *step);
+    if (threadIdx.x == 0) shared = block_scalars(args, *step, meta.rounding_seeds[slot]);
     __syncthreads();
     const BlockScalars s = shared;
 
     ChunkPtrs c;
     c.param = static_cast<P*>(meta.addresses[kParam][slot]) + offset;
     c.grad = static_cast<const P*>(meta.addresses[kGrad][slot]) + offset;
-    c.gain = static_cast<float*>(meta.addresses[kGain][slot]) + offset;
-    c.grad_sum = static_cast<float*>(meta.addresses[kGradSum][slot]) + offset;
+    c.gain = static_cast<G*>(meta.addresses[kGain][slot]) + offset;
+    c.grad_sum = static_cast<G*>(meta.addresses[kGradSum][slot]) + offset;
+    c.offset = offset;
     c.prev_sign = static_cast<int8_t*>(meta.addresses[kPrevSign][slot]) + offset;
     c.num_states = s.hyper.num_states();
     for (int k = 0; k < kMaxStates; ++k) {
@@ -250,7 +282,7 @@ struct ActiveStep {
     const CommonLanes<C> common(s.common, s.sign_test_factor);
     const Update<Kernel, C> update(s.hyper, s.scalars);
     for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
-      step_elements<decltype(w)::value>(c, i, common, update);
+      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key);
     });
     advance_step(meta, args.arrivals, slot, step, s.next_step);
   }
@@ -258,20 +290,33 @@ struct ActiveStep {
 
 // ---- dispatch ----------------------------------------------------------------------------------
 
-template <Boundary B, class Kernel>
-cudaError_t step_with_boundary(const Bucket<Kernel>& b, const std::vector<Launch>& plan,
-                               cudaStream_t stream) {
+template <Boundary B, StatePrecision S, class Kernel>
+cudaError_t step_with_precision(const Bucket<Kernel>& b, const std::vector<Launch>& plan,
+                                cudaStream_t stream) {
   const auto run = [&](auto param) {
-    using Functor = ActiveStep<B, Kernel, decltype(param)>;
-    return multi_tensor_apply<Functor, Kernel>(plan, b.tensors, b.numels, b.args, stream);
+    using Functor = ActiveStep<B, S, Kernel, decltype(param)>;
+    return multi_tensor_apply<Functor, Kernel>(plan, b.tensors, b.numels, b.rounding_seeds,
+                                               b.args, stream);
   };
   switch (b.dtype) {
     case DType::kFloat: return run(float());
-    case DType::kDouble: return run(double());
+    case DType::kDouble:
+      // compact state is for float32 compute: the op refuses it for float64 params
+      if constexpr (S == StatePrecision::kFull) return run(double());
+      break;
     case DType::kBFloat16: return run(__nv_bfloat16());
     case DType::kHalf: return run(__half());
   }
   return cudaErrorInvalidValue;
+}
+
+template <Boundary B, class Kernel>
+cudaError_t step_with_boundary(const Bucket<Kernel>& b, const std::vector<Launch>& plan,
+                               cudaStream_t stream) {
+  if (b.precision == StatePrecision::kCompact) {
+    return step_with_precision<B, StatePrecision::kCompact>(b, plan, stream);
+  }
+  return step_with_precision<B, StatePrecision::kFull>(b, plan, stream);
 }
 
 template <class Kernel>

@@ -21,8 +21,8 @@ namespace adaptive_lr::cuda {
 enum List : int {
   kParam,     // param dtype
   kGrad,      // param dtype
-  kGain,      // float
-  kGradSum,   // float
+  kGain,      // float; bfloat16 bits (uint16_t) for compact state
+  kGradSum,   // as kGain
   kPrevSign,  // int8
   kStep,      // float, one element
   kState0,    // the kernel's states in its order (math.h's kStates): double for float64 params,
@@ -63,9 +63,11 @@ template <class Kernel>
 struct Bucket {
   DType dtype;
   Boundary boundary;
+  StatePrecision precision;  // kCompact: bfloat16 gain and grad_sum (never for float64 params)
   StepArgs<Kernel> args;
   const TensorAddresses<Kernel>* tensors;  // host array, one per tensor
   const int64_t* numels;           // host array
+  const uint32_t* rounding_seeds;  // host array: compact state's seeds (0 for full state)
   int32_t num_tensors;
 };
 

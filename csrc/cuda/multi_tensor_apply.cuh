@@ -28,7 +28,7 @@ template <class Kernel>
 constexpr LaunchLimits launch_limits() {
   constexpr std::size_t per_block = sizeof(uint8_t) + sizeof(int32_t);
   constexpr std::size_t per_tensor =
-      kNumLists<Kernel> * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t);
+      kNumLists<Kernel> * sizeof(void*) + sizeof(int64_t) + 2 * sizeof(int32_t);
   constexpr std::size_t slack = 16;
   constexpr std::size_t tensors =
       (kMaxKernelArgBytes - sizeof(StepArgs<Kernel>) - kMaxBlocks * per_block - slack) /
@@ -43,6 +43,7 @@ struct LaunchMetadata {
   static constexpr LaunchLimits kLimits = launch_limits<Kernel>();
   void* addresses[kNumLists<Kernel>][kLimits.max_tensors];
   int64_t numels[kLimits.max_tensors];
+  uint32_t rounding_seeds[kLimits.max_tensors];  // compact state's (math.h, rounding_key)
   // for a tensor whose last chunk is in this launch: its blocks in this launch; 0 for a tensor
   // that continues in the next launch (that launch advances its step counter)
   int32_t finishing_blocks[kLimits.max_tensors];
@@ -61,7 +62,8 @@ __global__ void __launch_bounds__(Functor::kThreads)
 template <class Functor, class Kernel>
 cudaError_t multi_tensor_apply(const std::vector<Launch>& plan,
                                const TensorAddresses<Kernel>* tensors, const int64_t* numels,
-                               const StepArgs<Kernel>& args, cudaStream_t stream) {
+                               const uint32_t* rounding_seeds, const StepArgs<Kernel>& args,
+                               cudaStream_t stream) {
   static_assert(sizeof(LaunchMetadata<Kernel>) + sizeof(StepArgs<Kernel>) <= kMaxKernelArgBytes,
                 "kernel arguments exceed 4 KB: lower kMaxBlocks");
   static_assert(kMaxTensorSlots <= 256, "block_slot is a uint8_t");
@@ -73,6 +75,7 @@ cudaError_t multi_tensor_apply(const std::vector<Launch>& plan,
         meta.addresses[list][s] = tensors[slot.tensor][list];
       }
       meta.numels[s] = numels[slot.tensor];
+      meta.rounding_seeds[s] = rounding_seeds[slot.tensor];
       meta.finishing_blocks[s] = slot.finishes ? slot.blocks : 0;
     }
     for (std::size_t b = 0; b < launch.blocks.size(); ++b) {

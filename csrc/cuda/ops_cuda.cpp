@@ -52,7 +52,10 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
   const size_t n = a.params.size();
   std::vector<TensorAddresses<Kernel>> tensors(n);
   std::vector<int64_t> numels(n);
+  const bool compact = is_compact(a);
+  std::vector<uint32_t> rounding_seeds(n, 0);
   for (size_t i = 0; i < n; ++i) {
+    if (compact) rounding_seeds[i] = static_cast<uint32_t>(a.rounding_seeds[i]);
     TensorAddresses<Kernel>& t = tensors[i];
     t = {};  // states the hyperparameters leave unused stay null
     t[kParam] = a.params[i].data_ptr();
@@ -79,8 +82,10 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
                               a.found_inf ? a.found_inf->const_data_ptr<float>() : nullptr,
                               arrivals_for(a.steps[0], stream)};
   C10_CUDA_CHECK(step(Bucket<Kernel>{to_dtype(a.params[0].scalar_type()),
-                                     static_cast<Boundary>(a.boundary), args, tensors.data(),
-                                     numels.data(), static_cast<int32_t>(n)},
+                                     static_cast<Boundary>(a.boundary),
+                                     compact ? StatePrecision::kCompact : StatePrecision::kFull,
+                                     args, tensors.data(), numels.data(), rounding_seeds.data(),
+                                     static_cast<int32_t>(n)},
                       stream));
 }
 

@@ -496,7 +496,7 @@ struct Update<Lion, T> {
 // boundary, the gradient's unscaling/negation, its accumulation into grad_sum, weight decay and
 // the base update with the new gain. A step skipped for found_inf calls apply_boundary alone.
 // A compact grad_sum leaves here in float32; its store rounds it (bfloat16_stochastic).
-template <Boundary B, StatePrecision S, class Kernel, class T>
+template <Boundary B, StatePrecision S = StatePrecision::kFull, class Kernel, class T>
 ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Kernel, T>& update,
                                         T& theta, T grad, T& gain, T& grad_sum, T& prev_sign,
                                         T (&state)[Kernel::kMaxStates]) {
