@@ -56,6 +56,30 @@ def test_backend_matches_reference(device, backend, config, dtype):
     assert out_error <= 2 * ref_error + floor, (out_error, ref_error)
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float64], ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_compact_state_matches_reference_bit_for_bit(device, backend, config, dtype):
+    """Compact state (bfloat16 gains and epoch sums): every backend draws the reference's
+    stochastic-rounding bits, so gains, sums and signs are identical, not merely close."""
+    start = make_params(dtype)
+    grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
+    ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP,
+                              state_precision="compact")
+    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
+                                         clone_params(start, device=device), grads, SKIP,
+                                         state_precision="compact"))
+    for p_ref, p_out, s_out in zip(ref_params, out_params, out_states):
+        s_ref = ref_opt.state[p_ref]
+        assert s_out["gain"].dtype == s_out["grad_sum"].dtype == torch.bfloat16
+        for key in ("gain", "grad_sum", "prev_sign", "step", "rounding_seed"):
+            assert torch.equal(s_ref[key], s_out[key]), key
+        # the base optimizer's float32 math: as close as in full precision
+        torch.testing.assert_close(p_out, p_ref.detach(), rtol=1e-5, atol=1e-6)
+    assert any((ref_opt.state[p]["gain"] != 1).any() for p in ref_params), "gains never moved"
+    assert any((ref_opt.state[p]["grad_sum"] != 0).any() for p in ref_params)
+
+
 def test_parity_covers_low_precision_and_shapes():
     assert set(LOW_PRECISION) < set(DTYPES) and () in SHAPES
     assert ("cpu", "foreach") in [tuple(param.values) for param in DEVICE_BACKENDS]

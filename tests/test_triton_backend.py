@@ -234,6 +234,21 @@ def test_odd_sizes_and_multi_chunk_tensors(config, dtype):
 
 @interpreter
 @pytest.mark.parametrize("config", REPRESENTATIVE, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compact_state_is_the_reference_bit_for_bit(config, dtype):
+    """Compact state: the kernel draws the reference's rounding bits, also past the first chunk
+    (the element index counts from the tensor's start) and at boundaries."""
+    chunk = launch.CHUNK
+    ref_opt, out_opt = _compare(config, [(17,), (chunk + 3,), ()], dtype, steps=5,
+                                skip={(2, 0)}, state_precision="compact")
+    for s_ref, s_out in zip(ref_opt.state.values(), out_opt.state.values()):
+        assert s_out["grad_sum"].dtype == torch.bfloat16
+        assert torch.equal(s_ref["grad_sum"], s_out["grad_sum"])
+        assert torch.equal(s_ref["gain"], s_out["gain"])
+
+
+@interpreter
+@pytest.mark.parametrize("config", REPRESENTATIVE, ids=lambda c: c.id)
 def test_empty_tensors_count_their_steps(config):
     ref_opt, out_opt = _compare(config, [(0,), (5,), (3, 0), ()], torch.float32, steps=5)
     assert all(s["step"].item() == 5 for s in out_opt.state.values())
@@ -251,7 +266,7 @@ def test_64_bit_chunk_offsets():
     """A tensor beyond 2**31 elements gets int64 chunk starts (meta tensors: no memory)."""
     big = torch.empty(2**31 + 5, device="meta")
     rows = [[big, torch.empty(3, device="meta")] for _ in range(9)]
-    plan = launch._build_plan(rows, torch.device("meta"))
+    plan = launch._build_plan(rows, torch.device("meta"), ())
     assert plan.chunk_start.dtype == torch.int64 and plan.numels.dtype == torch.int64
     n_big = math.ceil((2**31 + 5) / launch.CHUNK)
     assert plan.n_chunks == n_big + 1

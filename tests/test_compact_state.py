@@ -1,0 +1,172 @@
+"""Compact state (state_precision="compact"): what it stores, its roundings, its errors, and
+checkpoints that convert between full and compact state. Backend parity is in
+test_backend_parity.py and test_triton_backend.py."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from adaptive_lr import ActiveAdamW, ActiveSGD
+from adaptive_lr.backends.rounding import bfloat16_stochastic, element_index, mix32, rounding_key
+from optim_configs import config, grad_sequence, make_params, run
+
+ADAMW = config("defaults", cls=ActiveAdamW)
+
+
+def test_compact_state_is_five_bytes_per_param_beside_the_base_state():
+    params = make_params(torch.float32, shapes=[(1000,), (24, 5)])
+    full = run(ADAMW, torch.float32, 4, params=[p.detach().clone().requires_grad_() for p in params])[1]
+    compact = run(ADAMW, torch.float32, 4, params=params, state_precision="compact")[1]
+
+    def active_bytes(opt, keys=("gain", "grad_sum", "prev_sign")):
+        return sum(opt.state[p][k].nbytes for p in opt.state for k in keys)
+
+    numel = 1000 + 120
+    assert active_bytes(full) == 9 * numel
+    assert active_bytes(compact) == 5 * numel
+    for state in compact.state.values():
+        assert state["rounding_seed"].dtype == torch.int64 and state["rounding_seed"].device.type == "cpu"
+    # the seeds are the params' indices in the optimizer: distinct, and the same on every rank
+    assert sorted(int(s["rounding_seed"]) for s in compact.state.values()) == [0, 1]
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    x = torch.full((1 << 16,), 1.0 + 0.3 * 2**-7)  # 0.3 bfloat16 ulps above 1
+    rounded = bfloat16_stochastic(x, rounding_key(3, 5), element_index(x)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs((rounded == 1.0 + 2**-7).float().mean().item() - 0.3) < 0.01
+    exact = torch.tensor([2.0, -0.5, float("inf"), float("-inf"), 0.0])
+    assert torch.equal(bfloat16_stochastic(exact, 7, element_index(exact)).float(), exact)
+    assert bfloat16_stochastic(torch.tensor([float("nan")]), 7, torch.zeros(1, dtype=torch.long)).isnan().all()
+
+
+def test_the_hash_is_math_h_lowbias32():
+    # values computed with the C++ definition (uint32 arithmetic)
+    assert mix32(0) == 0
+    for x in (1, 2, 12345, 0xFFFFFFFF, 0x80000000):
+        assert mix32(x) == _lowbias32(x)
+        assert int(mix32(torch.tensor([x]))[0]) == _lowbias32(x)
+
+
+def _lowbias32(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_the_epoch_sum_tracks_the_float32_sum():
+    """Over an epoch of many steps the stochastically rounded bfloat16 sum stays close to the
+    float32 sum (unbiased: its error grows like sqrt(steps) ulps, not like steps)."""
+    params = make_params(torch.float32, shapes=[(4096,)])
+    grads = grad_sequence([(4096,)], 200, torch.float32)
+    full = run(ADAMW, torch.float32, 200, params=[params[0].detach().clone().requires_grad_()],
+               grads=grads, steps_per_epoch=1000)
+    compact = run(ADAMW, torch.float32, 200, params=params, grads=grads, steps_per_epoch=1000,
+                  state_precision="compact")
+    exact = full[1].state[full[0][0]]["grad_sum"]
+    stored = compact[1].state[compact[0][0]]["grad_sum"].float()
+    ulps = (stored - exact) / (exact.abs() * 2**-8).clamp_min(1e-30)  # in bfloat16 ulps
+    assert ulps.abs().median() < 200**0.5  # a truncating rounding drifts ~100 ulps here
+    error = stored - exact  # no bias: its mean is within 4 standard errors of 0
+    assert abs(error.mean()) < 4 * error.std() / error.numel()**0.5
+    assert (torch.sign(stored) == torch.sign(exact)).float().mean() > 0.99
+
+
+def test_bad_state_precision_and_float64_params_are_refused():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="unknown state_precision 'half'"):
+        ActiveAdamW([p], steps_per_epoch=2, state_precision="half")
+    with pytest.raises(ValueError, match="float64 param"):
+        ActiveSGD([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1,
+                  steps_per_epoch=2, state_precision="compact")
+
+
+def _saved(opt) -> dict:
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_compact_checkpoint_resumes_bit_for_bit(backend):
+    dtype = torch.float32
+    grads = grad_sequence([(5, 3), (17,)], 10, dtype)
+    params, opt = run(ADAMW, dtype, 5, backend, make_params(dtype, shapes=[(5, 3), (17,)]),
+                      grads[:5], state_precision="compact")
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = ADAMW.make(resumed_params, backend=backend, state_precision="compact")
+    resumed.load_state_dict(_saved(opt))
+    for step in grads[5:]:
+        for both in ((params, opt), (resumed_params, resumed)):
+            for p, g in zip(both[0], step):
+                p.grad = g.clone()
+            both[1].step()
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+        for key in ("gain", "grad_sum", "prev_sign", "rounding_seed"):
+            assert torch.equal(opt.state[p][key], resumed.state[q][key])
+
+
+def test_checkpoints_convert_between_full_and_compact_state():
+    dtype = torch.float32
+    params, full = run(ADAMW, dtype, 7, params=make_params(dtype, shapes=[(40,)]))
+    saved = _saved(full)
+    compact = ADAMW.make([params[0].detach().clone()], state_precision="compact")
+    with pytest.warns(UserWarning, match="rounded to the nearest bfloat16"):
+        compact.load_state_dict(saved)
+    state, before = next(iter(compact.state.values())), saved["state"][0]
+    assert state["gain"].dtype == state["grad_sum"].dtype == torch.bfloat16
+    assert torch.equal(state["gain"], before["gain"].bfloat16())  # round to nearest
+    assert torch.equal(state["grad_sum"], before["grad_sum"].bfloat16())
+    assert torch.equal(state["exp_avg"], before["exp_avg"])  # moments are untouched
+    assert int(state["rounding_seed"]) == 0
+
+    # back to full state: bfloat16 values widen exactly, nothing is lost, nothing is said
+    back = ADAMW.make([params[0].detach().clone()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back.load_state_dict(_saved(compact))
+    widened = next(iter(back.state.values()))
+    assert widened["gain"].dtype == torch.float32 and "rounding_seed" not in widened
+    assert torch.equal(widened["gain"], state["gain"].float())
+
+
+def test_a_bad_rounding_seed_is_refused_and_changes_nothing():
+    params, opt = run(ADAMW, torch.float32, 2, params=make_params(torch.float32, shapes=[(4,)]),
+                      state_precision="compact")
+    saved = _saved(opt)
+    saved["state"][0]["rounding_seed"] = torch.tensor(-1)
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match="rounding_seed=-1"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(before[k], v) for k, v in opt.state[params[0]].items())
+
+
+def test_the_fused_op_checks_compact_arguments():
+    import adaptive_lr._C  # noqa: F401  (registers the op)
+
+    p, g = torch.zeros(4), torch.ones(4)
+    common = dict(kernel="sgd", params=[p], grads=[g], prev_signs=[torch.zeros(4, dtype=torch.int8)],
+                  steps=[torch.zeros(())], states=[torch.zeros(4)], lr=torch.tensor(0.1),
+                  hyper=[0.0, 0.0, 0.0], weight_decay=0.0, maximize=False, gain_inc=2.0,
+                  gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), sign_threshold=0.0,
+                  epoch_steps=0, boundary=0, grad_scale=None, found_inf=None)
+    op = torch.ops.adaptive_lr.active_step_
+    bf16 = dict(gains=[torch.ones(4, dtype=torch.bfloat16)], grad_sums=[torch.zeros(4, dtype=torch.bfloat16)])
+    with pytest.raises(RuntimeError, match="one rounding seed per param"):
+        op(**common, **bf16, rounding_seeds=[])
+    with pytest.raises(RuntimeError, match="rounding_seeds are for compact state"):
+        op(**common, gains=[torch.ones(4)], grad_sums=[torch.zeros(4)], rounding_seeds=[1])
+    with pytest.raises(RuntimeError, match=r"grad_sums\[0\] must have dtype BFloat16"):
+        op(**common, gains=bf16["gains"], grad_sums=[torch.zeros(4)], rounding_seeds=[1])
+    with pytest.raises(RuntimeError, match=r"rounding_seeds\[0\] must be in \[0, 2\*\*32\)"):
+        op(**common, **bf16, rounding_seeds=[2**32])
+    assert torch.equal(p, torch.zeros(4))  # nothing was written
+    op(**common, **bf16, rounding_seeds=[1])
+    assert torch.equal(p, torch.full((4,), -0.1))
