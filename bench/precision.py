@@ -20,6 +20,7 @@ import sys
 import torch
 
 from adaptive_lr import ActiveAdamW
+from adaptive_lr.backends.rounding import bfloat16_stochastic, element_index, rounding_key
 from adaptive_lr.study.digits import load_digits, train
 from adaptive_lr.study.runner import describe, mean_sd, run_tasks
 
@@ -53,22 +54,45 @@ def print_ema_table() -> None:
 OPTIMIZERS = ("AdamW", "AdamW, fp32 state", "ActiveAdamW")
 
 
-def grad_sum_sign_errors(dtype: torch.dtype, steps: int = 1000, elements: int = 20_000) -> float:
-    """The fraction of elements whose sum of ``steps`` N(0.02, 1) gradients, accumulated in
-    ``dtype`` (float32 math, one rounding per step), has another sign than the float64 sum."""
+def gradient_workloads(steps: int = 1000, elements: int = 20_000) -> dict[str, torch.Tensor]:
+    """Epochs of ``steps`` gradients for ``elements`` elements: noise around a small drift, and a
+    drift that reverses after the first tenth of the epoch (the later steps are small next to
+    the sum they join: rounded to nearest, they are lost)."""
     gen = torch.Generator().manual_seed(0)
-    grads = 0.02 + torch.randn(steps, elements, generator=gen)
-    total = torch.zeros(elements, dtype=dtype)
-    for g in grads:
-        total = (total.float() + g).to(dtype)
+    noise = 0.02 + torch.randn(steps, elements, generator=gen)
+    early = steps // 10
+    reversal = 0.01 * torch.randn(steps, elements, generator=gen)
+    reversal[:early] += 1.0
+    reversal[early:] -= 0.2
+    return {"N(0.02, 1)": noise, "N(1, 0.01) for 100 steps, then N(-0.2, 0.01)": reversal}
+
+
+def grad_sum_sign_errors(grads: torch.Tensor, dtype: torch.dtype, stochastic: bool = False
+                         ) -> tuple[float, float]:
+    """For each element's sum of ``grads`` accumulated in ``dtype`` (float32 math, one rounding
+    per step: to nearest, or ``stochastic`` as compact state rounds its bfloat16 grad_sum), the
+    fraction of elements whose sum has another sign than the float64 sum, and that fraction
+    weighted by |float64 sum|."""
+    total = torch.zeros(grads.shape[1], dtype=dtype)
+    index = element_index(total)
+    for step, g in enumerate(grads, 1):
+        total = (bfloat16_stochastic(total.float() + g, rounding_key(0, step), index)
+                 if stochastic else (total.float() + g).to(dtype))
     exact = grads.double().sum(0)
-    return (torch.sign(total.double()) != torch.sign(exact)).double().mean().item()
+    wrong = torch.sign(total.double()) != torch.sign(exact)
+    return wrong.double().mean().item(), (exact.abs() * wrong).sum().item() / exact.abs().sum().item()
 
 
 def print_grad_sum_table() -> None:
-    print("\nEpoch gradient sum of 1000 steps, share of elements with the wrong sign:")
-    for name, dtype in STATE_DTYPES.items():
-        print(f"  {name}: {grad_sum_sign_errors(dtype):.2%}")
+    print("\nEpoch gradient sums of 1000 steps, share of elements with the wrong sign "
+          "(unweighted; weighted by |sum|):")
+    cases = [(name, dtype, False) for name, dtype in STATE_DTYPES.items()]
+    cases.append(("bfloat16, stochastic rounding", torch.bfloat16, True))
+    for workload, grads in gradient_workloads().items():
+        print(f"  gradients {workload}:")
+        for name, dtype, stochastic in cases:
+            share, weighted = grad_sum_sign_errors(grads, dtype, stochastic)
+            print(f"    {name}: {share:.2%}; {weighted:.3%}")
 
 
 def optimizer_factory(name: str, lr: float):
