@@ -111,8 +111,8 @@ void active_step_(std::string_view kernel, TensorList params, TensorList grads, 
                   TensorList states, const Tensor& lr, c10::ArrayRef<double> hyper,
                   double weight_decay, bool maximize, double gain_inc, double gain_dec,
                   double min_gain, double max_gain, double sign_threshold, int64_t epoch_steps,
-                  c10::ArrayRef<int64_t> rounding_seeds, int64_t boundary,
-                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+                  int64_t boundary, const OptionalTensor& grad_scale,
+                  const OptionalTensor& found_inf, c10::ArrayRef<int64_t> rounding_seeds) {
   const ActiveArgs args{params,   grads,          gains,       grad_sums, prev_signs,
                         steps,    lr,             weight_decay, maximize, gain_inc,
                         gain_dec, min_gain,       max_gain,    sign_threshold, epoch_steps,
@@ -142,8 +142,8 @@ TORCH_LIBRARY(adaptive_lr, m) {
         "Tensor(c!)[] grad_sums, Tensor(d!)[] prev_signs, Tensor(e!)[] steps, "
         "Tensor(f!)[] states, Tensor lr, float[] hyper, float weight_decay, bool maximize, "
         "float gain_inc, float gain_dec, float min_gain, float max_gain, float sign_threshold, "
-        "int epoch_steps, int[] rounding_seeds, int boundary, "
-        "Tensor? grad_scale, Tensor? found_inf) -> ()");
+        "int epoch_steps, int boundary, "
+        "Tensor? grad_scale, Tensor? found_inf, int[] rounding_seeds=[]) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adaptive_lr, CPU, m) { m.impl("active_step_", &active_step_); }
