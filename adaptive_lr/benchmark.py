@@ -1,10 +1,13 @@
 """Optimizer step-time benchmark: torch's AdamW/SGD/RAdam (for-loop, foreach, fused) against the
-four Active optimizers on every available backend, measured side by side in one run.
+Active optimizers on every available backend, with full and compact state (state_precision),
+measured side by side in one run.
 
 For every (size, layout, dtype) case all optimizers step the SAME params and grads (the values
 drift, the cost does not), in interleaved rounds so that machine noise hits them alike. Reports
 the median and spread of the step time, the ratio to torch's fused (else foreach) counterpart,
-and GB/s from the bytes each step must move against a streaming ceiling measured in the same run.
+and GB/s from the bytes each step must move against a streaming ceiling measured in the same run;
+beside the ratio, the byte floor (the ratio a bandwidth-bound step would reach), and the size of
+each optimizer's state.
 
 On a CUDA device (--device cuda) steps are timed with CUDA events after warm-up steps, each
 optimizer cycles through copies of the params and grads that together span three times the L2
@@ -40,17 +43,16 @@ from adaptive_lr.study.options import positive_int
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
 
 # Bytes per element a steady-state (mid-epoch) step must move: params and grads in the param
-# dtype, everything else at its state dtype. Active optimizers read gain and grad_sum and write
+# dtype, moments in their state dtype. Active optimizers read gain and grad_sum and write
 # grad_sum on top of their base (prev_sign is touched only at a boundary: once per epoch).
 #   torch AdamW/RAdam: read p, g, m, v; write p, m, v.  torch SGD (and Lion, fused): read p, g,
-#   b; write p, b.  Active*: + read gain, read + write grad_sum (fp32 each).
-def bytes_per_element(moments: int, active: bool, param_bytes: int, torch_state_bytes: int) -> int:
-    state_bytes = 4 if active else torch_state_bytes  # Active state is fp32 for bf16 params
+#   b; write p, b.  Active*: + read gain, read + write grad_sum (``sign_bytes`` each: 4 with
+#   full state, 2 with compact).
+def bytes_per_element(moments: int, param_bytes: int, moment_bytes: int, sign_bytes: int = 0
+                      ) -> int:
     total = 2 * param_bytes + param_bytes  # read p, g; write p
-    total += 2 * moments * state_bytes  # read + write each moment
-    if active:
-        total += 4 + 2 * 4  # gain read; grad_sum read + write
-    return total
+    total += 2 * moments * moment_bytes  # read + write each moment
+    return total + 3 * sign_bytes  # gain read; grad_sum read + write
 
 
 # Active(optimizer) moves this on top of its inner optimizer: the snapshot (read p, write it) and
@@ -59,39 +61,51 @@ def wrapper_extra_bytes(param_bytes: int) -> int:
     return 6 * param_bytes + 4 + 2 * 4
 
 
+# element size of an Active optimizer's gain and grad_sum per state_precision (bfloat16: compact)
+SIGN_BYTES = {"full": 4, "compact": 2}
+
+
 @dataclass
 class Contender:
     name: str
     moments: int  # state tensors read and written per element (amsgrad off)
-    active: bool
     make: callable  # params -> optimizer
     baseline: str | None = None  # the torch contender this one is compared with
     foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
+    sign_bytes: int = 0  # an Active optimizer's SIGN_BYTES; 0: no gains of its own
     wrapped: bool = False  # Active(baseline): the baseline's traffic + wrapper_extra_bytes
 
+    def bytes_per_element(self, param_bytes: int) -> int:
+        if self.sign_bytes:  # Active optimizers keep fp32 moments, whatever the param dtype
+            return bytes_per_element(self.moments, param_bytes, 4, self.sign_bytes)
+        moved = bytes_per_element(self.moments, param_bytes, param_bytes)
+        return moved + (wrapper_extra_bytes(param_bytes) if self.wrapped else 0)
 
-def contenders(backends: list[str], size: int) -> list[Contender]:
+
+def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> list[Contender]:
+    """Every contender of a case; ``precisions``: the Active optimizers' state_precisions (the
+    compact ones are named "<optimizer> <backend> compact")."""
     lr = 1e-4
     out = [
-        Contender("torch AdamW for-loop", 2, False,
+        Contender("torch AdamW for-loop", 2,
                   lambda p: torch.optim.AdamW(p, lr=lr, foreach=False)),
-        Contender("torch AdamW foreach", 2, False,
+        Contender("torch AdamW foreach", 2,
                   lambda p: torch.optim.AdamW(p, lr=lr, foreach=True)),
-        Contender("torch AdamW fused", 2, False,
+        Contender("torch AdamW fused", 2,
                   lambda p: torch.optim.AdamW(p, lr=lr, fused=True)),
-        Contender("torch Adam fused", 2, False, lambda p: torch.optim.Adam(p, lr=lr, fused=True)),
-        Contender("torch SGD foreach", 1, False,
+        Contender("torch Adam fused", 2, lambda p: torch.optim.Adam(p, lr=lr, fused=True)),
+        Contender("torch SGD foreach", 1,
                   lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, foreach=True)),
-        Contender("torch SGD fused", 1, False,
+        Contender("torch SGD fused", 1,
                   lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, fused=True)),
-        Contender("torch RAdam foreach", 2, False,
+        Contender("torch RAdam foreach", 2,
                   lambda p: torch.optim.RAdam(p, lr=lr, foreach=True)),
     ]
     if size > 1_000_000:  # the for-loop baseline is only informative at the small size
         out = out[1:]
     out += _lr_free_anchors(lr)
     # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
-    out += [Contender(f"Active({c.name})", c.moments, False,
+    out += [Contender(f"Active({c.name})", c.moments,
                       lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
                       c.name, wrapped=True)
             for c in out if c.name in ("torch AdamW fused", "torch SGD fused")]
@@ -102,14 +116,19 @@ def contenders(backends: list[str], size: int) -> list[Contender]:
         for cls in _active_optimizers():
             name = cls.__name__
             moments = len(cls.spec.state) - (cls.spec.amsgrad_state is not None)
-            out.append(Contender(
-                f"{name} {backend}", moments, True,
-                # mid-epoch steps: the once-per-epoch boundary is not what this measures
-                lambda p, cls=cls, backend=backend: cls(p, lr=1e-4, steps_per_epoch=10**9,
-                                                        backend=backend),
-                _baseline(cls.spec, moments, torch_names),
-                f"{name} foreach" if backend != "foreach" and "foreach" in backends else None,
-            ))
+            for precision in precisions:
+                suffix = " compact" if precision == "compact" else ""
+                out.append(Contender(
+                    f"{name} {backend}{suffix}", moments,
+                    # mid-epoch steps: the once-per-epoch boundary is not what this measures
+                    lambda p, cls=cls, backend=backend, precision=precision: cls(
+                        p, lr=1e-4, steps_per_epoch=10**9, backend=backend,
+                        state_precision=precision),
+                    _baseline(cls.spec, moments, torch_names),
+                    (f"{name} foreach{suffix}" if backend != "foreach" and "foreach" in backends
+                     else None),
+                    SIGN_BYTES[precision],
+                ))
     return out
 
 
@@ -122,7 +141,7 @@ def _lr_free_anchors(lr: float) -> list[Contender]:
     if importlib.util.find_spec("prodigyopt") is not None:
         from prodigyopt import Prodigy
 
-        anchors.append(Contender("Prodigy", 4, False, lambda p: Prodigy(p, lr=1.0),
+        anchors.append(Contender("Prodigy", 4, lambda p: Prodigy(p, lr=1.0),
                                  "torch AdamW fused"))
     if importlib.util.find_spec("schedulefree") is not None:
         from schedulefree import AdamWScheduleFree
@@ -132,7 +151,7 @@ def _lr_free_anchors(lr: float) -> list[Contender]:
             opt.train()  # it steps only in train mode
             return opt
 
-        anchors.append(Contender("Schedule-Free AdamW", 2, False, schedule_free,
+        anchors.append(Contender("Schedule-Free AdamW", 2, schedule_free,
                                  "torch AdamW fused"))
     return anchors
 
@@ -208,7 +227,7 @@ def rotation_copies(size: int, dtype: torch.dtype, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     param_bytes = torch.finfo(dtype).bits // 8
-    per_copy = bytes_per_element(1, False, param_bytes, param_bytes) * size
+    per_copy = bytes_per_element(1, param_bytes, param_bytes) * size
     return math.ceil(3 * torch.cuda.get_device_properties(device).L2_cache_size / per_copy)
 
 
@@ -242,6 +261,14 @@ def _proc_status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (per-param scalars included); an
+    Active(...) wrapper's together with its inner optimizer's."""
+    total = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
+                if isinstance(value, torch.Tensor))
+    return total + (state_bytes(optimizer.optimizer) if isinstance(optimizer, Active) else 0)
+
+
 def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int | None:
     """Peak memory one ``step()`` adds beyond what is already allocated (param-sized
     temporaries, for instance): on a CUDA device from the caching allocator's peak statistics, on
@@ -267,10 +294,11 @@ def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int |
         return None
 
 
-def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch.device("cpu")):
+def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch.device("cpu"),
+            precisions=tuple(SIGN_BYTES)):
     copies = [make_tensors(size, layout, dtype, device)
               for _ in range(rotation_copies(size, dtype, device))]
-    entries = contenders(backends, size)
+    entries = contenders(backends, size, precisions)
     optimizers = [[c.make(params) for params in copies] for c in entries]
     times = {c.name: [] for c in entries}
     # warm-up: creates state, first-touch pages, builds caches; on a GPU also compiles kernels
@@ -279,13 +307,14 @@ def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch
         for opt in per_copy:
             for _ in range(warmup_steps):
                 opt.step()
+    state = {c.name: state_bytes(per_copy[0]) for c, per_copy in zip(entries, optimizers)}
     for _ in range(rounds):
         for contender, per_copy in zip(entries, optimizers):
             times[contender.name] += time_steps(per_copy, steps_per_round, device)
     extra_memory = {c.name: step_extra_memory(per_copy[0].step, device)
                     for c, per_copy in zip(entries, optimizers)}
     del optimizers
-    return entries, times, extra_memory
+    return entries, times, state, extra_memory
 
 
 def quartiles(samples):
@@ -293,7 +322,8 @@ def quartiles(samples):
     return q[0], statistics.median(samples), q[2]
 
 
-def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.device("cpu")):
+def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.device("cpu"),
+        precisions=tuple(SIGN_BYTES)):
     torch.manual_seed(0)
     if device.type == "cuda":
         measure_ceiling = functools.partial(cuda_copy_bandwidth_gbs, device)
@@ -311,24 +341,26 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.
         for layout in [size_name] if size_name in MODELS else layouts:
             for dtype in dtypes:
                 ceiling = max(ceiling, measure_ceiling())
-                entries, times, extra_memory = measure(size, layout, dtype, backends, rounds,
-                                                       steps_per_round, device)
+                entries, times, state, extra_memory = measure(
+                    size, layout, dtype, backends, rounds, steps_per_round, device, precisions)
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 param_bytes = torch.finfo(dtype).bits // 8
+                moved = {c.name: c.bytes_per_element(param_bytes) for c in entries}
                 for c in entries:
                     q1, med, q3 = quartiles(times[c.name])
-                    moved = bytes_per_element(c.moments, c.active, param_bytes, param_bytes) * size
-                    moved += wrapper_extra_bytes(param_bytes) * size if c.wrapped else 0
                     rows.append({
                         "size": size_name, "tensors": layout, "dtype": str(dtype).split(".")[-1],
                         "optimizer": c.name, "median_ms": med * 1e3, "q1_ms": q1 * 1e3,
                         "q3_ms": q3 * 1e3, "samples": len(times[c.name]),
-                        "bytes_per_element": moved // size, "gb_per_s": moved / med / 1e9,
+                        "bytes_per_element": moved[c.name],
+                        "gb_per_s": moved[c.name] * size / med / 1e9,
                         "baseline": c.baseline,
                         "ratio_to_baseline": med / medians[c.baseline] if c.baseline else None,
+                        "byte_floor": moved[c.name] / moved[c.baseline] if c.baseline else None,
                         "speedup_over_foreach": (
                             medians[c.foreach_twin] / med if c.foreach_twin else None
                         ),
+                        "state_mib": state[c.name] / 2**20,
                         "extra_memory_mib": (None if extra_memory[c.name] is None
                                              else extra_memory[c.name] / 2**20),
                     })
@@ -342,19 +374,25 @@ def markdown(result) -> str:
         f"{result['ceiling']}, the best of its measurements before each case of this run: "
         f"{result['ceiling_gb_per_s']:.1f} GB/s",
         "",
+        "B/elem: bytes a mid-epoch step moves per element; byte floor: B/elem over the "
+        "baseline's, the ratio a bandwidth-bound step would reach; state MiB: the optimizer's "
+        "state after its first step; extra MiB: the peak memory one step adds. Active rows "
+        "without \"compact\" keep full state.",
+        "",
         "| size | tensors | dtype | optimizer | median ms | IQR ms | B/elem | GB/s | % ceiling "
-        "| vs baseline | vs own foreach | extra MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ratio = f"{r['ratio_to_baseline']:.2f}× {r['baseline']}" if r["baseline"] else ""
+        floor = f"{r['byte_floor']:.2f}×" if r["baseline"] else ""
         speedup = f"{r['speedup_over_foreach']:.1f}× faster" if r["speedup_over_foreach"] else ""
         extra = "" if r["extra_memory_mib"] is None else f"{r['extra_memory_mib']:.1f}"
         lines.append(
             f"| {r['size']} | {r['tensors']} | {r['dtype']} | {r['optimizer']} | "
             f"{r['median_ms']:.2f} | {r['q1_ms']:.2f}–{r['q3_ms']:.2f} | {r['bytes_per_element']} | "
-            f"{r['gb_per_s']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% | {ratio} | {speedup} | "
-            f"{extra} |"
+            f"{r['gb_per_s']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% | {ratio} | {floor} | "
+            f"{speedup} | {r['state_mib']:.1f} | {extra} |"
         )
     return "\n".join(lines)
 
@@ -369,6 +407,8 @@ def main(argv=None, prog=None) -> dict:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=None, choices=adaptive_lr.backends.NAMES,
                         help="Active backends to time (default: all available except reference)")
+    parser.add_argument("--state-precision", default="both", choices=[*SIGN_BYTES, "both"],
+                        help="the Active optimizers' state_precision (default: both, side by side)")
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--steps-per-round", type=positive_int, default=4)
     parser.add_argument("--threads", type=positive_int, default=2,
@@ -389,8 +429,9 @@ def main(argv=None, prog=None) -> dict:
     torch.set_num_threads(args.threads)
     backends = args.backends or [b for b in adaptive_lr.available_backends(device)
                                  if b != "reference"]
+    precisions = tuple(SIGN_BYTES) if args.state_precision == "both" else (args.state_precision,)
     result = run(args.sizes, args.layouts, [getattr(torch, d) for d in args.dtypes], args.rounds,
-                 args.steps_per_round, backends, device)
+                 args.steps_per_round, backends, device, precisions)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                          "threads": args.threads, "processor": platform.processor() or platform.machine()}
     if device.type == "cuda":

@@ -49,6 +49,7 @@ def test_help_of_each_subcommand(argv, expected, capsys):
     (["bench", "--dtypes", "float16"], "invalid choice"),
     (["bench", "--layouts", "7"], "invalid choice"),
     (["bench", "--backends", "foo"], "invalid choice"),
+    (["bench", "--state-precision", "half"], "invalid choice"),
     (["bench", "--backends", "cuda"], "--backends cuda: unavailable on cpu"),
     (["bench", "--json", "."], "is a directory"),
 ])

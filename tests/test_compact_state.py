@@ -1,4 +1,4 @@
-"""Compact state (state_precision="compact"): what it stores, its roundings, its errors, and
+"""Compact state (state_precision="compact", the default): what it stores, its roundings, its errors, and
 checkpoints that convert between full and compact state. Backend parity is in
 test_backend_parity.py and test_triton_backend.py."""
 
@@ -17,8 +17,9 @@ ADAMW = config("defaults", cls=ActiveAdamW)
 
 def test_compact_state_is_five_bytes_per_param_beside_the_base_state():
     params = make_params(torch.float32, shapes=[(1000,), (24, 5)])
-    full = run(ADAMW, torch.float32, 4, params=[p.detach().clone().requires_grad_() for p in params])[1]
-    compact = run(ADAMW, torch.float32, 4, params=params, state_precision="compact")[1]
+    full = run(ADAMW, torch.float32, 4, params=[p.detach().clone().requires_grad_() for p in params],
+               state_precision="full")[1]
+    compact = run(ADAMW, torch.float32, 4, params=params)[1]  # the default
 
     def active_bytes(opt, keys=("gain", "grad_sum", "prev_sign")):
         return sum(opt.state[p][k].nbytes for p in opt.state for k in keys)
@@ -65,9 +66,8 @@ def test_the_epoch_sum_tracks_the_float32_sum():
     params = make_params(torch.float32, shapes=[(4096,)])
     grads = grad_sequence([(4096,)], 200, torch.float32)
     full = run(ADAMW, torch.float32, 200, params=[params[0].detach().clone().requires_grad_()],
-               grads=grads, steps_per_epoch=1000)
-    compact = run(ADAMW, torch.float32, 200, params=params, grads=grads, steps_per_epoch=1000,
-                  state_precision="compact")
+               grads=grads, steps_per_epoch=1000, state_precision="full")
+    compact = run(ADAMW, torch.float32, 200, params=params, grads=grads, steps_per_epoch=1000)
     exact = full[1].state[full[0][0]]["grad_sum"]
     stored = compact[1].state[compact[0][0]]["grad_sum"].float()
     ulps = (stored - exact) / (exact.abs() * 2**-8).clamp_min(1e-30)  # in bfloat16 ulps
@@ -77,13 +77,25 @@ def test_the_epoch_sum_tracks_the_float32_sum():
     assert (torch.sign(stored) == torch.sign(exact)).float().mean() > 0.99
 
 
-def test_bad_state_precision_and_float64_params_are_refused():
-    p = torch.zeros(3, requires_grad=True)
+def test_a_bad_state_precision_is_refused():
     with pytest.raises(ValueError, match="unknown state_precision 'half'"):
-        ActiveAdamW([p], steps_per_epoch=2, state_precision="half")
-    with pytest.raises(ValueError, match="float64 param"):
-        ActiveSGD([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1,
-                  steps_per_epoch=2, state_precision="compact")
+        ActiveAdamW([torch.zeros(3, requires_grad=True)], steps_per_epoch=2, state_precision="half")
+
+
+def test_float64_params_keep_full_state_beside_compact_ones():
+    """A float64 param's math is float64: compact state would cost it exactness for 4 bytes.
+    Its bucket (one dtype) runs with float32 gains and sums; the float32 param's with bfloat16."""
+    params = [torch.randn(5, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, requires_grad=True)]
+    opt = ActiveSGD(params, lr=0.1, steps_per_epoch=2)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    wide, narrow = (opt.state[p] for p in params)
+    assert wide["gain"].dtype == wide["grad_sum"].dtype == torch.float32
+    assert "rounding_seed" not in wide
+    assert narrow["gain"].dtype == narrow["grad_sum"].dtype == torch.bfloat16
 
 
 def _saved(opt) -> dict:
@@ -98,9 +110,9 @@ def test_a_compact_checkpoint_resumes_bit_for_bit(backend):
     dtype = torch.float32
     grads = grad_sequence([(5, 3), (17,)], 10, dtype)
     params, opt = run(ADAMW, dtype, 5, backend, make_params(dtype, shapes=[(5, 3), (17,)]),
-                      grads[:5], state_precision="compact")
+                      grads[:5])
     resumed_params = [p.detach().clone().requires_grad_() for p in params]
-    resumed = ADAMW.make(resumed_params, backend=backend, state_precision="compact")
+    resumed = ADAMW.make(resumed_params, backend=backend)
     resumed.load_state_dict(_saved(opt))
     for step in grads[5:]:
         for both in ((params, opt), (resumed_params, resumed)):
@@ -115,9 +127,10 @@ def test_a_compact_checkpoint_resumes_bit_for_bit(backend):
 
 def test_checkpoints_convert_between_full_and_compact_state():
     dtype = torch.float32
-    params, full = run(ADAMW, dtype, 7, params=make_params(dtype, shapes=[(40,)]))
+    params, full = run(ADAMW, dtype, 7, params=make_params(dtype, shapes=[(40,)]),
+                       state_precision="full")
     saved = _saved(full)
-    compact = ADAMW.make([params[0].detach().clone()], state_precision="compact")
+    compact = ADAMW.make([params[0].detach().clone()])
     with pytest.warns(UserWarning, match="rounded to the nearest bfloat16"):
         compact.load_state_dict(saved)
     state, before = next(iter(compact.state.values())), saved["state"][0]
@@ -128,7 +141,7 @@ def test_checkpoints_convert_between_full_and_compact_state():
     assert int(state["rounding_seed"]) == 0
 
     # back to full state: bfloat16 values widen exactly, nothing is lost, nothing is said
-    back = ADAMW.make([params[0].detach().clone()])
+    back = ADAMW.make([params[0].detach().clone()], state_precision="full")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         back.load_state_dict(_saved(compact))
@@ -138,8 +151,7 @@ def test_checkpoints_convert_between_full_and_compact_state():
 
 
 def test_a_bad_rounding_seed_is_refused_and_changes_nothing():
-    params, opt = run(ADAMW, torch.float32, 2, params=make_params(torch.float32, shapes=[(4,)]),
-                      state_precision="compact")
+    params, opt = run(ADAMW, torch.float32, 2, params=make_params(torch.float32, shapes=[(4,)]))
     saved = _saved(opt)
     saved["state"][0]["rounding_seed"] = torch.tensor(-1)
     before = {k: v.clone() for k, v in opt.state[params[0]].items()}

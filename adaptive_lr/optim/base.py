@@ -35,14 +35,13 @@ GAIN_ARGS_DOC = """
     min_gain, max_gain (float): clamp of every gain (0 and inf: off, as in the paper).
     maximize (bool): maximize the objective instead of minimizing it.
     backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
-    state_precision (str): "full": float32 gains and epoch sums (9 bytes per param beside the
-        base optimizer's state); "compact": bfloat16 gains (rounded to nearest) and epoch sums
-        (rounded stochastically, unbiased), 5 bytes per param; not for float64 params
-        (docs/algorithm.md, "Compact state").
+    state_precision (str): "compact" (default): bfloat16 gains (rounded to nearest) and epoch
+        sums (rounded stochastically, unbiased), 5 bytes per param beside the base optimizer's
+        state; float64 params keep float32 ones. "full": float32 gains and epoch sums, 9 bytes
+        per param (docs/algorithm.md, "Compact state"; docs/RESULTS.md §4).
 """
 
 STATE_PRECISIONS = ("full", "compact")
-SIGN_STATE_DTYPES = {"full": torch.float32, "compact": torch.bfloat16}
 
 # The Adam family's default sign test (docs/algorithm.md, "The sign test"), chosen by the study of
 # docs/RESULTS.md §3; 0 is the paper's rule.
@@ -116,9 +115,12 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         state.setdefault("state_precision", "full")  # pickled before compact state existed
         super().__setstate__(state)
 
-    @property
-    def _compact(self) -> bool:
-        return self.state_precision == "compact"
+    def _compact(self, p: Tensor) -> bool:
+        """Whether param p keeps compact state (never a float64 param: its math is float64)."""
+        return self.state_precision == "compact" and p.dtype != torch.float64
+
+    def _sign_state_dtype(self, p: Tensor) -> torch.dtype:
+        return torch.bfloat16 if self._compact(p) else torch.float32
 
     # ---- construction -------------------------------------------------------------------
 
@@ -146,11 +148,6 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             len({id(p) for p in tensors}) == len(tensors),
             f"{name}: a param group lists the same tensor twice; list each param once",
         )
-        check(
-            not (self._compact and any(p.dtype == torch.float64 for p in tensors)),
-            f"{name}: state_precision='compact' keeps bfloat16 gains and epoch sums, which a "
-            "float64 param would not want; use state_precision='full' for float64 params",
-        )
         devices = {p.device for p in tensors}
         check(len(devices) <= 1, f"{name}: all params of one group must be on one device, got {devices}")
         group = {k: v for k, v in param_group.items() if k != "params"}
@@ -171,8 +168,8 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state.update(sign_state(p, group["epoch"], SIGN_STATE_DTYPES[self.state_precision]))
-            if self._compact:
+            state.update(sign_state(p, group["epoch"], self._sign_state_dtype(p)))
+            if self._compact(p):
                 state["rounding_seed"] = seeds.of(p)
         for key in keys:  # amsgrad may be switched on for a group later
             if key not in state:
@@ -263,7 +260,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             hyper=hyper,
             boundary=boundary,
             epoch_steps=group["epoch_steps"],
-            rounding_seeds=[int(s["rounding_seed"]) for s in states] if self._compact else None,
+            # a bucket holds one dtype: all of its params keep compact state, or none
+            rounding_seeds=([int(s["rounding_seed"]) for s in states] if self._compact(params[0])
+                            else None),
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
         )
@@ -347,9 +346,6 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         else:
             for saved in saved_groups:
                 upgrade_saved_group(saved, self.defaults)
-        rounded = self._compact and any(
-            isinstance(state, dict) and isinstance(state.get("gain"), Tensor)
-            and state["gain"].dtype != torch.bfloat16 for state in saved_state.values())
         seeds = _RoundingSeeds(self.param_groups)
         id_to_param = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
@@ -357,6 +353,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             for param_id, p in zip(saved["params"], group["params"]):
                 id_to_param[param_id] = (p, saved)
         new_state = defaultdict(dict)
+        rounded = False  # float32 gains and sums loaded into compact state
         for param_id, saved in saved_state.items():
             # a key of no param that is no param index (a hook's entry) is kept, as torch does;
             # keys are indices, or names under torch.distributed.checkpoint
@@ -368,6 +365,8 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             if from_torch:
                 saved = self._param_state_from_base(p, saved, param_id, group)
             new_state[p] = self._loaded_param_state(p, saved, param_id, group, seeds)
+            rounded = rounded or (self._compact(p) and isinstance(saved.get("gain"), Tensor)
+                                  and saved["gain"].dtype != torch.bfloat16)
         if rounded:
             warnings.warn(
                 f"{name}: the state dict keeps float32 gains and epoch sums; this optimizer "
@@ -448,7 +447,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             state["step"] = float(any(k in state for k in self.spec.state))
         for key in self.spec.state_keys(self.spec.record(group)):  # SGD without momentum: none
             state.setdefault(key, torch.zeros_like(p))
-        return dict(state, **sign_state(p, 0, SIGN_STATE_DTYPES[self.state_precision]))
+        return dict(state, **sign_state(p, 0, self._sign_state_dtype(p)))
 
     def _check_saved_group(self, i: int, group: dict, saved: dict) -> None:
         name = type(self).__name__
@@ -509,10 +508,10 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             "[0, 2**32)",
         )
         loaded = bookkeeping(epoch, has_prev_sign)
-        if self._compact:
+        if self._compact(p):
             loaded["rounding_seed"] = (torch.tensor(seed) if "rounding_seed" in saved
                                        else seeds.of(p))
-        sign_dtype = SIGN_STATE_DTYPES[self.state_precision]
+        sign_dtype = self._sign_state_dtype(p)
         dtypes = {"gain": sign_dtype, "grad_sum": sign_dtype, "prev_sign": torch.int8}
         for key, value in saved.items():
             if key in BOOKKEEPING_KEYS or key == "rounding_seed":

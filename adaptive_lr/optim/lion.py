@@ -65,7 +65,7 @@ class ActiveLion(ActiveOptimizer):
 
     def __init__(self, params, lr=1e-4, *, steps_per_epoch, betas=(0.9, 0.99), weight_decay=0.0,
                  gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=float("inf"),
-                 maximize=False, backend="auto", state_precision="full"):
+                 maximize=False, backend="auto", state_precision="compact"):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, gain_inc=gain_inc,
                         gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain,
                         maximize=maximize)

@@ -35,6 +35,7 @@ from torch import nn
 from adaptive_lr import ActiveAdamW, GreedyLR
 from adaptive_lr.study import runner
 from adaptive_lr.study.digits import load_digits, mlp
+from adaptive_lr.study.lr_sweep import STUDY_STATE_PRECISION
 
 NOISE = 0.1
 KICK = 10.0
@@ -164,7 +165,7 @@ def _optimizer_and_scheduler(schedule: str, params, lr: float, steps: int, steps
     if schedule.startswith("active"):
         max_gain = 10.0 if schedule.endswith("max_gain=10") else math.inf
         optimizer = ActiveAdamW(params, lr=lr, weight_decay=0.0, steps_per_epoch=steps_per_epoch,
-                                max_gain=max_gain)
+                                max_gain=max_gain, state_precision=STUDY_STATE_PRECISION)
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedulers = torch.optim.lr_scheduler

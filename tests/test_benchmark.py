@@ -1,0 +1,90 @@
+"""The step-time benchmark's accounting (adaptive_lr/benchmark.py): the bytes each contender moves
+per element, its byte floor against torch's fused step, the size of its state, with full and
+compact state, and the table of a tiny run."""
+
+import json
+
+import pytest
+import torch
+
+from adaptive_lr import benchmark
+from adaptive_lr.benchmark import contenders, make_tensors, state_bytes, step_extra_memory
+
+
+def _contenders(backends=("cpu",), precisions=("full", "compact")) -> dict:
+    return {c.name: c for c in contenders(list(backends), 4000, precisions)}
+
+
+@pytest.mark.parametrize(("name", "fp32", "bf16"), [
+    ("torch AdamW fused", 28, 14),
+    ("torch SGD fused", 20, 10),
+    # + gain read, grad_sum read + write: 4 B each with full state, 2 with compact; the moments
+    # stay fp32 for bf16 params
+    ("ActiveAdamW cpu", 40, 34),
+    ("ActiveAdamW cpu compact", 34, 28),
+    ("ActiveSGD cpu", 32, 26),
+    ("ActiveSGD cpu compact", 26, 20),
+    ("Active(torch AdamW fused)", 64, 38),
+])
+def test_bytes_per_element(name, fp32, bf16):
+    contender = _contenders()[name]
+    assert (contender.bytes_per_element(4), contender.bytes_per_element(2)) == (fp32, bf16)
+
+
+def test_every_active_optimizer_has_a_compact_contender_the_wrapper_none():
+    names = _contenders(("foreach", "cpu"))
+    for cls in benchmark._active_optimizers():
+        for backend in ("foreach", "cpu"):
+            full = names[f"{cls.__name__} {backend}"]
+            compact = names[f"{cls.__name__} {backend} compact"]
+            assert (full.sign_bytes, compact.sign_bytes) == (4, 2)
+            assert full.baseline == compact.baseline
+        # compared with the same precision on the foreach backend
+        twin = names[f"{cls.__name__} cpu compact"].foreach_twin
+        assert twin == f"{cls.__name__} foreach compact"
+    assert not [name for name in names if name.startswith("Active(") and "compact" in name]
+    only_compact = _contenders(precisions=("compact",)).values()
+    assert all(c.name.endswith(" compact") for c in only_compact if c.sign_bytes)
+
+
+# 4 tensors of 1000; per-param scalars: step float32 (4 B), the Active optimizers' epoch int64 (8)
+# and has_prev_sign bool (1), compact state's rounding_seed int64 (8)
+@pytest.mark.parametrize(("name", "expected"), [
+    ("torch AdamW fused", 8 * 4000 + 4 * 4),
+    ("ActiveAdamW cpu", (8 + 9) * 4000 + (4 + 8 + 1) * 4),
+    ("ActiveAdamW cpu compact", (8 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
+    ("ActiveSGD cpu compact", (4 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
+    ("Active(torch AdamW fused)", 8 * 4000 + 4 * 4 + 9 * 4000 + (8 + 1) * 4),  # inner + gains
+])
+def test_state_bytes_counts_every_state_tensor(name, expected):
+    optimizer = _contenders()[name].make(make_tensors(4000, "4", torch.float32))
+    optimizer.step()
+    assert state_bytes(optimizer) == expected
+
+
+@pytest.mark.parametrize("name", ["ActiveAdamW cpu", "ActiveAdamW cpu compact"])
+def test_a_cpu_backend_step_allocates_no_param_sized_temporaries(name):
+    optimizer = _contenders()[name].make(make_tensors(4_000_000, "4", torch.float32))
+    optimizer.step()
+    extra = step_extra_memory(optimizer.step)
+    if extra is None:
+        pytest.skip("/proc cannot tell the peak memory of a step here")
+    assert extra < 2**20  # one fp32 temporary of a tensor would be 3.8 MiB
+
+
+def test_a_tiny_run_reports_bytes_floor_and_state_per_contender(monkeypatch):
+    monkeypatch.setitem(benchmark.SIZES, "4K", 4000)
+    monkeypatch.setattr(benchmark, "streaming_ceiling_gbs", lambda size, repeats: 10.0)
+    result = benchmark.run(["4K"], ["4"], [torch.float32], 1, 2, ["cpu"])
+    json.dumps(result)  # the JSON output holds every field
+    rows = {row["optimizer"]: row for row in result["rows"]}
+    compact = rows["ActiveAdamW cpu compact"]
+    assert compact["bytes_per_element"] == 34 and compact["baseline"] == "torch AdamW fused"
+    assert compact["byte_floor"] == 34 / 28
+    assert compact["state_mib"] == ((8 + 5) * 4000 + 21 * 4) / 2**20
+    assert compact["ratio_to_baseline"] > 0 and "extra_memory_mib" in compact
+    assert rows["torch AdamW fused"]["byte_floor"] is None
+    table = benchmark.markdown(result)
+    assert "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |" in table
+    assert "| 4K | 4 | float32 | ActiveAdamW cpu compact | " in table
+    assert f"× torch AdamW fused | 1.21× |  | {compact['state_mib']:.1f} |" in table
