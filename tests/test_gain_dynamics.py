@@ -190,8 +190,9 @@ def test_late_param_first_boundary_only_rolls_over(backend):
         late.grad = torch.ones(2) if t >= 4 else None  # first grad in epoch 3
         opt.step()
     # early: boundaries after epochs 1..4 -> 3 comparisons; late: rolled after epoch 3, one comparison
-    torch.testing.assert_close(opt.state[early]["gain"], torch.full((2,), 7.0))
-    torch.testing.assert_close(opt.state[late]["gain"], torch.full((2,), 3.0))
+    # (7 and 3 are exact in the compact state's bfloat16 gain)
+    torch.testing.assert_close(opt.state[early]["gain"].float(), torch.full((2,), 7.0))
+    torch.testing.assert_close(opt.state[late]["gain"].float(), torch.full((2,), 3.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

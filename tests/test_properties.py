@@ -1,11 +1,11 @@
 """Property tests (hypothesis): for random shapes (empty, one-element and 0-dim tensors included),
-dtypes, memory layouts, hyperparameters, epoch lengths (counted or manual) and grads that are
-None on some steps, every backend ends where the reference does (the backend on every device
+dtypes, memory layouts, hyperparameters, epoch lengths (counted or manual), state precisions
+(compact and full) and grads that are None on some steps, every backend ends where the reference does (the backend on every device
 present, the reference on the CPU), with the state dtypes of docs/algorithm.md#state-and-dtypes.
 
 Tolerances. Discrete and accumulated state is compared exactly in every dtype: gains, signs and
-step counts, and the float32 epoch sums (each backend adds the same float32 values in the same
-order). float64 params and moments agree to rounding (1e-9 relative). In the other dtypes the
+step counts, and the epoch sums (each backend adds the same float32 values in the same order,
+and compact state rounds them with the same hashed bits). float64 params and moments agree to rounding (1e-9 relative). In the other dtypes the
 math runs in float32 (docs/algorithm.md) and only the order of a few float32 operations differs
 between backends, so moments agree within float32 rounding (1e-5). A bfloat16 or float16 param
 is rounded to its dtype once per step, and two float32 results a few ulps apart can round to
@@ -37,10 +37,13 @@ from optim_configs import device_backends, on_cpu
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # exact comparison in every dtype: the same float32 values added in the same order
-EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum", "epoch", "has_prev_sign")
+EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum", "epoch", "has_prev_sign", "rounding_seed")
 # docs/algorithm.md: the state dtypes of every param dtype (moments: float64 for float64 params)
 FIXED_STATE_DTYPES = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
                       "prev_sign": torch.int8, "epoch": torch.int64, "has_prev_sign": torch.bool}
+# compact state (every dtype but float64): bfloat16 gain and epoch sum, and a rounding seed
+COMPACT_STATE_DTYPES = dict(FIXED_STATE_DTYPES, gain=torch.bfloat16, grad_sum=torch.bfloat16,
+                            rounding_seed=torch.int64)
 
 unit = st.floats(0.0, 1.0)
 gain_options = st.fixed_dictionaries({
@@ -109,8 +112,11 @@ def runs(draw, max_tensors=4, max_size=5, max_steps=8, dtypes=DTYPES):
     epoch_ends = draw(st.lists(st.booleans(), min_size=steps, max_size=steps))
     has_grad = draw(st.lists(st.lists(st.floats(0, 1).map(lambda u: u < 0.8), min_size=len(shapes),
                                       max_size=len(shapes)), min_size=steps, max_size=steps))
-    return dict(cls=cls, kwargs=dict(kwargs, steps_per_epoch=steps_per_epoch), dtype=dtype,
-                shapes=shapes, layouts=layouts, steps=steps, epoch_ends=epoch_ends,
+    # drawn last, so that the examples drawn before compact state existed stay as they were
+    state_precision = draw(st.sampled_from(["compact", "full"]))
+    return dict(cls=cls, kwargs=dict(kwargs, steps_per_epoch=steps_per_epoch,
+                                     state_precision=state_precision),
+                dtype=dtype, shapes=shapes, layouts=layouts, steps=steps, epoch_ends=epoch_ends,
                 has_grad=has_grad, seed=draw(st.integers(0, 2**16)))
 
 
@@ -149,7 +155,9 @@ def _assert_matches_reference(case: dict, device: str, backend: str):
                 assert state[key] == value, key
                 continue
             moment_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            assert state[key].dtype == FIXED_STATE_DTYPES.get(key, moment_dtype), key
+            compact = case["kwargs"]["state_precision"] == "compact" and dtype != torch.float64
+            fixed = COMPACT_STATE_DTYPES if compact else FIXED_STATE_DTYPES
+            assert state[key].dtype == fixed.get(key, moment_dtype), key
             if key in EXACT_STATE:
                 assert torch.equal(state[key], value), key
             else:

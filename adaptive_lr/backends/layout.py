@@ -4,6 +4,7 @@ each tensor's memory, in the param's element order."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -21,25 +22,34 @@ def is_dense(t: Tensor) -> bool:
 
 def flat_rows(rows: list[list[Tensor]], read_only: int, skip: tuple[int, ...] = ()
               ) -> tuple[list[list[Tensor]], list[tuple[Tensor, Tensor]]]:
-    """``rows[r][i]`` is tensor i of list r (row 0: the params). Columns that are all contiguous,
-    or share their dense param's strides (channels_last, transposed: state made by zeros_like has
-    them), are used in place; the rare others run on contiguous copies, to be copied back into
-    the returned (original, copy) pairs after the launch. Row ``read_only`` (the grads) is never
-    copied back; rows in ``skip`` (one-element step counters) are left as they are."""
+    """``rows[r][i]`` is tensor i of list r (row 0: the params). A column runs in its dense
+    param's layout (contiguous, channels_last, transposed: state made by zeros_like has it), or
+    contiguous when the param is not dense; its tensors already laid out so are used in place, the
+    rare others run on copies in that layout, to be copied back into the returned (original, copy)
+    pairs after the launch. So an element's flat index is its position in a dense param's memory
+    whatever the layout of its grad (compact state's rounding draws depend on it). Row
+    ``read_only`` (the grads) is never copied back; rows in ``skip`` (one-element step counters)
+    are left as they are."""
     writeback: list[tuple[Tensor, Tensor]] = []
     out = rows
     for i, p in enumerate(rows[0]):
-        column = [row[i] for r, row in enumerate(rows) if r not in skip]
-        if all(t.is_contiguous() for t in column):
-            continue
-        if is_dense(p) and all(t.stride() == p.stride() for t in column):
+        dense = is_dense(p)
+        column = [r for r, row in enumerate(rows) if r not in skip and not _in_order(row[i], p, dense)]
+        if not column:
             continue
         if out is rows:
             out = [list(row) for row in rows]
-        for r, row in enumerate(out):
-            if r not in skip and not row[i].is_contiguous():
-                copy = row[i].contiguous()
-                if r != read_only:
-                    writeback.append((row[i], copy))
-                row[i] = copy
+        for r in column:
+            t = out[r][i]
+            copy = torch.empty_like(p, dtype=t.dtype).copy_(t) if dense else t.contiguous()
+            if r != read_only:
+                writeback.append((t, copy))
+            out[r][i] = copy
     return out, writeback
+
+
+def _in_order(t: Tensor, p: Tensor, dense: bool) -> bool:
+    """Whether t's memory holds its elements in the order the kernels run param p in."""
+    if p.is_contiguous() or not dense:
+        return t.is_contiguous()
+    return t.stride() == p.stride()

@@ -15,7 +15,6 @@ diverged run's sums carry no information.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -208,14 +207,5 @@ def markdown(summary: dict) -> str:
 def run(config: CompactConfig, out_dir: str, workers: int) -> dict:
     """Run the study; write compact_runs.jsonl (resumable), compact.csv, compact.json and
     compact.md into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    outcome = runner.run_tasks(train_one, tasks(config), workers, "compact state",
-                               os.path.join(out_dir, "compact_runs.jsonl"))
-    summary = summarize(outcome.rows, config)
-    summary["runs"] = {"compact state": outcome.status()}
-    summary["machine"] = runner.machine()
-    runner.write_csv(os.path.join(out_dir, "compact.csv"), outcome.rows)
-    runner.write_json(os.path.join(out_dir, "compact.json"), summary)
-    with open(os.path.join(out_dir, "compact.md"), "w") as f:
-        f.write(markdown(summary))
-    return summary
+    return runner.run_study(train_one, tasks(config), workers, "compact state", out_dir,
+                            "compact", lambda rows: summarize(rows, config), markdown)

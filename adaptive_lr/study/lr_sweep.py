@@ -259,16 +259,8 @@ def run(config: SweepConfig, out_dir: str, workers: int) -> dict:
     settings into the same directory resumes from it), lr_sweep.csv (one row per finished run),
     lr_sweep.json (the summary; its "runs" says how many finished), lr_sweep.md (the tables) and
     lr_sweep_<model>.png into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    outcome = runner.run_tasks(train_one, tasks(config), workers, "lr sweep",
-                               os.path.join(out_dir, "lr_sweep_runs.jsonl"))
-    summary = summarize(outcome.rows, config)
-    summary["runs"] = {"lr sweep": outcome.status()}
-    summary["machine"] = runner.machine()
-    runner.write_csv(os.path.join(out_dir, "lr_sweep.csv"), outcome.rows)
-    runner.write_json(os.path.join(out_dir, "lr_sweep.json"), summary)
-    with open(os.path.join(out_dir, "lr_sweep.md"), "w") as f:
-        f.write(markdown(summary))
+    summary = runner.run_study(train_one, tasks(config), workers, "lr sweep", out_dir, "lr_sweep",
+                               lambda rows: summarize(rows, config), markdown)
     for model in config.models:
         plot(summary, model, os.path.join(out_dir, f"lr_sweep_{model}.png"))
     return summary

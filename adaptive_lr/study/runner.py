@@ -241,3 +241,23 @@ def _strict(value):
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(_strict(payload), f, indent=1, allow_nan=False)
+
+
+def run_study(function: Callable[[dict], dict], tasks: list[dict], workers: int, phase: str,
+              out_dir: str, stem: str, summarize: Callable[[list[dict]], dict],
+              markdown: Callable[[dict], str]) -> dict:
+    """Run one study's tasks and write <stem>_runs.jsonl (each run as it finishes: the same
+    command into the same directory resumes from it), <stem>.csv (one row per finished run),
+    <stem>.json (the summary, with "runs": how many finished, and the machine) and <stem>.md
+    into ``out_dir``; returns the summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    outcome = run_tasks(function, tasks, workers, phase,
+                        os.path.join(out_dir, f"{stem}_runs.jsonl"))
+    summary = summarize(outcome.rows)
+    summary["runs"] = {phase: outcome.status()}
+    summary["machine"] = machine()
+    write_csv(os.path.join(out_dir, f"{stem}.csv"), outcome.rows)
+    write_json(os.path.join(out_dir, f"{stem}.json"), summary)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(markdown(summary))
+    return summary

@@ -334,9 +334,9 @@ void test_all() {
 void test_compact_rounding() {
   CHECK(mix32(0) == 0 && mix32(1) != mix32(2));  // lowbias32 fixes 0
   CHECK(bfloat16_nearest(1.0f) == 0x3f80);
-  CHECK(bfloat16_nearest(bits_float(0x3f808000)) == 0x3f80);  // a tie: to even
-  CHECK(bfloat16_nearest(bits_float(0x3f818000)) == 0x3f82);  // a tie: to even (up)
-  CHECK(bfloat16_nearest(bits_float(0x3f808001)) == 0x3f81);
+  CHECK(bfloat16_nearest(bit_cast<float>(0x3f808000)) == 0x3f80);  // a tie: to even
+  CHECK(bfloat16_nearest(bit_cast<float>(0x3f818000)) == 0x3f82);  // a tie: to even (up)
+  CHECK(bfloat16_nearest(bit_cast<float>(0x3f808001)) == 0x3f81);
   CHECK(bfloat16_nearest(INFINITY) == 0x7f80 && bfloat16_nearest(NAN) == 0x7fc0);
   CHECK(Ops<float>::round_to_bfloat16(3.0f) == 3.0f);
   // a compact gain is rounded after its clamp: a max_gain that is no bfloat16 value rounds too
@@ -347,7 +347,7 @@ void test_compact_rounding() {
                                                               sign, 0.0f);
   CHECK(gain == bfloat16_value(bfloat16_nearest(10.3f)));
   // x = 1 + 0.3 bfloat16 ulps: rounds up to 1 + 1 ulp with probability 0.3
-  const float x = bits_float(0x3f800000 + 0x4ccc);
+  const float x = bit_cast<float>(0x3f800000 + 0x4ccc);
   const uint16_t down = 0x3f80, up = 0x3f81;
   int ups = 0;
   const int draws = 1 << 16;
@@ -361,7 +361,7 @@ void test_compact_rounding() {
   CHECK(bfloat16_stochastic(2.0f, key, 5) == 0x4000);  // a bfloat16 value stays exact
   CHECK(bfloat16_stochastic(-INFINITY, key, 5) == 0xff80);
   CHECK(bfloat16_stochastic(NAN, key, 5) == 0x7fc0);
-  CHECK(bfloat16_stochastic(bits_float(0x7f7fffff), key, 0) >= 0x7f7f);  // may round to inf
+  CHECK(bfloat16_stochastic(bit_cast<float>(0x7f7fffff), key, 0) >= 0x7f7f);  // may round to inf
 }
 
 int main() {

@@ -280,24 +280,13 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 
 enum class StatePrecision : int { kFull = 0, kCompact = 1 };
 
-ADAPTIVE_LR_HOST_DEVICE uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-ADAPTIVE_LR_HOST_DEVICE float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-#endif
+// The bits of a float and back (memcpy: defined behaviour, and free, on host and device).
+template <class To, class From>
+ADAPTIVE_LR_HOST_DEVICE To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
 }
 
 // A 32-bit integer hash with good avalanche (C. Wellons' "lowbias32").
@@ -319,7 +308,7 @@ ADAPTIVE_LR_HOST_DEVICE uint32_t rounding_key(uint32_t seed, uint32_t step) {
 // The bits of x rounded to the nearest bfloat16, ties to even (NaN stays a quiet NaN).
 ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_nearest(float x) {
   if (x != x) return 0x7fc0;
-  const uint32_t u = float_bits(x);
+  const uint32_t u = bit_cast<uint32_t>(x);
   return static_cast<uint16_t>((u + 0x7fffU + ((u >> 16) & 1U)) >> 16);
 }
 
@@ -327,13 +316,13 @@ ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_nearest(float x) {
 // adding 16 uniform bits below the kept ones and truncating rounds up with probability equal to
 // the dropped fraction, so E[result] = x. Infinities and NaN are kept (as bfloat16_nearest).
 ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic(float x, uint32_t key, uint32_t index) {
-  const uint32_t u = float_bits(x);
+  const uint32_t u = bit_cast<uint32_t>(x);
   if ((u & 0x7f800000U) == 0x7f800000U) return bfloat16_nearest(x);
   return static_cast<uint16_t>((u + (mix32(key + index) >> 16)) >> 16);
 }
 
 ADAPTIVE_LR_HOST_DEVICE float bfloat16_value(uint16_t bits) {
-  return bits_float(static_cast<uint32_t>(bits) << 16);
+  return bit_cast<float>(static_cast<uint32_t>(bits) << 16);
 }
 
 // ================================ element side =================================================
