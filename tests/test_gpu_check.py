@@ -83,10 +83,10 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
-def _bench_row(optimizer, baseline, ratio):
+def _bench_row(optimizer, baseline, ratio, byte_floor=None):
     return {"size": "100M", "tensors": "200", "dtype": "float32", "optimizer": optimizer,
             "median_ms": 1.0, "gb_per_s": 3000.0, "fraction_of_ceiling": 0.75,
-            "baseline": baseline, "ratio_to_baseline": ratio}
+            "baseline": baseline, "ratio_to_baseline": ratio, "byte_floor": byte_floor}
 
 
 def test_report_counts_tests_and_compares_step_times_with_the_byte_floors(tmp_path):
@@ -99,8 +99,10 @@ def test_report_counts_tests_and_compares_step_times_with_the_byte_floors(tmp_pa
     (tmp_path / "sanitizer-memcheck.log").write_text("========= ERROR SUMMARY: 0 errors\n")
     (tmp_path / "bench-100M.json").write_text(json.dumps({
         "ceiling": "Copy bandwidth", "ceiling_gb_per_s": 4000.0,
-        "rows": [_bench_row("ActiveAdamW triton", "torch AdamW fused", 1.5),
-                 _bench_row("ActiveSGD cuda", "torch SGD fused", 1.9),
+        "rows": [_bench_row("ActiveAdamW triton", "torch AdamW fused", 1.5, 40 / 28),
+                 _bench_row("ActiveAdamW triton compact", "torch AdamW fused", 1.5, 34 / 28),
+                 _bench_row("ActiveSGD cuda", "torch SGD fused", 1.9, 32 / 20),
+                 _bench_row("ActiveRAdam cuda", "torch RAdam foreach", 1.1, 40 / 28),
                  _bench_row("torch AdamW fused", None, None)]}))
     report = gpu_check_report.report(tmp_path)
     assert "| tests | failed (exit 1) | 99 | 200 | per-test limit |" in report
@@ -114,9 +116,14 @@ def test_report_counts_tests_and_compares_step_times_with_the_byte_floors(tmp_pa
     assert "- no host sync per step (cuda backend): skipped (1 test(s))" in report
     assert "- no host sync per step (triton backend): not run" in report
     assert "- memcheck: 0 errors (sanitizer-memcheck.log)" in report
-    assert "| 1.50× torch AdamW fused | 1.43× | yes |" in report
+    assert "| ActiveAdamW triton | 1.000 | 3000 | 75% | 1.50× torch AdamW fused | 1.43× | yes |" \
+        in report
+    # the floor is each row's own: compact state moves fewer bytes
+    assert "| ActiveAdamW triton compact | 1.000 | 3000 | 75% | 1.50× torch AdamW fused | 1.21× | no |" \
+        in report
     assert "| 1.90× torch SGD fused | 1.60× | no |" in report
-    assert "torch AdamW fused | 1.000" not in report  # only the Active rows are compared
+    # only ActiveAdamW's and ActiveSGD's rows are compared
+    assert "torch AdamW fused | 1.000" not in report and "ActiveRAdam" not in report
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
