@@ -81,6 +81,24 @@ class Contender:
         moved = bytes_per_element(self.moments, param_bytes, param_bytes)
         return moved + (wrapper_extra_bytes(param_bytes) if self.wrapped else 0)
 
+    def state_bytes_per_element(self, param_bytes: int) -> int:
+        """The size of its state per element, for the memory check before a run: torch keeps
+        moments in the param dtype, Active optimizers in fp32, plus gain and grad_sum
+        (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones."""
+        if self.sign_bytes:
+            return 4 * self.moments + 2 * self.sign_bytes + 1
+        return self.moments * param_bytes + (2 * 4 + 1 if self.wrapped else 0)
+
+
+def select(entries: list[Contender], optimizers) -> list[Contender]:
+    """The contenders of the Active optimizers named in ``optimizers`` (class names; None: all)
+    and the torch steps they are compared with."""
+    if optimizers is None:
+        return entries
+    kept = [c for c in entries if c.sign_bytes and c.name.split()[0] in optimizers]
+    baselines = {c.baseline for c in kept}
+    return [c for c in entries if c.name in baselines] + kept
+
 
 def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> list[Contender]:
     """Every contender of a case; ``precisions``: the Active optimizers' state_precisions (the
@@ -295,10 +313,10 @@ def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int |
 
 
 def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch.device("cpu"),
-            precisions=tuple(SIGN_BYTES)):
+            precisions=tuple(SIGN_BYTES), optimizers=None):
     copies = [make_tensors(size, layout, dtype, device)
               for _ in range(rotation_copies(size, dtype, device))]
-    entries = contenders(backends, size, precisions)
+    entries = select(contenders(backends, size, precisions), optimizers)
     optimizers = [[c.make(params) for params in copies] for c in entries]
     times = {c.name: [] for c in entries}
     # warm-up: creates state, first-touch pages, builds caches; on a GPU also compiles kernels
@@ -322,8 +340,38 @@ def quartiles(samples):
     return q[0], statistics.median(samples), q[2]
 
 
+def size_of(size_name: str) -> int:
+    """The param count of a --sizes choice: a synthetic size, or a model's."""
+    return param_count(MODELS[size_name]()) if size_name in MODELS else SIZES[size_name]
+
+
+def memory_needed(size_name, dtype, backends, precisions, optimizers, device) -> int:
+    """Bytes a case holds while it runs: its params and grads (every rotation copy) and the
+    state of every contender (estimated from the bytes per element; per-step temporaries not
+    counted)."""
+    size = size_of(size_name)
+    param_bytes = torch.finfo(dtype).bits // 8
+    entries = select(contenders(backends, size, precisions), optimizers)
+    per_element = 2 * param_bytes + sum(c.state_bytes_per_element(param_bytes) for c in entries)
+    return rotation_copies(size, dtype, device) * size * per_element
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory of the device (the CPU: MemAvailable of /proc/meminfo; None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.device("cpu"),
-        precisions=tuple(SIGN_BYTES)):
+        precisions=tuple(SIGN_BYTES), optimizers=None):
     torch.manual_seed(0)
     if device.type == "cuda":
         measure_ceiling = functools.partial(cuda_copy_bandwidth_gbs, device)
@@ -337,12 +385,13 @@ def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.
     rows = []
     for size_name in sizes:
         # a model name steps that model's tensors (its own layout) instead of a synthetic size
-        size = param_count(MODELS[size_name]()) if size_name in MODELS else SIZES[size_name]
+        size = size_of(size_name)
         for layout in [size_name] if size_name in MODELS else layouts:
             for dtype in dtypes:
                 ceiling = max(ceiling, measure_ceiling())
                 entries, times, state, extra_memory = measure(
-                    size, layout, dtype, backends, rounds, steps_per_round, device, precisions)
+                    size, layout, dtype, backends, rounds, steps_per_round, device, precisions,
+                    optimizers)
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 param_bytes = torch.finfo(dtype).bits // 8
                 moved = {c.name: c.bytes_per_element(param_bytes) for c in entries}
@@ -409,6 +458,10 @@ def main(argv=None, prog=None) -> dict:
                         help="Active backends to time (default: all available except reference)")
     parser.add_argument("--state-precision", default="both", choices=[*SIGN_BYTES, "both"],
                         help="the Active optimizers' state_precision (default: both, side by side)")
+    parser.add_argument("--optimizers", nargs="+", default=None,
+                        choices=[cls.__name__ for cls in _active_optimizers()],
+                        help="Active optimizers to time, with the torch steps they are compared "
+                             "with (default: every optimizer)")
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--steps-per-round", type=positive_int, default=4)
     parser.add_argument("--threads", type=positive_int, default=2,
@@ -430,8 +483,20 @@ def main(argv=None, prog=None) -> dict:
     backends = args.backends or [b for b in adaptive_lr.available_backends(device)
                                  if b != "reference"]
     precisions = tuple(SIGN_BYTES) if args.state_precision == "both" else (args.state_precision,)
-    result = run(args.sizes, args.layouts, [getattr(torch, d) for d in args.dtypes], args.rounds,
-                 args.steps_per_round, backends, device, precisions)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    # every contender of a case holds its state at once: refuse a case that cannot fit, before
+    # minutes of measuring end in the kernel's out-of-memory kill
+    available = available_memory(device)
+    for size_name in args.sizes:
+        needed = max(memory_needed(size_name, dtype, backends, precisions, args.optimizers, device)
+                     for dtype in dtypes)
+        if available is not None and needed > 0.9 * available:
+            parser.error(f"--sizes {size_name}: its params, grads and every contender's state "
+                         f"need about {needed / 2**30:.1f} GiB, and {device} has "
+                         f"{available / 2**30:.1f} GiB free: time fewer at once (--optimizers, "
+                         "--state-precision, --backends) or a smaller size")
+    result = run(args.sizes, args.layouts, dtypes, args.rounds, args.steps_per_round, backends,
+                 device, precisions, args.optimizers)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                          "threads": args.threads, "processor": platform.processor() or platform.machine()}
     if device.type == "cuda":

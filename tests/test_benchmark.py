@@ -88,3 +88,26 @@ def test_a_tiny_run_reports_bytes_floor_and_state_per_contender(monkeypatch):
     assert "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |" in table
     assert "| 4K | 4 | float32 | ActiveAdamW cpu compact | " in table
     assert f"× torch AdamW fused | 1.21× |  | {compact['state_mib']:.1f} |" in table
+
+
+def test_optimizers_selects_active_optimizers_with_their_torch_baselines():
+    entries = benchmark.select(contenders(["foreach", "cpu"], 4000), ["ActiveSGD"])
+    assert [c.name for c in entries] == [
+        "torch SGD fused", "ActiveSGD foreach", "ActiveSGD foreach compact", "ActiveSGD cpu",
+        "ActiveSGD cpu compact"]
+    assert benchmark.select(entries, None) is entries
+
+
+def test_a_case_too_large_for_memory_is_refused_before_measuring(monkeypatch, capsys):
+    # gpt2-small's 124M params with every contender: about 31 GiB on a CPU
+    monkeypatch.setattr(benchmark, "available_memory", lambda device: 20 * 2**30)
+    monkeypatch.setattr(benchmark, "run", lambda *args: pytest.fail("measured"))
+    with pytest.raises(SystemExit):
+        benchmark.main(["--sizes", "gpt2-small", "--backends", "cpu", "--dtypes", "float32"])
+    error = capsys.readouterr().err
+    assert "--sizes gpt2-small: its params, grads and every contender's state need about" in error
+    assert "20.0 GiB free: time fewer at once (--optimizers, --state-precision" in error
+    # two optimizers, compact state only: about 5 GiB
+    needed = benchmark.memory_needed("gpt2-small", torch.float32, ["cpu"], ("compact",),
+                                     ["ActiveAdamW", "ActiveSGD"], torch.device("cpu"))
+    assert 4 * 2**30 < needed < 6 * 2**30

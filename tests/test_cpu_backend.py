@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,30 @@ def make_bucket(row, dtype=torch.float32, sizes=SIZES, seed=0, **overrides):
     )
 
 
+# compact runs start mid-epoch, so that the first step adds to (and stores) make_compact_case's sums
+COMPACT_SCHEDULE = (Boundary.NONE, Boundary.NONE, Boundary.UPDATE, Boundary.NONE)
+
+
+def make_compact_case(row, dtype, sizes=SIZES):
+    """make_bucket's bucket with compact state (bfloat16 gains and epoch sums, rounding seeds)
+    and its grads, with epoch sums that stochastic rounding must keep (infinities, NaN) or may
+    carry to infinity (the largest bfloat16 plus a grad of a fraction of its ulp)."""
+    bucket = make_bucket(row, dtype, sizes)
+    grads = make_grads(bucket, len(COMPACT_SCHEDULE))
+    largest = torch.finfo(torch.bfloat16).max
+    specials = torch.tensor([math.inf, -math.inf, math.nan, largest, -largest])
+    nudge = min(largest / 2**9, torch.finfo(dtype).max)  # half an ulp: 0 or 1 ulp on rounding
+    for g, first_grad in zip(bucket.grad_sums, grads[0]):
+        at = torch.arange(1, len(g), 41)[:len(specials)]  # in SIMD groups and in tails
+        g[at] = specials[:len(at)]
+        first_grad[at] = torch.tensor([0, 0, 0, nudge, -nudge])[:len(at)].to(dtype)
+    bucket = dataclasses.replace(
+        bucket, gains=[g.bfloat16() for g in bucket.gains],
+        grad_sums=[g.bfloat16() for g in bucket.grad_sums],
+        rounding_seeds=list(range(len(sizes))))
+    return bucket, grads
+
+
 def make_grads(bucket, steps=len(SCHEDULE), seed=1):
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in bucket.params]
@@ -97,7 +122,12 @@ def assert_all_equal(a: dict, b: dict):
         for i, (x, y) in enumerate(zip(a[key], b[key])):
             if x.is_sparse:
                 x, y = x.to_dense(), y.to_dense()
-            assert torch.equal(x, y), f"{key}[{i}] differs"
+            assert torch.equal(bits(x), bits(y)), f"{key}[{i}] differs"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bytes (NaN equals itself bit for bit), any other tensor as it is."""
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
 
 
 @pytest.mark.parametrize("row", CONFIGS, ids=lambda c: c.id)
@@ -207,6 +237,27 @@ def test_many_tiny_and_empty_tensors(row):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row", configs("defaults"), ids=lambda c: c.id)
+def test_compact_state_rounds_like_the_reference(row, dtype):
+    """The SIMD store of a compact epoch sum draws the reference's bits, infinite sums and sums
+    that round to infinity included; a NaN sum stays NaN (its bit pattern is the converter's:
+    torch's and math.h's differ)."""
+    fused, grads = make_compact_case(row, dtype, sizes=(1, 15, 17, 33, 1000))
+    ref = copy.deepcopy(fused)
+    for t, boundary in enumerate(COMPACT_SCHEDULE):  # compared after every step
+        run(cpu.step, fused, grads[t:t + 1], (boundary,))
+        run(reference.step, ref, grads[t:t + 1], (boundary,))
+        for name in ("gains", "grad_sums", "prev_signs"):
+            for x, y in zip(getattr(fused, name), getattr(ref, name)):
+                nan = x.isnan()
+                assert torch.equal(nan, y.isnan()) and torch.equal(bits(x[~nan]), bits(y[~nan])), (
+                    t, name)
+        if t == 0:  # the special sums were rounded and stored
+            assert all(s[1::41][:3].isinf().sum() == 2 and s[83].isnan()
+                       for s in fused.grad_sums if len(s) > 83)
+
+
 _CAPABILITY_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -217,6 +268,10 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         bucket = t.make_bucket(row, dtype, sizes=(1, 15, 17, 33, 1000))
         t.run(t.cpu.step, bucket, t.make_grads(bucket))
         results[(row.id, str(dtype))] = t.tensors(bucket)
+        if dtype != torch.float64:
+            bucket, grads = t.make_compact_case(row, dtype, sizes=(1, 15, 17, 33, 1000))
+            t.run(t.cpu.step, bucket, grads, t.COMPACT_SCHEDULE)
+            results[(row.id, str(dtype), "compact")] = t.tensors(bucket)
 torch.save((torch.backends.cpu.get_cpu_capability(), results), {out!r})
 """
 
