@@ -89,7 +89,7 @@ def _cli_without_study_extra(argv: list[str]) -> subprocess.CompletedProcess:
     (["--help"], "sweep"),
     (["bench", "--help"], "--sizes"),
     (["bench", "--sizes", "1M", "--layouts", "4", "--dtypes", "float32", "--backends", "foreach",
-      "--rounds", "1", "--steps-per-round", "1"], "| ActiveAdamW foreach |"),
+      "--rounds", "1", "--steps-per-round", "1"], "| ActiveAdamW foreach compact |"),
 ])
 def test_help_and_bench_need_no_study_extra(argv, expected):
     result = _cli_without_study_extra(argv)

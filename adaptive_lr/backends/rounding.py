@@ -18,18 +18,26 @@ MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x, c: int):
-    """x * c mod 2**32 (x an unsigned 32-bit value, c a constant)."""
-    low, high = c & 0xFFFF, c >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & MASK32
+    """x * c mod 2**32 (x an unsigned 32-bit value, c a constant); a tensor x in place."""
+    high = x * (c >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    x *= c & 0xFFFF
+    x += high
+    x &= MASK32
+    return x
 
 
 def mix32(x):
-    """C. Wellons' "lowbias32" integer hash."""
-    x = x ^ (x >> 16)
+    """C. Wellons' "lowbias32" integer hash. A tensor is hashed in place (give it a fresh one):
+    the augmented assignments below mutate tensors and rebind ints, and on the foreach backend's
+    big tensors every pass not allocated counts."""
+    x ^= x >> 16
     x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    return x
 
 
 def rounding_key(seed: int, step: float) -> int:
@@ -53,9 +61,10 @@ def bfloat16_stochastic(x: Tensor, key: int, index: Tensor) -> Tensor:
     param) with ``key``'s draw: 16 hashed bits are added below the kept bits before truncation,
     which rounds up with probability equal to the dropped fraction. Infinities and NaN round to
     nearest."""
-    bits = x.view(torch.int32).to(torch.int64) & MASK32
-    draws = mix32((index + key) & MASK32) >> 16
-    rounded = (bits + draws) & 0xFFFF0000
-    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    rounded = mix32((index + key) & MASK32)
+    rounded >>= 16  # the draws
+    # on the signed bit pattern: a finite float's stays inside int32 (only NaNs could leave it)
+    rounded += x.view(torch.int32)
+    rounded &= -0x10000
     # the low 16 bits are 0: the conversion to bfloat16 is exact
-    return torch.where(x.isfinite(), rounded.view(torch.float32), x).to(torch.bfloat16)
+    return torch.where(x.isfinite(), rounded.to(torch.int32).view(torch.float32), x).to(torch.bfloat16)
