@@ -317,21 +317,21 @@ def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch
     copies = [make_tensors(size, layout, dtype, device)
               for _ in range(rotation_copies(size, dtype, device))]
     entries = select(contenders(backends, size, precisions), optimizers)
-    optimizers = [[c.make(params) for params in copies] for c in entries]
+    instances = [[c.make(params) for params in copies] for c in entries]
     times = {c.name: [] for c in entries}
     # warm-up: creates state, first-touch pages, builds caches; on a GPU also compiles kernels
     warmup_steps = 3 if device.type == "cuda" else 1
-    for per_copy in optimizers:
+    for per_copy in instances:
         for opt in per_copy:
             for _ in range(warmup_steps):
                 opt.step()
-    state = {c.name: state_bytes(per_copy[0]) for c, per_copy in zip(entries, optimizers)}
+    state = {c.name: state_bytes(per_copy[0]) for c, per_copy in zip(entries, instances)}
     for _ in range(rounds):
-        for contender, per_copy in zip(entries, optimizers):
+        for contender, per_copy in zip(entries, instances):
             times[contender.name] += time_steps(per_copy, steps_per_round, device)
     extra_memory = {c.name: step_extra_memory(per_copy[0].step, device)
-                    for c, per_copy in zip(entries, optimizers)}
-    del optimizers
+                    for c, per_copy in zip(entries, instances)}
+    del instances
     return entries, times, state, extra_memory
 
 

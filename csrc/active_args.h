@@ -63,8 +63,8 @@ inline void check_tensor(const char* op, const char* list, size_t i, const at::T
               "] must be a dense (strided) tensor, got layout ", t.layout());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", list, "[", i, "] must have dtype ", dtype,
               ", got ", t.scalar_type());
-  // a layout the kernels cannot index raises NotImplementedError: the cpu backend then runs that
-  // param on contiguous copies
+  // a layout the kernels cannot index raises NotImplementedError: the backend then runs that
+  // param on copies (in the param's layout where it is dense, else contiguous)
   if (like == nullptr) {
     TORCH_CHECK_NOT_IMPLEMENTED(t.is_non_overlapping_and_dense(), op, ": ", list, "[", i,
                                 "] of shape ", t.sizes(), " and strides ", t.strides(),

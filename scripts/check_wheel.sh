@@ -70,7 +70,7 @@ grep -q "_C installed: True" "$work/out" || fail "the wheel has no adaptive_lr._
 [ ! -e "$XDG_CACHE_HOME" ] || fail "the wheel compiled kernels although it has adaptive_lr._C"
 "$work/venv/bin/adaptive-lr" --help | grep -q "sweep" || fail "adaptive-lr --help"
 "$work/venv/bin/adaptive-lr" bench --sizes 1M --layouts 4 --dtypes float32 --backends cpu \
-  --rounds 1 --steps-per-round 1 | grep -q "| ActiveAdamW cpu |" || fail "adaptive-lr bench"
+  --rounds 1 --steps-per-round 1 | grep -q "| ActiveAdamW cpu compact |" || fail "adaptive-lr bench"
 if "$work/venv/bin/adaptive-lr" sweep --quick --out "$work/sweep" 2>"$work/err"; then
   fail "sweep ran without the study extra"
 fi

@@ -61,7 +61,7 @@ def test_dry_run_drives_every_stage_and_writes_the_report(tmp_path):
     assert "dry run: true" in report
     assert "| tests | stopped at its time limit |" in report
     assert "no junit XML: the shard was stopped" in report
-    assert "| 1M / 4 tensors / float32 | ActiveAdamW cpu |" in report
+    assert "| 1M / 4 tensors / float32 | ActiveAdamW cpu compact |" in report
     assert json.loads((out / "bench-1M.json").read_text())["rows"]
     assert "cpu ActiveAdaBelief: 6 steps" in (out / "sanitizer-dry-run.txt").read_text()
     # a second run replaces the first one's files

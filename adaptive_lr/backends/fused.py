@@ -68,8 +68,9 @@ def _tensor_lists(kwargs: dict) -> list[str]:
 
 def _run_on_flat_copies(op, kwargs: dict, lists: list[str]) -> None:
     """Calls op with the tensors of every param the kernels cannot index as flat arrays replaced
-    by copies (in the param's layout where it is dense, else contiguous), written back afterwards. The common layouts never get here: the op's
-    own check is the only per-step cost."""
+    by copies (in the param's layout where it is dense, else contiguous), written back
+    afterwards. The common layouts never get here: the op's own check is the only per-step
+    cost."""
     n = len(kwargs["params"])
     rows, names = [], []
     for name in lists:

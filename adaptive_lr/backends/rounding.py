@@ -1,7 +1,8 @@
 """Compact state's roundings, in torch ops, for the reference and foreach backends: the same
 functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``,
 ``bfloat16_stochastic``) and the Triton kernel, so every backend draws the same bits and stores
-the same bfloat16 grad_sum (docs/algorithm.md, "Compact state").
+the same bfloat16 grad_sum (docs/algorithm.md, "Compact state"); a NaN sum stays NaN, with the
+bit pattern torch's conversion gives it.
 
 The 32-bit hash runs on int64 tensors holding unsigned 32-bit values; a product is split into
 16-bit halves so that no intermediate leaves int64. ``mix32`` and ``rounding_key`` also take

@@ -275,8 +275,8 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 // stochastically, up or down with the probabilities that make the rounding unbiased, from bits
 // drawn from a counter-based hash of (the param's rounding seed, its step count, the element's
 // index): every backend draws the same bits, so they agree bit for bit (docs/algorithm.md,
-// "Compact state"). These scalar functions are the one definition; the CPU kernels' SIMD loops
-// call them element by element (the compiler vectorizes those loops).
+// "Compact state"). These scalar functions are the one definition; the CPU kernels' AVX2/AVX-512
+// builds compute the same bits in integer SIMD (fused_step_kernel.cpp), checked against them.
 
 enum class StatePrecision : int { kFull = 0, kCompact = 1 };
 
