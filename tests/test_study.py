@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adaptive_lr.cli import main
-from adaptive_lr.study import greedy, lr_sweep, runner
+from adaptive_lr.study import compact, greedy, lr_sweep, runner
 
 
 def _sweep_run(pair, active, epochs):
@@ -268,3 +268,41 @@ def test_greedy_study_interrupted_while_tuning_evaluates_nothing(tmp_path, monke
     markdown = (tmp_path / "greedy.md").read_text()
     assert markdown.startswith("**PARTIAL RESULTS: GreedyLR study: tuning: 2 of 4 runs finished")
     assert "| greedy | no tuning run finished |" in markdown
+
+
+def test_tiny_compact_study_end_to_end(tmp_path):
+    """Both precisions train from the same start; full state's float32 sums have float64's signs;
+    the summary and the table say which cells are within seed noise."""
+    config = compact.CompactConfig(models=("mlp",), pairs=lr_sweep.STUDY_PAIRS[:1], lrs=(1e-2,),
+                                   seeds=2, epochs=1)
+    summary = compact.run(config, str(tmp_path), workers=1)
+    assert summary["cells_total"] == 1
+    cell = summary["cells"][0]
+    assert cell["within_noise"] == (abs(cell["difference"]) <= cell["noise"])
+    assert cell["full"][0] > 0.5 and cell["compact"][0] > 0.5  # one epoch trains the MLP
+    full, small = summary["agreement"]["full"]["trained"], summary["agreement"]["compact"]["trained"]
+    assert full["runs"] == small["runs"] == 2
+    assert full["worst_epoch"] > 0.99999 and 0.999 <= small["worst_epoch"] <= 1.0
+    # bfloat16 sums lose the signs of some sums near zero: the compact runs did keep compact state
+    assert small["elements_mean"] < full["elements_mean"]
+    table = (tmp_path / "compact.md").read_text()
+    assert "| mlp | ActiveSGD | 0.01 |" in table and "Cells outside seed noise:" in table
+    assert len((tmp_path / "compact_runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_compact_summary_flags_a_difference_beyond_seed_noise():
+    config = compact.CompactConfig(models=("mlp",), pairs=lr_sweep.STUDY_PAIRS[:1], lrs=(1e-2,),
+                                   seeds=2)
+    name = lr_sweep.optimizer_name(lr_sweep.STUDY_PAIRS[0], True)
+
+    def row(precision, accuracy):
+        return {"model": "mlp", "optimizer": name, "lr": 1e-2, "state_precision": precision,
+                "final_test_accuracy": accuracy, "final_train_loss": 0.1, "sign_agreement": 1.0,
+                "sign_agreement_worst_epoch": 1.0, "sign_agreement_elements": 1.0}
+
+    close = compact.summarize([row("full", 0.90), row("full", 0.92), row("compact", 0.91),
+                               row("compact", 0.93)], config)
+    apart = compact.summarize([row("full", 0.90), row("full", 0.91), row("compact", 0.80),
+                               row("compact", 0.81)], config)
+    assert close["cells_outside_noise"] == 0 and apart["cells_outside_noise"] == 1
+    assert apart["largest_difference"]["difference"] == pytest.approx(-0.10)
