@@ -144,6 +144,8 @@ TORCH_LIBRARY(adaptive_lr, m) {
         "float gain_inc, float gain_dec, float min_gain, float max_gain, float sign_threshold, "
         "int epoch_steps, int boundary, "
         "Tensor? grad_scale, Tensor? found_inf, int[] rounding_seeds=[]) -> ()");
+  // the SIMD build the cpu backend's kernels run, for benchmarks and tests to name
+  m.def("cpu_capability() -> str", &cpu::kernel_capability);
 }
 
 TORCH_LIBRARY_IMPL(adaptive_lr, CPU, m) { m.impl("active_step_", &active_step_); }

@@ -68,9 +68,13 @@ grep -q "_C installed: True" "$work/out" || fail "the wheel has no adaptive_lr._
 # (torch warns on stderr that there is no numpy; nothing of adaptive_lr may)
 ! grep -q adaptive_lr "$work/err" || { cat "$work/err"; fail "the wheel wrote to stderr"; }
 [ ! -e "$XDG_CACHE_HOME" ] || fail "the wheel compiled kernels although it has adaptive_lr._C"
-"$work/venv/bin/adaptive-lr" --help | grep -q "sweep" || fail "adaptive-lr --help"
+# (outputs are captured before they are matched: `cmd | grep -q` under pipefail fails whenever
+# grep exits at its match before cmd has printed its last line)
+"$work/venv/bin/adaptive-lr" --help >"$work/out" || fail "adaptive-lr --help"
+grep -q "sweep" "$work/out" || fail "adaptive-lr --help"
 "$work/venv/bin/adaptive-lr" bench --sizes 1M --layouts 4 --dtypes float32 --backends cpu \
-  --rounds 1 --steps-per-round 1 | grep -q "| ActiveAdamW cpu compact |" || fail "adaptive-lr bench"
+  --rounds 1 --steps-per-round 1 >"$work/out" || fail "adaptive-lr bench"
+grep -q "| ActiveAdamW cpu compact |" "$work/out" || fail "adaptive-lr bench"
 if "$work/venv/bin/adaptive-lr" sweep --quick --out "$work/sweep" 2>"$work/err"; then
   fail "sweep ran without the study extra"
 fi
@@ -90,6 +94,6 @@ step - "$work/wheel.pt" || fail "second use"
 ! grep -q adaptive_lr "$work/err" || { cat "$work/err"; fail "the second use compiled again"; }
 ADAPTIVE_LR_JIT=0 XDG_CACHE_HOME=$work/empty-cache "$python" -c "
 from adaptive_lr.backends import unavailable_reason
-print(unavailable_reason('cpu', 'cpu'))" | grep -q "ADAPTIVE_LR_JIT=0 turns off compiling" \
-  || fail "ADAPTIVE_LR_JIT=0 gives no reason"
+print(unavailable_reason('cpu', 'cpu'))" >"$work/out"
+grep -q "ADAPTIVE_LR_JIT=0 turns off compiling" "$work/out" || fail "ADAPTIVE_LR_JIT=0 gives no reason"
 say "all checks passed"

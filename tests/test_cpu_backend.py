@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveSGD
-from adaptive_lr.backends import cpu, reference
+from adaptive_lr.backends import cpu, extension, reference
 from adaptive_lr.backends import fused as fused_op
 from adaptive_lr.backends.bucket import Boundary, Bucket, state_dtype
 from optim_configs import CONFIGS, config, configs
@@ -272,13 +272,17 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             bucket, grads = t.make_compact_case(row, dtype, sizes=(1, 15, 17, 33, 1000))
             t.run(t.cpu.step, bucket, grads, t.COMPACT_SCHEDULE)
             results[(row.id, str(dtype), "compact")] = t.tensors(bucket)
-torch.save((torch.backends.cpu.get_cpu_capability(), results), {out!r})
+torch.save((torch.ops.adaptive_lr.cpu_capability(), results), {out!r})
 """
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_simd_build_gives_identical_results(capability, tmp_path):
     """Each capability's kernels (picked with ATEN_CPU_CAPABILITY) round exactly like the others."""
+    runs = {"default": True, "avx2": torch.cpu._is_avx2_supported(),
+            "avx512": torch.cpu._is_avx512_supported()}
+    if not runs[capability]:  # ATen would believe the variable; the CPU would not run it
+        pytest.skip(f"this CPU has no {capability}")
     outputs = {}
     for cap in ("default", capability):
         out = str(tmp_path / f"{cap}.pt")
@@ -287,8 +291,7 @@ def test_every_simd_build_gives_identical_results(capability, tmp_path):
         subprocess.run([sys.executable, "-c", script], env=env, check=True)
         outputs[cap] = torch.load(out)
     used, results = outputs[capability]
-    if used.lower() != capability and capability != "default":
-        pytest.skip(f"this machine cannot run {capability} (torch uses {used})")
+    assert used.lower() == capability, f"asked for {capability}, the kernels ran {used}"
     for key, expected in outputs["default"][1].items():
         assert_all_equal(results[key], expected)
 
@@ -456,3 +459,21 @@ def test_meta_tensors_run_the_no_op_fake_kernel():
 
 def test_unavailable_off_cpu():
     assert "CPU tensors only" in cpu.unavailable_reason(torch.device("meta"))
+
+
+@pytest.mark.parametrize("has_avx2", [True, False])
+def test_just_in_time_build_lowers_a_capability_the_cpu_lacks(monkeypatch, has_avx2):
+    """ATEN_CPU_CAPABILITY=avx512 on a CPU without it: ATen believes the variable, the kernels would
+    die of an illegal instruction; the build compiles what the CPU runs instead, and says so."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: has_avx2)
+    with pytest.warns(UserWarning, match="torch chose AVX512 .* cannot run it; the fused CPU "
+                                         f"kernels run {'AVX2' if has_avx2 else 'DEFAULT'}"):
+        assert extension._runnable_capability() == ("AVX2" if has_avx2 else "DEFAULT")
+
+
+def test_just_in_time_build_keeps_a_runnable_capability(monkeypatch, recwarn):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True)
+    assert extension._runnable_capability() == "AVX2" and not recwarn.list

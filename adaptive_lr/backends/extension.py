@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import sysconfig
+import warnings
 
 import torch
 
@@ -65,15 +66,28 @@ def _scripts_on_path():
         os.environ["PATH"] = path
 
 
+def _runnable_capability() -> str:
+    """ATen's SIMD choice, as the ahead-of-time build's launcher takes it, lowered to what this CPU
+    can execute: ATen believes ``ATEN_CPU_CAPABILITY`` without asking the CPU."""
+    chosen = torch.backends.cpu.get_cpu_capability()
+    runnable = chosen if chosen in cpu_build.CPU_CAPABILITIES else "DEFAULT"
+    if runnable == "AVX512" and not torch.cpu._is_avx512_supported():
+        runnable = "AVX2"
+    if runnable == "AVX2" and not torch.cpu._is_avx2_supported():
+        runnable = "DEFAULT"
+    if runnable != chosen and chosen in cpu_build.CPU_CAPABILITIES:
+        warnings.warn(f"adaptive_lr: torch chose {chosen} (ATEN_CPU_CAPABILITY?) but this CPU "
+                      f"cannot run it; the fused CPU kernels run {runnable}", stacklevel=3)
+    return runnable
+
+
 def _compile(not_loaded: str) -> str | None:
     """Compiles (once) and loads the kernels for this machine; None, or why that failed."""
     from torch.utils import cpp_extension
 
     from .. import __version__
 
-    capability = torch.backends.cpu.get_cpu_capability()  # ATen's choice, as the launcher's
-    if capability not in cpu_build.CPU_CAPABILITIES:
-        capability = "DEFAULT"
+    capability = _runnable_capability()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     # the cache key: a library fits only the versions it was compiled with
     name = re.sub(r"\W", "_", f"adaptive_lr_{__version__}_torch_{torch.__version__}_{python}_"

@@ -125,7 +125,7 @@ RunChunks pick_capability() {
   return &CPU_CAPABILITY::run_chunks;
 #else
 #if defined(ADAPTIVE_LR_CPU_X86)
-  const std::string capability = at::get_cpu_capability();
+  const std::string capability = cpu::kernel_capability();
   if (capability == "AVX512") return &AVX512::run_chunks;
   if (capability == "AVX2") return &AVX2::run_chunks;
 #endif

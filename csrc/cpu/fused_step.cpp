@@ -14,17 +14,15 @@ constexpr int64_t kMinParallelNumel = 1 << 15;
 template <class Kernel>
 using KernelFn = void (*)(const Bucket<Kernel>&, int64_t, int64_t);
 
-// ATen's own choice (cpuinfo, overridable with ATEN_CPU_CAPABILITY=default|avx2|avx512), so this
-// extension uses the same SIMD width as torch's kernels and can be tested at each width.
 template <class Kernel>
 KernelFn<Kernel> pick_kernel() {
 #if defined(CPU_CAPABILITY)
   // the just-in-time build (adaptive_lr/backends/extension.py) compiles every file for the one
-  // capability ATen chose on this machine
+  // capability it found runnable on this machine
   return &CPU_CAPABILITY::step_chunks<Kernel>;
 #else
 #if defined(ADAPTIVE_LR_CPU_X86)
-  const std::string capability = at::get_cpu_capability();
+  const std::string capability = kernel_capability();
   if (capability == "AVX512") return &AVX512::step_chunks<Kernel>;
   if (capability == "AVX2") return &AVX2::step_chunks<Kernel>;
 #endif
@@ -33,6 +31,33 @@ KernelFn<Kernel> pick_kernel() {
 }
 
 }  // namespace
+
+std::string kernel_capability() {
+#if defined(CPU_CAPABILITY)
+  return C10_STRINGIZE(CPU_CAPABILITY);
+#else
+  // ATen's own choice (cpuinfo, overridable with ATEN_CPU_CAPABILITY=default|avx2|avx512), so the
+  // kernels use the same SIMD width as torch's and can be tested at each width. ATen believes the
+  // variable without asking the CPU: lowered here to what the CPU runs, or it dies of SIGILL.
+  std::string capability = at::get_cpu_capability();
+#if defined(ADAPTIVE_LR_CPU_X86)
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  std::string runnable = capability;
+  if (runnable == "AVX512" && !avx512) runnable = "AVX2";
+  if (runnable == "AVX2" && !avx2) runnable = "DEFAULT";
+  if (runnable != capability) {
+    TORCH_WARN_ONCE("adaptive_lr: torch chose ", capability, " (ATEN_CPU_CAPABILITY?) but this CPU "
+                    "cannot run it; the fused CPU kernels run ", runnable);
+  }
+  return runnable;
+#else
+  return "DEFAULT";
+#endif
+#endif
+}
 
 template <class Kernel>
 void step(const Bucket<Kernel>& bucket) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "adaptive_lr/chunks.h"
 #include "adaptive_lr/dtype.h"
@@ -41,6 +42,10 @@ struct Bucket {
   int64_t num_chunks;
   int64_t numel;  // all tensors together
 };
+
+// The SIMD build the kernels run ("DEFAULT", "AVX2" or "AVX512"): ATen's choice, lowered to what
+// this CPU can execute (csrc/cpu/fused_step.cpp).
+std::string kernel_capability();
 
 // One step of a whole bucket: every chunk of every tensor, in parallel (csrc/cpu/fused_step.cpp).
 template <class Kernel>
