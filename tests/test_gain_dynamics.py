@@ -209,3 +209,34 @@ def test_param_group_added_later_joins_the_clock(backend):
         a.grad, b.grad = torch.ones(2), torch.ones(2)
         opt.step()
     assert [g["epoch"] for g in opt.param_groups] == [4, 4]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("absent_epochs", [(10, 1), (0,)], ids=["epochs-10-then-1", "empty-epoch"])
+def test_missed_boundary_uses_its_own_epochs_length(backend, absent_epochs):
+    """The sign test of a boundary a param missed compares its sum with the length of the epoch
+    that sum belongs to, not with the latest epoch's (manual epochs of 10, 10 and 1 steps; or two
+    end_epoch() in a row, an epoch of length 0): as for a twin stepped with zero gradients."""
+    absent = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    zeroed = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = ActiveAdamW([absent, zeroed], lr=1e-3, steps_per_epoch=None, weight_decay=0.0,
+                      sign_threshold=2.0, backend=backend)
+
+    def step(g):
+        absent.grad = None if g is None else torch.full((1,), g, dtype=torch.float64)
+        zeroed.grad = torch.full((1,), 0.0 if g is None else g, dtype=torch.float64)
+        opt.step()
+
+    for g in [1.0] * 10:  # a clear sign (G = 10 > 2 * sqrt(10 * 1))
+        step(g)
+    opt.end_epoch()
+    for g in [1.0] * 7 + [-1.0] * 3:  # G = 4 < 2 * sqrt(10): no evidence, the gain is held
+        step(g)
+    opt.end_epoch()
+    for steps in absent_epochs:
+        for _ in range(steps):
+            step(None)
+        opt.end_epoch()
+    step(1.0)
+    gains = [opt.state[p]["gain"].item() for p in (absent, zeroed)]
+    assert gains == [1.0, 1.0]

@@ -115,6 +115,13 @@ class EpochClock:
 
     def _mark_boundary(self) -> None:
         for group in self.param_groups:
+            # A param whose grad was None for the whole epoch that ends now still holds the sum
+            # of the epoch before: its boundary is applied now, while the clock still holds that
+            # epoch's length (the sign test's S), as stepping with zero gradients would have.
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and int(state["epoch"]) < group["epoch"]:
+                    self._apply_missed_boundary(p, group)
             group["epoch"] += 1
             group["epoch_steps"] = group["steps_in_epoch"]
             group["steps_in_epoch"] = 0
@@ -139,15 +146,20 @@ class EpochClock:
         """The gain rule (and sign-test floor) of a boundary applied by _catch_up."""
         return (GainRule.of(group),)
 
-    def _catch_up(self, p: Tensor, group: dict) -> Boundary:
-        """Apply all but the last boundary this param missed (its grad was None) and return the
-        kind of the last one, which the backend fuses into this step. That one is recorded in
-        the param's state by _advance_clock, once every bucket has run: a step that fails (an
-        op rejecting its input) leaves it pending instead of losing it."""
+    def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
-        # rare path: the skipped epochs summed to 0
+        apply_boundary(boundary_kind(state), state["gain"], state["grad_sum"], state["prev_sign"],
+                       *self._missed_boundary_rule(p, group))
+        record_boundary(state)
+
+    def _catch_up(self, p: Tensor, group: dict) -> Boundary:
+        """The kind of boundary the backend fuses into this step of param p. It is recorded in
+        the param's state by _advance_clock, once every bucket has run: a step that fails (an op
+        rejecting its input) leaves it pending instead of losing it. _mark_boundary keeps every
+        param at most one boundary behind; a checkpoint saved by an earlier version may hold params
+        further behind, whose older boundaries are applied here (their epochs' lengths are
+        lost: the sign test takes the last epoch's)."""
+        state = self.state[p]
         while group["epoch"] - int(state["epoch"]) > 1:
-            apply_boundary(boundary_kind(state), state["gain"], state["grad_sum"],
-                           state["prev_sign"], *self._missed_boundary_rule(p, group))
-            record_boundary(state)
+            self._apply_missed_boundary(p, group)
         return Boundary.NONE if int(state["epoch"]) == group["epoch"] else boundary_kind(state)
