@@ -508,3 +508,23 @@ def test_the_cpu_op_checks_its_inputs_before_writing():
             [p], [before], [grad], [gain], [grad_sum], [torch.zeros(4)], 2.0, 0.5, 0.0,
             math.inf, False, 0)
     assert torch.equal(p, torch.ones(4)) and torch.equal(grad_sum, torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("edit", "message"), [
+    (dict(gain_dec=2.0), "gain_dec"), (dict(gain_inc=-1.0), "gain_inc"),
+    (dict(gain_inc="2"), "gain_inc must be a real number"), (dict(max_gain=0.5), "max_gain"),
+])
+def test_a_bad_gain_argument_set_mid_run_fails_before_the_inner_step(backend, edit, message):
+    """Every group's gain arguments are checked before the inner optimizer steps (they used to
+    be accepted mid-run, or to fail in the scaling op after the inner step had moved params)."""
+    params = make_params()
+    opt = Active(torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1),
+                 steps_per_epoch=2, backend=backend)
+    set_grads(params, grad_sequence(1)[0])
+    opt.step()
+    before = clone(params)
+    opt.param_groups[1].update(edit)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))

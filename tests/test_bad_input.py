@@ -186,6 +186,37 @@ def test_a_bad_lr_set_after_construction_fails_the_step_before_any_group_moves(d
     _assert_unchanged(params, opt, before_params, before_state)
 
 
+# a bad value edited into a param group mid-run (a buggy scheduler), and the constructor's words
+_GROUP_ERRORS = ((dict(lr=-1.0), "learning rate"), (dict(weight_decay=-0.1), "weight_decay"),
+                 (dict(gain_inc=-1.0), "gain_inc"), (dict(gain_inc="2"), "gain_inc must be a real"),
+                 (dict(gain_dec=2.0), "gain_dec"), (dict(min_gain=1.5), "min_gain"),
+                 (dict(max_gain=0.5), "max_gain"))
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(("cls", "edit", "message"), [
+    pytest.param(info.cls, edit, message, id=f"{info.cls.__name__}-{next(iter(edit.items()))}")
+    for info in INFOS for edit, message in _GROUP_ERRORS + info.error_inputs
+])
+def test_a_bad_hyperparameter_set_mid_run_fails_the_step_before_any_group_moves(
+        device, backend, cls, edit, message):
+    """Every group is validated before the first tensor is written, with the constructor's
+    errors: on the cpu backend a bad second group used to raise after the first had stepped,
+    and reference/foreach accepted eps=-1 (params became -inf) or gain_dec=2."""
+    params = [torch.randn(3, 2, device=device, requires_grad=True),
+              torch.randn(4, device=device, requires_grad=True)]
+    opt = _make(cls, [{"params": params[:1]}, {"params": params[1:]}], backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before_params, before_state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    opt.param_groups[1].update(edit)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.step()
+    opt.param_groups[1].update({k: before_state["param_groups"][1][k] for k in edit})
+    _assert_unchanged(params, opt, before_params, before_state)
+
+
 @pytest.mark.parametrize("lr,message", [
     (torch.tensor(0.1, dtype=torch.bfloat16), "float32 or float64, got torch.bfloat16"),
     (torch.tensor([0.1, 0.2]), "Tensor lr must be 1-element"),

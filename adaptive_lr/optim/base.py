@@ -183,8 +183,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:  # a scheduler or the user may have replaced the lr since construction
+            if params:  # a scheduler or the user may have changed the group since construction
                 _check_lr(group["lr"], params[0].device)
+                self.spec.record(group).validate()
             for p in params:
                 check_grad(name, p)
                 if isinstance(p, DTensor) and _placement(p.grad) != _placement(p):

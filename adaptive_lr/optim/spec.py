@@ -48,7 +48,9 @@ class GainHyper:
 
     def validate(self) -> None:
         """Checks of the values (the lr's type and shape are checked by the optimizer)."""
-        check(float(self.lr) >= 0, f"Invalid learning rate: {float(self.lr)}")
+        # (a device tensor's value is not read: that would be a host sync every step)
+        if not isinstance(self.lr, Tensor) or self.lr.device.type == "cpu":
+            check(float(self.lr) >= 0, f"Invalid learning rate: {float(self.lr)}")
         check(self.weight_decay >= 0, f"Invalid weight_decay: {self.weight_decay}")
         check_gain_args(vars(self))
 

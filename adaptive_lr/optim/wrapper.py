@@ -125,6 +125,8 @@ class Active(EpochClock, torch.optim.Optimizer):
                     "Active.add_param_group, not with the inner optimizer's"
                 )
             params = [p for p in group["params"] if p.grad is not None]
+            if params:  # a scheduler or the user may have changed the group since construction
+                check_gain_args(group)
             for p in params:
                 check_grad("Active", p)
             work.append((group, params))
