@@ -52,3 +52,16 @@ def test_quantiles_are_nearest_rank_and_names_default_to_group_and_index():
     stats = opt.gain_stats()
     assert set(stats) == {"0.0", "0.1"}
     assert (stats["0.0"]["median"], stats["0.0"]["p99"], stats["0.0"]["max"]) == (100.0, 198.0, 200.0)
+
+
+def test_a_param_without_elements_has_no_quantiles():
+    """nn.Linear(0, 4)'s weight (and an FSDP2 shard can be empty): gain_stats used to raise."""
+    empty, q = torch.nn.Parameter(torch.zeros(4, 0)), torch.nn.Parameter(torch.zeros(3))
+    opt = ActiveAdamW([empty, q], steps_per_epoch=1, backend="reference")
+    empty.grad, q.grad = torch.zeros(4, 0), torch.ones(3)
+    opt.step()
+    first = opt.gain_stats()
+    stats = opt.gain_stats(first)
+    assert {k: stats["0.0"][k] for k in ("numel", "median", "p99", "max")} == dict(
+        numel=0, median=None, p99=None, max=None)
+    assert "grew" not in stats["0.0"] and stats["0.1"]["grew"] == 0.0

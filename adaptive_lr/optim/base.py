@@ -280,6 +280,8 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         quantiles, as floats), ``gain`` (a copy of the gain tensor), and, when ``since`` is an
         earlier result of this method, ``grew`` / ``shrank``: the fraction of elements whose
         gain is larger / smaller than in ``since`` (one call per epoch: at the last boundary).
+        A param with no elements (an FSDP shard may have none) has None quantiles and no
+        fractions.
         Reads state only (works on every backend); costs a copy and two selections per param.
         For a sharded (DTensor) param it describes this rank's shard."""
         stats = {}
@@ -290,15 +292,13 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                     continue
                 gain = _local(self.state[p]["gain"]).detach().to(torch.float32, copy=True)
                 flat = gain.reshape(-1)
-                entry = {
-                    "numel": flat.numel(),
-                    "median": _nearest_rank(flat, 0.5),
-                    "p99": _nearest_rank(flat, 0.99),
-                    "max": flat.max().item(),
-                    "gain": gain,
-                }
+                entry = {"numel": flat.numel(), "gain": gain, "median": None, "p99": None,
+                         "max": None}
+                if flat.numel():  # (an empty param, or an FSDP shard with no elements: None)
+                    entry.update(median=_nearest_rank(flat, 0.5), p99=_nearest_rank(flat, 0.99),
+                                 max=flat.max().item())
                 before = (since or {}).get(name)
-                if before is not None:
+                if before is not None and flat.numel():
                     entry["grew"] = (gain > before["gain"]).float().mean().item()
                     entry["shrank"] = (gain < before["gain"]).float().mean().item()
                 stats[name] = entry
