@@ -308,3 +308,18 @@ def test_active_sgd_differs_from_torch_sgd_by_design_in_its_momentum_default():
     assert opt.defaults["momentum"] == 0.9
     assert torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1).defaults["momentum"] == 0
     assert "0.9 by default, unlike ``torch.optim.SGD`` (0)" in ActiveSGD.__doc__
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "foreach", "cpu"])
+@pytest.mark.parametrize("cls", [ActiveAdamW, ActiveSGD])
+def test_params_on_the_meta_device_step_as_torchs_do(cls, backend):
+    """A model built on the meta device (shapes only): torch's optimizers step it, creating
+    their state; so do the Active ones, on any backend (they raised NotImplementedError)."""
+    p = torch.nn.Parameter(torch.empty(3, 4, device="meta"))
+    p.grad = torch.empty(3, 4, device="meta")
+    opt = cls([p], lr=1e-3, steps_per_epoch=2, backend=backend)
+    for _ in range(5):  # two boundaries
+        opt.step()
+    state = opt.state[p]
+    assert state["gain"].device.type == "meta" and state["gain"].shape == (3, 4)
+    assert state["momentum_buffer" if cls is ActiveSGD else "exp_avg_sq"].shape == (3, 4)

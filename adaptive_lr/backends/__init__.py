@@ -40,6 +40,10 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 _warned_fallback: set[str] = set()
 
 
+def _step_meta(bucket: Bucket) -> None:
+    """Any backend's step on meta tensors (as torch's optimizers step them: shapes only)."""
+
+
 def resolve(name: str, device: torch.device):
     """The ``step`` function of backend ``name`` for ``device``.
 
@@ -47,6 +51,8 @@ def resolve(name: str, device: torch.device):
     fastest available; an explicitly named backend that cannot run raises instead of falling back.
     """
     device = torch.device(device)
+    if device.type == "meta":  # shapes without values: state is created, nothing is computed
+        return _step_meta
     chosen_by = ""
     if name == "auto" and os.environ.get(ENV_VARIABLE):  # set but empty: as if unset
         name, chosen_by = os.environ[ENV_VARIABLE], f" (chosen by {ENV_VARIABLE})"
