@@ -446,6 +446,19 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
+def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
+    """--json names a file that can be written (its folders are created now)."""
+    if os.path.isdir(path):
+        parser.error(f"--json {path}: is a directory, not a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--json {path}: cannot create its folder {folder}: {error.strerror}")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        parser.error(f"--json {path}: not writable")
+
+
 def main(argv=None, prog=None) -> dict:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -478,8 +491,8 @@ def main(argv=None, prog=None) -> dict:
         reason = adaptive_lr.backends.unavailable_reason(backend, device)
         if reason is not None:
             parser.error(f"--backends {backend}: unavailable on {device}: {reason}")
-    if args.json and os.path.isdir(args.json):
-        parser.error(f"--json {args.json}: is a directory, not a file name")
+    if args.json:  # checked before minutes of measuring, not after
+        _check_writable(parser, args.json)
     torch.set_num_threads(args.threads)
     backends = args.backends or [b for b in adaptive_lr.available_backends(device)
                                  if b != "reference"]
@@ -505,7 +518,6 @@ def main(argv=None, prog=None) -> dict:
         result["machine"]["gpu"] = torch.cuda.get_device_name(device)
     print(markdown(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return result

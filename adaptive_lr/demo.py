@@ -11,7 +11,7 @@ import torch
 
 from adaptive_lr import benchmark
 from adaptive_lr.study.digits import load_digits, train
-from adaptive_lr.study.options import positive_float, positive_int
+from adaptive_lr.study.options import positive_float, positive_int, seed
 
 QUICK_EPOCHS = 10
 # the step-time table the demo prints: small sizes, four tensors, float32, a few rounds
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=30,
                         help=f"training epochs (default 30; {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="weights, batch order and split")
+    parser.add_argument("--seed", type=seed, default=0, help="weights, batch order and split")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_EPOCHS} epochs and a step-time table at 1M elements only")
 

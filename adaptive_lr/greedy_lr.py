@@ -126,7 +126,7 @@ class GreedyLR(ReduceLROnPlateau):
         # Stored as Python floats so the state dict is plain data (loads with weights_only=True).
         # A scheduler built before (a warm-up) has scaled the lr and kept the configured one as
         # initial_lr: that is the base the bounds derive from.
-        self.base_lrs: list[float] = [float(g.get("initial_lr", g["lr"]))
+        self.base_lrs: list[float] = [_lr(g, "initial_lr" if "initial_lr" in g else "lr")
                                       for g in optimizer.param_groups]
         self.min_lrs = self._bounds("min_lr", min_lr, [lr * 1e-3 for lr in self.base_lrs])
         self.max_lrs = self._bounds("max_lr", max_lr, [lr * 10.0 for lr in self.base_lrs])
@@ -182,7 +182,29 @@ class GreedyLR(ReduceLROnPlateau):
         elif self.num_bad > self.patience:
             self._decrease()
 
-        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self._last_lr = [_lr(g) for g in self.optimizer.param_groups]
+
+    # ReduceLROnPlateau's public attributes that tools read (its in_cooldown reads
+    # cooldown_counter), in GreedyLR's terms
+    @property
+    def cooldown_counter(self) -> int:
+        """Steps the scheduler stays frozen (after a decrease: cooldown; an increase: warmup)."""
+        return self.frozen_steps
+
+    @property
+    def num_bad_epochs(self) -> int:
+        """Consecutive non-improvements so far."""
+        return self.num_bad
+
+    @property
+    def eps(self) -> float:
+        """ReduceLROnPlateau ignores lr changes smaller than eps; GreedyLR applies every one."""
+        return 0.0
+
+    @property
+    def mode_worse(self) -> float:
+        """The worst value of the metric: where ``best`` starts."""
+        return math.inf if self.mode == "min" else -math.inf
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]
         """Return each param group's learning rate after the latest step, as floats."""
@@ -239,7 +261,7 @@ class GreedyLR(ReduceLROnPlateau):
 
     def _increase(self) -> None:
         for group, hi in self._groups_to_set(self.max_lrs):
-            lr = float(group["lr"])
+            lr = _lr(group)
             _set_lr(group, max(lr, min(lr / self.factor, hi)))  # never lowers an lr above max
         self.num_good = 0
         self.frozen_steps = self.warmup
@@ -248,10 +270,10 @@ class GreedyLR(ReduceLROnPlateau):
     def _decrease(self) -> None:
         lowered = False
         for group, lo in self._groups_to_set(self.min_lrs):
-            old = float(group["lr"])
+            old = _lr(group)
             _set_lr(group, min(old, max(old * self.factor, lo)))  # never raises one below min
             # Compare what was stored (a float32 tensor lr rounds), not what was computed.
-            lowered |= float(group["lr"]) < old
+            lowered |= _lr(group) < old
         self.num_bad = 0
         self.frozen_steps = self.cooldown
         # A decrease that could lower no group was spent with every group at its min_lr.
@@ -311,9 +333,16 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _lr(group: dict[str, Any], key: str = "lr") -> float:
+    """A group's lr as a float (a tensor lr may require grad: its value is read, detached)."""
+    lr = group[key]
+    return float(lr.detach() if isinstance(lr, Tensor) else lr)
+
+
 def _set_lr(group: dict[str, Any], lr: float) -> None:
     if isinstance(group["lr"], Tensor):
-        group["lr"].fill_(lr)
+        with torch.no_grad():  # in place, so a compiled step sees it; never part of a graph
+            group["lr"].fill_(lr)
     else:
         group["lr"] = lr
 

@@ -52,6 +52,8 @@ def test_help_of_each_subcommand(argv, expected, capsys):
     (["bench", "--state-precision", "half"], "invalid choice"),
     (["bench", "--backends", "cuda"], "--backends cuda: unavailable on cpu"),
     (["bench", "--json", "."], "is a directory"),
+    (["demo", "--seed", "-1"], "expected an integer from 0 to 2**32 - 1"),
+    (["demo", "--seed", "4294967296"], "expected an integer from 0 to 2**32 - 1"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
     out = tmp_path / "results"
@@ -65,6 +67,15 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_bench_json_that_cannot_be_written_fails_before_measuring(capsys, tmp_path):
+    """(It used to fail after measuring, losing the results.)"""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--sizes", "50M", "--json", str(tmp_path / "a_file" / "out.json")])
+    assert exit_info.value.code == 2
+    assert "cannot create its folder" in capsys.readouterr().err
+
+
 def test_bench_on_cuda_without_cuda_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--device", "cuda"])

@@ -323,3 +323,18 @@ def test_params_on_the_meta_device_step_as_torchs_do(cls, backend):
     state = opt.state[p]
     assert state["gain"].device.type == "meta" and state["gain"].shape == (3, 4)
     assert state["momentum_buffer" if cls is ActiveSGD else "exp_avg_sq"].shape == (3, 4)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_a_tensor_lr_that_requires_grad_steps_without_warnings(backend, recwarn):
+    """Its value is read detached, by the step and by GreedyLR (both warned from inside)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    lr = torch.tensor(0.01, requires_grad=True)
+    opt = ActiveAdamW([p], lr=lr, steps_per_epoch=2, backend=backend)
+    sched = GreedyLR(opt, patience=0)
+    for loss in (1.0, 0.5, 0.25):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step(loss)
+    assert lr.item() > 0.01 and (p < 0).all()  # GreedyLR raised it in place; the params moved
+    assert not [w for w in recwarn.list if "requires_grad" in str(w.message)]

@@ -391,3 +391,16 @@ def test_get_last_lr_returns_one_float_per_group_as_a_copy():
     assert sched.get_last_lr()[0] == 0.1
     _feed(sched, [5.0] + [10.0] * 4)
     assert sched.get_last_lr() == [g["lr"] for g in opt.param_groups]
+
+
+def test_reduce_lr_on_plateaus_public_attributes_answer():
+    """Tools written for ReduceLROnPlateau read these; GreedyLR inherited them unset
+    (AttributeError): they now say what GreedyLR's own state means."""
+    _, sched = _make(cooldown=3, patience=1)
+    assert (sched.in_cooldown, sched.cooldown_counter, sched.num_bad_epochs) == (False, 0, 0)
+    assert sched.eps == 0.0 and sched.mode_worse == math.inf
+    _feed(sched, [1.0, 2.0, 2.0])  # two non-improvements > patience 1: a decrease, 3 frozen
+    assert (sched.in_cooldown, sched.cooldown_counter, sched.num_bad_epochs) == (True, 3, 0)
+    _feed(sched, [2.0])
+    assert sched.cooldown_counter == 2
+    assert _make(mode="max")[1].mode_worse == -math.inf

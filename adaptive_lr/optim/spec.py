@@ -44,7 +44,12 @@ class GainHyper:
         """The record of a param group; every field must be there (no silent defaults)."""
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in group]
         check(not missing, f"{cls.__name__}: the param group has no {missing}")
-        return cls(**{f.name: group[f.name] for f in dataclasses.fields(cls)})
+        record = cls(**{f.name: group[f.name] for f in dataclasses.fields(cls)})
+        if isinstance(record.lr, Tensor) and record.lr.requires_grad:
+            # the step reads its value, never differentiates through it (a detached view: a
+            # scheduler's in-place change is still seen)
+            record = dataclasses.replace(record, lr=record.lr.detach())
+        return record
 
     def validate(self) -> None:
         """Checks of the values (the lr's type and shape are checked by the optimizer)."""
