@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.optim import optimizer as torch_optimizer
 
 from adaptive_lr import Active, ActiveAdamW, GreedyLR, available_backends
 from adaptive_lr.backends import Boundary, GainRule, rescale
@@ -528,3 +529,75 @@ def test_a_bad_gain_argument_set_mid_run_fails_before_the_inner_step(backend, ed
     with pytest.raises((ValueError, TypeError), match=message):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("make_inner", [
+    lambda p: torch.optim.LBFGS(p), lambda p: torch.optim.SparseAdam(p),
+], ids=["LBFGS", "SparseAdam"])
+def test_optimizers_whose_step_cannot_be_scaled_are_refused_when_wrapped(make_inner):
+    """They used to build and then fail at the first step."""
+    with pytest.raises(TypeError, match="Active cannot wrap"):
+        Active(make_inner(make_params()), steps_per_epoch=3)
+
+
+def test_complex_params_are_refused_when_built_and_when_added():
+    """The reference and foreach passes dropped their imaginary part; the cpu one raised after
+    the inner step had moved them."""
+    z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match="real floating-point params, got torch.complex64"):
+        Active(torch.optim.AdamW([z]), steps_per_epoch=3)
+    opt = Active(torch.optim.AdamW(make_params()), steps_per_epoch=3)
+    with pytest.raises(TypeError, match="real floating-point"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("inner,scheduler", [
+    ("AdamW", lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10)),
+    ("SGD", lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.01, 0.1, step_size_up=2)),
+])
+def test_momentum_cycling_schedulers_work_on_the_wrapper(inner, scheduler):
+    """cycle_momentum=True (their default) looks for momentum or betas in the optimizer's
+    defaults: they raised on Active(AdamW) / Active(SGD)."""
+    params = make_params()
+    opt = Active(INNERS[inner](params), steps_per_epoch=3)
+    sched = scheduler(opt)
+    moments = []
+    for grads in grad_sequence(4):
+        set_grads(params, grads)
+        opt.step()
+        sched.step()
+        group = opt.param_groups[0]
+        moments.append(group["betas"][0] if "betas" in group else group["momentum"])
+    assert len(set(moments)) > 1  # the scheduler cycles the inner optimizer's momentum
+
+
+def test_hooks_fire_once_per_call_as_on_torch_optimizers():
+    params = make_params()
+    opt = Active(INNERS["AdamW"](params), steps_per_epoch=3)
+    calls = []
+    handles = [
+        torch_optimizer.register_optimizer_step_pre_hook(
+            lambda o, *_: calls.append(("global pre", type(o).__name__))),
+        torch_optimizer.register_optimizer_step_post_hook(
+            lambda o, *_: calls.append(("global post", type(o).__name__))),
+    ]
+    try:
+        opt.optimizer.register_step_pre_hook(lambda o, *_: calls.append(("inner pre", "")))
+        set_grads(params, grad_sequence(1)[0])
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [("global pre", "Active"), ("inner pre", ""), ("global post", "Active")]
+    assert torch_optimizer._global_optimizer_pre_hooks == {}  # restored, then removed
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd post") or dict(sd, extra=1))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load pre")
+                                          or {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    calls.clear()
+    state_dict = opt.state_dict()
+    assert state_dict["extra"] == 1
+    opt.load_state_dict(state_dict)
+    assert calls == ["sd pre", "sd post", "load pre", "load post"]

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
 
 from .. import backends
 from ..backends import rescale
@@ -61,6 +63,9 @@ class Active(EpochClock, torch.optim.Optimizer):
         if isinstance(optimizer, EpochClock):
             raise TypeError(
                 f"{type(optimizer).__name__} already has gains; wrap its base optimizer")
+        refused = _REFUSED.get(type(optimizer))
+        if refused:
+            raise TypeError(f"Active cannot wrap {type(optimizer).__name__}: {refused}")
         check_steps_per_epoch(steps_per_epoch)
         _check(
             backend == "auto" or backend in backends.NAMES,
@@ -73,13 +78,16 @@ class Active(EpochClock, torch.optim.Optimizer):
             _check(not taken, f"Active: param group {i} of the optimizer already has {taken} "
                               "(is it wrapped by another Active?)")
             for p in group["params"]:
+                _check_param(p)
                 rescale.resolve(backend, p.device)  # an unavailable backend fails here
         self.optimizer = optimizer
         self.steps_per_epoch = steps_per_epoch
         self.backend = backend
         # Optimizer.__init__ would copy the groups; __setstate__ sets up the hooks and the step
-        # profiling without touching them
-        super().__setstate__({"defaults": gains, "state": defaultdict(dict)})
+        # profiling without touching them. The inner optimizer's defaults are there too: torch's
+        # schedulers read them (OneCycleLR's cycle_momentum looks for momentum or betas).
+        super().__setstate__({"defaults": {**optimizer.defaults, **gains},
+                              "state": defaultdict(dict)})
         for group in optimizer.param_groups:
             group.update(gains, **new_clock())
 
@@ -109,6 +117,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
             if isinstance(p, Tensor):
+                _check_param(p)
                 rescale.resolve(self.backend, p.device)
         self.optimizer.add_param_group(dict(group, params=params, **self._clock()))
 
@@ -159,7 +168,8 @@ class Active(EpochClock, torch.optim.Optimizer):
             _unscale([p.grad for _, params in work for p in params], grad_scale)
         # the grads as handed to this step, whatever the inner optimizer does with p.grad
         befores = [[(p.detach().clone(), p.grad) for p in params] for _, params in work]
-        self.optimizer.step()
+        with _global_step_hooks_off():  # they ran for this step already, with Active
+            self.optimizer.step()
         crossing = []
         for (group, params), group_befores in zip(work, befores):
             buckets: dict[tuple, list[int]] = defaultdict(list)
@@ -197,14 +207,25 @@ class Active(EpochClock, torch.optim.Optimizer):
         """``{"inner": the inner optimizer's state dict (its groups hold the clock and the gain
         arguments), "state": {param index: gain, grad_sum, prev_sign, epoch, has_prev_sign}}``,
         params numbered across groups as in torch's state dicts."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        return {"inner": self.optimizer.state_dict(),
-                "state": {index[id(p)]: dict(state) for p, state in self.state.items()}}
+        state_dict = {"inner": self.optimizer.state_dict(),
+                      "state": {index[id(p)]: dict(state) for p, state in self.state.items()}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load an Active state dict; everything Active adds is checked, and the inner optimizer
         checks its own part, before anything changes: one that does not fit raises and leaves
         the optimizer as it was."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         _check(
             isinstance(state_dict, dict) and set(state_dict) == {"inner", "state"}
             and isinstance(state_dict["inner"], dict) and isinstance(state_dict["state"], dict)
@@ -246,6 +267,38 @@ class Active(EpochClock, torch.optim.Optimizer):
                                                           epochs[index])
         self.optimizer.load_state_dict(state_dict["inner"])
         self.state = new_state
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+# Optimizers whose step Active cannot scale, and why (refused when wrapped, not at their step).
+_REFUSED = {
+    torch.optim.LBFGS: "its step re-evaluates the closure many times, moving the params between "
+                       "evaluations; one scaled step per call is not defined for it",
+    torch.optim.SparseAdam: "it needs sparse gradients, and Active's epoch sums are dense",
+}
+
+
+def _check_param(p: Any) -> None:
+    # (complex params: the scaling pass and the sign state are real; refused, not truncated)
+    if isinstance(p, Tensor) and not p.is_floating_point():
+        raise TypeError(f"Active can only scale real floating-point params, got {p.dtype}")
+
+
+@contextlib.contextmanager
+def _global_step_hooks_off():
+    """torch's global optimizer step hooks suspended: they run once per step, for Active, not a
+    second time for the inner optimizer (its own instance hooks still run)."""
+    hooks = (torch_optimizer._global_optimizer_pre_hooks,
+             torch_optimizer._global_optimizer_post_hooks)
+    saved = [dict(h) for h in hooks]
+    for h in hooks:
+        h.clear()
+    try:
+        yield
+    finally:
+        for h, entries in zip(hooks, saved):
+            h.update(entries)
 
 
 def _loaded_sign_state(p: Tensor, saved: Any, index: int, group_epoch: int) -> dict:
