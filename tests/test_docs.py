@@ -2,6 +2,8 @@
 in a Markdown file and every ``docs/<file>.md`` mention in a tracked text file resolves (with its
 ``#anchor``, when it names a heading of a Markdown file)."""
 
+import ast
+import inspect
 import re
 import subprocess
 import unicodedata
@@ -154,3 +156,37 @@ def test_checks_catch_broken_references():
     assert MARKDOWN_LINK.findall("[a](b.md#c) ![i](img.png \"t\")") == ["b.md#c", "img.png"]
     outside = "/".join(["see ..", "shared and spec", "GREEDY" + "_LR.md and docs"])
     assert len(OUTSIDE.findall(outside)) == 2
+
+
+def _documented_defaults() -> tuple[dict[str, dict], dict, dict]:
+    """docs/algorithm.md's defaults: per optimizer (its table row), for all of them, and for the
+    Adam family (the sentence under the table)."""
+    text = (ROOT / "docs" / "algorithm.md").read_text()
+    section = text[text.index("## Hyperparameters, defaults and validation"):]
+    pair = re.compile(r"`(\w+)=([^`]+)`")
+
+    def parse(fragment: str) -> dict:
+        return {k: ast.literal_eval(v.replace("inf", "1e999")) for k, v in pair.findall(fragment)}
+
+    rows = {m.group(1): parse(m.group(3)) | {k: ast.literal_eval(v) for k, v in
+                                             re.findall(r"(\w+)=([^,]+)", m.group(2))}
+            for m in re.finditer(r"^\| `(Active\w+)\((.*?)\)` \| (.*) \|$", section, re.M)}
+    common = section[section.index("All of them also take"):section.index("Every\nhyperparameter")]
+    everyone, adam_family = common.split("the Adam family also")
+    return rows, parse(everyone), parse(adam_family)
+
+
+def test_documented_defaults_are_the_codes():
+    """Every constructor default of every Active optimizer is in docs/algorithm.md's table (or
+    the sentence under it) with the value the code has."""
+    import adaptive_lr
+
+    rows, everyone, adam_family = _documented_defaults()
+    assert set(rows) == {"ActiveSGD", "ActiveAdamW", "ActiveRAdam", "ActiveAdaBelief",
+                         "ActiveAdam", "ActiveLion"}
+    for name, row in rows.items():
+        signature = inspect.signature(getattr(adaptive_lr, name))
+        code = {k: p.default for k, p in signature.parameters.items()
+                if p.default is not inspect.Parameter.empty}
+        documented = everyone | (adam_family if "sign_threshold" in code else {}) | row
+        assert documented == code, name
