@@ -5,7 +5,7 @@ by appearing in available_backends(device)."""
 import pytest
 import torch
 
-from adaptive_lr import available_backends
+from adaptive_lr import ActiveAdamW, available_backends
 from adaptive_lr.backends import unavailable_reason
 from optim_configs import (
     CONFIGS, DTYPES, HAS_CUDA, LOW_PRECISION, SHAPES, clone_params, device_backends,
@@ -90,3 +90,38 @@ def test_the_fused_backends_run_on_cuda():
     """On a GPU machine the generic tests must cover the cuda and triton backends there."""
     reasons = {name: unavailable_reason(name, "cuda") for name in ("cuda", "triton")}
     assert {"cuda", "triton"} <= set(available_backends("cuda")), reasons
+
+
+def _one_boundary(backend: str, precision: str, grad_sum: float, v: float) -> float:
+    """The gain after one boundary of ActiveAdamW (k = 2, an epoch of 4 steps, a late step so
+    that 1 - beta2**t is 1 and the sign test's factor k² S / (1 - beta2**t) is 16 exactly), whose
+    previous sign was +1, given the epoch sum and the second moment: 3 where the sum counts."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = ActiveAdamW([p], steps_per_epoch=None, sign_threshold=2.0, backend=backend,
+                      state_precision=precision)
+    p.grad = torch.ones(4)
+    opt.step()
+    state = opt.state[p]
+    state["step"].fill_(1e6)
+    state["exp_avg_sq"].fill_(v)
+    state["grad_sum"].fill_(grad_sum)
+    state["prev_sign"].fill_(1)
+    state["has_prev_sign"].fill_(True)
+    opt.end_epoch()
+    opt.param_groups[0]["epoch_steps"] = 4
+    opt.step()
+    return state["gain"].float()[0].item()
+
+
+@pytest.mark.parametrize("precision", ["full", "compact"])
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_sign_test_ties_are_decided_alike_given_the_same_second_moment(backend, precision):
+    """docs/precision.md's guarantee: from the same state every backend takes the same decision,
+    an exact tie (G² = 16 v) included: a tie is no evidence. (Backends whose v differs in the
+    last bit, which torch's own ops allow, may decide a tie differently.)"""
+    above = float(torch.nextafter(torch.tensor(12.0), torch.tensor(13.0)))
+    if precision == "compact":
+        above = 12.0625  # the next bfloat16
+    assert _one_boundary(backend, precision, 12.0, 9.0) == 1.0  # G² = 144 = 16 · 9: held
+    assert _one_boundary(backend, precision, above, 9.0) == 3.0  # just above: counted, grows
+    assert _one_boundary(backend, precision, -above, 9.0) == 0.5  # flipped: shrinks
