@@ -64,13 +64,15 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
     for (size_t k = 0; k < states.size(); ++k) t.state[k] = states[k].tensors[i].data_ptr();
     float& step = *a.steps[i].data_ptr<float>();
     sign_test_factors[i] = sign_test_factor<Kernel>(common, hyper, static_cast<double>(step));
+    const float next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
+    // (a skipped step's boundary rounds a compact gain with the key its step would have had)
+    if (compact) {
+      rounding_keys[i] = rounding_key(static_cast<uint32_t>(a.rounding_seeds[i]),
+                                      static_cast<uint32_t>(next_step));
+    }
     if (!skip) {
-      step += 1;  // float32, like the reference's steps[i].add_(1)
+      step = next_step;
       scalars[i] = Kernel::step_scalars(hyper, static_cast<double>(step));
-      if (compact) {
-        rounding_keys[i] = rounding_key(static_cast<uint32_t>(a.rounding_seeds[i]),
-                                        static_cast<uint32_t>(step));
-      }
     }
     numels[i] = a.params[i].numel();
     numel += numels[i];

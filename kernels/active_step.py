@@ -64,12 +64,14 @@ def _mix32(x):
 
 
 @triton.jit
-def _stochastic_bf16(x, key, index):
-    """math.h's bfloat16_stochastic as a float32 that a bfloat16 store keeps exactly: 16 hashed
-    bits of (key, element index) added below the kept bits, then truncation (unbiased);
-    infinities and NaN round to nearest."""
+def _stochastic_bf16(x, key, index, GAIN: tl.constexpr = False):
+    """math.h's bfloat16_stochastic (GAIN: bfloat16_stochastic_gain) as a float32 that a bfloat16
+    store keeps exactly: 16 hashed bits of (key, element index), the hash's high half for an
+    epoch sum and its low half for a gain, added below the kept bits, then truncation
+    (unbiased); infinities and NaN round to nearest."""
     bits = x.to(tl.uint32, bitcast=True)
-    draws = _mix32(key + index) >> 16
+    hashed = _mix32(key + index)
+    draws = hashed & 0xFFFF if GAIN else hashed >> 16
     rounded = ((bits + draws) & 0xFFFF0000).to(tl.float32, bitcast=True)
     return tl.where((bits & 0x7F800000) == 0x7F800000, _round_to_bf16(x), rounded)
 
@@ -102,14 +104,14 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment, factor,
-                    SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr, COMPACT: tl.constexpr,
-                    MASKED: tl.constexpr):
+def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment, factor, key,
+                    start, SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr,
+                    COMPACT: tl.constexpr, MASKED: tl.constexpr):
     """The fused boundary (docs/algorithm.md): returns the gain this step uses (float32). The
     caller stores the reset grad_sum (0, plus this step's gradient unless the step is skipped).
     Under SIGN_TEST, ``moment`` is the second-moment block (before this step) and ``factor``
     the tensor's sign-test factor, in its compute dtype. COMPACT: bfloat16 gain and grad_sum,
-    a new gain rounded to nearest after its clamp."""
+    a new gain rounded stochastically after its clamp (``key``; element index start + offs)."""
     gain_inc, gain_dec, min_gain, max_gain = gain_rule
     old_sum = _load(grad_sum, offs, mask, MASKED).to(tl.float32)
     sign = (old_sum > 0).to(tl.int8) - (old_sum < 0).to(tl.int8)
@@ -126,7 +128,7 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
         gain = tl.where(agreement > 0, gain + gain_inc, decreased)
         gain = tl.minimum(tl.maximum(gain, min_gain), max_gain)
         if COMPACT:  # the value the bfloat16 store keeps, computed (the interpreter truncates)
-            gain = _round_to_bf16(gain)
+            gain = _stochastic_bf16(gain, key, (start + offs).to(tl.uint32), GAIN=True)
         _store(gain_ptr, offs, gain.to(gain_ptr.dtype.element_ty), mask, MASKED)
     _store(prev_sign, offs, sign, mask, MASKED)
     return gain
@@ -146,7 +148,8 @@ def _step_block(
         state = state + (_load(states[k], offs, mask, MASKED),)
     if BOUNDARY != 0:
         gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule,
-                               state[MOMENT], factor, SIGN_TEST, BOUNDARY, COMPACT, MASKED)
+                               state[MOMENT], factor, key, start, SIGN_TEST, BOUNDARY, COMPACT,
+                               MASKED)
         sum_before = tl.zeros_like(gain)
     else:
         gain = _load(gain_ptr, offs, mask, MASKED).to(tl.float32)
@@ -261,7 +264,7 @@ def active_step_kernel(
                 if SIGN_TEST:
                     moment = tl.load(states[MOMENT] + block, mask=block < n_here, other=0)
                 _epoch_boundary(block, block < n_here, gain_ptr, grad_sum, prev_sign, gain_rule,
-                                moment, factor, SIGN_TEST, BOUNDARY, COMPACT, True)
+                                moment, factor, key, start, SIGN_TEST, BOUNDARY, COMPACT, True)
                 tl.store(grad_sum + block, tl.zeros([BLOCK], SIGN_STATE), mask=block < n_here)
 
     # ---- step counter: the last program of this tensor to finish increments it ------------

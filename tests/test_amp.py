@@ -9,6 +9,7 @@ import torch
 
 from adaptive_lr import ActiveAdamW
 from adaptive_lr.backends import Boundary, apply_boundary, sign_test_floor
+from adaptive_lr.backends.rounding import element_index, rounding_key
 from optim_configs import (
     CONFIGS, clone_params, config, configs, device_backends, grad_sequence, make_params,
 )
@@ -28,13 +29,17 @@ def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
     group = opt.param_groups[0]
     rule = opt.spec.record(group).gain_rule()
     expected = [copy.deepcopy(opt.state[p]) for p in params]
-    for state in expected:
+    for p, state in zip(params, expected):
         if pending != Boundary.NONE:
             floor = None if rule.sign_threshold == 0 else sign_test_floor(
                 state[opt.spec.second_moment], state["step"].item(), rule, group["epoch_steps"],
                 group["betas"][1])
+            # a compact gain is rounded with the key the skipped step would have had
+            rounding = None if "rounding_seed" not in state else (
+                rounding_key(int(state["rounding_seed"]), state["step"].item() + 1),
+                element_index(p))
             apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"], rule,
-                           floor)
+                           floor, rounding)
             state["epoch"].fill_(group["epoch"])
             state["has_prev_sign"].fill_(True)
     return expected

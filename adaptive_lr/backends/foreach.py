@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
-from .rounding import bfloat16_stochastic, element_index, rounding_key
+from .rounding import (
+    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, rounding_key,
+)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -21,8 +23,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tensor],
-                   prev_signs: list[Tensor], rule: GainRule,
-                   floors: list[Tensor] | None = None) -> None:
+                   prev_signs: list[Tensor], rule: GainRule, floors: list[Tensor] | None = None,
+                   roundings: list[tuple[int, Tensor]] | None = None) -> None:
     """The epoch boundary of a list of params (reference.apply_boundary's, with foreach ops)."""
     signs = torch._foreach_sign(grad_sums)
     if floors is not None:  # the sign test: 1 where the sum is significant, else 0
@@ -44,7 +46,7 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
         held = torch._foreach_add(torch._foreach_add(same, flipped), -1.0)
         torch._foreach_neg_(held)  # 1 where neither (the sign test's "no evidence")
         # a 0/1 blend of the candidates is exact: it picks one of them bit for bit (in float32;
-        # the copy into compact bfloat16 gains rounds to nearest, after the clamp)
+        # compact bfloat16 gains are rounded stochastically, after the clamp)
         gains32 = [gain.float() for gain in gains]
         increased = torch._foreach_add(gains32, rule.gain_inc)
         torch._foreach_mul_(increased, same)
@@ -54,6 +56,8 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
         torch._foreach_add_(increased, torch._foreach_mul(gains32, held))
         torch._foreach_clamp_min_(increased, rule.min_gain)
         torch._foreach_clamp_max_(increased, rule.max_gain)
+        if roundings is not None:
+            increased = [bfloat16_stochastic_gain(x, *r) for x, r in zip(increased, roundings)]
         torch._foreach_copy_(gains, increased)
     for prev_sign, sign in zip(prev_signs, signs):
         prev_sign.copy_(sign)
@@ -62,15 +66,22 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
 
 def step(bucket: Bucket) -> None:
     h = dataclasses.replace(bucket.hyper, lr=float(bucket.hyper.lr))
+    # one host read for the per-tensor scalars: the step counts before and after this step's
+    # increment (float32, as the counts themselves)
+    counts = torch.stack(bucket.steps)
+    before, steps = torch.stack([counts, counts + 1]).tolist()
+    roundings = None
+    if bucket.rounding_seeds is not None:  # compact: this step's keys (even a skipped one's)
+        roundings = [(rounding_key(seed, step), element_index(param)) for seed, step, param
+                     in zip(bucket.rounding_seeds, steps, bucket.params)]
     if bucket.boundary != Boundary.NONE:
-        floors = sign_test_floors(bucket, torch.stack(bucket.steps).tolist())
+        floors = sign_test_floors(bucket, before)
         apply_boundary(bucket.boundary, bucket.gains, bucket.grad_sums, bucket.prev_signs,
-                       h.gain_rule(), floors)
+                       h.gain_rule(), floors, roundings)
     if bucket.found_inf is not None and bool(bucket.found_inf.item()):
         return
     compute = state_dtype(bucket.dtype)
     torch._foreach_add_(bucket.steps, 1.0)
-    steps = torch.stack(bucket.steps).tolist()  # one host read for the per-tensor scalars
     g = [grad.to(compute) for grad in bucket.grads]
     if bucket.grad_scale is not None:
         g = torch._foreach_div(g, bucket.grad_scale.to(compute))
@@ -81,10 +92,8 @@ def step(bucket: Bucket) -> None:
         torch._foreach_add_(bucket.grad_sums, g32)
     else:  # compact: the float32 sums, rounded stochastically to bfloat16
         sums = torch._foreach_add([s.float() for s in bucket.grad_sums], g32)
-        for grad_sum, total, seed, step, param in zip(bucket.grad_sums, sums,
-                                                      bucket.rounding_seeds, steps, bucket.params):
-            grad_sum.copy_(bfloat16_stochastic(total, rounding_key(seed, step),
-                                               element_index(param)))
+        for grad_sum, total, rounding in zip(bucket.grad_sums, sums, roundings):
+            grad_sum.copy_(bfloat16_stochastic(total, *rounding))
     low_precision = bucket.dtype != compute
     theta = [p.detach().to(compute) for p in bucket.params]
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
-from .rounding import bfloat16_stochastic, element_index, rounding_key
+from .rounding import (
+    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, rounding_key,
+)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -19,10 +21,12 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign: Tensor,
-                   rule: GainRule, floor: Tensor | None = None) -> None:
+                   rule: GainRule, floor: Tensor | None = None,
+                   rounding: tuple[int, Tensor] | None = None) -> None:
     """The epoch-boundary update of one param's gain and sign state (docs/algorithm.md, "The
     gain rule"). ``floor``: the sign test's factor * v (bucket.sign_test_floors), given exactly
-    when ``rule.sign_threshold`` > 0."""
+    when ``rule.sign_threshold`` > 0. ``rounding``: a compact (bfloat16) gain's rounding key
+    and element indices."""
     if boundary == Boundary.NONE:
         return
     sign = torch.sign(grad_sum)
@@ -37,8 +41,10 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
         if rule.sign_threshold > 0:  # no evidence either way: the gain is held
             decreased = torch.where(product < 0, decreased, gain32)
         new_gain = torch.where(product > 0, gain32 + rule.gain_inc, decreased)
-        # the copy into a compact gain rounds to nearest, after the clamp
-        gain.copy_(new_gain.clamp_(rule.min_gain, rule.max_gain))
+        new_gain.clamp_(rule.min_gain, rule.max_gain)
+        if gain.dtype == torch.bfloat16:  # compact: rounded stochastically, after the clamp
+            new_gain = bfloat16_stochastic_gain(new_gain, *rounding)
+        gain.copy_(new_gain)
     prev_sign.copy_(sign)
     grad_sum.zero_()
 
@@ -52,8 +58,12 @@ def step(bucket: Bucket) -> None:
         floors = sign_test_floors(bucket, [step.item() for step in bucket.steps])
     for i, param in enumerate(bucket.params):
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
+        rounding = None
+        if bucket.rounding_seeds is not None:  # the key of this step (even a skipped one)
+            key = rounding_key(bucket.rounding_seeds[i], (bucket.steps[i] + 1).item())
+            rounding = (key, element_index(param))
         apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
-                       None if floors is None else floors[i])
+                       None if floors is None else floors[i], rounding)
         if skip:
             continue
         bucket.steps[i].add_(1)
@@ -65,9 +75,7 @@ def step(bucket: Bucket) -> None:
         if bucket.rounding_seeds is None:
             grad_sum.add_(g.float())
         else:  # compact: the float32 sum, rounded stochastically to bfloat16
-            key = rounding_key(bucket.rounding_seeds[i], bucket.steps[i].item())
-            grad_sum.copy_(bfloat16_stochastic(grad_sum.float() + g.float(), key,
-                                               element_index(param)))
+            grad_sum.copy_(bfloat16_stochastic(grad_sum.float() + g.float(), *rounding))
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

@@ -1,7 +1,8 @@
 """Compact state's roundings, in torch ops, for the reference and foreach backends: the same
 functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``,
-``bfloat16_stochastic``) and the Triton kernel, so every backend draws the same bits and stores
-the same bfloat16 grad_sum (docs/algorithm.md, "Compact state"); a NaN sum stays NaN, with the
+``bfloat16_stochastic``, ``bfloat16_stochastic_gain``) and the Triton kernel, so every backend
+draws the same bits and stores the same bfloat16 grad_sum and gain (docs/algorithm.md, "Compact
+state"); a NaN sum stays NaN, with the
 bit pattern torch's conversion gives it.
 
 The 32-bit hash runs on int64 tensors holding unsigned 32-bit values; a product is split into
@@ -47,6 +48,15 @@ def rounding_key(seed: int, step: float) -> int:
     return mix32(seed ^ mix32(int(step) & MASK32))
 
 
+# A boundary applied outside any step (a param that missed one, optim/clock.py; every backend's
+# optimizer runs that path in torch ops) rounds a compact gain under a key no step uses.
+_CATCH_UP_SALT = 0x5BD1E995
+
+
+def catch_up_key(seed: int, step: float) -> int:
+    return rounding_key(seed ^ _CATCH_UP_SALT, step)
+
+
 def element_index(t: Tensor) -> Tensor:
     """Each element's index as the fused kernels count it: its position in memory for a dense
     tensor (any layout the kernels run in place), in row-major order otherwise (they run such a
@@ -57,15 +67,27 @@ def element_index(t: Tensor) -> Tensor:
     return flat.view(t.shape)
 
 
-def bfloat16_stochastic(x: Tensor, key: int, index: Tensor) -> Tensor:
-    """float32 ``x`` rounded stochastically to bfloat16, element ``index`` (element_index of its
-    param) with ``key``'s draw: 16 hashed bits are added below the kept bits before truncation,
-    which rounds up with probability equal to the dropped fraction. Infinities and NaN round to
-    nearest."""
-    rounded = mix32((index + key) & MASK32)
-    rounded >>= 16  # the draws
+def _round_with(x: Tensor, draws: Tensor) -> Tensor:
+    """float32 ``x`` rounded stochastically to bfloat16 with 16 uniform bits per element (math.h's
+    bfloat16_round_with): added below the kept bits before truncation, which rounds up with
+    probability equal to the dropped fraction. Infinities and NaN round to nearest."""
     # on the signed bit pattern: a finite float's stays inside int32 (only NaNs could leave it)
-    rounded += x.view(torch.int32)
-    rounded &= -0x10000
+    draws += x.view(torch.int32)
+    draws &= -0x10000
     # the low 16 bits are 0: the conversion to bfloat16 is exact
-    return torch.where(x.isfinite(), rounded.to(torch.int32).view(torch.float32), x).to(torch.bfloat16)
+    return torch.where(x.isfinite(), draws.to(torch.int32).view(torch.float32), x).to(torch.bfloat16)
+
+
+def bfloat16_stochastic(x: Tensor, key: int, index: Tensor) -> Tensor:
+    """A compact epoch sum: float32 ``x`` rounded stochastically to bfloat16, element ``index``
+    (element_index of its param) with ``key``'s draw, the hash's high 16 bits."""
+    draws = mix32((index + key) & MASK32)
+    draws >>= 16
+    return _round_with(x, draws)
+
+
+def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
+    """A new compact gain: as bfloat16_stochastic with the same hash's low 16 bits."""
+    draws = mix32((index + key) & MASK32)
+    draws &= 0xFFFF
+    return _round_with(x, draws)

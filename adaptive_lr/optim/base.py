@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from .. import backends
 from ..backends import Boundary, Bucket, GainRule, sign_test_floor, state_dtype
+from ..backends.rounding import catch_up_key, element_index
 from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
     check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
@@ -35,8 +36,8 @@ GAIN_ARGS_DOC = """
     min_gain, max_gain (float): clamp of every gain (0 and inf: off, as in the paper).
     maximize (bool): maximize the objective instead of minimizing it.
     backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
-    state_precision (str): "compact" (default): bfloat16 gains (rounded to nearest) and epoch
-        sums (rounded stochastically, unbiased), 5 bytes per param beside the base optimizer's
+    state_precision (str): "compact" (default): bfloat16 gains and epoch sums (rounded
+        stochastically, unbiased), 5 bytes per param beside the base optimizer's
         state; float64 params keep float32 ones. "full": float32 gains and epoch sums, 9 bytes
         per param (docs/algorithm.md, "Compact state"; docs/RESULTS.md §4).
 """
@@ -236,14 +237,19 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                     crossing += [self.state[p] for p in bucket_params]
         return plan, crossing
 
-    def _missed_boundary_rule(self, p: Tensor, group: dict) -> tuple[GainRule, Tensor | None]:
+    def _missed_boundary_args(self, p: Tensor, group: dict) -> tuple:
         hyper = self.spec.record(group)
         rule = hyper.gain_rule()
-        if rule.sign_threshold == 0:
-            return rule, None
         state = self.state[p]
-        return rule, sign_test_floor(state[self.spec.second_moment], state["step"].item(), rule,
-                                     group["epoch_steps"], hyper.betas[1])
+        floor = None
+        if rule.sign_threshold != 0:
+            floor = sign_test_floor(_local(state[self.spec.second_moment]), state["step"].item(),
+                                    rule, group["epoch_steps"], hyper.betas[1])
+        rounding = None
+        if "rounding_seed" in state:  # compact: drawn under a key of its own (no step's)
+            rounding = (catch_up_key(int(state["rounding_seed"]), state["step"].item()),
+                        element_index(_local(p)))
+        return (*(_local(state[k]) for k in SIGN_KEYS), rule, floor, rounding)
 
     def _make_bucket(self, group, hyper, keys, params, boundary, grad_scale,
                      found_inf) -> Bucket:

@@ -142,14 +142,15 @@ class EpochClock:
             if self.param_groups[0]["steps_in_epoch"] >= self.steps_per_epoch:
                 self._mark_boundary()
 
-    def _missed_boundary_rule(self, p: Tensor, group: dict) -> tuple:
-        """The gain rule (and sign-test floor) of a boundary applied by _catch_up."""
-        return (GainRule.of(group),)
+    def _missed_boundary_args(self, p: Tensor, group: dict) -> tuple:
+        """apply_boundary's arguments after the kind, for a boundary applied outside a step: the
+        sign state, the gain rule (and the sign-test floor, the compact gain's rounding)."""
+        state = self.state[p]
+        return state["gain"], state["grad_sum"], state["prev_sign"], GainRule.of(group)
 
     def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
-        apply_boundary(boundary_kind(state), state["gain"], state["grad_sum"], state["prev_sign"],
-                       *self._missed_boundary_rule(p, group))
+        apply_boundary(boundary_kind(state), *self._missed_boundary_args(p, group))
         record_boundary(state)
 
     def _catch_up(self, p: Tensor, group: dict) -> Boundary:

@@ -45,10 +45,13 @@ struct Ops<at::vec::Vectorized<C>> {
       return V::loadu(wide);
     }
   }
-  static V round_to_bfloat16(const V& x) {  // boundary steps only: element by element
+  // lane k is element index + k; boundary steps only: element by element
+  static V round_gain_to_bfloat16(const V& x, uint32_t key, uint32_t index) {
     __at_align__ C lanes[V::size()];
     x.store(lanes);
-    for (int k = 0; k < V::size(); ++k) lanes[k] = Ops<C>::round_to_bfloat16(lanes[k]);
+    for (int k = 0; k < V::size(); ++k) {
+      lanes[k] = Ops<C>::round_gain_to_bfloat16(lanes[k], key, index + static_cast<uint32_t>(k));
+    }
     return V::loadu(lanes);
   }
 };
@@ -219,12 +222,13 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
         for (int k = 0; k < N; ++k) {
           if (k < num_states) st[k] = io::load(state[k] + i);
         }
+        const uint32_t key = S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0;
         fused_step<B, S>(lanes.common, lanes.update, theta, io::load(grad + i), gamma, g_sum,
-                         sign, st);
+                         sign, st, key, static_cast<uint32_t>(offset + i));
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
         if constexpr (S == StatePrecision::kCompact) {
-          io::store_stochastic(grad_sum + i, g_sum, b.rounding_keys[chunk.tensor], offset + i);
+          io::store_stochastic(grad_sum + i, g_sum, key, offset + i);
         } else {
           io::store(grad_sum + i, g_sum);
         }
@@ -255,7 +259,9 @@ void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
       [&]<class T>(const CommonLanes<T>& common, int64_t i) {
         using io = Io<T>;
         T gamma = io::load(gain + i), g_sum = io::load(grad_sum + i), sign = io::load(prev_sign + i);
-        apply_boundary<B, S>(common, gamma, g_sum, sign, moment ? io::load(moment + i) : T(0));
+        apply_boundary<B, S>(common, gamma, g_sum, sign, moment ? io::load(moment + i) : T(0),
+                             S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0,
+                             static_cast<uint32_t>(chunk.offset + i));
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         io::store(prev_sign + i, sign);
         io::store(grad_sum + i, g_sum);

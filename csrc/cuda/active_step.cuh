@@ -176,11 +176,13 @@ struct ActiveStep {
         sum = sign_state_value<S>(grad_sum.v[j]), prev = sign.v[j];
       C st[kMaxStates];
       for (int k = 0; k < kMaxStates; ++k) st[k] = state[k].v[j];
-      fused_step<B, S>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, prev, st);
+      const uint32_t index = static_cast<uint32_t>(c.offset + i + j);
+      fused_step<B, S>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, prev, st, key,
+                       index);
       param.v[j] = from_lane<P>(theta);
       if constexpr (S == StatePrecision::kCompact) {
         gain.v[j] = bfloat16_nearest(gamma);  // already a bfloat16 value: exact
-        grad_sum.v[j] = bfloat16_stochastic(sum, key, static_cast<uint32_t>(c.offset + i + j));
+        grad_sum.v[j] = bfloat16_stochastic(sum, key, index);
       } else {
         gain.v[j] = static_cast<float>(gamma);
         grad_sum.v[j] = static_cast<float>(sum);
@@ -201,7 +203,7 @@ struct ActiveStep {
   // would: the sign test compares in it).
   template <int W>
   static __device__ void boundary_elements(const ChunkPtrs& c, int i,
-                                           const CommonLanes<C>& common) {
+                                           const CommonLanes<C>& common, uint32_t key) {
     Pack<G, W> gain = load<W>(c.gain + i);
     Pack<G, W> grad_sum = load<W>(c.grad_sum + i);
     Pack<int8_t, W> sign = load<W>(c.prev_sign + i);
@@ -213,7 +215,8 @@ struct ActiveStep {
     for (int j = 0; j < W; ++j) {
       C gamma = sign_state_value<S>(gain.v[j]), sum = sign_state_value<S>(grad_sum.v[j]),
         prev = sign.v[j];
-      apply_boundary<B, S>(common, gamma, sum, prev, moment.v[j]);
+      apply_boundary<B, S>(common, gamma, sum, prev, moment.v[j], key,
+                           static_cast<uint32_t>(c.offset + i + j));
       if constexpr (S == StatePrecision::kCompact) {
         gain.v[j] = bfloat16_nearest(gamma);
         grad_sum.v[j] = 0;  // the boundary reset it
@@ -274,7 +277,7 @@ struct ActiveStep {
       if constexpr (B != Boundary::kNone) {
         const CommonLanes<C> common(s.common, s.sign_test_factor);
         for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
-          boundary_elements<decltype(w)::value>(c, i, common);
+          boundary_elements<decltype(w)::value>(c, i, common, s.rounding_key);
         });
       }
       return;  // the step counter stays

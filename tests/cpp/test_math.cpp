@@ -329,8 +329,9 @@ void test_all() {
 
 }  // namespace
 
-// Compact state's roundings: nearest-even gains and the stochastic epoch-sum rounding, which must
-// land on one of the two neighbouring bfloat16 values and be unbiased over many draws.
+// Compact state's roundings: nearest-even (checkpoint conversion, infinities) and the stochastic
+// rounding of epoch sums and gains, which must land on one of the two neighbouring bfloat16 values
+// and be unbiased over many draws, the two with independent draws.
 void test_compact_rounding() {
   CHECK(mix32(0) == 0 && mix32(1) != mix32(2));  // lowbias32 fixes 0
   CHECK(bfloat16_nearest(1.0f) == 0x3f80);
@@ -338,27 +339,35 @@ void test_compact_rounding() {
   CHECK(bfloat16_nearest(bit_cast<float>(0x3f818000)) == 0x3f82);  // a tie: to even (up)
   CHECK(bfloat16_nearest(bit_cast<float>(0x3f808001)) == 0x3f81);
   CHECK(bfloat16_nearest(INFINITY) == 0x7f80 && bfloat16_nearest(NAN) == 0x7fc0);
-  CHECK(Ops<float>::round_to_bfloat16(3.0f) == 3.0f);
-  // a compact gain is rounded after its clamp: a max_gain that is no bfloat16 value rounds too
+  const uint32_t key = rounding_key(7, 3);
+  // a compact gain is rounded after its clamp: a max_gain that is no bfloat16 value rounds to
+  // one of its neighbours (10.25 or 10.3125)
   float gain = 2, sum = 1, sign = 1;
   CommonHyper h = hyper(0, 10.3f);
   h.gain_inc = 10;
   apply_boundary<Boundary::kUpdate, StatePrecision::kCompact>(CommonLanes<float>(h), gain, sum,
-                                                              sign, 0.0f);
-  CHECK(gain == bfloat16_value(bfloat16_nearest(10.3f)));
-  // x = 1 + 0.3 bfloat16 ulps: rounds up to 1 + 1 ulp with probability 0.3
+                                                              sign, 0.0f, key, 9);
+  CHECK(gain == bfloat16_value(bfloat16_stochastic_gain(10.3f, key, 9)));
+  CHECK(gain == 10.25f || gain == 10.3125f);
+  // x = 1 + 0.3 bfloat16 ulps: rounds up to 1 + 1 ulp with probability 0.3, for a sum and for a
+  // gain, and the two draws of one element are independent (both up: probability 0.09)
   const float x = bit_cast<float>(0x3f800000 + 0x4ccc);
   const uint16_t down = 0x3f80, up = 0x3f81;
-  int ups = 0;
+  int sum_ups = 0, gain_ups = 0, both_up = 0;
   const int draws = 1 << 16;
-  const uint32_t key = rounding_key(7, 3);
   for (int i = 0; i < draws; ++i) {
     const uint16_t r = bfloat16_stochastic(x, key, static_cast<uint32_t>(i));
-    CHECK(r == down || r == up);
-    ups += r == up;
+    const uint16_t g = bfloat16_stochastic_gain(x, key, static_cast<uint32_t>(i));
+    CHECK((r == down || r == up) && (g == down || g == up));
+    sum_ups += r == up;
+    gain_ups += g == up;
+    both_up += r == up && g == up;
   }
-  CHECK_CLOSE(ups / double(draws), 0.3, 0.01);  // unbiased: E[r] = x (5 sd of the estimate)
-  CHECK(bfloat16_stochastic(2.0f, key, 5) == 0x4000);  // a bfloat16 value stays exact
+  CHECK_CLOSE(sum_ups / double(draws), 0.3, 0.01);  // unbiased: E[r] = x (5 sd of the estimate)
+  CHECK_CLOSE(gain_ups / double(draws), 0.3, 0.01);
+  CHECK_CLOSE(both_up / double(draws), 0.09, 0.01);
+  CHECK(Ops<float>::round_gain_to_bfloat16(3.0f, key, 5) == 3.0f);  // bfloat16 values stay exact
+  CHECK(bfloat16_stochastic(2.0f, key, 5) == 0x4000);
   CHECK(bfloat16_stochastic(-INFINITY, key, 5) == 0xff80);
   CHECK(bfloat16_stochastic(NAN, key, 5) == 0x7fc0);
   CHECK(bfloat16_stochastic(bit_cast<float>(0x7f7fffff), key, 0) >= 0x7f7f);  // may round to inf

@@ -271,12 +271,14 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 
 // ---- compact state: bfloat16 gains and epoch sums (state_precision="compact") -----------------
 //
-// A compact gain is rounded to the nearest bfloat16 (even on ties); a compact epoch sum is rounded
-// stochastically, up or down with the probabilities that make the rounding unbiased, from bits
-// drawn from a counter-based hash of (the param's rounding seed, its step count, the element's
-// index): every backend draws the same bits, so they agree bit for bit (docs/algorithm.md,
-// "Compact state"). These scalar functions are the one definition; the CPU kernels' AVX2/AVX-512
-// builds compute the same bits in integer SIMD (fused_step_kernel.cpp), checked against them.
+// A compact gain and a compact epoch sum are rounded stochastically, up or down with the
+// probabilities that make the rounding unbiased, from bits drawn from a counter-based hash of
+// (the param's rounding seed, its step count, the element's index): the sum with the hash's high
+// 16 bits, a new gain (on a boundary step) with its low 16 bits. Every backend draws the same
+// bits, so they agree bit for bit (docs/algorithm.md, "Compact state"). Rounding a gain to the
+// nearest bfloat16 would lose every increment below half an ulp (gain_inc=0.5 stops at 128).
+// These scalar functions are the one definition; the CPU kernels' AVX2/AVX-512 builds compute
+// the epoch sum's bits in integer SIMD (fused_step_kernel.cpp), checked against them.
 
 enum class StatePrecision : int { kFull = 0, kCompact = 1 };
 
@@ -312,13 +314,23 @@ ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_nearest(float x) {
   return static_cast<uint16_t>((u + 0x7fffU + ((u >> 16) & 1U)) >> 16);
 }
 
-// The bits of x rounded stochastically to bfloat16 with element `index`'s draw under `key`:
-// adding 16 uniform bits below the kept ones and truncating rounds up with probability equal to
-// the dropped fraction, so E[result] = x. Infinities and NaN are kept (as bfloat16_nearest).
-ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic(float x, uint32_t key, uint32_t index) {
+// The bits of x rounded stochastically to bfloat16 with the 16 uniform bits `draw`: adding them
+// below the kept bits and truncating rounds up with probability equal to the dropped fraction, so
+// E[result] = x. Infinities and NaN are kept (as bfloat16_nearest).
+ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_round_with(float x, uint32_t draw) {
   const uint32_t u = bit_cast<uint32_t>(x);
   if ((u & 0x7f800000U) == 0x7f800000U) return bfloat16_nearest(x);
-  return static_cast<uint16_t>((u + (mix32(key + index) >> 16)) >> 16);
+  return static_cast<uint16_t>((u + draw) >> 16);
+}
+
+// A compact epoch sum: element `index`'s draw under `key`, the hash's high 16 bits.
+ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic(float x, uint32_t key, uint32_t index) {
+  return bfloat16_round_with(x, mix32(key + index) >> 16);
+}
+
+// A compact gain: the same hash's low 16 bits (independent of the high ones).
+ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic_gain(float x, uint32_t key, uint32_t index) {
+  return bfloat16_round_with(x, mix32(key + index) & 0xffffU);
 }
 
 ADAPTIVE_LR_HOST_DEVICE float bfloat16_value(uint16_t bits) {
@@ -344,9 +356,9 @@ struct Ops {
   static ADAPTIVE_LR_HOST_DEVICE T where_positive(T c, T a, T b) { return c > T(0) ? a : b; }
   // The value rounded to float32 (grad_sum accumulates float32 even for float64 params).
   static ADAPTIVE_LR_HOST_DEVICE T round_to_float(T x) { return T(static_cast<float>(x)); }
-  // The float32 value rounded to the nearest bfloat16 (a compact gain).
-  static ADAPTIVE_LR_HOST_DEVICE T round_to_bfloat16(T x) {
-    return T(bfloat16_value(bfloat16_nearest(static_cast<float>(x))));
+  // A new compact gain, float32, rounded stochastically to bfloat16 (element `index` under `key`).
+  static ADAPTIVE_LR_HOST_DEVICE T round_gain_to_bfloat16(T x, uint32_t key, uint32_t index) {
+    return T(bfloat16_value(bfloat16_stochastic_gain(static_cast<float>(x), key, index)));
   }
 };
 
@@ -365,10 +377,12 @@ struct CommonLanes {
 // The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T; second_moment is
 // the element's v before this step (read only by the sign test). The new gain is rounded to its
 // storage type before it is used: float32 (a no-op for float lanes), or bfloat16 for compact
-// state (after the clamp, so that the clamped value is what is stored).
+// state, stochastically with the step's `key` for element `index` (the first lane's, for SIMD
+// lanes), after the clamp.
 template <Boundary B, StatePrecision S = StatePrecision::kFull, class T>
 ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T& grad_sum,
-                                            T& prev_sign, T second_moment) {
+                                            T& prev_sign, T second_moment, uint32_t key = 0,
+                                            uint32_t index = 0) {
   if constexpr (B != Boundary::kNone) {
     T sign = Ops<T>::sign(grad_sum);
     if (c.sign_test) {  // a sum within the epoch's gradient noise counts as no sign
@@ -385,7 +399,9 @@ ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T&
       gain = Ops<T>::round_to_float(
           Ops<T>::where_positive(agreement, gain + c.gain_inc, decreased));
       gain = Ops<T>::minimum(Ops<T>::maximum(gain, c.min_gain), c.max_gain);
-      if constexpr (S == StatePrecision::kCompact) gain = Ops<T>::round_to_bfloat16(gain);
+      if constexpr (S == StatePrecision::kCompact) {
+        gain = Ops<T>::round_gain_to_bfloat16(gain, key, index);
+      }
     }
     prev_sign = sign;
     grad_sum = T(0);
@@ -484,12 +500,14 @@ struct Update<Lion, T> {
 // One element's whole step, registers in and out (loads and stores are the caller's): the
 // boundary, the gradient's unscaling/negation, its accumulation into grad_sum, weight decay and
 // the base update with the new gain. A step skipped for found_inf calls apply_boundary alone.
-// A compact grad_sum leaves here in float32; its store rounds it (bfloat16_stochastic).
+// A compact grad_sum leaves here in float32; its store rounds it (bfloat16_stochastic, with the
+// same `key` and `index` as a new compact gain's rounding here).
 template <Boundary B, StatePrecision S = StatePrecision::kFull, class Kernel, class T>
 ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Kernel, T>& update,
                                         T& theta, T grad, T& gain, T& grad_sum, T& prev_sign,
-                                        T (&state)[Kernel::kMaxStates]) {
-  apply_boundary<B, S>(c, gain, grad_sum, prev_sign, second_moment<Kernel>(state));
+                                        T (&state)[Kernel::kMaxStates], uint32_t key = 0,
+                                        uint32_t index = 0) {
+  apply_boundary<B, S>(c, gain, grad_sum, prev_sign, second_moment<Kernel>(state), key, index);
   const T g = c.divide_grad ? grad / c.grad_divisor : grad;
   grad_sum = grad_sum + Ops<T>::round_to_float(g);
   theta = theta * c.decay;
