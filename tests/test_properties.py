@@ -68,11 +68,9 @@ def optimizers(draw):
         kwargs.update(lr=draw(st.floats(1e-4, 0.3)), momentum=momentum, nesterov=nesterov,
                       dampening=0.0 if nesterov else draw(unit))
         return ActiveSGD, kwargs
-    # the paper's rule: drawing sign_threshold moved the derandomized examples onto a float32
-    # divergence of ActiveAdaBelief (cpu against reference, gains fixed, up to 10 ulps) that
-    # this bound does not yet allow for; the sign test is covered by the config table's rows
     kwargs.update(lr=draw(st.floats(1e-4, 0.1)), betas=draw(betas),
-                  eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])), sign_threshold=0.0)
+                  eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])),
+                  sign_threshold=draw(st.sampled_from([0.0, 1.0, 2.0])))
     if name in ("adamw", "adabelief"):
         kwargs["amsgrad"] = draw(st.booleans())
     if name == "adabelief":

@@ -21,9 +21,9 @@ class AdaBeliefHyper(AdamHyper):
 def _reference(theta, g, gamma, step, state, h: AdaBeliefHyper) -> None:
     beta1, beta2 = h.betas
     m, s = state["exp_avg"], state["exp_avg_var"]
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    m.mul_(beta1).add_(g * (1 - beta1))
     residual = g - m
-    s.mul_(beta2).addcmul_(residual, residual, value=1 - beta2).add_(h.eps)
+    s.mul_(beta2).add_(residual * (1 - beta2) * residual).add_(h.eps)
     if h.amsgrad:
         torch.maximum(state["max_exp_avg_var"], s, out=state["max_exp_avg_var"])
         s = state["max_exp_avg_var"]
@@ -40,10 +40,12 @@ def _foreach(theta, g, gammas, steps, state, h: AdaBeliefHyper) -> None:
     beta1, beta2 = h.betas
     m, s = state["exp_avg"], state["exp_avg_var"]
     torch._foreach_mul_(m, beta1)
-    torch._foreach_add_(m, g, alpha=1 - beta1)
+    torch._foreach_add_(m, torch._foreach_mul(g, 1 - beta1))
     residual = torch._foreach_sub(g, m)
     torch._foreach_mul_(s, beta2)
-    torch._foreach_addcmul_(s, residual, residual, value=1 - beta2)
+    weighted = torch._foreach_mul(residual, 1 - beta2)
+    torch._foreach_mul_(weighted, residual)
+    torch._foreach_add_(s, weighted)
     torch._foreach_add_(s, h.eps)
     if h.amsgrad:
         torch._foreach_maximum_(state["max_exp_avg_var"], s)

@@ -28,7 +28,7 @@ def _reference(theta, g, gamma, step, state, h: AdamHyperL2) -> None:
 
 def _foreach(theta, g, gammas, steps, state, h: AdamHyperL2) -> None:
     if _l2(h) != 0:
-        g = torch._foreach_add(g, theta, alpha=_l2(h))
+        g = torch._foreach_add(g, torch._foreach_mul(theta, _l2(h)))
     ADAMW.foreach(theta, g, gammas, steps, state, h)
 
 

@@ -23,20 +23,20 @@ def _reference(theta, g, gamma, step, state, h: LionHyper) -> None:
     m = state["exp_avg"]
     direction = torch.sign(m * beta1 + g * (1 - beta1))
     theta.sub_(h.lr * gamma * direction)
-    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    m.mul_(beta2).add_(g * (1 - beta2))
 
 
 def _foreach(theta, g, gammas, steps, state, h: LionHyper) -> None:
     beta1, beta2 = h.betas
     m = state["exp_avg"]
     direction = torch._foreach_mul(m, beta1)
-    torch._foreach_add_(direction, g, alpha=1 - beta1)
+    torch._foreach_add_(direction, torch._foreach_mul(g, 1 - beta1))
     torch._foreach_sign_(direction)
     update = torch._foreach_mul(gammas, h.lr)
     torch._foreach_mul_(update, direction)
     torch._foreach_sub_(theta, update)
     torch._foreach_mul_(m, beta2)
-    torch._foreach_add_(m, g, alpha=1 - beta2)
+    torch._foreach_add_(m, torch._foreach_mul(g, 1 - beta2))
 
 
 LION = OptimizerSpec(

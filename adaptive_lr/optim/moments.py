@@ -1,4 +1,8 @@
-"""Pieces the Adam-type optimizers' reference and foreach updates share."""
+"""Pieces the Adam-type optimizers' reference and foreach updates share.
+
+Every reference and foreach update rounds each product and sum once, as the fused kernels do
+(``m * beta + g * (1 - beta)``), never with torch's fused ``add_(alpha=)`` or ``addcmul_``: on the
+CPU those are one FMA, whose one-ulp difference AdaBelief's ``g - m`` amplifies when it cancels."""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from torch import Tensor
 def adam_moments(g: Tensor, state: dict, h, amsgrad: bool) -> Tensor:
     """One tensor: update exp_avg and exp_avg_sq; return the second moment the update uses."""
     beta1, beta2 = h.betas
-    state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    state["exp_avg"].mul_(beta1).add_(g * (1 - beta1))
+    state["exp_avg_sq"].mul_(beta2).add_(g * (1 - beta2) * g)
     if amsgrad:
         torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"], out=state["max_exp_avg_sq"])
         return state["max_exp_avg_sq"]
@@ -21,9 +25,11 @@ def foreach_adam_moments(g: list[Tensor], state: dict, h, amsgrad: bool) -> list
     """A bucket: as adam_moments."""
     beta1, beta2 = h.betas
     torch._foreach_mul_(state["exp_avg"], beta1)
-    torch._foreach_add_(state["exp_avg"], g, alpha=1 - beta1)
+    torch._foreach_add_(state["exp_avg"], torch._foreach_mul(g, 1 - beta1))
     torch._foreach_mul_(state["exp_avg_sq"], beta2)
-    torch._foreach_addcmul_(state["exp_avg_sq"], g, g, value=1 - beta2)
+    weighted = torch._foreach_mul(g, 1 - beta2)
+    torch._foreach_mul_(weighted, g)
+    torch._foreach_add_(state["exp_avg_sq"], weighted)
     if amsgrad:
         torch._foreach_maximum_(state["max_exp_avg_sq"], state["exp_avg_sq"])
         return state["max_exp_avg_sq"]

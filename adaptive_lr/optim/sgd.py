@@ -29,8 +29,8 @@ def _reference(theta, g, gamma, step, state, h: SgdHyper) -> None:
     if step == 1:
         buf.copy_(g)
     else:
-        buf.mul_(h.momentum).add_(g, alpha=1 - h.dampening)
-    direction = g + h.momentum * buf if h.nesterov else buf
+        buf.mul_(h.momentum).add_(g * (1 - h.dampening))
+    direction = g + buf * h.momentum if h.nesterov else buf
     theta.sub_(h.lr * gamma * direction)
 
 
@@ -43,8 +43,8 @@ def _foreach(theta, g, gammas, steps, state, h: SgdHyper) -> None:
     if later:
         later_bufs = [bufs[i] for i in later]
         torch._foreach_mul_(later_bufs, h.momentum)
-        torch._foreach_add_(later_bufs, [g[i] for i in later], alpha=1 - h.dampening)
-    direction = torch._foreach_add(g, bufs, alpha=h.momentum) if h.nesterov else bufs
+        torch._foreach_add_(later_bufs, torch._foreach_mul([g[i] for i in later], 1 - h.dampening))
+    direction = torch._foreach_add(g, torch._foreach_mul(bufs, h.momentum)) if h.nesterov else bufs
     update = torch._foreach_mul(gammas, h.lr)
     torch._foreach_mul_(update, direction)
     torch._foreach_sub_(theta, update)
