@@ -19,6 +19,45 @@
 namespace adaptive_lr {
 ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// math.h's compact-state roundings in integer SIMD, lane k being element first + k. Element by
+// element, the unrolled lanes' branch for non-finite values keeps GCC from vectorizing the hash.
+// (Not in the scalar build: its Vectorized<int32_t> multiplies signed ints, whose overflow is
+// undefined.)
+struct SimdRounding {
+  using I = at::vec::Vectorized<int32_t>;
+
+  // A logical shift (at::vec's >> is arithmetic).
+  template <int N>
+  static I shift_right(const I& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_srli_epi32(x, N);
+#else
+    return _mm256_srli_epi32(x, N);
+#endif
+  }
+
+  // mix32(key + first + k) in lane k.
+  static I hash(uint32_t key, uint32_t first) {
+    I h = I(static_cast<int32_t>(key + first)) + I::arange(0, 1);
+    h = h ^ shift_right<16>(h);
+    h = h * I(static_cast<int32_t>(0x7feb352dU));
+    h = h ^ shift_right<15>(h);
+    h = h * I(static_cast<int32_t>(0x846ca68bU));
+    return h ^ shift_right<16>(h);
+  }
+
+  // bfloat16_round_with on float32 bit patterns `u` and 16-bit draws: the rounded bits in the
+  // high halves of the lanes (the low halves are garbage for a stochastic result).
+  static I round_with(const I& u, const I& draws) {
+    const I nearest = u + I(0x7fff) + (shift_right<16>(u) & I(1));  // bfloat16_nearest
+    const I exponent = I(0x7f800000);
+    I rounded = I::blendv(u + draws, nearest, (u & exponent) == exponent);  // inf, NaN
+    return I::blendv(rounded, I(0x7fc00000), (u & I(0x7fffffff)) > exponent);  // NaN
+  }
+};
+#endif
+
 // math.h's primitives on SIMD lanes.
 template <class C>
 struct Ops<at::vec::Vectorized<C>> {
@@ -45,8 +84,16 @@ struct Ops<at::vec::Vectorized<C>> {
       return V::loadu(wide);
     }
   }
-  // lane k is element index + k; boundary steps only: element by element
+  // lane k is element index + k (boundary steps only)
   static V round_gain_to_bfloat16(const V& x, uint32_t key, uint32_t index) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<C, float>) {
+      using I = SimdRounding::I;
+      const I draws = SimdRounding::hash(key, index) & I(0xffff);  // bfloat16_stochastic_gain
+      const I rounded = SimdRounding::round_with(at::vec::cast<int32_t>(x), draws);
+      return at::vec::cast<float>(rounded & I(static_cast<int32_t>(0xffff0000U)));
+    }
+#endif
     __at_align__ C lanes[V::size()];
     x.store(lanes);
     for (int k = 0; k < V::size(); ++k) {
@@ -115,23 +162,9 @@ struct Io<Vectorized<C>> {
     static_assert(std::is_same_v<C, float>, "compact state is for float32 compute");
     const uint32_t first = static_cast<uint32_t>(index);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    // bfloat16_stochastic in integer SIMD. Element by element, the unrolled lanes' branch for
-    // non-finite values keeps GCC from vectorizing the hash. (Not in the scalar build: its
-    // Vectorized<int32_t> multiplies signed ints, whose overflow is undefined.)
-    using I = Vectorized<int32_t>;
-    I hash = I(static_cast<int32_t>(key + first)) + I::arange(0, 1);  // mix32(key + index)
-    hash = hash ^ shift_right<16>(hash);
-    hash = hash * I(static_cast<int32_t>(0x7feb352dU));
-    hash = hash ^ shift_right<15>(hash);
-    hash = hash * I(static_cast<int32_t>(0x846ca68bU));
-    hash = hash ^ shift_right<16>(hash);
-    const I u = at::vec::cast<int32_t>(v);
-    const I stochastic = u + shift_right<16>(hash);
-    const I nearest = u + I(0x7fff) + (shift_right<16>(u) & I(1));  // bfloat16_nearest
-    const I exponent = I(0x7f800000);
-    I rounded = I::blendv(stochastic, nearest, (u & exponent) == exponent);  // inf, NaN
-    rounded = I::blendv(rounded, I(0x7fc00000), (u & I(0x7fffffff)) > exponent);  // NaN
-    store_high_halves(rounded, p);
+    using I = SimdRounding::I;
+    const I draws = SimdRounding::shift_right<16>(SimdRounding::hash(key, first));
+    store_high_halves(SimdRounding::round_with(at::vec::cast<int32_t>(v), draws), p);
 #else
     __at_align__ uint16_t bits[V::size()];
     __at_align__ float lanes[V::size()];
@@ -142,17 +175,8 @@ struct Io<Vectorized<C>> {
   }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  // The integer operations at::vec lacks: a logical shift (its >> is arithmetic) and a narrowing
-  // store; element by element, the narrowing alone doubled the cost of an AVX2 compact step.
-  template <int N>
-  static Vectorized<int32_t> shift_right(const Vectorized<int32_t>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-    return _mm512_srli_epi32(x, N);
-#else
-    return _mm256_srli_epi32(x, N);
-#endif
-  }
-  // The high 16 bits of each lane, stored as V::size() consecutive 16-bit values.
+  // The narrowing store at::vec lacks; element by element, it alone doubled the cost of an AVX2
+  // compact step. The high 16 bits of each lane, stored as V::size() consecutive 16-bit values.
   static void store_high_halves(const Vectorized<int32_t>& x, void* out) {
 #if defined(CPU_CAPABILITY_AVX512)
     _mm256_storeu_si256(static_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
