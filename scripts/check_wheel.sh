@@ -25,8 +25,10 @@ done | xargs -0 cp --parents -t "$(mkdir -p "$work/src" && echo "$work/src")"
 cd "$work"  # not the checkout, whose adaptive_lr/ `python -c` would import
 
 say "building the wheel"
-"$build_python" -m build --no-isolation --wheel --outdir "$work/dist" "$work/src" \
-  >"$work/build.log" 2>&1 || { cat "$work/build.log"; fail "python -m build"; }
+# (the build venv's bin on PATH: torch's extension builder then compiles in parallel with ninja)
+PATH="$(dirname "$build_python"):$PATH" "$build_python" -m build --no-isolation --wheel \
+  --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1 \
+  || { cat "$work/build.log"; fail "python -m build"; }
 rm -rf "$work/src/build" "$work/src/"*.egg-info  # the pip install below builds from scratch
 
 say "a fresh virtual environment with torch only"

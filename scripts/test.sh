@@ -22,13 +22,14 @@ fi
 cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/null
 cmake --build build/cmake -j 2 >/dev/null
 ctest --test-dir build/cmake --output-on-failure
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# both cores: pytest-xdist's workers take tests as they free up (most tests are single-threaded)
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist worksteal "$@"
 # The Triton tests again under the oldest supported triton (requirements-dev.txt holds the newest),
 # installed beside the venv, not into it; its interpreter needs numpy < 2.4 (docs/triton.md).
 oldest=build/triton-3.4.0
 [ -d "$oldest/triton-3.4.0.dist-info" ] || "$venv/bin/python" -m pip -q \
   --disable-pip-version-check install --no-deps --target "$oldest" triton==3.4.0 numpy==2.3.5
 PYTHONPATH="$oldest" ADAPTIVE_LR_EXPECT_TRITON=3.4.0 "$venv/bin/python" -m pytest -q \
-  -p no:cacheprovider -W "ignore:Conversion of an array with ndim:DeprecationWarning" \
-  tests/test_triton_backend.py
+  -p no:cacheprovider -n 2 --dist worksteal \
+  -W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_triton_backend.py
 echo "tests took $((SECONDS - start)) s"
