@@ -446,6 +446,25 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (a timing is meaningless without it: machines differ by session)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _simd_path(device: torch.device) -> str:
+    """The SIMD build the cpu backend's kernels run (its ISA lowered to what the CPU has)."""
+    if device.type != "cpu" or adaptive_lr.backends.unavailable_reason("cpu", device):
+        return "no fused cpu kernels"
+    return f"SIMD {torch.ops.adaptive_lr.cpu_capability()}"
+
+
 def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
     """--json names a file that can be written (its folders are created now)."""
     if os.path.isdir(path):
@@ -513,9 +532,13 @@ def main(argv=None, prog=None) -> dict:
     result = run(args.sizes, args.layouts, dtypes, args.rounds, args.steps_per_round, backends,
                  device, precisions, args.optimizers)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
-                         "threads": args.threads, "processor": platform.processor() or platform.machine()}
+                         "threads": args.threads, "processor": _cpu_model(),
+                         "simd": _simd_path(device)}
     if device.type == "cuda":
         result["machine"]["gpu"] = torch.cuda.get_device_name(device)
+    machine = result["machine"]
+    print(f"{machine['processor']}, {machine['simd']}, {args.threads} threads, torch "
+          f"{machine['torch']}\n")
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -111,3 +111,17 @@ def test_a_case_too_large_for_memory_is_refused_before_measuring(monkeypatch, ca
     needed = benchmark.memory_needed("gpt2-small", torch.float32, ["cpu"], ("compact",),
                                      ["ActiveAdamW", "ActiveSGD"], torch.device("cpu"))
     assert 4 * 2**30 < needed < 6 * 2**30
+
+
+def test_the_report_names_the_cpu_and_the_simd_path_the_kernels_run(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(benchmark.SIZES, "4K", 4000)
+    monkeypatch.setattr(benchmark, "streaming_ceiling_gbs", lambda size, repeats: 10.0)
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--sizes", "4K", "--layouts", "4", "--dtypes", "float32",
+                             "--backends", "cpu", "--optimizers", "ActiveSGD", "--rounds", "1",
+                             "--steps-per-round", "1", "--json", str(out)])
+    simd = f"SIMD {torch.ops.adaptive_lr.cpu_capability()}"
+    assert result["machine"]["simd"] == simd
+    assert json.loads(out.read_text())["machine"]["simd"] == simd
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith(f"{result['machine']['processor']}, {simd}, ")
