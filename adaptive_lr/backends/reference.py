@@ -34,7 +34,7 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
         product = prev_sign.to(torch.int32) * sign.to(torch.int32)
         gain32 = gain.float()  # a compact (bfloat16) gain is computed in float32
         decreased = gain32 * rule.gain_dec
-        if rule.sign_threshold > 0:  # no evidence either way: the gain is held
+        if rule.holds:  # no evidence either way: the gain is held
             decreased = torch.where(product < 0, decreased, gain32)
         new_gain = torch.where(product > 0, gain32 + rule.gain_inc, decreased)
         # the copy into a compact gain rounds to nearest, after the clamp
@@ -50,10 +50,14 @@ def step(bucket: Bucket) -> None:
     floors = None
     if bucket.boundary != Boundary.NONE:
         floors = sign_test_floors(bucket, [step.item() for step in bucket.steps])
+    # SGD / Lion with the sign test (issue 21 prototype): the epoch's sum of g**2
+    noise = bucket.state.get(bucket.spec.noise_state) if bucket.spec.noise_state else None
     for i, param in enumerate(bucket.params):
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
         apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
                        None if floors is None else floors[i])
+        if noise is not None and bucket.boundary != Boundary.NONE:
+            noise[i].zero_()  # reset at the boundary, as grad_sum
         if skip:
             continue
         bucket.steps[i].add_(1)
@@ -68,6 +72,8 @@ def step(bucket: Bucket) -> None:
             key = rounding_key(bucket.rounding_seeds[i], bucket.steps[i].item())
             grad_sum.copy_(bfloat16_stochastic(grad_sum.float() + g.float(), key,
                                                element_index(param)))
+        if noise is not None:
+            noise[i].addcmul_(g.float(), g.float())
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
