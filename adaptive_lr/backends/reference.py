@@ -60,7 +60,7 @@ def step(bucket: Bucket) -> None:
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
         rounding = None
         if bucket.rounding_seeds is not None:  # the key of this step (even a skipped one)
-            key = rounding_key(bucket.rounding_seeds[i], (bucket.steps[i] + 1).item())
+            key = rounding_key(bucket.rounding_seeds[i], bucket.steps[i] + 1)
             rounding = (key, element_index(param))
         apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
                        None if floors is None else floors[i], rounding)

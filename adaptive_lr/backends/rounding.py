@@ -42,9 +42,12 @@ def mix32(x):
     return x
 
 
-def rounding_key(seed: int, step: float) -> int:
+def rounding_key(seed: int, step: float | Tensor) -> int | Tensor:
     """One param's key for one step: its rounding seed and its step count after this step's
-    increment."""
+    increment. A 0-dim tensor ``step`` gives a 0-dim tensor key: no host read, and under
+    torch.compile no graph break and no recompile for each new step."""
+    if isinstance(step, Tensor):
+        return mix32(mix32(step.to(torch.int64) & MASK32) ^ seed)
     return mix32(seed ^ mix32(int(step) & MASK32))
 
 
