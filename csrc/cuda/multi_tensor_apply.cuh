@@ -82,9 +82,15 @@ cudaError_t multi_tensor_apply(const std::vector<Launch>& plan,
       meta.block_slot[b] = static_cast<uint8_t>(launch.blocks[b].slot);
       meta.block_chunk[b] = launch.blocks[b].chunk;
     }
+#ifdef ADAPTIVE_LR_CUDA_HOST_EMULATION
+    // the tests' host emulation (tests/cuda_host) runs the same launch on the CPU
+    cuda_host::launch(static_cast<unsigned>(launch.blocks.size()), Functor::kThreads, stream,
+                      multi_tensor_apply_kernel<Functor, Kernel>, meta, args);
+#else
     multi_tensor_apply_kernel<Functor, Kernel>
         <<<static_cast<unsigned>(launch.blocks.size()), Functor::kThreads, 0, stream>>>(meta,
                                                                                        args);
+#endif
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }
