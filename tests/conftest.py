@@ -21,6 +21,12 @@ if not torch.cuda.is_available():
 _TIMEOUT = float(os.environ.get("ADAPTIVE_LR_TEST_TIMEOUT", 0))
 
 
+def pytest_collection_modifyitems(items):
+    """The slow (end-to-end) tests first: under pytest-xdist (the test command's -n 2) the wheel
+    check, collected late, ran alone for minutes at the end while the other core idled."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     if _TIMEOUT > 0:

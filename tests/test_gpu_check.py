@@ -43,6 +43,7 @@ def test_refuses_an_out_dir_holding_other_files(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without CUDA")
 def test_dry_run_drives_every_stage_and_writes_the_report(tmp_path):
     """The tests stage is given a 3 s limit here, so that it is stopped (and reported as such)
