@@ -57,11 +57,18 @@ class GainRule:
     min_gain: float
     max_gain: float
     sign_threshold: float = 0.0
+    # prototype (issue 21, reference backend only): a zero product holds the gain (no decrease)
+    hold_zero: bool = False
 
     @classmethod
     def of(cls, group: dict) -> "GainRule":
         return cls(group["gain_inc"], group["gain_dec"], group["min_gain"], group["max_gain"],
-                   group.get("sign_threshold", 0.0))
+                   group.get("sign_threshold", 0.0), group.get("hold_zero", False))
+
+    @property
+    def holds(self) -> bool:
+        """Whether a gain whose signs' product is 0 is held rather than decreased."""
+        return self.sign_threshold > 0 or self.hold_zero
 
 
 def sign_test_factor(rule: GainRule, epoch_steps: int, beta2: float, step: float) -> float:
@@ -79,9 +86,17 @@ def sign_test_floors(bucket: "Bucket", steps: list[float]) -> list[Tensor] | Non
     rule = bucket.hyper.gain_rule()
     if rule.sign_threshold == 0:
         return None
+    if bucket.spec.second_moment is None:  # SGD / Lion (prototype): the epoch's sum of g**2
+        return [noise_floor(q, rule) for q in bucket.state[bucket.spec.noise_state]]
     beta2 = bucket.hyper.betas[1]
     return [sign_test_floor(v, step, rule, bucket.epoch_steps, beta2)
             for v, step in zip(bucket.state[bucket.spec.second_moment], steps)]
+
+
+def noise_floor(grad_sq_sum: Tensor, rule: GainRule) -> Tensor:
+    """The sign test of an optimizer with no second moment (issue 21 prototype, reference backend
+    only): G counts where G**2 > k**2 * Q, Q the epoch's sum of g**2 (the same g as G's)."""
+    return grad_sq_sum * (rule.sign_threshold * rule.sign_threshold)
 
 
 def sign_test_floor(v: Tensor, step: float, rule: GainRule, epoch_steps: int,

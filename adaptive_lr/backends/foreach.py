@@ -38,8 +38,8 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
         product = torch._foreach_mul([s.float() for s in prev_signs], signs)
         same = torch._foreach_clamp_min(product, 0.0)  # 1 where the sign persisted, else 0
         # 1 where the gain decreases: a flip, or (paper's rule) any product that is not 1
-        flipped = torch._foreach_neg(product if rule.sign_threshold > 0 else same)
-        if rule.sign_threshold > 0:
+        flipped = torch._foreach_neg(product if rule.holds else same)
+        if rule.holds:
             torch._foreach_clamp_min_(flipped, 0.0)
         else:
             torch._foreach_add_(flipped, 1.0)
@@ -66,6 +66,10 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
 
 def step(bucket: Bucket) -> None:
     h = dataclasses.replace(bucket.hyper, lr=float(bucket.hyper.lr))
+    if bucket.spec.second_moment is None and h.gain_rule().sign_threshold > 0:
+        raise ValueError(f"the foreach backend: kernel '{bucket.spec.kernel}' has no second "
+                         "moment for the sign test (its noise estimate is prototyped in the "
+                         "reference backend only); sign_threshold must be 0")
     # one host read for the per-tensor scalars: the step counts before and after this step's
     # increment (float32, as the counts themselves)
     counts = torch.stack(bucket.steps)

@@ -38,7 +38,7 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
         product = prev_sign.to(torch.int32) * sign.to(torch.int32)
         gain32 = gain.float()  # a compact (bfloat16) gain is computed in float32
         decreased = gain32 * rule.gain_dec
-        if rule.sign_threshold > 0:  # no evidence either way: the gain is held
+        if rule.holds:  # no evidence either way: the gain is held
             decreased = torch.where(product < 0, decreased, gain32)
         new_gain = torch.where(product > 0, gain32 + rule.gain_inc, decreased)
         new_gain.clamp_(rule.min_gain, rule.max_gain)
@@ -56,6 +56,8 @@ def step(bucket: Bucket) -> None:
     floors = None
     if bucket.boundary != Boundary.NONE:
         floors = sign_test_floors(bucket, [step.item() for step in bucket.steps])
+    # SGD / Lion with the sign test (issue 21 prototype): the epoch's sum of g**2
+    noise = bucket.state.get(bucket.spec.noise_state) if bucket.spec.noise_state else None
     for i, param in enumerate(bucket.params):
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
         rounding = None
@@ -64,6 +66,8 @@ def step(bucket: Bucket) -> None:
             rounding = (key, element_index(param))
         apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
                        None if floors is None else floors[i], rounding)
+        if noise is not None and bucket.boundary != Boundary.NONE:
+            noise[i].zero_()  # reset at the boundary, as grad_sum
         if skip:
             continue
         bucket.steps[i].add_(1)
@@ -76,6 +80,8 @@ def step(bucket: Bucket) -> None:
             grad_sum.add_(g.float())
         else:  # compact: the float32 sum, rounded stochastically to bfloat16
             grad_sum.copy_(bfloat16_stochastic(grad_sum.float() + g.float(), *rounding))
+        if noise is not None:
+            noise[i].addcmul_(g.float(), g.float())
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from .. import backends
 from ..backends import Boundary, Bucket, GainRule, sign_test_floor, state_dtype
 from ..backends.rounding import catch_up_key, element_index
+from ..backends.bucket import noise_floor
 from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
     check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
@@ -52,6 +53,14 @@ SIGN_TEST_DOC = """    sign_threshold (float): the sign test: an element's epoch
         |G| > sign_threshold * sqrt(steps_in_epoch * v_hat) (v_hat: the bias-corrected second
         moment), and a gain with no counted sign to compare is held, not decreased. 0: the
         paper's rule (every nonzero sum counts; a zero product decreases the gain).
+"""
+
+NOISE_DOC = """    sign_threshold (float): prototype (issue 21; ``backend="reference"`` only, the other
+        backends refuse it): an element's epoch sum G counts as a sign only where
+        G**2 > sign_threshold**2 * Q (Q: the epoch's sum of g**2, 4 more bytes per param), and a
+        gain with no counted sign to compare is held. 0 (default): the paper's rule.
+    hold_zero (bool): prototype (issue 21): the paper's rule, except that a zero product of
+        signs (a zero epoch sum, e.g. a dead unit) holds the gain instead of decreasing it.
 """
 
 
@@ -242,7 +251,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         rule = hyper.gain_rule()
         state = self.state[p]
         floor = None
-        if rule.sign_threshold != 0:
+        if self.spec.noise_state is not None and rule.sign_threshold != 0:
+            q = state[self.spec.noise_state]  # SGD / Lion prototype: k**2 * Q, then reset Q
+            floor = noise_floor(q, rule)
+            q.zero_()
+        elif rule.sign_threshold != 0:
             floor = sign_test_floor(_local(state[self.spec.second_moment]), state["step"].item(),
                                     rule, group["epoch_steps"], hyper.betas[1])
         rounding = None
@@ -493,7 +506,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         check(isinstance(saved, dict), f"{name}: the state of param {param_id} is not a dict")
         base_keys = set(self.spec.state)
         required = (set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS)
-                    | (base_keys - {self.spec.amsgrad_state}))
+                    | (base_keys - {self.spec.amsgrad_state, self.spec.noise_state}))
         missing = required - set(saved)
         unexpected = set(saved) - required - base_keys - {"rounding_seed"}
         check(

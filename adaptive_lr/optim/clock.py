@@ -88,6 +88,8 @@ def upgrade_saved_group(saved: dict, defaults: dict) -> None:
     sign test reads)."""
     if "sign_threshold" in defaults:
         saved.setdefault("sign_threshold", 0.0)
+    if "hold_zero" in defaults:
+        saved.setdefault("hold_zero", False)
     saved.setdefault("epoch_steps", 0)
 
 

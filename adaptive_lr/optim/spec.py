@@ -78,13 +78,36 @@ class AdamHyper(GainHyper):
         check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
         check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
         check(self.eps >= 0, f"Invalid epsilon value: {self.eps}")
-        k = self.sign_threshold
-        if isinstance(k, bool) or not isinstance(k, numbers.Real):
-            raise TypeError(f"sign_threshold must be a real number, got {k!r:.40}")
-        check(0 <= k < math.inf, f"sign_threshold must be finite and >= 0, got {k}")
+        check_sign_threshold(self.sign_threshold)
 
     def gain_rule(self) -> GainRule:
         return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
+
+
+def check_sign_threshold(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"sign_threshold must be a real number, got {k!r:.40}")
+    check(0 <= k < math.inf, f"sign_threshold must be finite and >= 0, got {k}")
+
+
+@dataclass(frozen=True)
+class NoiseHyper(GainHyper):
+    """Issue 21 prototype for the optimizers with no second moment (SGD, Lion), reference backend
+    only: ``sign_threshold`` k > 0 counts an epoch sum G as a sign only where G**2 > k**2 * Q (Q
+    the epoch's sum of g**2, state ``grad_sq_sum``), else the gain is held; ``hold_zero``: the
+    paper's rule, except that a zero product holds the gain instead of decreasing it."""
+
+    sign_threshold: float
+    hold_zero: bool
+
+    def validate(self) -> None:
+        super().validate()
+        check_sign_threshold(self.sign_threshold)
+        check(isinstance(self.hold_zero, bool), f"hold_zero must be a bool, got {self.hold_zero!r}")
+
+    def gain_rule(self) -> GainRule:
+        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold,
+                                   hold_zero=self.hold_zero)
 
 
 @dataclass(frozen=True)
@@ -129,10 +152,15 @@ class OptimizerSpec:
     second_moment: str | None = None
     base: BaseOptimizer | None = None
     decoupled_weight_decay: Callable[[Any], bool] = lambda h: True
+    # the state key of the epoch's sum of g**2 (issue 21 prototype: SGD and Lion), which exists
+    # only while the group's sign_threshold > 0
+    noise_state: str | None = None
 
     def record(self, group: dict) -> GainHyper:
         return self.hyper.from_group(group)
 
     def state_keys(self, h: GainHyper) -> tuple[str, ...]:
         """The state keys a group with record ``h`` uses, in the kernels' order."""
-        return tuple(k for k in self.state if k != self.amsgrad_state or h.amsgrad)
+        return tuple(k for k in self.state
+                     if (k != self.amsgrad_state or h.amsgrad)
+                     and (k != self.noise_state or h.sign_threshold > 0))
