@@ -18,8 +18,6 @@ def step(bucket: Bucket, lr: torch.Tensor) -> None:
 def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
     """The op's arguments for ``bucket``, its lr given as the tensor the kernels read."""
     h, spec = bucket.hyper, bucket.spec
-    if h.gain_rule().hold_zero:
-        raise ValueError("hold_zero is prototyped in the reference and foreach backends only")
     return dict(
         kernel=spec.kernel,
         params=bucket.params,

@@ -106,17 +106,10 @@ def step(bucket: Bucket) -> None:
         spec.kernel, rows, spec.kernel_hyper(h),
         lr=lr_tensor(h.lr, bucket.params[0]),
         weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
-        gain_rule=_kernel_gain_rule(h.gain_rule()), epoch_steps=bucket.epoch_steps,
+        gain_rule=dataclasses.astuple(h.gain_rule()), epoch_steps=bucket.epoch_steps,
         maximize=h.maximize, boundary=int(bucket.boundary), contiguous=contiguous,
         rounding_seeds=bucket.rounding_seeds,
         grad_scale=bucket.grad_scale, found_inf=bucket.found_inf,
     )
     for original, copy in writeback:
         original.copy_(copy)
-
-
-def _kernel_gain_rule(rule) -> tuple:
-    """The kernels' five gain-rule scalars; hold_zero (issue 21 prototype) they do not have."""
-    if rule.hold_zero:
-        raise ValueError("hold_zero is prototyped in the reference and foreach backends only")
-    return dataclasses.astuple(rule)[:5]

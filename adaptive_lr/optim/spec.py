@@ -64,13 +64,31 @@ class GainHyper:
 
 
 @dataclass(frozen=True)
-class AdamHyper(GainHyper):
-    """The Adam family's moments, ``betas`` and ``eps``, and the sign test they make possible
-    (``sign_threshold``, docs/algorithm.md)."""
+class SignTestHyper(GainHyper):
+    """The sign test (``sign_threshold`` k > 0, docs/algorithm.md "The sign test"): an epoch sum
+    counts as a sign only where it stands out of the gradient's noise, measured by the second
+    moment of an optimizer that has one (``OptimizerSpec.second_moment``), else by the epoch's
+    sum of g**2 (state ``grad_sq_sum``). 0 is the paper's rule."""
+
+    sign_threshold: float
+
+    def validate(self) -> None:
+        super().validate()
+        k = self.sign_threshold
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            raise TypeError(f"sign_threshold must be a real number, got {k!r:.40}")
+        check(0 <= k < math.inf, f"sign_threshold must be finite and >= 0, got {k}")
+
+    def gain_rule(self) -> GainRule:
+        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
+
+
+@dataclass(frozen=True)
+class AdamHyper(SignTestHyper):
+    """The Adam family's moments, ``betas`` and ``eps``."""
 
     betas: tuple[float, float]
     eps: float
-    sign_threshold: float
 
     def validate(self) -> None:
         super().validate()
@@ -78,36 +96,6 @@ class AdamHyper(GainHyper):
         check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
         check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
         check(self.eps >= 0, f"Invalid epsilon value: {self.eps}")
-        check_sign_threshold(self.sign_threshold)
-
-    def gain_rule(self) -> GainRule:
-        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
-
-
-def check_sign_threshold(k: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise TypeError(f"sign_threshold must be a real number, got {k!r:.40}")
-    check(0 <= k < math.inf, f"sign_threshold must be finite and >= 0, got {k}")
-
-
-@dataclass(frozen=True)
-class NoiseHyper(GainHyper):
-    """Issue 21 prototype for the optimizers with no second moment (SGD, Lion), reference backend
-    only: ``sign_threshold`` k > 0 counts an epoch sum G as a sign only where G**2 > k**2 * Q (Q
-    the epoch's sum of g**2, state ``grad_sq_sum``), else the gain is held; ``hold_zero``: the
-    paper's rule, except that a zero product holds the gain instead of decreasing it."""
-
-    sign_threshold: float
-    hold_zero: bool
-
-    def validate(self) -> None:
-        super().validate()
-        check_sign_threshold(self.sign_threshold)
-        check(isinstance(self.hold_zero, bool), f"hold_zero must be a bool, got {self.hold_zero!r}")
-
-    def gain_rule(self) -> GainRule:
-        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold,
-                                   hold_zero=self.hold_zero)
 
 
 @dataclass(frozen=True)
@@ -140,7 +128,8 @@ class OptimizerSpec:
     whether every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False:
     the update uses weight_decay itself, as Adam's L2 term). ``second_moment``: the state key of
     the second moment the sign test compares an epoch's sum with (its record then has
-    ``betas`` and ``sign_threshold``); None: no sign test."""
+    ``betas``); None: the sign test reads the epoch's sum of g**2 instead (``grad_sq_sum``,
+    kept while the test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``."""
 
     kernel: str
     hyper: type[GainHyper]
@@ -152,15 +141,15 @@ class OptimizerSpec:
     second_moment: str | None = None
     base: BaseOptimizer | None = None
     decoupled_weight_decay: Callable[[Any], bool] = lambda h: True
-    # the state key of the epoch's sum of g**2 (issue 21 prototype: SGD and Lion), which exists
-    # only while the group's sign_threshold > 0
-    noise_state: str | None = None
 
     def record(self, group: dict) -> GainHyper:
         return self.hyper.from_group(group)
 
     def state_keys(self, h: GainHyper) -> tuple[str, ...]:
         """The state keys a group with record ``h`` uses, in the kernels' order."""
-        return tuple(k for k in self.state
-                     if (k != self.amsgrad_state or h.amsgrad)
-                     and (k != self.noise_state or h.sign_threshold > 0))
+        return tuple(k for k in self.state if k != self.amsgrad_state or h.amsgrad)
+
+    def keeps_grad_sq_sum(self, h: GainHyper) -> bool:
+        """Whether a group with record ``h`` keeps ``grad_sq_sum`` (Q, the epoch's sum of g**2):
+        its sign test is on and it has no second moment to measure the noise with."""
+        return self.second_moment is None and h.gain_rule().sign_threshold > 0
