@@ -561,6 +561,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             if key == "step" and isinstance(value, numbers.Real):  # saved by an older torch
                 value = torch.tensor(float(value))
             check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
+            check(
+                key == "prev_sign" or value.is_floating_point(),
+                f"{name}: state {key!r} of param {param_id} has dtype {value.dtype}, expected a "
+                "floating-point tensor",
+            )
             shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
             check(
                 shape_ok,
