@@ -107,26 +107,28 @@ HELDOUT_TASKS = ("resmlp", "sorter")
 
 # ---------------------------------------------------------------------------------- candidates
 
-# candidate -> the Active optimizer's gain-rule keywords (None: the base optimizer)
+# candidate -> the Active optimizer's gain-rule keywords (None: the base optimizer). The paper's
+# rule and its variants say sign_threshold=0: every optimizer's default is the sign test now.
+PAPER_RULE = {"sign_threshold": 0.0}
 CANDIDATES = {
     "base": None,
-    "paper": {},
-    "max_gain=10": {"max_gain": 10.0},
-    "gain_inc=0.5": {"gain_inc": 0.5},
+    "paper": PAPER_RULE,
+    "max_gain=10": {"max_gain": 10.0, **PAPER_RULE},
+    "gain_inc=0.5": {"gain_inc": 0.5, **PAPER_RULE},
     "k=1": {"sign_threshold": 1.0},
     "k=2": {"sign_threshold": 2.0},
     "k=3": {"sign_threshold": 3.0},
-    # issue 21 (docs/RESULTS.md §5): SGD and Lion, prototyped in the reference backend only
-    "hold-zero": {"hold_zero": True, "backend": "reference"},
-    "sq-k=1": {"sign_threshold": 1.0, "backend": "reference"},
-    "sq-k=2": {"sign_threshold": 2.0, "backend": "reference"},
-    "sq-k=3": {"sign_threshold": 3.0, "backend": "reference"},
+    # issue 21 (docs/RESULTS.md §5): SGD and Lion, the sign test on the epoch's sum of g**2
+    "sq-k=1": {"sign_threshold": 1.0},
+    "sq-k=2": {"sign_threshold": 2.0},
+    "sq-k=3": {"sign_threshold": 3.0},
 }
-# optimizers with a second moment: the only ones with the sign test on it (k=...)
+# optimizers with a second moment: the sign test on it (k=...)
 ADAM_FAMILY = ("AdamW", "RAdam", "AdaBelief", "Adam")
-# optimizers without one: the noise-estimate candidates of issue 21 (hold-zero, sq-k=...)
+SECOND_MOMENT_CANDIDATES = ("k=1", "k=2", "k=3")
+# optimizers without one: the sign test on the epoch's sum of g**2 (issue 21, sq-k=...)
 NO_SECOND_MOMENT = ("SGD", "Lion")
-NOISE_CANDIDATES = ("hold-zero", "sq-k=1", "sq-k=2", "sq-k=3")
+NOISE_CANDIDATES = ("sq-k=1", "sq-k=2", "sq-k=3")
 ANCHORS = {"Prodigy": 1.0, "SF-AdamW": 0.0025}  # anchor -> its default lr
 PHASES = ("selection", "heldout", "batch", "anchors")
 D_THRESHOLD = -0.01  # criterion D: Active >= base - 1 point
@@ -142,11 +144,13 @@ def family(pair: str) -> str:
 
 
 def applies(candidate: str, pair: str) -> bool:
-    """k=... (the second-moment sign test) is for the Adam family; hold-zero and sq-k=... (issue
-    21) for SGD and Lion."""
+    """k=... (the second-moment sign test) is for the Adam family; sq-k=... (issue 21) for SGD
+    and Lion; every other candidate for every pair."""
+    if candidate in SECOND_MOMENT_CANDIDATES:
+        return pair in ADAM_FAMILY
     if candidate in NOISE_CANDIDATES:
         return pair in NO_SECOND_MOMENT
-    return "sign_threshold" not in (CANDIDATES[candidate] or {}) or pair in ADAM_FAMILY
+    return True
 
 
 def make_anchor(name: str, params, lr: float):
@@ -203,8 +207,8 @@ def run_one(task: dict) -> dict:
     history = train(model, make, data(), task["epochs"], task["batch_size"], task["seed"],
                     on_epoch_end=record_gains if rule is not None else None)
     accuracy = history["test_accuracy"]
-    backend = backends.resolve((rule or {}).get("backend", "auto"), "cpu").__module__.rsplit(
-        ".", 1)[-1] if rule is not None else ""
+    backend = backends.resolve("auto", "cpu").__module__.rsplit(".", 1)[-1] \
+        if rule is not None else ""
     return {
         **task, "final_train_loss": history["train_loss"][-1],
         "final_test_accuracy": accuracy[-1], "best_test_accuracy": max(accuracy),
