@@ -3,6 +3,8 @@ checks a window (the callbacks themselves run under the real frameworks in
 tests/test_integrations.py)."""
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -158,3 +160,11 @@ def test_bad_callback_arguments_raise(args):
 
     with pytest.raises(ValueError, match="positive int|not both"):
         check_window_args(args.get("window"), args.get("windows_per_epoch"))
+
+
+def test_adaptive_lr_imports_neither_framework():
+    """Only adaptive_lr.integrations.hf and .lightning import theirs: adaptive_lr never needs them."""
+    code = ("import sys, adaptive_lr, adaptive_lr.integrations; "
+            "print(sorted({'transformers', 'lightning'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
