@@ -98,6 +98,15 @@ def new_clock() -> dict:
 class EpochClock:
     """end_epoch, the clock's tick after a step, and the catch-up of missed boundaries."""
 
+    def set_steps_per_epoch(self, steps_per_epoch: int | None) -> None:
+        """Change the epoch's length in optimizer steps (the window whose summed gradient's sign
+        is compared), or switch to manual mode with ``None``; checked as the constructor's
+        argument. The epoch in progress ends once it has counted the new length: at the next step
+        if it already has. Like the constructor's argument it is configuration, not state: a
+        state dict does not hold it, and ``load_state_dict`` keeps the optimizer's."""
+        check_steps_per_epoch(steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+
     def end_epoch(self) -> None:
         """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""
         if self.steps_per_epoch is not None:
