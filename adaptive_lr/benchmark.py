@@ -153,9 +153,10 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
 
 
 # The study's parameter-free anchors (robustness.ANCHORS, docs/RESULTS.md §3.6 and §5.7): name ->
-# (its package, the state tensors a step reads and writes per element, the torch step of its kind).
-# Counted as read + written where some are only read (an upper bound): Prodigy's p0, DoG's x0
-# (it also re-reads p and g for its norms), D-Adaptation SGD's x0.
+# (its package, its state tensors per element, the torch step of its kind). B/elem counts them as
+# torch's steps are counted, each state tensor read and written, though p0 / x0 are only read and
+# Prodigy, DoG and D-Adaptation SGD pass over memory twice a step (global sums, then the update):
+# a model's count to compare with, not their implementations' traffic (docs/step_time.md).
 ANCHOR_STEPS = {
     "Prodigy": ("prodigyopt", 4, "torch AdamW fused"),  # exp_avg, exp_avg_sq, s, p0
     "SF-AdamW": ("schedulefree", 2, "torch AdamW fused"),  # z, exp_avg_sq
