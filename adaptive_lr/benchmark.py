@@ -1,6 +1,7 @@
 """Optimizer step-time benchmark: torch's AdamW/SGD/RAdam (for-loop, foreach, fused) against the
 Active optimizers on every available backend, with full and compact state (state_precision),
-measured side by side in one run.
+and the training-quality study's parameter-free anchors where installed, measured side by side
+in one run.
 
 For every (size, layout, dtype) case all optimizers step the SAME params and grads (the values
 drift, the cost does not), in interleaved rounds so that machine noise hits them alike. Reports
@@ -38,6 +39,7 @@ import adaptive_lr
 from adaptive_lr import Active
 from adaptive_lr.optim import ActiveOptimizer
 from adaptive_lr.model_shapes import MODELS, param_count
+from adaptive_lr.study.robustness import ANCHORS, make_anchor
 from adaptive_lr.study.options import positive_int
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
@@ -121,7 +123,7 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
     ]
     if size > 1_000_000:  # the for-loop baseline is only informative at the small size
         out = out[1:]
-    out += _lr_free_anchors(lr)
+    out += _lr_free_anchors()
     # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
     out += [Contender(f"Active({c.name})", c.moments,
                       lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
@@ -150,28 +152,31 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
     return out
 
 
-def _lr_free_anchors(lr: float) -> list[Contender]:
-    """Prodigy and Schedule-Free AdamW (docs/RESULTS.md §3.6), where installed (the study
-    extra), compared with torch's fused AdamW. Their state tensors: Prodigy exp_avg, exp_avg_sq,
-    s and p0 (counted as 4 read + written: an upper bound, p0 is only read); Schedule-Free
-    z and exp_avg_sq."""
-    anchors = []
-    if importlib.util.find_spec("prodigyopt") is not None:
-        from prodigyopt import Prodigy
+# The study's parameter-free anchors (robustness.ANCHORS, docs/RESULTS.md §3.6 and §5.7): name ->
+# (its package, its state tensors per element, the torch step of its kind). B/elem counts them as
+# torch's steps are counted, each state tensor read and written, though p0 / x0 are only read and
+# Prodigy, DoG and D-Adaptation SGD pass over memory twice a step (global sums, then the update):
+# a model's count to compare with, not their implementations' traffic (docs/step_time.md).
+ANCHOR_STEPS = {
+    "Prodigy": ("prodigyopt", 4, "torch AdamW fused"),  # exp_avg, exp_avg_sq, s, p0
+    "SF-AdamW": ("schedulefree", 2, "torch AdamW fused"),  # z, exp_avg_sq
+    "DoG": ("dog", 1, "torch SGD fused"),  # x0
+    "DAdaptSGD": ("dadaptation", 3, "torch SGD fused"),  # s, z, x0
+}
 
-        anchors.append(Contender("Prodigy", 4, lambda p: Prodigy(p, lr=1.0),
-                                 "torch AdamW fused"))
-    if importlib.util.find_spec("schedulefree") is not None:
-        from schedulefree import AdamWScheduleFree
 
-        def schedule_free(p):
-            opt = AdamWScheduleFree(p, lr=lr)
-            opt.train()  # it steps only in train mode
-            return opt
+def _lr_free_anchors() -> list[Contender]:
+    """The anchors whose packages are installed (the study extra), built as the study builds them
+    (robustness.make_anchor at the default lr)."""
+    def make(name, params):
+        optimizer = make_anchor(name, params, ANCHORS[name])
+        if hasattr(optimizer, "train"):  # Schedule-Free steps only in train mode
+            optimizer.train()
+        return optimizer
 
-        anchors.append(Contender("Schedule-Free AdamW", 2, schedule_free,
-                                 "torch AdamW fused"))
-    return anchors
+    return [Contender(name, moments, functools.partial(make, name), baseline)
+            for name, (package, moments, baseline) in ANCHOR_STEPS.items()
+            if importlib.util.find_spec(package) is not None]
 
 
 def _active_optimizers() -> list[type]:
@@ -279,12 +284,24 @@ def _proc_status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
+def _state_tensors(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    """id -> tensor of every tensor in ``optimizer.state`` and, beside the params, in its param
+    groups (DoG keeps its copy of the initial weights there); an Active(...) wrapper's together
+    with its inner optimizer's (their param groups are the same objects: counted once)."""
+    found = {id(v): v for state in optimizer.state.values() for v in state.values()
+             if isinstance(v, torch.Tensor)}
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            found.update((id(v), v) for v in (value if isinstance(value, list) else [value])
+                         if key != "params" and isinstance(v, torch.Tensor))
+    if isinstance(optimizer, Active):
+        found.update(_state_tensors(optimizer.optimizer))
+    return found
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (per-param scalars included); an
-    Active(...) wrapper's together with its inner optimizer's."""
-    total = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
-                if isinstance(value, torch.Tensor))
-    return total + (state_bytes(optimizer.optimizer) if isinstance(optimizer, Active) else 0)
+    """Bytes of every tensor of the optimizer's state (per-param scalars included)."""
+    return sum(v.nbytes for v in _state_tensors(optimizer).values())
 
 
 def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int | None:

@@ -62,6 +62,20 @@ def test_state_bytes_counts_every_state_tensor(name, expected):
     assert state_bytes(optimizer) == expected
 
 
+# the study's anchors, as the study builds them; 4 tensors of 1000 float32
+@pytest.mark.parametrize(("name", "baseline", "fp32", "state"), [
+    ("DoG", "torch SGD fused", 20, 4 * 4000 + 3 * 4),  # x0 (in its param group), rbar, G, eta
+    ("DAdaptSGD", "torch SGD fused", 36, 3 * 4 * 4000),  # s, z, x0
+    ("Prodigy", "torch AdamW fused", 44, 4 * 4 * 4000),  # exp_avg, exp_avg_sq, s, p0
+])
+def test_the_anchors_are_timed_beside_the_torch_step_of_their_kind(name, baseline, fp32, state):
+    contender = _contenders()[name]
+    assert (contender.baseline, contender.bytes_per_element(4)) == (baseline, fp32)
+    optimizer = contender.make(make_tensors(4000, "4", torch.float32))
+    optimizer.step()
+    assert state_bytes(optimizer) == state
+
+
 @pytest.mark.parametrize("name", ["ActiveAdamW cpu", "ActiveAdamW cpu compact"])
 def test_a_cpu_backend_step_allocates_no_param_sized_temporaries(name):
     optimizer = _contenders()[name].make(make_tensors(4_000_000, "4", torch.float32))
@@ -88,6 +102,10 @@ def test_a_tiny_run_reports_bytes_floor_and_state_per_contender(monkeypatch):
     assert "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |" in table
     assert "| 4K | 4 | float32 | ActiveAdamW cpu compact | " in table
     assert f"× torch AdamW fused | 1.21× |  | {compact['state_mib']:.1f} |" in table
+    for anchor, baseline in (("DoG", "SGD"), ("DAdaptSGD", "SGD"), ("Prodigy", "AdamW")):
+        assert rows[anchor]["ratio_to_baseline"] > 0
+        assert f"| 4K | 4 | float32 | {anchor} | " in table
+        assert f"× torch {baseline} fused | " in table.split(f"| {anchor} | ")[1].splitlines()[0]
 
 
 def test_optimizers_selects_active_optimizers_with_their_torch_baselines():
