@@ -84,6 +84,11 @@ void rescale_chunk(const Pass& pass, const Chunk& chunk) {
   const bool test = B != Boundary::kNone && pass.common.sign_test;
   const float* __restrict__ const moment = test && !kSquares ? t.moment + chunk.offset : nullptr;
   const CommonLanes<C> common(pass.common, test ? pass.sign_test_factors[chunk.tensor] : 0.0);
+  // The arrays are distinct tensors (a fresh snapshot, the param, its grad, Active's state; the
+  // restrict qualifiers above say so, but GCC checks aliasing at run time instead): ivdep spares
+  // those checks, whose count with grad_sq_sum (12) passed GCC's limit (10) and kept the
+  // float32 loop scalar.
+#pragma GCC ivdep
   for (int64_t i = 0; i < chunk.length; ++i) {
     C theta = static_cast<C>(param[i]), gamma = gain[i], g_sum = grad_sum[i], sign = 0, noise = 0;
     if constexpr (B != Boundary::kNone) {
