@@ -317,20 +317,28 @@ def test_state_dict_resumes_mid_epoch_identically(inner, backend):
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed_params = clone(params)
-    resumed = Active(INNERS[inner](resumed_params), steps_per_epoch=6, backend=backend,
-                     gain_inc=1.0)  # replaced by the state dict's groups
-    resumed.load_state_dict(saved)
+    resumed = resume_alongside(  # gain_inc: replaced by the state dict's groups
+        opt, params, saved, lambda ps: Active(INNERS[inner](ps), steps_per_epoch=6,
+                                              backend=backend, gain_inc=1.0), grad_seq[15:])
     assert resumed.param_groups[0]["gain_inc"] == 2.0
-    for grads in grad_seq[15:]:
+    assert ("grad_sq_sum" in opt.state[params[0]]) == (inner == "Adafactor")
+    assert (opt.state[params[0]]["gain"] != 1).any()
+
+
+def resume_alongside(opt, params, saved, make, grad_seq):
+    """``make`` (an Active over copies of params) loads ``saved`` and steps alongside ``opt``
+    through grad_seq: both end with the same params and sign state."""
+    resumed_params = clone(params)
+    resumed = make(resumed_params)
+    resumed.load_state_dict(saved)
+    for grads in grad_seq:
         for o, ps in ((opt, params), (resumed, resumed_params)):
             set_grads(ps, grads)
             o.step()
     for p, q in zip(params, resumed_params):
         assert torch.equal(p, q)
         assert_state_dicts_equal(opt.state[p], resumed.state[q])
-    assert ("grad_sq_sum" in opt.state[params[0]]) == (inner == "Adafactor")
-    assert (opt.state[params[0]]["gain"] != 1).any()
+    return resumed
 
 
 def test_deepcopy_continues_identically_and_independently():
@@ -481,40 +489,12 @@ def test_a_checkpoint_saved_before_the_sign_test_resumes_with_the_papers_rule(in
     saved = copy.deepcopy(opt.state_dict())
     for group in saved["inner"]["param_groups"]:
         del group["sign_threshold"]
-    resumed_params = clone(params)
-    resumed = Active(INNERS[inner](resumed_params), steps_per_epoch=3, backend=backend)
-    resumed.load_state_dict(saved)
+    resumed = resume_alongside(
+        opt, params, saved,
+        lambda ps: Active(INNERS[inner](ps), steps_per_epoch=3, backend=backend), grad_seq[7:])
     assert resumed.param_groups[0]["sign_threshold"] == 0.0
-    for grads in grad_seq[7:]:
-        for o, ps in ((opt, params), (resumed, resumed_params)):
-            set_grads(ps, grads)
-            o.step()
-    for p, q in zip(params, resumed_params):
-        assert torch.equal(p, q)
-        assert_state_dicts_equal(opt.state[p], resumed.state[q])
-        assert "grad_sq_sum" not in resumed.state[q]
+    assert not any("grad_sq_sum" in state for state in resumed.state.values())
     assert any((opt.state[p]["gain"] < 1).any() for p in params)  # halved: the paper's rule
-
-
-def test_a_state_dict_with_a_bad_sum_of_squares_raises_and_changes_nothing():
-    params = make_params()
-    opt = Active(INNERS["SGD"](params), steps_per_epoch=3)
-    for grads in grad_sequence(4):
-        set_grads(params, grads)
-        opt.step()
-    good = opt.state_dict()
-    snapshot = copy.deepcopy(good)
-    for edit, match in [
-        (lambda sd: sd["state"][0].update(grad_sq_sum=torch.ones(3)), "grad_sq_sum"),
-        (lambda sd: sd["state"][0].update(grad_sq_sums=torch.ones(8, 6)), "exactly"),
-        (lambda sd: sd["inner"]["param_groups"][0].update(sign_threshold=-1.0),
-         "sign_threshold"),
-    ]:
-        sd = copy.deepcopy(good)
-        edit(sd)
-        with pytest.raises(ValueError, match=match):
-            opt.load_state_dict(sd)
-        assert_state_dicts_equal(opt.state_dict(), snapshot)
 
 
 # ---- bad input: a clear error, and nothing changes -----------------------------------------
@@ -603,9 +583,10 @@ def test_the_inner_groups_maximize_negates_the_epoch_sum(backend):
         assert torch.equal(opt.state[p]["grad_sum"], -grads[0][i] - grads[1][i])
 
 
-def test_a_state_dict_that_does_not_fit_raises_and_changes_nothing():
+@pytest.mark.parametrize("inner", ["AdamW", "SGD"])  # without and with grad_sq_sum
+def test_a_state_dict_that_does_not_fit_raises_and_changes_nothing(inner):
     params = make_params()
-    opt = Active(INNERS["AdamW"](params), steps_per_epoch=3)
+    opt = Active(INNERS[inner](params), steps_per_epoch=3)
     for grads in grad_sequence(4):
         set_grads(params, grads)
         opt.step()
@@ -623,6 +604,15 @@ def test_a_state_dict_that_does_not_fit_raises_and_changes_nothing():
     def no_clock(sd):
         del sd["inner"]["param_groups"][0]["epoch"]
 
+    def wrong_squares_shape(sd):
+        sd["state"][0]["grad_sq_sum"] = torch.ones(3)
+
+    def unknown_state_key(sd):
+        sd["state"][0]["grad_sq_sums"] = sd["state"][0]["gain"]
+
+    def bad_sign_threshold(sd):
+        sd["inner"]["param_groups"][0]["sign_threshold"] = -1.0
+
     def future_epoch(sd):
         sd["state"][1]["epoch"] = torch.tensor(99)
 
@@ -636,6 +626,9 @@ def test_a_state_dict_that_does_not_fit_raises_and_changes_nothing():
         sd["inner"]["state"] = []
 
     cases = {"gain of another shape": (wrong_gain_shape, "gain"),
+             "grad_sq_sum of another shape": (wrong_squares_shape, "grad_sq_sum"),
+             "an unknown state key": (unknown_state_key, "exactly"),
+             "a negative sign_threshold": (bad_sign_threshold, "sign_threshold"),
              "no epoch clock": (no_clock, "epoch"),
              "a param epoch ahead of the clock": (future_epoch, "epoch"),
              "an unknown param": (unknown_param, "unknown param"),

@@ -223,6 +223,7 @@ class Active(EpochClock, torch.optim.Optimizer):
     # ---- the sign test's noise ----------------------------------------------------------
 
     def _keeps_squares(self, group: dict) -> bool:
+        """Whether the group's sign test needs the wrapper's own epoch sum of g**2."""
         return group["sign_threshold"] > 0 and type(self.optimizer) not in MEAN_SQUARES
 
     def _fit_squares(self, p: Tensor, group: dict, fresh: bool = False) -> None:
@@ -421,10 +422,10 @@ def _global_step_hooks_off():
 
 
 def _loaded_sign_state(p: Tensor, saved: Any, index: int, group_epoch: int) -> dict:
-    keys = set(SIGN_KEYS + BOOKKEEPING_KEYS)
-    _check(isinstance(saved, dict) and set(saved) - {SQUARES} == keys,
-           f"Active: the state of param {index} must have exactly "
-           f"{list(SIGN_KEYS + BOOKKEEPING_KEYS)}, and {SQUARES!r} where it was kept")
+    keys = SIGN_KEYS + BOOKKEEPING_KEYS
+    _check(isinstance(saved, dict) and set(saved) - {SQUARES} == set(keys),
+           f"Active: the state of param {index} must have exactly {list(keys)}, and "
+           f"{SQUARES!r} where it was kept")
     epoch, has_prev_sign = (saved[k].item() if isinstance(saved[k], Tensor) else saved[k]
                             for k in BOOKKEEPING_KEYS)
     _check(type(epoch) is int and 0 <= epoch <= group_epoch and type(has_prev_sign) is bool,
