@@ -38,6 +38,7 @@ import torch
 import adaptive_lr
 from adaptive_lr import Active
 from adaptive_lr.optim import ActiveOptimizer
+from adaptive_lr.optim.wrapper import MEAN_SQUARES
 from adaptive_lr.model_shapes import MODELS, param_count
 from adaptive_lr.study.robustness import ANCHORS, make_anchor
 from adaptive_lr.study.options import positive_int
@@ -58,9 +59,11 @@ def bytes_per_element(moments: int, param_bytes: int, moment_bytes: int, sign_by
 
 
 # Active(optimizer) moves this on top of its inner optimizer: the snapshot (read p, write it) and
-# its pass (read p, snapshot, grad, gain; read + write grad_sum; write p).
-def wrapper_extra_bytes(param_bytes: int) -> int:
-    return 6 * param_bytes + 4 + 2 * 4
+# its pass (read p, snapshot, grad, gain; read + write grad_sum; write p); with ``squares`` (the
+# sign test's epoch sum of g**2, kept for an inner optimizer with no second moment to read) it
+# reads and writes that too.
+def wrapper_extra_bytes(param_bytes: int, squares: bool) -> int:
+    return 6 * param_bytes + 4 + 2 * 4 + (2 * 4 if squares else 0)
 
 
 # element size of an Active optimizer's gain and grad_sum per state_precision (bfloat16: compact)
@@ -76,20 +79,23 @@ class Contender:
     foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
     sign_bytes: int = 0  # an Active optimizer's SIGN_BYTES; 0: no gains of its own
     wrapped: bool = False  # Active(baseline): the baseline's traffic + wrapper_extra_bytes
+    squares: bool = False  # Active(baseline) keeps an fp32 epoch sum of g**2
 
     def bytes_per_element(self, param_bytes: int) -> int:
         if self.sign_bytes:  # Active optimizers keep fp32 moments, whatever the param dtype
             return bytes_per_element(self.moments, param_bytes, 4, self.sign_bytes)
         moved = bytes_per_element(self.moments, param_bytes, param_bytes)
-        return moved + (wrapper_extra_bytes(param_bytes) if self.wrapped else 0)
+        return moved + (wrapper_extra_bytes(param_bytes, self.squares) if self.wrapped else 0)
 
     def state_bytes_per_element(self, param_bytes: int) -> int:
         """The size of its state per element, for the memory check before a run: torch keeps
         moments in the param dtype, Active optimizers in fp32, plus gain and grad_sum
-        (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones."""
+        (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones (and its
+        fp32 epoch sum of g**2 where it keeps one)."""
         if self.sign_bytes:
             return 4 * self.moments + 2 * self.sign_bytes + 1
-        return self.moments * param_bytes + (2 * 4 + 1 if self.wrapped else 0)
+        wrapper = 2 * 4 + 1 + 4 * self.squares if self.wrapped else 0
+        return self.moments * param_bytes + wrapper
 
 
 def select(entries: list[Contender], optimizers) -> list[Contender]:
@@ -127,7 +133,8 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
     # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
     out += [Contender(f"Active({c.name})", c.moments,
                       lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
-                      c.name, wrapped=True)
+                      c.name, wrapped=True,
+                      squares=type(c.make([torch.zeros(1)])) not in MEAN_SQUARES)
             for c in out if c.name in ("torch AdamW fused", "torch SGD fused")]
     torch_names = {c.name for c in out}
     for backend in backends:

@@ -25,6 +25,8 @@ def _contenders(backends=("cpu",), precisions=("full", "compact")) -> dict:
     ("ActiveSGD cpu", 32, 26),
     ("ActiveSGD cpu compact", 26, 20),
     ("Active(torch AdamW fused)", 64, 38),
+    # + its epoch sum of g**2 (the sign test, SGD having no second moment): read + write, 4 B
+    ("Active(torch SGD fused)", 64, 42),
 ])
 def test_bytes_per_element(name, fp32, bf16):
     contender = _contenders()[name]
@@ -55,6 +57,7 @@ def test_every_active_optimizer_has_a_compact_contender_the_wrapper_none():
     ("ActiveAdamW cpu compact", (8 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
     ("ActiveSGD cpu compact", (4 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
     ("Active(torch AdamW fused)", 8 * 4000 + 4 * 4 + 9 * 4000 + (8 + 1) * 4),  # inner + gains
+    ("Active(torch SGD fused)", 4 * 4000 + 13 * 4000 + (8 + 1) * 4),  # + its sum of g**2
 ])
 def test_state_bytes_counts_every_state_tensor(name, expected):
     optimizer = _contenders()[name].make(make_tensors(4000, "4", torch.float32))

@@ -7,6 +7,7 @@ gain arguments), ``state`` (per-param dicts made by :func:`sign_state`) and ``st
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -50,8 +51,9 @@ def record_boundary(state: dict) -> None:
 
 
 def check_gain_args(group: dict) -> None:
-    """The gain arguments of a param group, checked as a ValueError naming the value."""
-    for key in GAIN_KEYS:
+    """The gain arguments of a param group (``sign_threshold`` too where the group has it),
+    checked as a ValueError naming the value."""
+    for key in GAIN_KEYS + tuple(k for k in ("sign_threshold",) if k in group):
         value = group[key]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{key} must be a real number, got {value!r:.40}")
@@ -62,6 +64,8 @@ def check_gain_args(group: dict) -> None:
     if not 0 <= group["min_gain"] <= 1 <= group["max_gain"]:
         raise ValueError("gains need 0 <= min_gain <= 1 <= max_gain, got "
                          f"min_gain={group['min_gain']}, max_gain={group['max_gain']}")
+    if not 0 <= group.get("sign_threshold", 0.0) < math.inf:
+        raise ValueError(f"sign_threshold must be finite and >= 0, got {group['sign_threshold']}")
 
 
 def check_grad(name: str, p: Tensor) -> None:
