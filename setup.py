@@ -126,7 +126,8 @@ setup(
     install_requires=["torch>=2.5"],
     # `adaptive-lr demo|bench|sweep`: data, baselines, progress bars and plots
     extras_require={"study": ["numpy", "scikit-learn", "adabelief-pytorch", "lion-pytorch", "tqdm",
-                              "matplotlib", "prodigyopt", "schedulefree"]},
+                              "matplotlib", "prodigyopt", "schedulefree", "dog-optimizer",
+                              "dadaptation"]},
     entry_points={"console_scripts": ["adaptive-lr=adaptive_lr.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

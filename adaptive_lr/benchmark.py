@@ -1,6 +1,7 @@
 """Optimizer step-time benchmark: torch's AdamW/SGD/RAdam (for-loop, foreach, fused) against the
 Active optimizers on every available backend, with full and compact state (state_precision),
-measured side by side in one run.
+and the training-quality study's parameter-free anchors where installed, measured side by side
+in one run.
 
 For every (size, layout, dtype) case all optimizers step the SAME params and grads (the values
 drift, the cost does not), in interleaved rounds so that machine noise hits them alike. Reports
@@ -37,7 +38,9 @@ import torch
 import adaptive_lr
 from adaptive_lr import Active
 from adaptive_lr.optim import ActiveOptimizer
+from adaptive_lr.optim.wrapper import MEAN_SQUARES
 from adaptive_lr.model_shapes import MODELS, param_count
+from adaptive_lr.study.robustness import ANCHORS, make_anchor
 from adaptive_lr.study.options import positive_int
 
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_000}
@@ -50,16 +53,18 @@ SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_
 #   b; write p, b.  Active*: + read gain, read + write each epoch sum (``sign_bytes`` each: 4
 #   with full state, 2 with compact).
 def bytes_per_element(moments: int, param_bytes: int, moment_bytes: int, sign_bytes: int = 0,
-                      epoch_sums: int = 1) -> int:
+                      squares: bool = False) -> int:
     total = 2 * param_bytes + param_bytes  # read p, g; write p
     total += 2 * moments * moment_bytes  # read + write each moment
-    return total + (1 + 2 * epoch_sums) * sign_bytes  # gain read; each sum read + write
+    return total + (3 + 2 * squares) * sign_bytes  # gain read; each epoch sum read + write
 
 
 # Active(optimizer) moves this on top of its inner optimizer: the snapshot (read p, write it) and
-# its pass (read p, snapshot, grad, gain; read + write grad_sum; write p).
-def wrapper_extra_bytes(param_bytes: int) -> int:
-    return 6 * param_bytes + 4 + 2 * 4
+# its pass (read p, snapshot, grad, gain; read + write grad_sum; write p); with ``squares`` (the
+# sign test's epoch sum of g**2, kept for an inner optimizer with no second moment to read) it
+# reads and writes that too.
+def wrapper_extra_bytes(param_bytes: int, squares: bool) -> int:
+    return 6 * param_bytes + 4 + 2 * 4 + (2 * 4 if squares else 0)
 
 
 # element size of an Active optimizer's gain and grad_sum per state_precision (bfloat16: compact)
@@ -75,22 +80,26 @@ class Contender:
     foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
     sign_bytes: int = 0  # an Active optimizer's SIGN_BYTES; 0: no gains of its own
     wrapped: bool = False  # Active(baseline): the baseline's traffic + wrapper_extra_bytes
-    epoch_sums: int = 1  # an Active optimizer's grad_sum, and grad_sq_sum where it keeps one
+    # keeps an epoch sum of g**2 (grad_sq_sum): ActiveSGD and ActiveLion at their default sign
+    # test (``sign_bytes`` each), Active(baseline) whose inner optimizer has no second moment (fp32)
+    squares: bool = False
 
     def bytes_per_element(self, param_bytes: int) -> int:
         if self.sign_bytes:  # Active optimizers keep fp32 moments, whatever the param dtype
             return bytes_per_element(self.moments, param_bytes, 4, self.sign_bytes,
-                                     self.epoch_sums)
+                                     self.squares)
         moved = bytes_per_element(self.moments, param_bytes, param_bytes)
-        return moved + (wrapper_extra_bytes(param_bytes) if self.wrapped else 0)
+        return moved + (wrapper_extra_bytes(param_bytes, self.squares) if self.wrapped else 0)
 
     def state_bytes_per_element(self, param_bytes: int) -> int:
         """The size of its state per element, for the memory check before a run: torch keeps
         moments in the param dtype, Active optimizers in fp32, plus gain and the epoch sums
-        (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones."""
+        (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones (and its
+        fp32 epoch sum of g**2 where it keeps one)."""
         if self.sign_bytes:
-            return 4 * self.moments + (1 + self.epoch_sums) * self.sign_bytes + 1
-        return self.moments * param_bytes + (2 * 4 + 1 if self.wrapped else 0)
+            return 4 * self.moments + (2 + self.squares) * self.sign_bytes + 1
+        wrapper = 2 * 4 + 1 + 4 * self.squares if self.wrapped else 0
+        return self.moments * param_bytes + wrapper
 
 
 def select(entries: list[Contender], optimizers) -> list[Contender]:
@@ -124,11 +133,12 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
     ]
     if size > 1_000_000:  # the for-loop baseline is only informative at the small size
         out = out[1:]
-    out += _lr_free_anchors(lr)
+    out += _lr_free_anchors()
     # the inner optimizer with the gains of Active(optimizer), auto backend (cpu on a CPU)
     out += [Contender(f"Active({c.name})", c.moments,
                       lambda p, make=c.make: Active(make(p), steps_per_epoch=10**9),
-                      c.name, wrapped=True)
+                      c.name, wrapped=True,
+                      squares=type(c.make([torch.zeros(1)])) not in MEAN_SQUARES)
             for c in out if c.name in ("torch AdamW fused", "torch SGD fused")]
     torch_names = {c.name for c in out}
     for backend in backends:
@@ -137,7 +147,7 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
         for cls in _active_optimizers():
             name = cls.__name__
             moments = len(cls.spec.state) - (cls.spec.amsgrad_state is not None)
-            epoch_sums = _epoch_sums(cls)
+            squares = _keeps_squares(cls)
             for precision in precisions:
                 suffix = " compact" if precision == "compact" else ""
                 out.append(Contender(
@@ -150,33 +160,36 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
                     (f"{name} foreach{suffix}" if backend != "foreach" and "foreach" in backends
                      else None),
                     SIGN_BYTES[precision],
-                    epoch_sums=epoch_sums,
+                    squares=squares,
                 ))
     return out
 
 
-def _lr_free_anchors(lr: float) -> list[Contender]:
-    """Prodigy and Schedule-Free AdamW (docs/RESULTS.md §3.6), where installed (the study
-    extra), compared with torch's fused AdamW. Their state tensors: Prodigy exp_avg, exp_avg_sq,
-    s and p0 (counted as 4 read + written: an upper bound, p0 is only read); Schedule-Free
-    z and exp_avg_sq."""
-    anchors = []
-    if importlib.util.find_spec("prodigyopt") is not None:
-        from prodigyopt import Prodigy
+# The study's parameter-free anchors (robustness.ANCHORS, docs/RESULTS.md §3.6 and §5.7): name ->
+# (its package, its state tensors per element, the torch step of its kind). B/elem counts them as
+# torch's steps are counted, each state tensor read and written, though p0 / x0 are only read and
+# Prodigy, DoG and D-Adaptation SGD pass over memory twice a step (global sums, then the update):
+# a model's count to compare with, not their implementations' traffic (docs/step_time.md).
+ANCHOR_STEPS = {
+    "Prodigy": ("prodigyopt", 4, "torch AdamW fused"),  # exp_avg, exp_avg_sq, s, p0
+    "SF-AdamW": ("schedulefree", 2, "torch AdamW fused"),  # z, exp_avg_sq
+    "DoG": ("dog", 1, "torch SGD fused"),  # x0
+    "DAdaptSGD": ("dadaptation", 3, "torch SGD fused"),  # s, z, x0
+}
 
-        anchors.append(Contender("Prodigy", 4, lambda p: Prodigy(p, lr=1.0),
-                                 "torch AdamW fused"))
-    if importlib.util.find_spec("schedulefree") is not None:
-        from schedulefree import AdamWScheduleFree
 
-        def schedule_free(p):
-            opt = AdamWScheduleFree(p, lr=lr)
-            opt.train()  # it steps only in train mode
-            return opt
+def _lr_free_anchors() -> list[Contender]:
+    """The anchors whose packages are installed (the study extra), built as the study builds them
+    (robustness.make_anchor at the default lr)."""
+    def make(name, params):
+        optimizer = make_anchor(name, params, ANCHORS[name])
+        if hasattr(optimizer, "train"):  # Schedule-Free steps only in train mode
+            optimizer.train()
+        return optimizer
 
-        anchors.append(Contender("Schedule-Free AdamW", 2, schedule_free,
-                                 "torch AdamW fused"))
-    return anchors
+    return [Contender(name, moments, functools.partial(make, name), baseline)
+            for name, (package, moments, baseline) in ANCHOR_STEPS.items()
+            if importlib.util.find_spec(package) is not None]
 
 
 def _active_optimizers() -> list[type]:
@@ -184,12 +197,12 @@ def _active_optimizers() -> list[type]:
     return sorted(ActiveOptimizer.__subclasses__(), key=lambda cls: cls.__name__)
 
 
-def _epoch_sums(cls) -> int:
-    """The epoch sums ``cls`` at its defaults keeps per element: grad_sum, and grad_sq_sum where
-    its sign test reads one (ActiveSGD, ActiveLion)."""
+def _keeps_squares(cls) -> bool:
+    """Whether ``cls`` at its defaults keeps grad_sq_sum, its sign test's epoch sum of g**2
+    (ActiveSGD, ActiveLion)."""
     group = cls([torch.zeros(1, requires_grad=True)], lr=1e-4, steps_per_epoch=1,
                 backend="reference").param_groups[0]
-    return 1 + cls.spec.keeps_grad_sq_sum(cls.spec.record(group))
+    return cls.spec.keeps_grad_sq_sum(cls.spec.record(group))
 
 
 def _baseline(spec, moments: int, torch_names: set[str]) -> str:
@@ -292,12 +305,24 @@ def _proc_status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
+def _state_tensors(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    """id -> tensor of every tensor in ``optimizer.state`` and, beside the params, in its param
+    groups (DoG keeps its copy of the initial weights there); an Active(...) wrapper's together
+    with its inner optimizer's (their param groups are the same objects: counted once)."""
+    found = {id(v): v for state in optimizer.state.values() for v in state.values()
+             if isinstance(v, torch.Tensor)}
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            found.update((id(v), v) for v in (value if isinstance(value, list) else [value])
+                         if key != "params" and isinstance(v, torch.Tensor))
+    if isinstance(optimizer, Active):
+        found.update(_state_tensors(optimizer.optimizer))
+    return found
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (per-param scalars included); an
-    Active(...) wrapper's together with its inner optimizer's."""
-    total = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
-                if isinstance(value, torch.Tensor))
-    return total + (state_bytes(optimizer.optimizer) if isinstance(optimizer, Active) else 0)
+    """Bytes of every tensor of the optimizer's state (per-param scalars included)."""
+    return sum(v.nbytes for v in _state_tensors(optimizer).values())
 
 
 def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int | None:

@@ -26,8 +26,8 @@ BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "
 # by the command that runs, so that a plain install has `--help` and `bench`.
 STUDY_MODULES = {"demo": ("sklearn",),
                  "sweep": ("numpy", "sklearn", "adabelief_pytorch", "tqdm", "matplotlib")}
-# the rules study's anchors, beside the sweep's modules
-RULES_MODULES = ("prodigyopt", "schedulefree")
+# the rules study's anchors (robustness.ANCHORS), beside the sweep's modules
+RULES_MODULES = ("prodigyopt", "schedulefree", "dog", "dadaptation")
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:

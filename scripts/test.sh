@@ -23,7 +23,7 @@ cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/nul
 cmake --build build/cmake -j 2 >/dev/null
 ctest --test-dir build/cmake --output-on-failure
 # both cores: pytest-xdist's workers take tests as they free up (most tests are single-threaded)
-"$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist worksteal "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25 "$@"
 # The Triton tests again under the oldest supported triton (requirements-dev.txt holds the newest),
 # installed beside the venv, not into it; its interpreter needs numpy < 2.4 (docs/triton.md).
 oldest=build/triton-3.4.0

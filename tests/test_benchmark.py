@@ -27,6 +27,8 @@ def _contenders(backends=("cpu",), precisions=("full", "compact")) -> dict:
     ("ActiveSGD cpu compact", 30, 24),
     ("ActiveLion cpu compact", 30, 24),
     ("Active(torch AdamW fused)", 64, 38),
+    # + its epoch sum of g**2 (the sign test, SGD having no second moment): read + write, 4 B
+    ("Active(torch SGD fused)", 64, 42),
 ])
 def test_bytes_per_element(name, fp32, bf16):
     contender = _contenders()[name]
@@ -58,11 +60,26 @@ def test_every_active_optimizer_has_a_compact_contender_the_wrapper_none():
     ("ActiveSGD cpu compact", (4 + 7) * 4000 + (4 + 8 + 1 + 8) * 4),  # + grad_sq_sum, bf16
     ("ActiveLion cpu", (4 + 13) * 4000 + (4 + 8 + 1) * 4),
     ("Active(torch AdamW fused)", 8 * 4000 + 4 * 4 + 9 * 4000 + (8 + 1) * 4),  # inner + gains
+    ("Active(torch SGD fused)", 4 * 4000 + 13 * 4000 + (8 + 1) * 4),  # + its sum of g**2
 ])
 def test_state_bytes_counts_every_state_tensor(name, expected):
     optimizer = _contenders()[name].make(make_tensors(4000, "4", torch.float32))
     optimizer.step()
     assert state_bytes(optimizer) == expected
+
+
+# the study's anchors, as the study builds them; 4 tensors of 1000 float32
+@pytest.mark.parametrize(("name", "baseline", "fp32", "state"), [
+    ("DoG", "torch SGD fused", 20, 4 * 4000 + 3 * 4),  # x0 (in its param group), rbar, G, eta
+    ("DAdaptSGD", "torch SGD fused", 36, 3 * 4 * 4000),  # s, z, x0
+    ("Prodigy", "torch AdamW fused", 44, 4 * 4 * 4000),  # exp_avg, exp_avg_sq, s, p0
+])
+def test_the_anchors_are_timed_beside_the_torch_step_of_their_kind(name, baseline, fp32, state):
+    contender = _contenders()[name]
+    assert (contender.baseline, contender.bytes_per_element(4)) == (baseline, fp32)
+    optimizer = contender.make(make_tensors(4000, "4", torch.float32))
+    optimizer.step()
+    assert state_bytes(optimizer) == state
 
 
 @pytest.mark.parametrize("name", ["ActiveAdamW cpu", "ActiveAdamW cpu compact"])
@@ -96,6 +113,10 @@ def test_a_tiny_run_reports_bytes_floor_and_state_per_contender(monkeypatch):
     assert "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |" in table
     assert "| 4K | 4 | float32 | ActiveAdamW cpu compact | " in table
     assert f"× torch AdamW fused | 1.21× |  | {compact['state_mib']:.1f} |" in table
+    for anchor, baseline in (("DoG", "SGD"), ("DAdaptSGD", "SGD"), ("Prodigy", "AdamW")):
+        assert rows[anchor]["ratio_to_baseline"] > 0
+        assert f"| 4K | 4 | float32 | {anchor} | " in table
+        assert f"× torch {baseline} fused | " in table.split(f"| {anchor} | ")[1].splitlines()[0]
 
 
 def test_optimizers_selects_active_optimizers_with_their_torch_baselines():

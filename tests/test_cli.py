@@ -88,8 +88,8 @@ def test_bench_on_cuda_without_cuda_is_an_argparse_error(capsys):
 STUDY_EXTRA = ("numpy", "sklearn", "tqdm", "matplotlib", "adabelief_pytorch")
 
 
-def _cli_without_study_extra(argv: list[str]) -> subprocess.CompletedProcess:
-    code = (f"import sys\nsys.modules.update(dict.fromkeys({STUDY_EXTRA!r}))\n"
+def _cli_without_study_extra(argv: list[str], modules=STUDY_EXTRA) -> subprocess.CompletedProcess:
+    code = (f"import sys\nsys.modules.update(dict.fromkeys({modules!r}))\n"
             f"from adaptive_lr.cli import main\nmain({argv!r})\n")
     return subprocess.run(
         [sys.executable, "-W", "ignore:Failed to initialize NumPy:UserWarning", "-c", code],
@@ -118,6 +118,18 @@ def test_study_commands_without_the_extra_say_how_to_get_it(command, tmp_path):
         f"adaptive-lr {command} needs the study extra (import of {module} halted; None in "
         "sys.modules): pip install 'adaptive_lr[study]'"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["dog", "dadaptation"])
+def test_the_rules_study_without_an_anchor_package_says_how_to_get_it(module, tmp_path):
+    # were it not checked up front: twelve one-epoch anchor runs, then no error
+    result = _cli_without_study_extra(
+        ["sweep", "--study", "rules", "--quick", "--optimizers", "SGD", "--phases", "anchors",
+         "--epochs", "1", "--workers", "1", "--out", str(tmp_path / "out")], (module,))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"adaptive-lr sweep needs the study extra (import of {module} halted; None in "
+        "sys.modules): pip install 'adaptive_lr[study]'"]
 
 
 def test_tiny_sweep_end_to_end(tmp_path):

@@ -103,20 +103,79 @@ def test_a_missing_cell_is_left_out_not_counted_as_zero():
     assert _entry(table, "Adam family", "k=2")["d_cells"] == 2
 
 
+def _anchor_rows(anchor: str, values: dict[int, float]) -> list[dict]:
+    """One seed per point: exponent j -> the final accuracy at the anchor's default lr × 10^j."""
+    return [dict(task="mlp", pair=anchor, candidate="anchor", lr=robustness.anchor_lr(anchor, j),
+                 seed=0, batch_size=64, final_test_accuracy=value) for j, value in values.items()]
+
+
 def test_tuned_lr_and_anchor_table():
-    rows = _rows() + [dict(task="mlp", pair="Prodigy", candidate="anchor",
-                           lr=robustness.anchor_lr("Prodigy", j), seed=0, batch_size=64,
-                           final_test_accuracy=0.965 if j <= 0 else 0.3) for j in (-1, 0, 1)]
+    rows = _rows() + _anchor_rows("Prodigy", {-1: 0.965, 0: 0.965, 1: 0.3})
     assert robustness.tuned_lr(rows, "mlp", "AdamW", LRS) == 1e-3
     config = robustness.RulesConfig(lrs=LRS, anchors=("Prodigy",), anchor_exponents=(-1, 0, 1))
-    table = robustness.anchors_table(rows, ("mlp",), config, "k=2")
+    table = robustness.anchors_table(rows, ("mlp",), config, {"Adam family": ["k=2", "paper"]})
     by_method = {r["method"]: r for r in table}
-    assert by_method["AdamW"]["tuned_adamw"] == pytest.approx(97.0)
+    assert {r["pair"] for r in table} == {"AdamW"}  # the only pair of the config Prodigy anchors
+    assert by_method["AdamW"]["tuned_base"] == pytest.approx(97.0)
     assert by_method["ActiveAdamW paper"]["within_1_point"] == 0  # its best, 95 %, is 2 below
     assert by_method["ActiveAdamW k=2"]["within_1_point"] == 1  # 96.5 %
     assert by_method["Prodigy"]["within_1_point"] == 2
     assert by_method["Prodigy"]["worst"] == pytest.approx(30.0)
     assert by_method["Prodigy"]["worst_lr"] == pytest.approx(10.0)
+
+
+def test_anchor_table_of_the_sgd_pair():
+    rows = (_rows() + _anchor_rows("DoG", {-1: 0.2, 0: 0.945, 1: 0.96})
+            + _anchor_rows("DAdaptSGD", {-1: 0.945, 1: 0.1})  # its default lr did not run
+            + _anchor_rows("Prodigy", {0: 0.9}))
+    config = robustness.RulesConfig(lrs=LRS, pairs=("SGD", "Lion"),
+                                    anchor_exponents=(-1, 0, 1))
+    assert [m[0] for m in robustness.anchor_methods(config, {})["Lion"]] == [
+        "Lion", "ActiveLion paper", "Prodigy"]
+    table = robustness.anchors_table(rows, ("mlp",), config, {"SGD": ["paper"]})
+    # Lion has no base runs here: no row; SGD's tuned base is 95 % (lr 0.1)
+    assert [(r["pair"], r["method"]) for r in table] == [
+        ("SGD", "SGD"), ("SGD", "ActiveSGD paper"), ("SGD", "DoG"), ("SGD", "DAdaptSGD")]
+    sgd, paper, dog, dadapt = table
+    assert sgd["tuned_base"] == pytest.approx(95.0) and sgd["within_1_point"] == 1
+    assert sgd["worst"] == pytest.approx(10.0) and sgd["worst_lr"] == 1e-6
+    assert paper["within_1_point"] == 1 and paper["best"] == pytest.approx(96.0)
+    assert (dog["worst"], dog["worst_lr"], dog["within_1_point"], dog["grid_points"]) == (
+        pytest.approx(20.0), pytest.approx(0.1), 2, 3)
+    # the worst lr of a grid with a missing point is that of the worst value
+    assert (dadapt["worst_lr"], dadapt["within_1_point"], dadapt["grid_points"]) == (
+        pytest.approx(10.0), 1, 2)
+    summary = dict(config=dataclasses.asdict(config), runs={}, backends=[],
+                   anchors=dict(table=table))
+    text = robustness.markdown(summary)
+    assert "DoG: 1 × 10^j; DAdaptSGD: 1 × 10^j; j = -1, 0, 1" in text
+    assert "| mlp | SGD | DoG | 20.0 (lr 0.1) | 96.0 | 95.0 | 2 of 3 |" in text
+
+
+def test_anchor_runs_are_keyed_by_the_anchor_and_run_once():
+    config = robustness.RulesConfig(selection_tasks=("mlp",), heldout_tasks=(), seeds=1,
+                                    pairs=("SGD", "Lion", "AdamW"), anchor_exponents=(0,))
+    assert [t["pair"] for t in robustness.anchor_tasks(config)] == [
+        "DoG", "DAdaptSGD", "Prodigy", "SF-AdamW"]
+    # the key of the runs journaled before SGD's and Lion's anchors existed
+    assert robustness.anchor_tasks(dataclasses.replace(config, pairs=("AdamW",)))[0] == dict(
+        task="mlp", pair="Prodigy", candidate="anchor", lr=1.0, seed=0, epochs=40, batch_size=64)
+    assert robustness.anchor_tasks(dataclasses.replace(config, pairs=("RAdam",))) == []
+
+
+@pytest.mark.parametrize("anchor", ["DoG", "DAdaptSGD"])
+def test_sgd_anchors_learn_at_their_default_lr(anchor):
+    # DoG's first steps are tiny by design (reps_rel): it needs ~100 steps before it learns
+    row = robustness.run_one(dict(task="mlp", pair=anchor, candidate="anchor", lr=1.0, seed=0,
+                                  epochs=8, batch_size=64))
+    assert row["final_test_accuracy"] > 0.8 and row["final_train_loss"] < row["train_loss"][0]
+    assert row["gains"] == {} and row["backend"] == ""
+
+
+def test_a_diverged_dog_run_ends_at_chance_instead_of_failing():
+    row = robustness.run_one(dict(task="mlp", pair="DoG", candidate="anchor", lr=1000.0, seed=0,
+                                  epochs=2, batch_size=64))
+    assert row["final_test_accuracy"] < 0.2 and row["final_train_loss"] != row["final_train_loss"]
 
 
 @pytest.mark.parametrize("task", robustness.HELDOUT_TASKS)
@@ -169,7 +228,7 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path, monkeypatch):
     assert rows[1]["backend"] == "foreach" and float(rows[1]["gain_max_final"]) == 1.0
     saved = json.loads((tmp_path / "rules.json").read_text())
     assert saved["selection"]["ranking"] == {"Adam family": ["paper"]}
-    assert "| mlp | SF-AdamW |" in (tmp_path / "rules.md").read_text()
+    assert "| mlp | AdamW | SF-AdamW |" in (tmp_path / "rules.md").read_text()
 
     ran = []
     monkeypatch.setattr(robustness, "run_one", lambda task: ran.append(task) or 1 / 0)

@@ -1,12 +1,17 @@
 """Active(optimizer)'s pass after its inner optimizer stepped (docs/active_wrapper.md), on every
 backend: for each element of a bucket (params of one device and dtype, one boundary kind),
 
-1. the epoch boundary named by ``bucket.boundary``, as in ``bucket.py``;
+1. the epoch boundary named by ``bucket.boundary``, as in ``bucket.py``; with the sign test
+   (``rule.sign_threshold`` > 0) a sum counts where grad_sum**2 > factor * noise, ``noise`` the
+   bucket's ``grad_sq_sums`` (the wrapper's own) or else its ``moments`` (the inner optimizer's),
+   ``factor`` its ``sign_test_factors``, compared in the compute dtype below; ``grad_sq_sum``
+   is then reset to 0, as ``grad_sum``;
 2. ``param <- before + gain * (param - before)``, where ``param`` is the inner optimizer's
    result and ``before`` the param's value before it; ``param`` is kept as it is where the gain
    is 1 (the formula would round it); in float64 for float64 params, else in float32;
 3. ``grad_sum <- grad_sum + g`` (float32), ``g`` the grad, negated when the inner optimizer's
-   group says ``maximize``.
+   group says ``maximize``; where the bucket keeps ``grad_sq_sums``,
+   ``grad_sq_sum <- grad_sq_sum + g32 * g32`` in float32 (g32: g rounded to float32).
 
 ``reference`` is the oracle (a for-loop of plain torch ops), ``foreach`` the portable version,
 ``cpu`` one fused C++ op (``torch.ops.adaptive_lr.active_rescale_``). The ``cuda`` and
@@ -38,6 +43,26 @@ class RescaleBucket:
     rule: GainRule
     maximize: bool  # the inner optimizer group's: the epoch sum is of the negated grad
     boundary: Boundary
+    # the sign test (rule.sign_threshold > 0): the wrapper's epoch sums of g**2 (accumulated
+    # every step, the test's noise), or else the inner optimizer's moments (float32, read at a
+    # boundary only), and per tensor the factor the noise is multiplied by
+    grad_sq_sums: list[Tensor] | None = None
+    moments: list[Tensor] | None = None
+    sign_test_factors: list[float] | None = None
+
+    def floors(self) -> list[Tensor] | None:
+        """Per tensor, the sign test's floor (None when this step tests no sum)."""
+        if self.boundary == Boundary.NONE or self.rule.sign_threshold == 0:
+            return None
+        noises = self.grad_sq_sums if self.grad_sq_sums is not None else self.moments
+        return [floor(noise, factor, p.dtype)
+                for noise, factor, p in zip(noises, self.sign_test_factors, self.params)]
+
+
+def floor(noise: Tensor, factor: float, param_dtype: torch.dtype) -> Tensor:
+    """factor * noise in the pass's compute dtype: where grad_sum**2 exceeds it the sum's sign
+    counts (the cpu op rounds the factor to that dtype and multiplies, as torch does here)."""
+    return noise.to(state_dtype(param_dtype)) * factor
 
 
 def _scaled(param: Tensor, before: Tensor, gain: Tensor) -> Tensor:
@@ -47,17 +72,24 @@ def _scaled(param: Tensor, before: Tensor, gain: Tensor) -> Tensor:
 
 
 def reference(b: RescaleBucket) -> None:
+    floors = b.floors()
     for i, param in enumerate(b.params):
         reference_backend.apply_boundary(b.boundary, b.gains[i], b.grad_sums[i], b.prev_signs[i],
-                                         b.rule)
+                                         b.rule, None if floors is None else floors[i])
         param.copy_(_scaled(param, b.befores[i], b.gains[i]))
         g = b.grads[i].to(state_dtype(param.dtype))
         b.grad_sums[i].add_((-g if b.maximize else g).float())
+        if b.grad_sq_sums is not None:
+            if b.boundary != Boundary.NONE:
+                b.grad_sq_sums[i].zero_()
+            g32 = g.float()
+            b.grad_sq_sums[i].add_(g32 * g32)  # not addcmul_: two roundings, as the cpu op
 
 
 def foreach(b: RescaleBucket) -> None:
     if b.boundary != Boundary.NONE:
-        foreach_backend.apply_boundary(b.boundary, b.gains, b.grad_sums, b.prev_signs, b.rule)
+        foreach_backend.apply_boundary(b.boundary, b.gains, b.grad_sums, b.prev_signs, b.rule,
+                                       b.floors())
     compute = state_dtype(b.params[0].dtype)
     after = [p.to(compute) for p in b.params]
     before = [t.to(compute) for t in b.befores]
@@ -68,6 +100,10 @@ def foreach(b: RescaleBucket) -> None:
     torch._foreach_copy_(b.params, [torch.where(gain == 1, a, s)
                                     for gain, a, s in zip(b.gains, after, scaled)])
     grads = [g.float() for g in b.grads]
+    if b.grad_sq_sums is not None:
+        if b.boundary != Boundary.NONE:
+            torch._foreach_zero_(b.grad_sq_sums)
+        torch._foreach_add_(b.grad_sq_sums, torch._foreach_mul(grads, grads))
     if b.maximize:
         grads = torch._foreach_neg(grads)
     torch._foreach_add_(b.grad_sums, grads)
@@ -77,9 +113,10 @@ def cpu(b: RescaleBucket) -> None:
     h = b.rule
     fused.run(torch.ops.adaptive_lr.active_rescale_.default, dict(
         params=b.params, befores=b.befores, grads=b.grads, gains=b.gains, grad_sums=b.grad_sums,
-        prev_signs=b.prev_signs, gain_inc=h.gain_inc, gain_dec=h.gain_dec,
-        min_gain=h.min_gain, max_gain=h.max_gain, maximize=b.maximize,
-        boundary=int(b.boundary)))
+        prev_signs=b.prev_signs, grad_sq_sums=b.grad_sq_sums or [], moments=b.moments or [],
+        sign_test_factors=b.sign_test_factors or [], gain_inc=h.gain_inc, gain_dec=h.gain_dec,
+        min_gain=h.min_gain, max_gain=h.max_gain, sign_threshold=h.sign_threshold,
+        maximize=b.maximize, boundary=int(b.boundary)))
 
 
 _BY_STEP = {reference_backend.step: reference, cpu_backend.step: cpu}

@@ -7,6 +7,7 @@ gain arguments), ``state`` (per-param dicts made by :func:`sign_state`) and ``st
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -53,8 +54,9 @@ def record_boundary(state: dict) -> None:
 
 
 def check_gain_args(group: dict) -> None:
-    """The gain arguments of a param group, checked as a ValueError naming the value."""
-    for key in GAIN_KEYS:
+    """The gain arguments of a param group (``sign_threshold`` too where the group has it),
+    checked as a ValueError naming the value."""
+    for key in GAIN_KEYS + tuple(k for k in ("sign_threshold",) if k in group):
         value = group[key]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{key} must be a real number, got {value!r:.40}")
@@ -65,6 +67,8 @@ def check_gain_args(group: dict) -> None:
     if not 0 <= group["min_gain"] <= 1 <= group["max_gain"]:
         raise ValueError("gains need 0 <= min_gain <= 1 <= max_gain, got "
                          f"min_gain={group['min_gain']}, max_gain={group['max_gain']}")
+    if not 0 <= group.get("sign_threshold", 0.0) < math.inf:
+        raise ValueError(f"sign_threshold must be finite and >= 0, got {group['sign_threshold']}")
 
 
 def check_grad(name: str, p: Tensor) -> None:
@@ -101,6 +105,15 @@ def new_clock() -> dict:
 
 class EpochClock:
     """end_epoch, the clock's tick after a step, and the catch-up of missed boundaries."""
+
+    def set_steps_per_epoch(self, steps_per_epoch: int | None) -> None:
+        """Change the epoch's length in optimizer steps (the window whose summed gradient's sign
+        is compared), or switch to manual mode with ``None``; checked as the constructor's
+        argument. The epoch in progress ends once it has counted the new length: at the next step
+        if it already has. Like the constructor's argument it is configuration, not state: a
+        state dict does not hold it, and ``load_state_dict`` keeps the optimizer's."""
+        check_steps_per_epoch(steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
 
     def end_epoch(self) -> None:
         """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""

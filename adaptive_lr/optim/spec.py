@@ -10,8 +10,6 @@ optimizer")."""
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,16 +66,9 @@ class SignTestHyper(GainHyper):
     """The sign test (``sign_threshold`` k > 0, docs/algorithm.md "The sign test"): an epoch sum
     counts as a sign only where it stands out of the gradient's noise, measured by the second
     moment of an optimizer that has one (``OptimizerSpec.second_moment``), else by the epoch's
-    sum of g**2 (state ``grad_sq_sum``). 0 is the paper's rule."""
+    sum of g**2 (state ``grad_sq_sum``). 0 is the paper's rule; check_gain_args validates it."""
 
     sign_threshold: float
-
-    def validate(self) -> None:
-        super().validate()
-        k = self.sign_threshold
-        if isinstance(k, bool) or not isinstance(k, numbers.Real):
-            raise TypeError(f"sign_threshold must be a real number, got {k!r:.40}")
-        check(0 <= k < math.inf, f"sign_threshold must be finite and >= 0, got {k}")
 
     def gain_rule(self) -> GainRule:
         return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -14,14 +15,21 @@ from torch.optim import optimizer as torch_optimizer
 
 from .. import backends
 from ..backends import rescale
-from ..backends.bucket import Boundary
+from ..backends.bucket import Boundary, sign_test_factor
 from ..backends import GainRule, apply_boundary
+from .base import DEFAULT_SIGN_THRESHOLD
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_gain_args,
-    check_grad, check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
+    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, boundary_kind,
+    check_gain_args, check_grad, check_steps_per_epoch, new_clock, record_boundary, sign_state,
+    upgrade_saved_group,
 )
 
-SIGN_DTYPES = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8}
+# the arguments of the gain rule a param group holds (and may override)
+RULE_KEYS = GAIN_KEYS + ("sign_threshold",)
+# the wrapper's epoch sum of g**2, kept where the sign test has no moment to read (MEAN_SQUARES)
+SQUARES = "grad_sq_sum"
+SIGN_DTYPES = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8,
+               SQUARES: torch.float32}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -40,12 +48,19 @@ class Active(EpochClock, torch.optim.Optimizer):
 
     Args:
         optimizer: the optimizer to wrap (its param groups get the keys ``gain_inc``,
-            ``gain_dec``, ``min_gain``, ``max_gain``, ``epoch``, ``steps_in_epoch`` and
-            ``boundary_pending``).
+            ``gain_dec``, ``min_gain``, ``max_gain``, ``sign_threshold``, ``epoch``,
+            ``steps_in_epoch``, ``boundary_pending`` and ``epoch_steps``).
         steps_per_epoch (int or None): optimizer steps per epoch; ``None``: call
             :meth:`end_epoch` at each epoch's end instead.
         gain_inc, gain_dec, min_gain, max_gain: the gain rule, as in the native Active
             optimizers (2.0, 0.5, 0 and inf).
+        sign_threshold (float): the sign test (2.0): an element's epoch sum G of gradients
+            counts as a sign only where G**2 > sign_threshold**2 * (the epoch's gradient noise),
+            and a gain with no counted sign to compare is held, not decreased. The noise is read
+            from the inner optimizer's second moment where it keeps one (Adam, AdamW, NAdam,
+            RAdam, RMSprop, Adadelta, Adagrad), else it is the epoch's sum of g**2, kept by
+            Active (4 more bytes per element). 0: the paper's rule (every nonzero sum counts, a
+            zero product decreases the gain), with no extra state.
         backend (str): "auto", "reference", "foreach", "cpu", "cuda" or "triton" (the last two
             run the scaling pass with foreach ops).
     """
@@ -56,7 +71,8 @@ class Active(EpochClock, torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int | None,
                  gain_inc: float = 2.0, gain_dec: float = 0.5, min_gain: float = 0.0,
-                 max_gain: float = math.inf, backend: str = "auto"):
+                 max_gain: float = math.inf, sign_threshold: float = DEFAULT_SIGN_THRESHOLD,
+                 backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"Active wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -71,10 +87,11 @@ class Active(EpochClock, torch.optim.Optimizer):
             backend == "auto" or backend in backends.NAMES,
             f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
         )
-        gains = dict(gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain)
+        gains = dict(gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain,
+                     sign_threshold=sign_threshold)
         check_gain_args(gains)
         for i, group in enumerate(optimizer.param_groups):
-            taken = sorted(set(group) & set(GAIN_KEYS + CLOCK_KEYS))
+            taken = sorted(set(group) & set(RULE_KEYS + CLOCK_KEYS))
             _check(not taken, f"Active: param group {i} of the optimizer already has {taken} "
                               "(is it wrapped by another Active?)")
             for p in group["params"]:
@@ -110,7 +127,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         """Adds the group to the inner optimizer, with the gain arguments (its own, else
         Active's) and the running epoch clock; checked before anything changes."""
         group = dict(param_group)
-        for key in GAIN_KEYS:
+        for key in RULE_KEYS:
             group.setdefault(key, self.defaults[key])
         check_gain_args(group)
         params = group["params"]
@@ -127,7 +144,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         """Every (group, params with a grad), validated before anything is written."""
         work = []
         for i, group in enumerate(self.param_groups):
-            missing = [k for k in GAIN_KEYS + CLOCK_KEYS if k not in group]
+            missing = [k for k in RULE_KEYS + CLOCK_KEYS if k not in group]
             if missing:
                 raise RuntimeError(
                     f"Active: param group {i} has no {missing}: add param groups with "
@@ -159,9 +176,8 @@ class Active(EpochClock, torch.optim.Optimizer):
             for group, params in work:
                 for p, boundary in zip(params, self._prepare_states(group, params)):
                     if boundary != Boundary.NONE:
-                        state = self.state[p]
-                        apply_boundary(boundary, *(state[k] for k in SIGN_KEYS), GainRule.of(group))
-                        crossing.append(state)
+                        self._apply_boundary(boundary, p, group)
+                        crossing.append(self.state[p])
             self._advance_clock(crossing)
             return loss
         if grad_scale is not None:
@@ -187,6 +203,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                     rule=GainRule.of(group),
                     maximize=bool(group.get("maximize", False)),
                     boundary=boundary,
+                    **self._sign_test_fields(group, [params[i] for i in indices], boundary),
                 ))
                 if boundary != Boundary.NONE:
                     crossing += states
@@ -197,16 +214,81 @@ class Active(EpochClock, torch.optim.Optimizer):
         """Create the sign state of params stepped for the first time, apply the boundaries
         they missed but the last, and return the kind of that last one for each param."""
         for p in params:
-            if p not in self.state:
+            fresh = p not in self.state
+            if fresh:
                 self.state[p] = sign_state(p, group["epoch"])
+            self._fit_squares(p, group, fresh)
         return [self._catch_up(p, group) for p in params]
+
+    # ---- the sign test's noise ----------------------------------------------------------
+
+    def _keeps_squares(self, group: dict) -> bool:
+        """Whether the group's sign test needs the wrapper's own epoch sum of g**2."""
+        return group["sign_threshold"] > 0 and type(self.optimizer) not in MEAN_SQUARES
+
+    def _fit_squares(self, p: Tensor, group: dict, fresh: bool = False) -> None:
+        """Keep param p's epoch sum of g**2 exactly while its group needs one (a sign threshold
+        switched on or off mid-run creates or drops it). It must cover the steps the epoch sum
+        G covers: one created beside a G already under way (not ``fresh``) starts at +inf, so
+        that G is not tested (its gain is held) and the next boundary resets it to 0."""
+        state = self.state[p]
+        if not self._keeps_squares(group):
+            state.pop(SQUARES, None)
+        elif SQUARES not in state:
+            state[SQUARES] = torch.full_like(p, 0.0 if fresh else math.inf, dtype=torch.float32)
+
+    def _noise(self, p: Tensor, group: dict) -> tuple[Tensor, float]:
+        """Param p's noise estimate at a boundary, and the factor that makes it the floor G**2
+        is compared with: the epoch sum of g**2 (factor k**2), else the inner optimizer's
+        moment (float32) with the factor of its MEAN_SQUARES entry."""
+        state = self.state[p]
+        k = group["sign_threshold"]
+        if SQUARES in state:
+            return state[SQUARES], k * k
+        source = MEAN_SQUARES[type(self.optimizer)]
+        inner = self.optimizer.state.get(p, {})
+        if source.key not in inner:  # never stepped by it (only overflow steps): no estimate
+            return torch.full_like(state["grad_sum"], math.inf), 1.0
+        factor = source.factor(GainRule.of(group), group["epoch_steps"], group,
+                               float(inner["step"]))
+        return inner[source.key].float(), factor
+
+    def _sign_test_fields(self, group: dict, params: list[Tensor], boundary: Boundary) -> dict:
+        """RescaleBucket's sign-test fields for these params of group (none: the test is off)."""
+        fields = {}
+        if self._keeps_squares(group):
+            fields["grad_sq_sums"] = [self.state[p][SQUARES] for p in params]
+        if boundary != Boundary.NONE and group["sign_threshold"] > 0:
+            noises, factors = zip(*(self._noise(p, group) for p in params))
+            fields["sign_test_factors"] = list(factors)
+            if "grad_sq_sums" not in fields:
+                fields["moments"] = list(noises)
+        return fields
+
+    def _apply_boundary(self, boundary: Boundary, p: Tensor, group: dict) -> None:
+        """A boundary applied outside the scaling pass (an overflow step, a missed boundary), as
+        the pass applies it."""
+        state = self.state[p]
+        rule = GainRule.of(group)
+        floor = None
+        if rule.sign_threshold > 0:
+            noise, factor = self._noise(p, group)
+            floor = rescale.floor(noise, factor, p.dtype)
+        apply_boundary(boundary, *(state[k] for k in SIGN_KEYS), rule, floor)
+        if SQUARES in state:
+            state[SQUARES].zero_()
+
+    def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
+        self._fit_squares(p, group)
+        self._apply_boundary(boundary_kind(self.state[p]), p, group)
+        record_boundary(self.state[p])
 
     # ---- checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """``{"inner": the inner optimizer's state dict (its groups hold the clock and the gain
-        arguments), "state": {param index: gain, grad_sum, prev_sign, epoch, has_prev_sign}}``,
-        params numbered across groups as in torch's state dicts."""
+        arguments), "state": {param index: gain, grad_sum, prev_sign, epoch, has_prev_sign, and
+        grad_sq_sum where kept}}``, params numbered across groups as in torch's state dicts."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -250,7 +332,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                    and len(saved["params"]) == len(group["params"]),
                    f"Active: param group {i} of the state dict does not match the optimizer's "
                    f"{len(group['params'])} params")
-            missing = [k for k in GAIN_KEYS + CLOCK_KEYS if k not in saved]
+            missing = [k for k in RULE_KEYS + CLOCK_KEYS if k not in saved]
             _check(not missing, f"Active: param group {i} of the state dict has no {missing} "
                                 "(not a state dict of Active?)")
             check_gain_args(saved)
@@ -279,6 +361,44 @@ _REFUSED = {
 }
 
 
+@dataclass(frozen=True)
+class _MeanSquare:
+    """Where an inner optimizer keeps a running mean square of its gradient per element, for the
+    sign test: the state key, and ``factor(rule, epoch_steps, group, t)`` (t: the param's step
+    count), with which moment * factor = k**2 * S_e * (the per-step mean square)."""
+
+    key: str
+    factor: Callable[[GainRule, int, dict, float], float]
+
+
+def _ema(decay: Callable[[dict], float]) -> Callable[[GainRule, int, dict, float], float]:
+    """An EMA of g**2 started at 0 with decay β: its mean square is v / (1 - β**t), the native
+    Adam family's test (also where the inner optimizer itself does not correct the bias, as
+    RMSprop and Adadelta: uncorrected, v is too small in the first ~1/(1-β) steps)."""
+    return lambda rule, epoch_steps, group, t: sign_test_factor(rule, epoch_steps, decay(group), t)
+
+
+def _running_total(rule: GainRule, epoch_steps: int, group: dict, t: float) -> float:
+    """Adagrad's sum of g**2 over all t steps: its mean square is sum / t (its
+    initial_accumulator_value, ignored, makes the test stricter while it is not small beside the
+    sum). t = 0: never stepped, the sum G is 0."""
+    return rule.sign_threshold**2 * epoch_steps / t if t else math.inf
+
+
+_ADAM = _MeanSquare("exp_avg_sq", _ema(lambda group: group["betas"][1]))
+# By exact type: a subclass may keep its state otherwise. Adamax's exp_inf is a decayed max of
+# |g|, not a mean square; these and every other optimizer get the wrapper's epoch sum of g**2.
+MEAN_SQUARES = {
+    torch.optim.Adam: _ADAM,
+    torch.optim.AdamW: _ADAM,
+    torch.optim.NAdam: _ADAM,
+    torch.optim.RAdam: _ADAM,
+    torch.optim.RMSprop: _MeanSquare("square_avg", _ema(lambda group: group["alpha"])),
+    torch.optim.Adadelta: _MeanSquare("square_avg", _ema(lambda group: group["rho"])),
+    torch.optim.Adagrad: _MeanSquare("sum", _running_total),
+}
+
+
 def _check_param(p: Any) -> None:
     # (complex params: the scaling pass and the sign state are real; refused, not truncated)
     if isinstance(p, Tensor) and not p.is_floating_point():
@@ -302,16 +422,17 @@ def _global_step_hooks_off():
 
 
 def _loaded_sign_state(p: Tensor, saved: Any, index: int, group_epoch: int) -> dict:
-    _check(isinstance(saved, dict) and set(saved) == set(SIGN_KEYS + BOOKKEEPING_KEYS),
-           f"Active: the state of param {index} must have exactly "
-           f"{list(SIGN_KEYS + BOOKKEEPING_KEYS)}")
+    keys = SIGN_KEYS + BOOKKEEPING_KEYS
+    _check(isinstance(saved, dict) and set(saved) - {SQUARES} == set(keys),
+           f"Active: the state of param {index} must have exactly {list(keys)}, and "
+           f"{SQUARES!r} where it was kept")
     epoch, has_prev_sign = (saved[k].item() if isinstance(saved[k], Tensor) else saved[k]
                             for k in BOOKKEEPING_KEYS)
     _check(type(epoch) is int and 0 <= epoch <= group_epoch and type(has_prev_sign) is bool,
            f"Active: the state of param {index} has epoch={epoch!r} and has_prev_sign="
            f"{has_prev_sign!r}; expected an int in [0, {group_epoch}] and a bool")
     loaded = bookkeeping(epoch, has_prev_sign)
-    for key in SIGN_KEYS:
+    for key in SIGN_KEYS + ((SQUARES,) if SQUARES in saved else ()):
         value = saved[key]
         _check(isinstance(value, Tensor) and value.shape == p.shape,
                f"Active: state {key!r} of param {index} must be a tensor of its param's shape "

@@ -9,7 +9,8 @@ run twice, so a re-run resumes and phases share identical runs):
   lr grid; the rule of docs/RESULTS.md §3.1 picks one candidate per family (Adam family, SGD);
 - heldout: base, paper, the selected candidate and the runner-up on tasks not used to choose;
 - batch: AdamW at its tuned lr over batch sizes, base vs paper vs the selected candidate;
-- anchors: Prodigy and Schedule-Free AdamW over their own lr grids (default lr × 10^j).
+- anchors: parameter-free optimizers over their own lr grids (default lr × 10^j), each beside
+  the pair of its kind (ANCHOR_PAIRS).
 
 Every Active run keeps the per-epoch gain statistics of each param (``gain_stats``).
 """
@@ -129,7 +130,12 @@ SECOND_MOMENT_CANDIDATES = ("k=1", "k=2", "k=3")
 # optimizers without one: the sign test on the epoch's sum of g**2 (issue 21, sq-k=...)
 NO_SECOND_MOMENT = ("SGD", "Lion")
 NOISE_CANDIDATES = ("sq-k=1", "sq-k=2", "sq-k=3")
-ANCHORS = {"Prodigy": 1.0, "SF-AdamW": 0.0025}  # anchor -> its default lr
+# anchor -> its default lr
+ANCHORS = {"Prodigy": 1.0, "SF-AdamW": 0.0025, "DoG": 1.0, "DAdaptSGD": 1.0}
+# pair -> the anchors it is compared with, parameter-free methods of its kind; Lion's is Prodigy
+# (issue 21: dadaptation's own Lion variant is, by its change log, highly experimental)
+ANCHOR_PAIRS = {"SGD": ("DoG", "DAdaptSGD"), "Lion": ("Prodigy",),
+                "AdamW": ("Prodigy", "SF-AdamW")}
 PHASES = ("selection", "heldout", "batch", "anchors")
 D_THRESHOLD = -0.01  # criterion D: Active >= base - 1 point
 K_THRESHOLD = 0.8  # criterion K: the pooled share of the paper rule's gain
@@ -162,6 +168,29 @@ def make_anchor(name: str, params, lr: float):
         from schedulefree import AdamWScheduleFree
 
         return AdamWScheduleFree(params, lr=lr)
+    if name == "DoG":
+        import logging
+
+        from dog import DoG
+
+        class DivergingDoG(DoG):
+            """DoG, except that a diverged run goes on, at NaN weights like any other optimizer's
+            diverged run, where DoG asserts that its sum of squared gradients is not NaN."""
+
+            def _update_group_state(self, group, init):
+                try:
+                    super()._update_group_state(group, init)
+                except AssertionError:  # the step then moves by NaN gradients: NaN weights
+                    pass
+
+        # it logs a warning for every lr but 1; the grid changes the lr on purpose
+        logging.getLogger("dog").setLevel(logging.ERROR)
+        # the plain optimizer, without the package's PolynomialDecayAverager of the weights
+        return DivergingDoG(params, lr=lr)
+    if name == "DAdaptSGD":
+        from dadaptation import DAdaptSGD
+
+        return DAdaptSGD(params, lr=lr)  # its default momentum, 0
     raise ValueError(f"unknown anchor {name!r}")
 
 
@@ -263,10 +292,20 @@ def anchor_lr(anchor: str, exponent: int) -> float:
     return ANCHORS[anchor] * 10.0 ** exponent
 
 
+def pair_anchors(config: RulesConfig) -> dict[str, list[str]]:
+    """Each pair of the config that has anchors among the config's -> those anchors."""
+    out = {pair: [a for a in ANCHOR_PAIRS.get(pair, ()) if a in config.anchors]
+           for pair in config.pairs}
+    return {pair: anchors for pair, anchors in out.items() if anchors}
+
+
 def anchor_tasks(config: RulesConfig) -> list[dict]:
+    """Every anchor run: the anchors of the config's pairs, each once however many pairs it
+    anchors (a run is keyed by the anchor's name, not by the pair)."""
+    anchors = dict.fromkeys(a for names in pair_anchors(config).values() for a in names)
     return [_run(task, anchor, "anchor", anchor_lr(anchor, j), seed, config)
             for task in config.selection_tasks + config.heldout_tasks
-            for seed in range(config.seeds) for anchor in config.anchors
+            for seed in range(config.seeds) for anchor in anchors
             for j in config.anchor_exponents]
 
 
@@ -376,32 +415,47 @@ def tuned_lr(rows: list[dict], task: str, pair: str, lrs: tuple[float, ...]) -> 
     return max(scored)[2] if scored else None
 
 
+def anchor_methods(config: RulesConfig, ranking: dict[str, list[str]]
+                   ) -> dict[str, list[tuple[str, str, str, tuple[float, ...]]]]:
+    """Pair -> (label, the runs' pair, candidate, lr grid) of each method compared on it: the
+    base optimizer and its Active version with the paper rule over the lr grid (and with the
+    family's selected candidate in ``ranking``, where another), the pair's anchors over theirs
+    (pair_anchors)."""
+    out = {}
+    for pair, anchors in pair_anchors(config).items():
+        selected = (ranking.get(family(pair)) or ["paper"])[0]
+        out[pair] = [(pair if c == "base" else f"Active{pair} {c}", pair, c, config.lrs)
+                     for c in dict.fromkeys(("base", "paper", selected))]
+        out[pair] += [(a, a, "anchor", tuple(anchor_lr(a, j) for j in config.anchor_exponents))
+                      for a in anchors]
+    return out
+
+
 def anchors_table(rows: list[dict], tasks: tuple[str, ...], config: RulesConfig,
-                  selected: str | None) -> list[dict]:
-    """Per task and method, over the method's 7-point grid: worst and best mean final accuracy
-    and the grid points within 1 point of tuned AdamW (AdamW's best over its grid)."""
+                  ranking: dict[str, list[str]]) -> list[dict]:
+    """Per task, pair and method (anchor_methods), over the method's grid: worst and best mean
+    final accuracy and the grid points within 1 point of the tuned base (the base optimizer's
+    best over its grid)."""
     means = mean_lookup(rows)
-    methods = [("AdamW", "AdamW", "base", config.lrs), ("ActiveAdamW paper", "AdamW", "paper",
-                                                        config.lrs)]
-    if selected and selected != "paper":
-        methods.append((f"ActiveAdamW {selected}", "AdamW", selected, config.lrs))
-    methods += [(a, a, "anchor", tuple(anchor_lr(a, j) for j in config.anchor_exponents))
-                for a in config.anchors]
     out = []
     for task in tasks:
-        adamw = [means[k] for k in ((task, "AdamW", "base", lr) for lr in config.lrs) if k in means]
-        if not adamw:
-            continue
-        tuned = max(adamw)
-        for label, pair, candidate, grid in methods:
-            values = [means[k] for k in ((task, pair, candidate, lr) for lr in grid) if k in means]
-            if not values:
+        for pair, methods in anchor_methods(config, ranking).items():
+            base = [means[k] for k in ((task, pair, "base", lr) for lr in config.lrs)
+                    if k in means]
+            if not base:
                 continue
-            worst = min(range(len(values)), key=values.__getitem__)
-            out.append(dict(task=task, method=label, grid_points=len(values),
-                            worst=100 * values[worst], worst_lr=grid[worst],
-                            best=100 * max(values), tuned_adamw=100 * tuned,
-                            within_1_point=sum(v >= tuned - 0.01 - TOLERANCE for v in values)))
+            tuned = max(base)
+            for label, run_pair, candidate, grid in methods:
+                points = [(means[(task, run_pair, candidate, lr)], lr) for lr in grid
+                          if (task, run_pair, candidate, lr) in means]
+                if not points:
+                    continue
+                worst, worst_lr = min(points)
+                out.append(dict(task=task, pair=pair, method=label, grid_points=len(points),
+                                worst=100 * worst, worst_lr=worst_lr,
+                                best=100 * max(points)[0], tuned_base=100 * tuned,
+                                within_1_point=sum(v >= tuned - 0.01 - TOLERANCE
+                                                   for v, _ in points)))
     return out
 
 
@@ -507,14 +561,17 @@ def markdown(summary: dict) -> str:
         out.append("")
     if "anchors" in summary:
         a = summary["anchors"]
-        out += ["## Anchors", "", "Over each method's 7-point lr grid (AdamW and ActiveAdamW: "
-                "1e-3 × 10^j; Prodigy: 1 × 10^j; Schedule-Free AdamW: 0.0025 × 10^j; "
-                "j = −3…3): mean final test accuracy, %", "",
-                "| task | method | worst (lr) | best | tuned AdamW | grid points within 1 point "
-                "of tuned AdamW |", "|---|---|---|---|---|---|"]
+        defaults = "; ".join(f"{name}: {ANCHORS[name]:g} × 10^j" for name in dict.fromkeys(
+            r["method"] for r in a["table"] if r["method"] in ANCHORS))
+        out += ["## Anchors", "", "Each pair beside its anchors, each method over its own lr grid "
+                f"(the pair and its Active version: {', '.join(f'{lr:g}' for lr in lrs)}; "
+                f"{defaults}; j = {', '.join(map(str, config['anchor_exponents']))}): mean final "
+                "test accuracy, %", "",
+                "| task | pair | method | worst (lr) | best | tuned base | grid points within 1 "
+                "point of tuned base |", "|---|---|---|---|---|---|---|"]
         for r in a["table"]:
-            out.append(f"| {r['task']} | {r['method']} | {r['worst']:.1f} (lr {r['worst_lr']:g}) "
-                       f"| {r['best']:.1f} | {r['tuned_adamw']:.1f} | "
+            out.append(f"| {r['task']} | {r['pair']} | {r['method']} | {r['worst']:.1f} "
+                       f"(lr {r['worst_lr']:g}) | {r['best']:.1f} | {r['tuned_base']:.1f} | "
                        f"{r['within_1_point']} of {r['grid_points']} |")
         out.append("")
     return "\n".join(out) + "\n"
@@ -622,36 +679,41 @@ def plot_accuracy(rows: list[dict], tasks: tuple[str, ...], pairs: tuple[str, ..
 
 
 def plot_anchors(rows: list[dict], tasks: tuple[str, ...], config: RulesConfig,
-                 selected: str | None, path: str) -> None:
-    """Mean final accuracy against lr / the method's default lr, one panel per task."""
+                 ranking: dict[str, list[str]], path: str) -> None:
+    """Mean final accuracy against lr / the middle of the method's grid (an anchor's: its default
+    lr), one row of panels per pair (anchor_methods), one column per task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     means = mean_lookup(rows)
-    methods = [("AdamW", "AdamW", "base", 1e-3, dict(color="tab:gray", ls="--", marker="s")),
-               ("ActiveAdamW paper", "AdamW", "paper", 1e-3, dict(color="tab:red", marker="o"))]
-    if selected and selected != "paper":
-        methods.append((f"ActiveAdamW {selected}", "AdamW", selected, 1e-3,
+    methods = anchor_methods(config, ranking)
+    if not methods:
+        return
+    styles = {"base": dict(color="tab:gray", ls="--", marker="s"),
+              "paper": dict(color="tab:red", marker="o"),
+              **{a: dict(color=color, ls=":", marker="x") for a, color in
+                 zip(ANCHORS, ("tab:purple", "tab:orange", "tab:brown", "tab:blue"))}}
+    fig, axes = plt.subplots(len(methods), len(tasks),
+                             figsize=(3.6 * len(tasks), 3.4 * len(methods)), squeeze=False)
+    for row, (pair, pair_methods) in zip(axes, methods.items()):
+        for ax, task in zip(row, tasks):
+            for label, run_pair, candidate, grid in pair_methods:
+                middle = grid[len(grid) // 2]
+                points = [(lr / middle, 100 * means[(task, run_pair, candidate, lr)])
+                          for lr in grid if (task, run_pair, candidate, lr) in means]
+                if points:
+                    ax.plot(*zip(*points), label=label, **styles.get(
+                        run_pair if candidate == "anchor" else candidate,
                         dict(color="tab:green", marker="^")))
-    methods += [(a, a, "anchor", ANCHORS[a], dict(color=c, ls=":", marker="x"))
-                for a, c in zip(config.anchors, ("tab:purple", "tab:orange"))]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for label, pair, candidate, default, style in methods:
-            points = sorted((k[3] / default, v) for k, v in means.items()
-                            if k[:3] == (task, pair, candidate))
-            if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=label,
-                        **style)
-        ax.set_xscale("log")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("lr / the method's default lr")
-    axes[0, 0].set_ylabel("final test accuracy, %")
-    axes[0, 0].legend(fontsize=7)
+            ax.set_xscale("log")
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{task}: {pair}", fontsize=9)
+            ax.set_xlabel("lr / the middle of the method's grid")
+        row[0].set_ylabel("final test accuracy, %")
+        row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -727,9 +789,9 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
         rows = phase("anchors", anchor_tasks(config))
         grid_rows = selection_rows + summary.get("heldout", {}).get("rows", []) + rows
         summary["anchors"] = dict(table=anchors_table(
-            grid_rows, config.selection_tasks + config.heldout_tasks, config, selected),
+            grid_rows, config.selection_tasks + config.heldout_tasks, config, ranking),
             rows=rows)
-        plot_anchors(grid_rows, config.selection_tasks + config.heldout_tasks, config, selected,
+        plot_anchors(grid_rows, config.selection_tasks + config.heldout_tasks, config, ranking,
                      os.path.join(out_dir, "rules_anchors.png"))
     summary["backends"] = sorted({r["backend"] for r in all_rows if r["backend"]})
     accuracy_tasks = config.selection_tasks + (config.heldout_tasks if "heldout" in summary else ())

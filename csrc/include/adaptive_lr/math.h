@@ -561,11 +561,14 @@ ADAPTIVE_LR_ISA_NAMESPACE_BEGIN
 // One element of Active(optimizer)'s pass after its inner optimizer moved theta from
 // theta_before (docs/active_wrapper.md): the epoch boundary, then the inner step scaled by the
 // (new) gain, theta_before + gain * (theta - theta_before), and the gradient into the epoch sum.
-// Where the gain is 1 theta is kept as it is: the formula would round it.
+// Where the gain is 1 theta is kept as it is: the formula would round it. `noise`: what the sign
+// test multiplies by the tensor's factor (the wrapper's epoch sum of g^2, or the inner
+// optimizer's second moment); read only at a boundary with the sign test on.
 template <Boundary B, class T>
 ADAPTIVE_LR_HOST_DEVICE void scale_inner_step(const CommonLanes<T>& c, T& theta, T theta_before,
-                                              T grad, T& gain, T& grad_sum, T& prev_sign) {
-  apply_boundary<B>(c, gain, grad_sum, prev_sign, T(0));  // no second moment: no sign test
+                                              T grad, T& gain, T& grad_sum, T& prev_sign,
+                                              T noise) {
+  apply_boundary<B>(c, gain, grad_sum, prev_sign, noise);
   // (gain - 1)^2 > 0 exactly when gain != 1: a float32 gain is 1 or at least 2^-24 away from it
   const T off_one = gain - T(1);
   theta = Ops<T>::where_positive(off_one * off_one, theta_before + gain * (theta - theta_before),
