@@ -6,6 +6,8 @@ training-quality studies.
     adaptive-lr sweep --quick   both studies at a small scale (a few minutes on 2 cores)
     adaptive-lr sweep --study rules --quick
                                 the gain-rule study (docs/RESULTS.md §3) at a small scale
+    adaptive-lr sweep --study lm --quick
+                                the sign-window study on a byte-level LM (§6) at a small scale
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import sys
 
 from adaptive_lr import benchmark, demo
-from adaptive_lr.study import compact, greedy, lr_sweep, robustness, runner
+from adaptive_lr.study import compact, greedy, lm, lr_sweep, robustness, runner
 from adaptive_lr.study.options import positive_float, positive_int
 
 BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "3",
@@ -26,18 +28,20 @@ BENCH_QUICK_ARGS = ["--sizes", "1M", "10M", "--dtypes", "float32", "--rounds", "
 # by the command that runs, so that a plain install has `--help` and `bench`.
 STUDY_MODULES = {"demo": ("sklearn",),
                  "sweep": ("numpy", "sklearn", "adabelief_pytorch", "tqdm", "matplotlib")}
-# the rules study's anchors (robustness.ANCHORS), beside the sweep's modules
-RULES_MODULES = ("prodigyopt", "schedulefree", "dog", "dadaptation")
+# the anchors of the rules study (robustness.ANCHORS) and of the lm study, beside the sweep's
+ANCHOR_MODULES = {"rules": ("prodigyopt", "schedulefree", "dog", "dadaptation"),
+                  "lm": ("prodigyopt", "schedulefree")}
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small grids, fewer seeds and epochs: a few minutes on 2 cores")
-    parser.add_argument("--study", choices=["lr", "greedy", "rules", "compact", "all"],
+    parser.add_argument("--study", choices=["lr", "greedy", "rules", "compact", "lm", "all"],
                         default="all",
                         help="lr: the LR-robustness sweep; greedy: the GreedyLR study; rules: the "
                         "gain-rule study of docs/RESULTS.md §3; compact: compact state's quality "
-                        "study of §4 (rules and compact are not part of all); "
+                        "study of §4; lm: the sign window on a byte-level language model, §6 "
+                        "(rules, compact and lm are not part of all); "
                         "all: lr and greedy (default all)")
     parser.add_argument("--out", default="out/sweep",
                         help="directory for the CSV/JSON/Markdown/PNG results "
@@ -50,16 +54,25 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                     help="models (rules: the selection tasks)")
     lr.add_argument("--optimizers", nargs="+", choices=list(lr_sweep.PAIRS),
                     help="base optimizers; each runs beside its Active version")
-    lr.add_argument("--lrs", nargs="+", type=positive_float, help="the learning-rate grid")
-    lr.add_argument("--seeds", type=positive_int, help="seeds per (optimizer, lr)")
+    lr.add_argument("--lrs", nargs="+", type=positive_float,
+                    help="the learning-rate grid (lm: AdamW's and ActiveAdamW's)")
+    lr.add_argument("--seeds", type=positive_int, help="seeds per (optimizer, lr) (also lm)")
     lr.add_argument("--epochs", type=positive_int, help="the fixed epoch budget")
     rules = parser.add_argument_group("rules study (overrides the full or --quick preset)")
-    rules.add_argument("--phases", nargs="+", choices=list(robustness.PHASES),
-                       help="phases to run (held-out and batch run the selection first)")
+    rules.add_argument("--phases", nargs="+",
+                       choices=list(dict.fromkeys(robustness.PHASES + lm.PHASES)),
+                       help=f"phases to run; rules: {', '.join(robustness.PHASES)} (held-out and "
+                       f"batch run the selection first); lm: {', '.join(lm.PHASES)} (pretrain "
+                       "always runs)")
     rules.add_argument("--candidates", nargs="+",
                        choices=[c for c in robustness.CANDIDATES if c != "base"],
                        help="gain rules beside the base optimizer")
     rules.add_argument("--heldout-tasks", nargs="+", choices=list(robustness.HELDOUT_TASKS))
+    language = parser.add_argument_group("lm study (overrides the full or --quick preset)")
+    language.add_argument("--variants", nargs="+", type=lm.variant,
+                          help="AdamW, Prodigy, SF-AdamW, and ActiveAdamW as W<steps> or Wepoch "
+                          "(its sign window), W<steps>-scaled (gain_inc 2 × steps / epoch "
+                          "steps), W<steps>-paper (sign_threshold 0)")
     study = parser.add_argument_group("GreedyLR study (overrides the full or --quick preset)")
     study.add_argument("--problems", nargs="+", choices=list(greedy.PROBLEMS))
 
@@ -89,27 +102,33 @@ def _require_study_extra(command: str, extra: tuple[str, ...] = ()) -> None:
                      "pip install 'adaptive_lr[study]'")
 
 
+def _given(**options) -> dict:
+    """The options given on the command line (not None), lists as tuples: a preset's overrides."""
+    return {key: tuple(value) if isinstance(value, list) else value
+            for key, value in options.items() if value is not None}
+
+
 def _sweep(args: argparse.Namespace) -> int:
     """Runs the chosen studies; the exit status: 0, 1 when a run failed, 130 after Ctrl-C (the
     next study is then not started)."""
     runs = {}
     if args.study == "rules":
-        overrides = {key: tuple(value) if isinstance(value, list) else value
-                     for key, value in (("selection_tasks", args.models), ("pairs", args.optimizers),
-                                        ("lrs", args.lrs), ("seeds", args.seeds),
-                                        ("epochs", args.epochs), ("phases", args.phases),
-                                        ("candidates", args.candidates),
-                                        ("heldout_tasks", args.heldout_tasks))
-                     if value is not None}
+        overrides = _given(selection_tasks=args.models, pairs=args.optimizers, lrs=args.lrs,
+                           seeds=args.seeds, epochs=args.epochs, phases=args.phases,
+                           candidates=args.candidates, heldout_tasks=args.heldout_tasks)
         config = dataclasses.replace(robustness.QUICK if args.quick else robustness.RulesConfig(),
                                      **overrides)
         summary = robustness.run(config, args.out, args.workers)
         print(robustness.markdown(summary))
         runs.update(summary["runs"])
-    grid = {key: tuple(value) if isinstance(value, list) else value
-            for key, value in (("models", args.models), ("pairs", args.optimizers),
-                               ("lrs", args.lrs), ("seeds", args.seeds),
-                               ("epochs", args.epochs)) if value is not None}
+    if args.study == "lm":
+        config = dataclasses.replace(lm.QUICK if args.quick else lm.LMConfig(), **_given(
+            variants=args.variants, lrs=args.lrs, seeds=args.seeds, phases=args.phases))
+        summary = lm.run(config, args.out, args.workers)
+        print(lm.markdown(summary))
+        runs.update(summary["runs"])
+    grid = _given(models=args.models, pairs=args.optimizers, lrs=args.lrs, seeds=args.seeds,
+                  epochs=args.epochs)
     if args.study == "compact":
         config = dataclasses.replace(compact.QUICK if args.quick else compact.CompactConfig(),
                                      **grid)
@@ -150,8 +169,14 @@ def main(argv=None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _require_study_extra(args.command, RULES_MODULES if getattr(args, "study", None) == "rules"
-                         else ())
+    study = getattr(args, "study", None)
+    if study in ("rules", "lm") and args.phases:
+        phases = robustness.PHASES if study == "rules" else lm.PHASES
+        wrong = [phase for phase in args.phases if phase not in phases]
+        if wrong:
+            parser.error(f"--phases {' '.join(wrong)}: not a phase of the {study} study "
+                         f"({', '.join(phases)})")
+    _require_study_extra(args.command, ANCHOR_MODULES.get(study, ()))
     if args.command == "demo":
         demo.run(args)
     else:

@@ -68,8 +68,8 @@ def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, ep
     The seed fixes both the initial weights and the mini-batch order, so every optimizer trained
     with one seed starts from the same weights and sees the same batches. An optimizer with
     ``train()`` / ``eval()`` methods (Schedule-Free) is switched to eval mode for each
-    evaluation and back. Returns per-epoch ``train_loss`` (mean over the epoch's batches) and
-    ``test_accuracy`` lists, and ``seconds``.
+    evaluation and back. Returns per-epoch ``train_loss`` (mean over the epoch's batches),
+    ``test_loss`` and ``test_accuracy`` lists, and ``seconds``.
     """
     torch.manual_seed(seed)
     model = (MODELS[model] if isinstance(model, str) else model)().to(dtype)
@@ -78,7 +78,7 @@ def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, ep
     as_input = lambda x: x.to(dtype) if x.is_floating_point() else x  # noqa: E731  (tokens stay)
     order = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    history = {"train_loss": [], "test_accuracy": []}
+    history = {"train_loss": [], "test_loss": [], "test_accuracy": []}
     start = time.perf_counter()
     for _ in range(epochs):
         if modes[0] is not None:
@@ -96,9 +96,11 @@ def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, ep
         if modes[1] is not None:
             modes[1]()
         with torch.no_grad():
-            predicted = model(as_input(data.x_test)).argmax(-1)
-            accuracy = (predicted == data.y_test).float().mean().item()
+            logits = model(as_input(data.x_test))
+            accuracy = (logits.argmax(-1) == data.y_test).float().mean().item()
+            test_loss = loss_fn(logits.reshape(-1, logits.shape[-1]), data.y_test.reshape(-1))
         history["train_loss"].append(total / len(data.x_train))
+        history["test_loss"].append(test_loss.item())
         history["test_accuracy"].append(accuracy)
     history["seconds"] = time.perf_counter() - start
     return history

@@ -176,6 +176,15 @@ def run_tasks(function: Callable[[dict], dict], tasks: list[dict], workers: int,
     return outcome
 
 
+def run_phase(function: Callable[[dict], dict], tasks: list[dict], workers: int, description: str,
+              journal: str, csv_path: str, csv_row: Callable[[dict], dict]) -> Outcome:
+    """One phase of a study whose phases share a journal: ``run_tasks``, then its finished runs
+    (``csv_row`` of each) written to ``csv_path``."""
+    outcome = run_tasks(function, tasks, workers, description, journal)
+    write_csv(csv_path, [csv_row(r) for r in outcome.rows])
+    return outcome
+
+
 def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample sd; a NaN among the values makes both NaN (a diverged run shows); both NaN
     for no values (a cell no run of a partial study reached)."""
