@@ -47,15 +47,16 @@ SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_
 
 # Bytes per element a steady-state (mid-epoch) step must move: params and grads in the param
 # dtype, moments in their state dtype. Active optimizers read gain and grad_sum and write
-# grad_sum on top of their base (prev_sign is touched only at a boundary: once per epoch).
+# grad_sum on top of their base (prev_sign is touched only at a boundary: once per epoch), and
+# ActiveSGD and ActiveLion with their sign test read and write grad_sq_sum too.
 #   torch AdamW/RAdam: read p, g, m, v; write p, m, v.  torch SGD (and Lion, fused): read p, g,
-#   b; write p, b.  Active*: + read gain, read + write grad_sum (``sign_bytes`` each: 4 with
-#   full state, 2 with compact).
-def bytes_per_element(moments: int, param_bytes: int, moment_bytes: int, sign_bytes: int = 0
-                      ) -> int:
+#   b; write p, b.  Active*: + read gain, read + write each epoch sum (``sign_bytes`` each: 4
+#   with full state, 2 with compact).
+def bytes_per_element(moments: int, param_bytes: int, moment_bytes: int, sign_bytes: int = 0,
+                      squares: bool = False) -> int:
     total = 2 * param_bytes + param_bytes  # read p, g; write p
     total += 2 * moments * moment_bytes  # read + write each moment
-    return total + 3 * sign_bytes  # gain read; grad_sum read + write
+    return total + (3 + 2 * squares) * sign_bytes  # gain read; each epoch sum read + write
 
 
 # Active(optimizer) moves this on top of its inner optimizer: the snapshot (read p, write it) and
@@ -79,21 +80,24 @@ class Contender:
     foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
     sign_bytes: int = 0  # an Active optimizer's SIGN_BYTES; 0: no gains of its own
     wrapped: bool = False  # Active(baseline): the baseline's traffic + wrapper_extra_bytes
-    squares: bool = False  # Active(baseline) keeps an fp32 epoch sum of g**2
+    # keeps an epoch sum of g**2 (grad_sq_sum): ActiveSGD and ActiveLion at their default sign
+    # test (``sign_bytes`` each), Active(baseline) whose inner optimizer has no second moment (fp32)
+    squares: bool = False
 
     def bytes_per_element(self, param_bytes: int) -> int:
         if self.sign_bytes:  # Active optimizers keep fp32 moments, whatever the param dtype
-            return bytes_per_element(self.moments, param_bytes, 4, self.sign_bytes)
+            return bytes_per_element(self.moments, param_bytes, 4, self.sign_bytes,
+                                     self.squares)
         moved = bytes_per_element(self.moments, param_bytes, param_bytes)
         return moved + (wrapper_extra_bytes(param_bytes, self.squares) if self.wrapped else 0)
 
     def state_bytes_per_element(self, param_bytes: int) -> int:
         """The size of its state per element, for the memory check before a run: torch keeps
-        moments in the param dtype, Active optimizers in fp32, plus gain and grad_sum
+        moments in the param dtype, Active optimizers in fp32, plus gain and the epoch sums
         (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones (and its
         fp32 epoch sum of g**2 where it keeps one)."""
         if self.sign_bytes:
-            return 4 * self.moments + 2 * self.sign_bytes + 1
+            return 4 * self.moments + (2 + self.squares) * self.sign_bytes + 1
         wrapper = 2 * 4 + 1 + 4 * self.squares if self.wrapped else 0
         return self.moments * param_bytes + wrapper
 
@@ -143,6 +147,7 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
         for cls in _active_optimizers():
             name = cls.__name__
             moments = len(cls.spec.state) - (cls.spec.amsgrad_state is not None)
+            squares = _keeps_squares(cls)
             for precision in precisions:
                 suffix = " compact" if precision == "compact" else ""
                 out.append(Contender(
@@ -155,6 +160,7 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
                     (f"{name} foreach{suffix}" if backend != "foreach" and "foreach" in backends
                      else None),
                     SIGN_BYTES[precision],
+                    squares=squares,
                 ))
     return out
 
@@ -189,6 +195,14 @@ def _lr_free_anchors() -> list[Contender]:
 def _active_optimizers() -> list[type]:
     """Every Active optimizer (each class with its own spec), in a fixed order."""
     return sorted(ActiveOptimizer.__subclasses__(), key=lambda cls: cls.__name__)
+
+
+def _keeps_squares(cls) -> bool:
+    """Whether ``cls`` at its defaults keeps grad_sq_sum, its sign test's epoch sum of g**2
+    (ActiveSGD, ActiveLion)."""
+    group = cls([torch.zeros(1, requires_grad=True)], lr=1e-4, steps_per_epoch=1,
+                backend="reference").param_groups[0]
+    return cls.spec.keeps_grad_sq_sum(cls.spec.record(group))
 
 
 def _baseline(spec, moments: int, torch_names: set[str]) -> str:

@@ -19,12 +19,16 @@ using OptionalTensor = std::optional<at::Tensor>;
 
 // The arguments of the op that every kernel uses alike.
 struct ActiveArgs {
-  at::TensorList params, grads, gains, grad_sums, prev_signs, steps;
+  at::TensorList params, grads, gains, grad_sums;
+  // the sign test's epoch sums of g^2, as grad_sums, for a kernel without a second moment while
+  // the test is on (math.h, kKeepsGradSqSum); else empty (the op checks which)
+  at::TensorList grad_sq_sums;
+  at::TensorList prev_signs, steps;
   const at::Tensor& lr;
   double weight_decay;
   bool maximize;
   double gain_inc, gain_dec, min_gain, max_gain;
-  double sign_threshold;  // > 0: the sign test, for kernels with a second moment
+  double sign_threshold;  // > 0: the sign test
   int64_t epoch_steps;    // the length of the epoch that ended (the sign test's S)
   // compact state (bfloat16 gains and grad_sums): each param's seed of the stochastic rounding
   // of its grad_sum (math.h, rounding_key); empty for float32 gains and grad_sums
@@ -152,6 +156,9 @@ inline void validate(const char* op, const ActiveArgs& a, const std::vector<Name
     check_tensor(op, "grads", i, a.grads[i], device, dtype, &p);
     check_tensor(op, "gains", i, a.gains[i], device, sign_state_dtype, &p);
     check_tensor(op, "grad_sums", i, a.grad_sums[i], device, sign_state_dtype, &p);
+    if (!a.grad_sq_sums.empty()) {
+      check_tensor(op, "grad_sq_sums", i, a.grad_sq_sums[i], device, sign_state_dtype, &p);
+    }
     check_tensor(op, "prev_signs", i, a.prev_signs[i], device, at::kChar, &p);
     for (const NamedList& s : states) {
       check_tensor(op, s.name, i, s.tensors[i], device, state_dtype, &p);

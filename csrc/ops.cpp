@@ -59,8 +59,13 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
   int64_t numel = 0;
   for (size_t i = 0; i < n; ++i) {
     cpu::TensorPtrs<Kernel>& t = tensors[i];
-    t = {a.params[i].data_ptr(), a.grads[i].const_data_ptr(), a.gains[i].data_ptr(),
-         a.grad_sums[i].data_ptr(), a.prev_signs[i].data_ptr<int8_t>(), {}};
+    t = {a.params[i].data_ptr(),
+         a.grads[i].const_data_ptr(),
+         a.gains[i].data_ptr(),
+         a.grad_sums[i].data_ptr(),
+         a.grad_sq_sums.empty() ? nullptr : a.grad_sq_sums[i].data_ptr(),
+         a.prev_signs[i].data_ptr<int8_t>(),
+         {}};
     for (size_t k = 0; k < states.size(); ++k) t.state[k] = states[k].tensors[i].data_ptr();
     float& step = *a.steps[i].data_ptr<float>();
     sign_test_factors[i] = sign_test_factor<Kernel>(common, hyper, static_cast<double>(step));
@@ -93,9 +98,13 @@ void step(const char* kernel, const ActiveArgs& a, TensorList states,
           c10::ArrayRef<double> hyper_values) {
   TORCH_CHECK(a.sign_threshold >= 0 && a.sign_threshold < INFINITY, kOp,
               ": sign_threshold must be finite and >= 0, got ", a.sign_threshold);
-  TORCH_CHECK(a.sign_threshold == 0 || Kernel::kSecondMoment >= 0, kOp, ": kernel '", kernel,
-              "' has no second moment for the sign test; sign_threshold must be 0, got ",
-              a.sign_threshold);
+  // a kernel without a second moment keeps its sign test's sum of g^2 while the test is on
+  const size_t grad_sq_sums =
+      kKeepsGradSqSum<Kernel> && a.sign_threshold > 0 ? a.params.size() : 0;
+  TORCH_CHECK(a.grad_sq_sums.size() == grad_sq_sums, kOp, ": kernel '", kernel,
+              "' with sign_threshold ", a.sign_threshold, " takes ", grad_sq_sums,
+              " grad_sq_sums (one per param where its sign test reads the epoch's sum of g^2), "
+              "got ", a.grad_sq_sums.size());
   TORCH_CHECK(a.epoch_steps >= 0, kOp, ": epoch_steps must be >= 0, got ", a.epoch_steps);
   const typename Kernel::Hyper hyper = parse_hyper<Kernel>(kOp, kernel, hyper_values);
   const std::vector<NamedList> lists =
@@ -109,16 +118,17 @@ void step(const char* kernel, const ActiveArgs& a, TensorList states,
 }
 
 void active_step_(std::string_view kernel, TensorList params, TensorList grads, TensorList gains,
-                  TensorList grad_sums, TensorList prev_signs, TensorList steps,
-                  TensorList states, const Tensor& lr, c10::ArrayRef<double> hyper,
-                  double weight_decay, bool maximize, double gain_inc, double gain_dec,
-                  double min_gain, double max_gain, double sign_threshold, int64_t epoch_steps,
-                  int64_t boundary, const OptionalTensor& grad_scale,
-                  const OptionalTensor& found_inf, c10::ArrayRef<int64_t> rounding_seeds) {
-  const ActiveArgs args{params,   grads,          gains,       grad_sums, prev_signs,
-                        steps,    lr,             weight_decay, maximize, gain_inc,
-                        gain_dec, min_gain,       max_gain,    sign_threshold, epoch_steps,
-                        rounding_seeds, boundary, grad_scale,  found_inf};
+                  TensorList grad_sums, TensorList grad_sq_sums, TensorList prev_signs,
+                  TensorList steps, TensorList states, const Tensor& lr,
+                  c10::ArrayRef<double> hyper, double weight_decay, bool maximize,
+                  double gain_inc, double gain_dec, double min_gain, double max_gain,
+                  double sign_threshold, int64_t epoch_steps, int64_t boundary,
+                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                  c10::ArrayRef<int64_t> rounding_seeds) {
+  const ActiveArgs args{params,      grads,          gains,    grad_sums,  grad_sq_sums,
+                        prev_signs,  steps,          lr,       weight_decay, maximize,
+                        gain_inc,    gain_dec,       min_gain, max_gain,   sign_threshold,
+                        epoch_steps, rounding_seeds, boundary, grad_scale, found_inf};
 #define ADAPTIVE_LR_DISPATCH(name, Kernel) \
   if (kernel == #name) return step<Kernel>(#name, args, states, hyper);
   ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_DISPATCH)
@@ -141,10 +151,10 @@ struct NoOp<void(Args...)> {
 
 TORCH_LIBRARY(adaptive_lr, m) {
   m.def("active_step_(str kernel, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] gains, "
-        "Tensor(c!)[] grad_sums, Tensor(d!)[] prev_signs, Tensor(e!)[] steps, "
-        "Tensor(f!)[] states, Tensor lr, float[] hyper, float weight_decay, bool maximize, "
-        "float gain_inc, float gain_dec, float min_gain, float max_gain, float sign_threshold, "
-        "int epoch_steps, int boundary, "
+        "Tensor(c!)[] grad_sums, Tensor(g!)[] grad_sq_sums, Tensor(d!)[] prev_signs, "
+        "Tensor(e!)[] steps, Tensor(f!)[] states, Tensor lr, float[] hyper, float weight_decay, "
+        "bool maximize, float gain_inc, float gain_dec, float min_gain, float max_gain, "
+        "float sign_threshold, int epoch_steps, int boundary, "
         "Tensor? grad_scale, Tensor? found_inf, int[] rounding_seeds=[]) -> ()");
   // the SIMD build the cpu backend's kernels run, for benchmarks and tests to name
   m.def("cpu_capability() -> str", &cpu::kernel_capability);

@@ -7,8 +7,9 @@ tensor's base addresses come from a device table of int64 data pointers (one row
 tensors of any sizes. Per element it does exactly what ``adaptive_lr/backends/bucket.py``
 specifies, in one pass over memory. The kernel does everything but the optimizer's own update:
 the epoch boundary (``BOUNDARY`` is a constexpr, so the steady-state kernel never touches
-``prev_sign``), unscaling and maximize, the ``grad_sum`` accumulation, decoupled weight decay,
-the loads and stores of every list and the step counter. The update is ``UPDATE``, a constexpr
+``prev_sign``), unscaling and maximize, the ``grad_sum`` accumulation (and ``grad_sq_sum``'s, the
+sign test's sum of g**2 for an update without a second moment: ``GRAD_SQ``), decoupled weight
+decay, the loads and stores of every list and the step counter. The update is ``UPDATE``, a constexpr
 ``@triton.jit`` function of ``kernels/updates.py`` (``UPDATES``, by the spec's kernel name),
 called on each block with the optimizer's hyperparameters and its state blocks as tuples.
 
@@ -26,7 +27,8 @@ import triton.language as tl
 
 from .numerics import bias_corrections, div
 
-# Rows of the pointer table: these lists, then the spec's state lists in state_keys order.
+# Rows of the pointer table: these lists, then the spec's state lists in state_keys order, then
+# (GRAD_SQ) the grad_sq_sums.
 ROWS = ("param", "grad", "gain", "grad_sum", "prev_sign", "step")
 # The float64 hyperparameter table on the device: these entries every optimizer has (the
 # decoupled weight decay is 0 for an optimizer whose update applies its own), then the spec's
@@ -61,6 +63,12 @@ def _mix32(x):
     x = x ^ (x >> 15)
     x = x * 0x846CA68B
     return x ^ (x >> 16)
+
+
+@triton.jit
+def _grad_sq_sum_key(key):
+    """math.h's grad_sq_sum_key: a compact grad_sq_sum's own key, from the step's."""
+    return _mix32(key ^ 0x9E3779B9)
 
 
 @triton.jit
@@ -108,9 +116,10 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
                     start, SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr,
                     COMPACT: tl.constexpr, MASKED: tl.constexpr):
     """The fused boundary (docs/algorithm.md): returns the gain this step uses (float32). The
-    caller stores the reset grad_sum (0, plus this step's gradient unless the step is skipped).
-    Under SIGN_TEST, ``moment`` is the second-moment block (before this step) and ``factor``
-    the tensor's sign-test factor, in its compute dtype. COMPACT: bfloat16 gain and grad_sum,
+    caller stores the reset grad_sum (0, plus this step's gradient unless the step is skipped),
+    and grad_sq_sum likewise. Under SIGN_TEST, ``moment`` is the noise block the test reads (the
+    second moment, or grad_sq_sum; before this step) and ``factor`` the tensor's sign-test
+    factor, in its compute dtype. COMPACT: bfloat16 gain and grad_sum,
     a new gain rounded stochastically after its clamp (``key``; element index start + offs)."""
     gain_inc, gain_dec, min_gain, max_gain = gain_rule
     old_sum = _load(grad_sum, offs, mask, MASKED).to(tl.float32)
@@ -136,21 +145,26 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
 
 @triton.jit
 def _step_block(
-    offs, mask, param, grad, gain_ptr, grad_sum, prev_sign, states, h, t, lr, decay, grad_scale,
-    gain_rule, factor, key, start, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr,
-    MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
-    CT: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr, MASKED: tl.constexpr,
+    offs, mask, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign, states, h, t, lr, decay,
+    grad_scale, gain_rule, factor, key, start, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr,
+    MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """One block of a step that is not skipped: boundary, accumulation, the update."""
     state = ()
     for k in tl.static_range(len(states)):
         state = state + (_load(states[k], offs, mask, MASKED),)
+    sq_before = factor  # a placeholder unless GRAD_SQ
+    if GRAD_SQ:
+        sq_before = _load(grad_sq_sum, offs, mask, MASKED).to(tl.float32)
     if BOUNDARY != 0:
-        gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule,
-                               state[MOMENT], factor, key, start, SIGN_TEST, BOUNDARY, COMPACT,
-                               MASKED)
+        noise = sq_before.to(CT) if GRAD_SQ else state[MOMENT]
+        gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, noise,
+                               factor, key, start, SIGN_TEST, BOUNDARY, COMPACT, MASKED)
         sum_before = tl.zeros_like(gain)
+        sq_before = tl.zeros_like(gain)
     else:
         gain = _load(gain_ptr, offs, mask, MASKED).to(tl.float32)
         sum_before = _load(grad_sum, offs, mask, MASKED).to(tl.float32)
@@ -160,10 +174,17 @@ def _step_block(
         g = div(g, grad_scale, CT)
     if MAXIMIZE:
         g = -g
-    total = sum_before + g.to(tl.float32)
-    if COMPACT:  # element index within the tensor, modulo 2**32 as math.h counts it
-        total = _stochastic_bf16(total, key, (start + offs).to(tl.uint32))
+    g32 = g.to(tl.float32)
+    index = (start + offs).to(tl.uint32)  # within the tensor, modulo 2**32 as math.h counts it
+    total = sum_before + g32
+    if COMPACT:
+        total = _stochastic_bf16(total, key, index)
     _store(grad_sum, offs, total.to(grad_sum.dtype.element_ty), mask, MASKED)
+    if GRAD_SQ:  # float32: the product and the sum each rounded once (no fp fusion)
+        sq_total = sq_before + g32 * g32
+        if COMPACT:
+            sq_total = _stochastic_bf16(sq_total, _grad_sq_sum_key(key), index)
+        _store(grad_sq_sum, offs, sq_total.to(grad_sq_sum.dtype.element_ty), mask, MASKED)
 
     theta = _load(param, offs, mask, MASKED).to(CT)
     if HAS_WEIGHT_DECAY:  # decoupled, not scaled by the gain
@@ -185,7 +206,7 @@ def active_step_kernel(
     ptr_table, numels, seeds, chunk_tensor, chunk_start, arrivals, n_tensors,
     hyper, lr_ptr, grad_scale_ptr, found_inf_ptr,
     UPDATE: tl.constexpr, N_HYPER: tl.constexpr, N_STATE: tl.constexpr,
-    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr,
+    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, GRAD_SQ: tl.constexpr,
     COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
@@ -208,6 +229,10 @@ def active_step_kernel(
     for k in tl.static_range(N_STATE):
         states = states + (
             _tensor_ptr(ptr_table, FIRST_STATE + k, n_tensors, i, start, CT, ALIGNED),)
+    grad_sq_sum = grad_sum  # a placeholder unless GRAD_SQ
+    if GRAD_SQ:
+        grad_sq_sum = _tensor_ptr(ptr_table, FIRST_STATE + N_STATE, n_tensors, i, start,
+                                  SIGN_STATE, ALIGNED)
     step_ptr = tl.load(ptr_table + STEP * n_tensors + i).to(tl.pointer_type(tl.float32))
 
     # ---- per-step scalars, all read from device memory ----------------------------------------
@@ -227,11 +252,14 @@ def active_step_kernel(
     for k in tl.static_range(N_HYPER):
         h = h + (tl.load(hyper + FIRST_KERNEL_HYPER + k).to(tl.float64),)
     factor = lr.to(CT)  # a placeholder unless a boundary runs the sign test
-    if SIGN_TEST and BOUNDARY != 0:  # k^2 S / (1 - beta2^t), t the step count before this step
-        # (h[1] is beta2: the host checked it)
+    if SIGN_TEST and BOUNDARY != 0:
         threshold = tl.load(hyper + SIGN_THRESHOLD)
-        _, bc2, _ = bias_corrections(h[0], h[1], t.to(tl.float64) - 1.0)
-        factor = (threshold * threshold * tl.load(hyper + EPOCH_STEPS) / bc2).to(CT)
+        if GRAD_SQ:  # k^2, against the epoch's sum of g^2
+            factor = (threshold * threshold).to(CT)
+        else:  # k^2 S / (1 - beta2^t), t the step count before this step
+            # (h[1] is beta2: the host checked it)
+            _, bc2, _ = bias_corrections(h[0], h[1], t.to(tl.float64) - 1.0)
+            factor = (threshold * threshold * tl.load(hyper + EPOCH_STEPS) / bc2).to(CT)
 
     key = t.to(tl.uint32)  # a placeholder unless COMPACT
     if COMPACT:  # math.h's rounding_key(seed, t)
@@ -245,27 +273,31 @@ def active_step_kernel(
     if keep:
         for it in range(0, n_full):
             _step_block(
-                it * BLOCK + offs, None, param, grad, gain_ptr, grad_sum, prev_sign, states, h,
-                t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE, BOUNDARY,
-                MOMENT, SIGN_TEST, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
-                PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
+                it * BLOCK + offs, None, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign,
+                states, h, t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE,
+                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY,
+                HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
         if n_full * BLOCK < n_here:
             _step_block(
-                tail, tail < n_here, param, grad, gain_ptr, grad_sum, prev_sign, states, h,
-                t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE, BOUNDARY,
-                MOMENT, SIGN_TEST, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE,
-                PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
+                tail, tail < n_here, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign,
+                states, h, t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE,
+                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY,
+                HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
     else:
-        # found_inf: the step is skipped, but a due boundary is applied (and the sum reset)
+        # found_inf: the step is skipped, but a due boundary is applied (and the sums reset)
         if BOUNDARY != 0:
             for it in range(0, tl.cdiv(n_here, BLOCK)):
                 block = it * BLOCK + offs
+                in_chunk = block < n_here
                 moment = factor  # a placeholder unless SIGN_TEST
-                if SIGN_TEST:
-                    moment = tl.load(states[MOMENT] + block, mask=block < n_here, other=0)
-                _epoch_boundary(block, block < n_here, gain_ptr, grad_sum, prev_sign, gain_rule,
+                if GRAD_SQ:
+                    moment = tl.load(grad_sq_sum + block, mask=in_chunk, other=0).to(CT)
+                    tl.store(grad_sq_sum + block, tl.zeros([BLOCK], SIGN_STATE), mask=in_chunk)
+                elif SIGN_TEST:
+                    moment = tl.load(states[MOMENT] + block, mask=in_chunk, other=0)
+                _epoch_boundary(block, in_chunk, gain_ptr, grad_sum, prev_sign, gain_rule,
                                 moment, factor, key, start, SIGN_TEST, BOUNDARY, COMPACT, True)
-                tl.store(grad_sum + block, tl.zeros([BLOCK], SIGN_STATE), mask=block < n_here)
+                tl.store(grad_sum + block, tl.zeros([BLOCK], SIGN_STATE), mask=in_chunk)
 
     # ---- step counter: the last program of this tensor to finish increments it ------------
     n_chunks = tl.maximum(tl.cdiv(numel, CHUNK), 1)

@@ -153,6 +153,7 @@ def active_step(
     boundary: int,
     contiguous: bool,
     rounding_seeds: Sequence[int] | None = None,
+    grad_sq_sums: list[Tensor] | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
@@ -165,8 +166,9 @@ def active_step(
     (then the plan's key needs no strides). ``lr``: a one-element tensor on the params' device,
     read by the kernel; ``weight_decay``: decoupled, applied before the update (0: none);
     ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain, sign_threshold), the sign test on
-    when sign_threshold > 0 (an update with a second moment only), over epochs of
-    ``epoch_steps`` steps; ``boundary`` 0 / 1 (roll) / 2 (update), as
+    when sign_threshold > 0, against the second moment over epochs of ``epoch_steps`` steps, or
+    for an update without one against ``grad_sq_sums`` (the epochs' sums of g**2, of grad_sums'
+    dtype and layout, given exactly then); ``boundary`` 0 / 1 (roll) / 2 (update), as
     ``adaptive_lr.backends.bucket.Boundary``. ``rounding_seeds``: one per param for compact
     state (bfloat16 gains and grad_sums; not for float64 params), None for float32 state.
     """
@@ -178,9 +180,15 @@ def active_step(
                          f"hyperparameters {names}, got {len(hyper)}: {list(hyper)}")
     sign_test = gain_rule[4] > 0
     moment = UPDATES[update].second_moment
-    if sign_test and (moment is None or names[:2] != ("beta1", "beta2")):
-        raise ValueError(f"adaptive_lr triton backend: {update} has no second moment for the "
-                         f"sign test; sign_threshold must be 0, got {gain_rule[4]}")
+    if sign_test and moment is not None and names[:2] != ("beta1", "beta2"):
+        raise ValueError(f"adaptive_lr triton backend: {update}'s sign test needs beta2 as its "
+                         f"second hyperparameter, got {names}")
+    grad_sq = sign_test and moment is None
+    if grad_sq != (grad_sq_sums is not None):
+        raise ValueError(f"adaptive_lr triton backend: {update} with sign_threshold "
+                         f"{gain_rule[4]} takes {'' if grad_sq else 'no '}grad_sq_sums")
+    if grad_sq:  # the table's last row (kernels.active_step)
+        rows = [*rows, grad_sq_sums]
     params = rows[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _TL_DTYPES:
@@ -197,8 +205,9 @@ def active_step(
         plan.arrivals, len(params), table, lr,
         lr if grad_scale is None else grad_scale,  # unused pointer when the flag is off
         lr if found_inf is None else found_inf,
-        UPDATE=UPDATES[update].function, N_HYPER=len(hyper), N_STATE=len(rows) - len(ROWS),
-        BOUNDARY=int(boundary), MOMENT=moment or 0, SIGN_TEST=sign_test, COMPACT=compact,
+        UPDATE=UPDATES[update].function, N_HYPER=len(hyper),
+        N_STATE=len(rows) - len(ROWS) - int(grad_sq), BOUNDARY=int(boundary), MOMENT=moment or 0,
+        SIGN_TEST=sign_test, GRAD_SQ=grad_sq, COMPACT=compact,
         MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         PARAM_DTYPE=_TL_DTYPES[dtype], CT=_TL_DTYPES[compute], ALIGNED=plan.aligned,

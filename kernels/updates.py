@@ -128,7 +128,8 @@ def lion(h, t, lr, theta, g, gamma, state, CT: tl.constexpr):
 class Update(NamedTuple):
     function: Any  # the @triton.jit update
     hyper: tuple[str, ...]  # the entries of kernel_hyper, in order (documentation and length)
-    # the index of the state the sign test reads (its hyper then starts with beta1, beta2)
+    # the index of the state the sign test reads (its hyper then starts with beta1, beta2);
+    # None: the test reads the epoch's sum of g**2 (a row of its own)
     second_moment: int | None = None
 
 

@@ -66,8 +66,8 @@ class OptimConfig:
         # The paper's rule unless the row sets sign_threshold (the "sign_test" rows): in the
         # table's epochs of 3 steps the default sign test (k = 2) passes no sum and would hold
         # every gain at 1, leaving the gain rule untested.
-        paper_rule = {"sign_threshold": 0.0} if self.cls.spec.second_moment else {}
-        kwargs = {"lr": 1e-2, "steps_per_epoch": 3, **paper_rule, **self.kwargs, **overrides}
+        kwargs = {"lr": 1e-2, "steps_per_epoch": 3, "sign_threshold": 0.0, **self.kwargs,
+                  **overrides}
         return self.cls(params, **kwargs)
 
 
@@ -107,6 +107,10 @@ CONFIGS = [
             max_gain=3.0),
     _config(ActiveAdam, "sign_test amsgrad weight_decay maximize", amsgrad=True,
             weight_decay=0.1, maximize=True, sign_threshold=1.5),
+    # ActiveSGD's and ActiveLion's sign test reads the epoch's sum of g**2 (grad_sq_sum)
+    _config(ActiveSGD, "sign_test grad_sq_sum nesterov", nesterov=True, sign_threshold=1.0),
+    _config(ActiveLion, "sign_test grad_sq_sum maximize clamps", maximize=True, max_gain=3.0,
+            sign_threshold=0.8),
     _config(ActiveLion, "defaults"),
     _config(ActiveLion, "weight_decay maximize clamps", betas=(0.8, 0.95), weight_decay=0.1,
             maximize=True, max_gain=3.0),
@@ -136,18 +140,18 @@ class OptimizerInfo:
     error_inputs: tuple = ()
 
 
+_SIGN_THRESHOLD_ERRORS = ((dict(sign_threshold=-1.0), "sign_threshold must be finite and >= 0"),
+                          (dict(sign_threshold=float("inf")), "sign_threshold must be finite"))
 _BETAS_EPS_ERRORS = ((dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
                      (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
-                     (dict(eps=-1e-8), "epsilon"),
-                     (dict(sign_threshold=-1.0), "sign_threshold must be finite and >= 0"),
-                     (dict(sign_threshold=float("inf")), "sign_threshold must be finite"))
+                     (dict(eps=-1e-8), "epsilon")) + _SIGN_THRESHOLD_ERRORS
 INFOS = [
     OptimizerInfo(ActiveSGD, torch.optim.SGD, (
         (dict(momentum=-0.1), "momentum"),
         (dict(dampening=2.0), "dampening"),
         (dict(nesterov=True, momentum=0.0), "Nesterov"),
         (dict(nesterov=True, dampening=0.1), "Nesterov"),
-    )),
+    ) + _SIGN_THRESHOLD_ERRORS),
     OptimizerInfo(ActiveAdamW, torch.optim.AdamW, _BETAS_EPS_ERRORS),
     OptimizerInfo(ActiveRAdam, torch.optim.RAdam, _BETAS_EPS_ERRORS),
     OptimizerInfo(ActiveAdaBelief, torch.optim.Adam, _BETAS_EPS_ERRORS),
@@ -155,7 +159,7 @@ INFOS = [
     OptimizerInfo(ActiveLion, torch.optim.Adam, (
         (dict(betas=(1.5, 0.9)), "beta parameter at index 0"),
         (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
-    )),
+    ) + _SIGN_THRESHOLD_ERRORS),
 ]
 CLASSES = [info.cls for info in INFOS]
 

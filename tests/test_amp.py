@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdamW
-from adaptive_lr.backends import Boundary, apply_boundary, sign_test_floor
+from adaptive_lr.backends import (
+    Boundary, apply_boundary, grad_sq_sum_floor, sign_test_floor, state_dtype,
+)
 from adaptive_lr.backends.rounding import element_index, rounding_key
 from optim_configs import (
     CONFIGS, clone_params, config, configs, device_backends, grad_sequence, make_params,
@@ -31,15 +33,19 @@ def _expected_after_skipped_step(opt, params, pending: Boundary) -> list[dict]:
     expected = [copy.deepcopy(opt.state[p]) for p in params]
     for p, state in zip(params, expected):
         if pending != Boundary.NONE:
-            floor = None if rule.sign_threshold == 0 else sign_test_floor(
-                state[opt.spec.second_moment], state["step"].item(), rule, group["epoch_steps"],
-                group["betas"][1])
+            grad_sq_sum = state.get("grad_sq_sum")  # read by the sign test, then reset
+            floor = None
+            if grad_sq_sum is not None:
+                floor = grad_sq_sum_floor(grad_sq_sum, rule, state_dtype(p.dtype))
+            elif rule.sign_threshold != 0:
+                floor = sign_test_floor(state[opt.spec.second_moment], state["step"].item(), rule,
+                                        group["epoch_steps"], group["betas"][1])
             # a compact gain is rounded with the key the skipped step would have had
             rounding = None if "rounding_seed" not in state else (
                 rounding_key(int(state["rounding_seed"]), state["step"].item() + 1),
                 element_index(p))
             apply_boundary(pending, state["gain"], state["grad_sum"], state["prev_sign"], rule,
-                           floor, rounding)
+                           floor, rounding, grad_sq_sum)
             state["epoch"].fill_(group["epoch"])
             state["has_prev_sign"].fill_(True)
     return expected

@@ -5,7 +5,7 @@ by appearing in available_backends(device)."""
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, available_backends
+from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD, available_backends
 from adaptive_lr.backends import unavailable_reason
 from optim_configs import (
     CONFIGS, DTYPES, HAS_CUDA, LOW_PRECISION, SHAPES, clone_params, device_backends,
@@ -32,13 +32,16 @@ def test_backend_matches_reference(device, backend, config, dtype):
     out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
                                          clone_params(start, device=device), grads, SKIP))
 
-    # discrete state is identical: same sign decisions, same gains and epoch sums (compact
-    # state's stochastic rounding draws the same bits everywhere), same step counts
+    # discrete state is identical: same sign decisions, same gains and epoch sums (of g and of
+    # g**2: compact state's stochastic rounding draws the same bits everywhere), same step counts
     for p_ref, s_out in zip(ref_params, out_states):
         s_ref = ref_opt.state[p_ref]
-        for key in ("prev_sign", "step", "gain", "grad_sum"):
-            assert torch.equal(s_ref[key], s_out[key]), key
+        assert s_ref.keys() == s_out.keys()
+        for key in ("prev_sign", "step", "gain", "grad_sum", "grad_sq_sum"):
+            if key in s_ref:
+                assert torch.equal(s_ref[key], s_out[key]), key
         assert s_out["gain"].dtype == (torch.float32 if dtype == torch.float64 else torch.bfloat16)
+        assert s_out.get("grad_sq_sum", s_out["gain"]).dtype == s_out["gain"].dtype
         if device == "cpu" and dtype != torch.float64:
             # the moments too: the reference rounds every product and sum as the kernels do (a
             # GPU may fuse them: Triton's compiler does)
@@ -78,9 +81,12 @@ def test_full_state_matches_reference(device, backend, config, dtype):
                                          state_precision="full"))
     for p_ref, p_out, s_out in zip(ref_params, out_params, out_states):
         s_ref = ref_opt.state[p_ref]
+        assert s_ref.keys() == s_out.keys()
         assert s_out["gain"].dtype == s_out["grad_sum"].dtype == torch.float32
-        for key in ("gain", "grad_sum", "prev_sign", "step"):
-            assert torch.equal(s_ref[key], s_out[key]), key
+        assert s_out.get("grad_sq_sum", s_out["gain"]).dtype == torch.float32
+        for key in ("gain", "grad_sum", "grad_sq_sum", "prev_sign", "step"):
+            if key in s_ref:
+                assert torch.equal(s_ref[key], s_out[key]), key
         torch.testing.assert_close(p_out, p_ref.detach(), rtol=1e-5, atol=1e-6)
     assert any((ref_opt.state[p]["gain"] != 1).any() for p in ref_params), "gains never moved"
 
@@ -98,18 +104,25 @@ def test_the_fused_backends_run_on_cuda():
     assert {"cuda", "triton"} <= set(available_backends("cuda")), reasons
 
 
-def _one_boundary(backend: str, precision: str, grad_sum: float, v: float) -> float:
-    """The gain after one boundary of ActiveAdamW (k = 2, an epoch of 4 steps, a late step so
-    that 1 - beta2**t is 1 and the sign test's factor k² S / (1 - beta2**t) is 16 exactly), whose
-    previous sign was +1, given the epoch sum and the second moment: 3 where the sum counts."""
+# the sign test's noise: the Adam family's second moment (its factor k² S / (1 - beta2**t) is 16
+# with k = 2, an epoch of 4 steps and a late step, so that 1 - beta2**t is 1), or the epoch's sum
+# of g**2 (Q) of ActiveSGD and ActiveLion, k = 4: factor k² = 16 too
+NOISE = {ActiveAdamW: ("exp_avg_sq", 2.0), ActiveSGD: ("grad_sq_sum", 4.0),
+         ActiveLion: ("grad_sq_sum", 4.0)}
+
+
+def _one_boundary(cls, backend: str, precision: str, grad_sum: float, noise: float) -> float:
+    """The gain after one boundary of ``cls`` whose previous sign was +1, given the epoch sum
+    and the noise estimate (factor 16): 3 where the sum counts."""
     p = torch.nn.Parameter(torch.zeros(4))
-    opt = ActiveAdamW([p], steps_per_epoch=None, sign_threshold=2.0, backend=backend,
-                      state_precision=precision)
+    key, k = NOISE[cls]
+    opt = cls([p], lr=1e-3, steps_per_epoch=None, sign_threshold=k, backend=backend,
+              state_precision=precision)
     p.grad = torch.ones(4)
     opt.step()
     state = opt.state[p]
     state["step"].fill_(1e6)
-    state["exp_avg_sq"].fill_(v)
+    state[key].fill_(noise)
     state["grad_sum"].fill_(grad_sum)
     state["prev_sign"].fill_(1)
     state["has_prev_sign"].fill_(True)
@@ -119,15 +132,16 @@ def _one_boundary(backend: str, precision: str, grad_sum: float, v: float) -> fl
     return state["gain"].float()[0].item()
 
 
+@pytest.mark.parametrize("cls", list(NOISE), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("precision", ["full", "compact"])
 @pytest.mark.parametrize("backend", available_backends("cpu"))
-def test_sign_test_ties_are_decided_alike_given_the_same_second_moment(backend, precision):
+def test_sign_test_ties_are_decided_alike_given_the_same_noise(backend, precision, cls):
     """docs/precision.md's guarantee: from the same state every backend takes the same decision,
-    an exact tie (G² = 16 v) included: a tie is no evidence. (Backends whose v differs in the
-    last bit, which torch's own ops allow, may decide a tie differently.)"""
+    an exact tie (G² = 16 v, or 16 Q) included: a tie is no evidence. (Backends whose v differs
+    in the last bit, which torch's own ops allow, may decide a tie differently.)"""
     above = float(torch.nextafter(torch.tensor(12.0), torch.tensor(13.0)))
     if precision == "compact":
         above = 12.0625  # the next bfloat16
-    assert _one_boundary(backend, precision, 12.0, 9.0) == 1.0  # G² = 144 = 16 · 9: held
-    assert _one_boundary(backend, precision, above, 9.0) == 3.0  # just above: counted, grows
-    assert _one_boundary(backend, precision, -above, 9.0) == 0.5  # flipped: shrinks
+    assert _one_boundary(cls, backend, precision, 12.0, 9.0) == 1.0  # G² = 144 = 16 · 9: held
+    assert _one_boundary(cls, backend, precision, above, 9.0) == 3.0  # just above: grows
+    assert _one_boundary(cls, backend, precision, -above, 9.0) == 0.5  # flipped: shrinks

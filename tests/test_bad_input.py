@@ -48,6 +48,19 @@ def test_invalid_optimizer_specific_arguments(cls, kwargs, message):
         _make(cls, [torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("value", ["2", True, 1j], ids=repr)
+def test_a_sign_threshold_that_is_no_real_number_is_a_type_error(cls, value):
+    with pytest.raises(TypeError, match="sign_threshold must be a real number"):
+        _make(cls, [torch.zeros(2, requires_grad=True)], sign_threshold=value)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_nan_sign_threshold_is_refused(cls):
+    with pytest.raises(ValueError, match="sign_threshold must be finite and >= 0, got nan"):
+        _make(cls, [torch.zeros(2, requires_grad=True)], sign_threshold=float("nan"))
+
+
 def test_per_group_hyperparameters_are_validated():
     opt = ActiveAdamW([torch.zeros(2, requires_grad=True)], steps_per_epoch=2)
     with pytest.raises(ValueError, match="gain_dec"):

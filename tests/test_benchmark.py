@@ -19,11 +19,13 @@ def _contenders(backends=("cpu",), precisions=("full", "compact")) -> dict:
     ("torch AdamW fused", 28, 14),
     ("torch SGD fused", 20, 10),
     # + gain read, grad_sum read + write: 4 B each with full state, 2 with compact; the moments
-    # stay fp32 for bf16 params
+    # stay fp32 for bf16 params. ActiveSGD and ActiveLion: + grad_sq_sum read + write (their
+    # default sign test)
     ("ActiveAdamW cpu", 40, 34),
     ("ActiveAdamW cpu compact", 34, 28),
-    ("ActiveSGD cpu", 32, 26),
-    ("ActiveSGD cpu compact", 26, 20),
+    ("ActiveSGD cpu", 40, 34),
+    ("ActiveSGD cpu compact", 30, 24),
+    ("ActiveLion cpu compact", 30, 24),
     ("Active(torch AdamW fused)", 64, 38),
     # + its epoch sum of g**2 (the sign test, SGD having no second moment): read + write, 4 B
     ("Active(torch SGD fused)", 64, 42),
@@ -55,7 +57,8 @@ def test_every_active_optimizer_has_a_compact_contender_the_wrapper_none():
     ("torch AdamW fused", 8 * 4000 + 4 * 4),
     ("ActiveAdamW cpu", (8 + 9) * 4000 + (4 + 8 + 1) * 4),
     ("ActiveAdamW cpu compact", (8 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
-    ("ActiveSGD cpu compact", (4 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
+    ("ActiveSGD cpu compact", (4 + 7) * 4000 + (4 + 8 + 1 + 8) * 4),  # + grad_sq_sum, bf16
+    ("ActiveLion cpu", (4 + 13) * 4000 + (4 + 8 + 1) * 4),
     ("Active(torch AdamW fused)", 8 * 4000 + 4 * 4 + 9 * 4000 + (8 + 1) * 4),  # inner + gains
     ("Active(torch SGD fused)", 4 * 4000 + 13 * 4000 + (8 + 1) * 4),  # + its sum of g**2
 ])
@@ -101,6 +104,11 @@ def test_a_tiny_run_reports_bytes_floor_and_state_per_contender(monkeypatch):
     assert compact["state_mib"] == ((8 + 5) * 4000 + 21 * 4) / 2**20
     assert compact["ratio_to_baseline"] > 0 and "extra_memory_mib" in compact
     assert rows["torch AdamW fused"]["byte_floor"] is None
+    # ActiveSGD with its default sign test: its measured state holds grad_sq_sum (bfloat16)
+    sgd = rows["ActiveSGD cpu compact"]
+    assert (sgd["bytes_per_element"], sgd["baseline"]) == (30, "torch SGD fused")
+    assert sgd["byte_floor"] == 30 / 20 and sgd["ratio_to_baseline"] > 0
+    assert sgd["state_mib"] == ((4 + 7) * 4000 + 21 * 4) / 2**20
     table = benchmark.markdown(result)
     assert "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |" in table
     assert "| 4K | 4 | float32 | ActiveAdamW cpu compact | " in table

@@ -219,6 +219,61 @@ def test_checkpoint_of_an_earlier_version_resumes(expected_path, device, backend
         torch.testing.assert_close(value, expected["model"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("cls", [ActiveSGD, ActiveLion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_from_before_the_sign_test_of_sgd_and_lion_resumes_with_the_papers_rule(
+        cls, backend, tmp_path):
+    """ActiveSGD and ActiveLion saved their groups without sign_threshold and no grad_sq_sum
+    before they had the sign test: such a state dict (the paper's rule's, less that key) loads
+    into an optimizer built with the default sign test, resumes with sign_threshold 0 and keeps
+    no Q, as an uninterrupted run of the paper's rule."""
+    config = configs("defaults", cls=cls)[0]  # the paper's rule (optim_configs)
+    params = make_params(torch.float32)
+    grads = grad_sequence([tuple(p.shape) for p in params], 14, torch.float32)
+    opt = config.make(params, backend="reference")
+    _feed(opt, params, grads[:8])
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group["sign_threshold"]
+    assert not any("grad_sq_sum" in state for state in old["state"].values())
+    saved = _through_file({"params": [p.detach() for p in params], "opt": old}, tmp_path)
+    _feed(opt, params, grads[8:])
+
+    resumed_params = clone_params(saved["params"])
+    resumed = cls(resumed_params, lr=1e-2, steps_per_epoch=3, backend=backend)
+    assert resumed.defaults["sign_threshold"] > 0
+    resumed.load_state_dict(saved["opt"])
+    assert [g["sign_threshold"] for g in resumed.param_groups] == [0.0]
+    _feed(resumed, resumed_params, grads[8:])
+    _assert_same_state(resumed, resumed_params, opt, params, tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_switching_the_sign_test_of_sgd_on_and_off_makes_and_drops_q(backend, tmp_path):
+    """A group switched to k > 0 mid-run gets Q (zeros, of grad_sum's dtype) at its next step, a
+    checkpoint keeps it, and switched back to the paper's rule the group drops it."""
+    params = make_params(torch.float32)
+    grads = grad_sequence([tuple(p.shape) for p in params], 12, torch.float32)
+    opt = ActiveSGD(params, lr=1e-2, steps_per_epoch=3, sign_threshold=0.0, backend=backend)
+    _feed(opt, params, grads[:4])
+    assert not any("grad_sq_sum" in opt.state[p] for p in params)
+    opt.param_groups[0]["sign_threshold"] = 1.0
+    _feed(opt, params, grads[4:5])  # epoch 2's second step: Q holds this step's g**2
+    for p, g in zip(params, grads[4]):
+        q = opt.state[p]["grad_sq_sum"]
+        assert q.dtype == torch.bfloat16 and q.shape == p.shape
+        assert torch.allclose(q.float(), g.float() ** 2, rtol=2**-7)
+    saved = _through_file(opt.state_dict(), tmp_path)
+    assert all("grad_sq_sum" in state for state in saved["state"].values())
+    resumed = ActiveSGD(clone_params(params), lr=1e-2, steps_per_epoch=3, backend=backend)
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(resumed.state[r]["grad_sq_sum"], opt.state[p]["grad_sq_sum"])
+               for r, p in zip(resumed.param_groups[0]["params"], params))
+    opt.param_groups[0]["sign_threshold"] = 0.0
+    _feed(opt, params, grads[5:6])
+    assert not any("grad_sq_sum" in opt.state[p] for p in params)
+
+
 # ---- state dicts that do not fit ------------------------------------------------------------
 
 
@@ -254,6 +309,10 @@ def _mismatched_state_dicts():
         "wrong shape": (_edited(good, lambda d: d["state"][0].update(exp_avg=torch.zeros(99))),
                         r"state 'exp_avg' of param 0 has shape \(99,\), its param \(5, 3\)"),
         "missing key": (_edited(good, lambda d: d["state"][1].pop("gain")), r"missing \['gain'\]"),
+        # Q is kept only where no second moment measures the noise
+        "Q of an optimizer with a second moment": (
+            _edited(good, lambda d: d["state"][1].update(grad_sq_sum=torch.zeros(17))),
+            r"unexpected \['grad_sq_sum'\]"),
         "param count": (_edited(good, lambda d: d["param_groups"][0]["params"].pop()),
                         "param group 0 has 5 params, the state dict 4"),
         "group count": (_edited(good, lambda d: d["param_groups"].append(d["param_groups"][0])),
@@ -269,10 +328,28 @@ def _mismatched_state_dicts():
     }
 
 
-@pytest.mark.parametrize("case", list(_mismatched_state_dicts()))
+def _mismatched_q():
+    """State dicts that do not fit an ActiveSGD with its sign test on (loaded into one)."""
+    good = _trained(ActiveSGD, sign_threshold=1.0)[1].state_dict()
+    return {
+        "Q wrong shape": (_edited(good, lambda d: d["state"][0].update(grad_sq_sum=torch.zeros(7))),
+                          r"state 'grad_sq_sum' of param 0 has shape \(7,\), its param \(5, 3\)"),
+        "Q not floating": (_edited(good, lambda d: d["state"][1].update(
+            grad_sq_sum=torch.zeros(17, dtype=torch.int32))),
+            r"state 'grad_sq_sum' of param 1 has dtype torch.int32, expected a floating-point"),
+        "Q not a tensor": (_edited(good, lambda d: d["state"][2].update(grad_sq_sum=0.5)),
+                           "'grad_sq_sum' of param 2 is not a tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mismatched_state_dicts()) + list(_mismatched_q()))
 def test_bad_state_dict_raises_and_changes_nothing(case):
-    bad, message = _mismatched_state_dicts()[case]
-    params, opt = _trained()
+    if case in _mismatched_q():
+        bad, message = _mismatched_q()[case]
+        params, opt = _trained(ActiveSGD, sign_threshold=1.0)
+    else:
+        bad, message = _mismatched_state_dicts()[case]
+        params, opt = _trained()
     param_values = [p.detach().clone() for p in params]
     groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
     group_params = [list(g["params"]) for g in opt.param_groups]

@@ -164,7 +164,8 @@ def test_the_fused_op_checks_compact_arguments():
     import adaptive_lr._C  # noqa: F401  (registers the op)
 
     p, g = torch.zeros(4), torch.ones(4)
-    common = dict(kernel="sgd", params=[p], grads=[g], prev_signs=[torch.zeros(4, dtype=torch.int8)],
+    common = dict(kernel="sgd", params=[p], grads=[g], grad_sq_sums=[],
+                  prev_signs=[torch.zeros(4, dtype=torch.int8)],
                   steps=[torch.zeros(())], states=[torch.zeros(4)], lr=torch.tensor(0.1),
                   hyper=[0.0, 0.0, 0.0], weight_decay=0.0, maximize=False, gain_inc=2.0,
                   gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), sign_threshold=0.0,

@@ -30,7 +30,9 @@ SCHEDULE = (Boundary.ROLL, Boundary.NONE, Boundary.UPDATE, Boundary.NONE, Bounda
 
 def make_bucket(row, dtype=torch.float32, sizes=SIZES, seed=0, **overrides):
     """A bucket of ``row`` (a row of the optimizer table, with ``overrides``) on seeded random
-    tensors: gains, sums and signs of every kind, steps that start at 0, 3 and 6."""
+    tensors: gains, sums and signs of every kind, steps that start at 0, 3 and 6, and the sign
+    test's sums of g**2 where the row keeps them (drawn last: the other tensors are the same
+    with or without them)."""
     gen = torch.Generator().manual_seed(seed)
     spec = row.cls.spec
     group = row.make([torch.zeros(1, requires_grad=True)], backend="reference",
@@ -59,6 +61,8 @@ def make_bucket(row, dtype=torch.float32, sizes=SIZES, seed=0, **overrides):
         state={k: [randn(n, sd) if k == keys[0] else randn(n, sd).abs() for n in sizes]
                for k in keys},
         hyper=hyper,
+        grad_sq_sums=([randn(n, torch.float32) ** 2 * 3 for n in sizes]
+                      if spec.keeps_grad_sq_sum(hyper) else None),
     )
 
 
@@ -82,6 +86,8 @@ def make_compact_case(row, dtype, sizes=SIZES):
     bucket = dataclasses.replace(
         bucket, gains=[g.bfloat16() for g in bucket.gains],
         grad_sums=[g.bfloat16() for g in bucket.grad_sums],
+        grad_sq_sums=(None if bucket.grad_sq_sums is None
+                      else [q.bfloat16() for q in bucket.grad_sq_sums]),
         rounding_seeds=list(range(len(sizes))))
     return bucket, grads
 
@@ -101,9 +107,12 @@ def run(step, bucket, grads, schedule=SCHEDULE):
 
 
 def tensors(bucket) -> dict[str, list[torch.Tensor]]:
-    return dict(params=bucket.params, grads=bucket.grads, gains=bucket.gains,
-                grad_sums=bucket.grad_sums, prev_signs=bucket.prev_signs, steps=bucket.steps,
-                **bucket.state)
+    lists = dict(params=bucket.params, grads=bucket.grads, gains=bucket.gains,
+                 grad_sums=bucket.grad_sums, prev_signs=bucket.prev_signs, steps=bucket.steps,
+                 **bucket.state)
+    if bucket.grad_sq_sums is not None:
+        lists["grad_sq_sums"] = bucket.grad_sq_sums
+    return lists
 
 
 def to_float64(bucket):
@@ -183,11 +192,16 @@ def test_grad_scale_matches_reference(dtype, scale):
             torch.testing.assert_close(x, y, rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=1e-7)
 
 
-def assert_found_inf_applies_only_the_boundary(step, boundary, dtype, move=copy.deepcopy,
+# a second moment's sign test, and a sum of g**2's (which the boundary resets with grad_sum)
+FOUND_INF_ROWS = [config("amsgrad", "clamps", cls=ActiveAdaBelief),
+                  config("grad_sq_sum", cls=ActiveSGD)]
+
+
+def assert_found_inf_applies_only_the_boundary(step, boundary, dtype, row, move=copy.deepcopy,
                                                read=tensors):
     """``step`` on ``move(bucket)`` with found_inf set equals the reference and changes nothing
     but the boundary's gains, sums and signs (the cuda tests reuse this on CUDA tensors)."""
-    ref = make_bucket(config("amsgrad", "clamps", cls=ActiveAdaBelief), dtype, min_gain=0.5)
+    ref = make_bucket(row, dtype, min_gain=0.5)
     ref.boundary = boundary
     ref.found_inf = torch.ones(1)
     ref.grad_scale = torch.tensor([8.0])
@@ -197,14 +211,17 @@ def assert_found_inf_applies_only_the_boundary(step, boundary, dtype, move=copy.
     reference.step(ref)
     assert_all_equal(read(fused), tensors(ref))
     untouched = {k: v for k, v in read(fused).items()
-                 if k not in ("gains", "grad_sums", "prev_signs")}
+                 if k not in ("gains", "grad_sums", "grad_sq_sums", "prev_signs")}
     assert_all_equal(untouched, {k: tensors(before)[k] for k in untouched})
+    if boundary != Boundary.NONE and ref.grad_sq_sums is not None:
+        assert all((q == 0).all() for q in ref.grad_sq_sums)
 
 
+@pytest.mark.parametrize("row", FOUND_INF_ROWS, ids=lambda c: c.id)
 @pytest.mark.parametrize("boundary", list(Boundary))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_found_inf_applies_only_the_boundary(boundary, dtype):
-    assert_found_inf_applies_only_the_boundary(cpu.step, boundary, dtype)
+def test_found_inf_applies_only_the_boundary(boundary, dtype, row):
+    assert_found_inf_applies_only_the_boundary(cpu.step, boundary, dtype, row)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -238,18 +255,18 @@ def test_many_tiny_and_empty_tensors(row):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("row", configs("defaults"), ids=lambda c: c.id)
+@pytest.mark.parametrize("row", configs("defaults") + configs("grad_sq_sum"), ids=lambda c: c.id)
 def test_compact_state_rounds_like_the_reference(row, dtype):
-    """The SIMD store of a compact epoch sum draws the reference's bits, infinite sums and sums
-    that round to infinity included; a NaN sum stays NaN (its bit pattern is the converter's:
-    torch's and math.h's differ)."""
+    """The SIMD store of a compact epoch sum (of g, and of g**2) draws the reference's bits,
+    infinite sums and sums that round to infinity included; a NaN sum stays NaN (its bit
+    pattern is the converter's: torch's and math.h's differ)."""
     fused, grads = make_compact_case(row, dtype, sizes=(1, 15, 17, 33, 1000))
     ref = copy.deepcopy(fused)
     for t, boundary in enumerate(COMPACT_SCHEDULE):  # compared after every step
         run(cpu.step, fused, grads[t:t + 1], (boundary,))
         run(reference.step, ref, grads[t:t + 1], (boundary,))
-        for name in ("gains", "grad_sums", "prev_signs"):
-            for x, y in zip(getattr(fused, name), getattr(ref, name)):
+        for name in ("gains", "grad_sums", "grad_sq_sums", "prev_signs"):
+            for x, y in zip(getattr(fused, name) or [], getattr(ref, name) or []):
                 nan = x.isnan()
                 assert torch.equal(nan, y.isnan()) and torch.equal(bits(x[~nan]), bits(y[~nan])), (
                     t, name)

@@ -28,6 +28,7 @@ from adaptive_lr.backends.lr import lr_tensor
 from adaptive_lr.backends.bucket import Boundary, Bucket
 from optim_configs import CONFIGS, assert_no_host_sync, config
 from test_cpu_backend import (
+    FOUND_INF_ROWS,
     _op_call,
     assert_all_equal,
     assert_found_inf_applies_only_the_boundary,
@@ -57,6 +58,8 @@ def moved(bucket: Bucket, device, place=lambda t, device: t.to(device)) -> Bucke
     b = copy.deepcopy(bucket)
     for name in _LISTS:
         setattr(b, name, [place(t, device) for t in getattr(b, name)])
+    if b.grad_sq_sums is not None:
+        b.grad_sq_sums = [place(t, device) for t in b.grad_sq_sums]
     b.state = {k: [place(t, device) for t in v] for k, v in b.state.items()}
     for name in ("grad_scale", "found_inf"):
         if getattr(b, name) is not None:
@@ -196,10 +199,11 @@ def test_grad_scale_matches_reference(dtype, scale):
 
 
 @gpu
+@pytest.mark.parametrize("row", FOUND_INF_ROWS, ids=lambda c: c.id)
 @pytest.mark.parametrize("boundary", list(Boundary))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_found_inf_applies_only_the_boundary(boundary, dtype):
-    assert_found_inf_applies_only_the_boundary(cuda.step, boundary, dtype,
+def test_found_inf_applies_only_the_boundary(boundary, dtype, row):
+    assert_found_inf_applies_only_the_boundary(cuda.step, boundary, dtype, row,
                                                move=lambda b: moved(b, "cuda"), read=on_cpu)
 
 

@@ -1,5 +1,6 @@
 """torch.ops.adaptive_lr.active_step_ called directly: the kernels no Bucket names yet (adam, lion)
-against a float64 transcription of their update, and the op's own argument checks."""
+against a float64 transcription of their update (Lion's sign test on the epoch's sum of g**2 in
+float32, as specified), and the op's own argument checks."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_thres
     grad_sums = [randn(n, torch.float32) for n in SIZES]
     for t in grad_sums:
         t[::7] = 0  # sign 0: the gain decreases
-    return dict(
+    args = dict(
         kernel=kernel,
         params=[randn(n) for n in SIZES],
         grads=[randn(n) for n in SIZES],
@@ -62,6 +63,10 @@ def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_thres
         found_inf=None,
         **dict(GAIN_RULE, sign_threshold=sign_threshold),
     )
+    # lion's sign test reads the epoch's sum of g**2 (drawn last: the other tensors stay as they were)
+    keeps_q = kernel == "lion" and sign_threshold > 0
+    args["grad_sq_sums"] = [randn(n, torch.float32) ** 2 * 3 for n in SIZES] if keeps_q else []
+    return args
 
 
 def transcription(a: dict) -> None:
@@ -77,7 +82,10 @@ def transcription(a: dict) -> None:
         k = a["sign_threshold"]
         if a["boundary"] != Boundary.NONE:
             sign = torch.sign(gsum)
-            if k > 0:  # the sign test, against v before this step (float64 division: 0 -> inf)
+            if k > 0 and a["grad_sq_sums"]:  # the sign test of lion, against Q
+                sign = torch.where(gsum * gsum > k * k * a["grad_sq_sums"][i].double(), sign, 0)
+                a["grad_sq_sums"][i].zero_()
+            elif k > 0:  # the sign test, against v before this step (float64 division: 0 -> inf)
                 v = a["states"][n + i].double()
                 bc2 = 1 - torch.tensor(a["hyper"][1], dtype=torch.float64) ** float(a["steps"][i])
                 sign = torch.where(gsum * gsum > k * k * a["epoch_steps"] / bc2 * v, sign, 0)
@@ -89,6 +97,8 @@ def transcription(a: dict) -> None:
                 gain = gain.float().double().clamp(a["min_gain"], a["max_gain"])
             prev, gsum = sign, torch.zeros_like(gsum)
         gsum = gsum + g.float().double()
+        if a["grad_sq_sums"]:  # float32, the product and the sum each rounded once
+            a["grad_sq_sums"][i].add_(g.float() * g.float())
         t = float(a["steps"][i]) + 1
         p = p * (1 - lr * a["weight_decay"])
         st = [a["states"][k * n + i].double() for k in range(len(a["states"]) // n)]
@@ -132,6 +142,7 @@ CASES = {
     "adam-sign-test": ("adam", [0.9, 0.5, 1e-8, 1.0, 0.1], dict(sign_threshold=0.7)),
     "lion": ("lion", [0.9, 0.99], dict(weight_decay=0.1)),
     "lion-maximize": ("lion", [0.95, 0.98], dict(maximize=True)),
+    "lion-sign-test": ("lion", [0.9, 0.99], dict(sign_threshold=0.5, maximize=True)),
 }
 
 
@@ -197,10 +208,17 @@ def test_bad_arguments_raise_and_change_nothing(name):
             assert torch.equal(x, y), key
 
 
-def test_a_kernel_without_a_second_moment_refuses_the_sign_test():
-    args = make_args("lion", [0.9, 0.99], torch.float32, sign_threshold=1.0)
-    with pytest.raises(RuntimeError, match=r"kernel 'lion' has no second moment"):
-        OP(**args)
+def test_grad_sq_sums_are_taken_exactly_where_the_sign_test_reads_them():
+    lion = make_args("lion", [0.9, 0.99], torch.float32, sign_threshold=1.0)
+    with pytest.raises(RuntimeError, match=r"kernel 'lion' with sign_threshold 1 takes 3 "
+                                           r"grad_sq_sums .*, got 0"):
+        OP(**dict(lion, grad_sq_sums=[]))
+    with pytest.raises(RuntimeError, match=r"grad_sq_sums\[1\] must have dtype Float"):
+        OP(**dict(lion, grad_sq_sums=[q.double() if i == 1 else q
+                                      for i, q in enumerate(lion["grad_sq_sums"])]))
+    adam = make_args("adam", [0.9, 0.999, 1e-8, 0.0, 0.1], torch.float32, sign_threshold=1.0)
+    with pytest.raises(RuntimeError, match=r"kernel 'adam' with sign_threshold 1 takes 0"):
+        OP(**dict(adam, grad_sq_sums=lion["grad_sq_sums"]))
 
 
 def test_state_errors_name_the_state():

@@ -3,17 +3,20 @@
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD
+from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
 from optim_configs import CONFIGS, grad_sequence, make_params
 
 BACKENDS = ["reference", "foreach"]
 S = 3  # steps per epoch
+PAPER_RULE = {"sign_threshold": 0.0}
 
 
 def _run_signs(signs_per_epoch, backend, **kwargs):
-    """One param of 4 elements; every step of epoch e gets gradient signs_per_epoch[e]."""
+    """One param of 4 elements; every step of epoch e gets gradient signs_per_epoch[e]. The
+    paper's rule unless ``kwargs`` set a sign_threshold."""
     p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    opt = ActiveSGD([p], lr=1e-3, steps_per_epoch=S, momentum=0.0, backend=backend, **kwargs)
+    opt = ActiveSGD([p], lr=1e-3, steps_per_epoch=S, momentum=0.0, backend=backend,
+                    **(PAPER_RULE | kwargs))
     for signs in signs_per_epoch:
         for _ in range(S):
             p.grad = torch.tensor(signs, dtype=torch.float64)
@@ -47,13 +50,14 @@ def test_zero_gradients_shrink(backend):
     torch.testing.assert_close(gain, expected)
 
 
-def _run_adamw_grads(grads_per_epoch, backend, sign_threshold):
-    """ActiveAdamW on one param of 4 elements; epoch e's steps get grads_per_epoch[e][step]
-    (with a constant gradient g, v_hat = g^2 and the epoch sum is S g: the sign test passes
-    exactly when S > sign_threshold^2)."""
+def _run_grads(cls, grads_per_epoch, backend, sign_threshold):
+    """``cls`` on one param of 4 elements; epoch e's steps get grads_per_epoch[e][step]. With a
+    constant gradient g the epoch sum is S g and the noise estimate S g**2 (ActiveAdamW: S v_hat,
+    v_hat = g**2; ActiveSGD and ActiveLion: Q, the sum of g**2): the sign test passes exactly
+    when S > sign_threshold^2."""
     p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    opt = ActiveAdamW([p], lr=1e-6, steps_per_epoch=S, weight_decay=0.0,
-                      sign_threshold=sign_threshold, backend=backend)
+    opt = cls([p], lr=1e-6, steps_per_epoch=S, weight_decay=0.0, sign_threshold=sign_threshold,
+              backend=backend)
     for epoch in grads_per_epoch:
         for grad in epoch:
             p.grad = torch.tensor(grad, dtype=torch.float64)
@@ -63,31 +67,58 @@ def _run_adamw_grads(grads_per_epoch, backend, sign_threshold):
     return opt.state[p]["gain"], opt.state[p]["prev_sign"]
 
 
+SIGN_TESTED = [ActiveAdamW, ActiveSGD, ActiveLion]
+
+
+@pytest.mark.parametrize("cls", SIGN_TESTED, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sign_test_counts_consistent_sums_as_the_paper_does(backend):
+def test_sign_test_counts_consistent_sums_as_the_paper_does(backend, cls):
     persistent = [[[1.0, -2.0, 0.5, -0.1]] * S] * 4
-    gain, _ = _run_adamw_grads(persistent, backend, sign_threshold=1.5)  # S = 3 > 1.5^2
+    gain, _ = _run_grads(cls, persistent, backend, sign_threshold=1.5)  # S = 3 > 1.5^2
     torch.testing.assert_close(gain, torch.full((4,), 1 + 3 * 2.0))
     alternating = [[[1.0, -1.0, 2.0, -3.0]] * S if e % 2 == 0 else [[-1.0, 1.0, -2.0, 3.0]] * S
                    for e in range(4)]
-    gain, _ = _run_adamw_grads(alternating, backend, sign_threshold=1.5)
+    gain, _ = _run_grads(cls, alternating, backend, sign_threshold=1.5)
     torch.testing.assert_close(gain, torch.full((4,), 0.5**3))
 
 
+@pytest.mark.parametrize("cls", SIGN_TESTED, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sign_test_holds_gains_without_evidence(backend):
+def test_sign_test_holds_gains_without_evidence(backend, cls):
     # constant gradients, but an epoch too short for the threshold (S = 3 < 2^2): no sign counts
-    gain, prev_sign = _run_adamw_grads([[[1.0, -2.0, 0.5, -0.1]] * S] * 4, backend, 2.0)
+    gain, prev_sign = _run_grads(cls, [[[1.0, -2.0, 0.5, -0.1]] * S] * 4, backend, 2.0)
     torch.testing.assert_close(gain, torch.ones(4))
     assert (prev_sign == 0).all()
-    # noise around a small mean (+1, -1, +1 each epoch: sum 1, v_hat about 1): the paper's rule
-    # grows every gain, the sign test holds them; zero gradients (a dead unit) are held too,
-    # where the paper halves them each epoch
+    # noise around a small mean (+1, -1, +1 each epoch: sum 1, noise estimate about 3): the
+    # paper's rule grows every gain, the sign test holds them; zero gradients (a dead unit) are
+    # held too, where the paper halves them each epoch
     noise = [[[1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]] * 4
-    paper, _ = _run_adamw_grads(noise, backend, 0.0)
+    paper, _ = _run_grads(cls, noise, backend, 0.0)
     torch.testing.assert_close(paper, torch.tensor([7.0, 7.0, 0.125, 0.125]))
-    tested, _ = _run_adamw_grads(noise, backend, 1.0)
+    tested, _ = _run_grads(cls, noise, backend, 1.0)
     torch.testing.assert_close(tested, torch.ones(4))
+
+
+@pytest.mark.parametrize("cls", [ActiveSGD, ActiveLion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_estimate_is_the_epochs_sum_of_squares(backend, cls):
+    """Q is the sum of g**2 over the epoch that ended, reset at each boundary with G (the
+    boundary reads the previous epoch's, then this step's g**2 starts the next): after a
+    boundary step Q = g**2 of that step. With k = 1.5, G = 5 (4 + 3 - 2) has no sign against
+    Q = 29 (25 <= 2.25 * 29); G = 3 from three 1s has one (9 > 2.25 * 3)."""
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = cls([p], lr=1e-6, steps_per_epoch=3, sign_threshold=1.5, backend=backend,
+              state_precision="full")
+    for grad in ([4.0, 1.0], [3.0, 1.0], [-2.0, 1.0]):
+        p.grad = torch.tensor(grad, dtype=torch.float64)
+        opt.step()
+    state = opt.state[p]
+    assert state["grad_sq_sum"].dtype == torch.float32
+    assert state["grad_sq_sum"].tolist() == [29.0, 3.0] and state["grad_sum"].tolist() == [5.0, 3.0]
+    p.grad = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    opt.step()  # the boundary
+    assert state["prev_sign"].tolist() == [0, 1]
+    assert state["grad_sq_sum"].tolist() == [0.25, 1.0] and state["grad_sum"].tolist() == [0.5, 1.0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,7 +134,7 @@ def test_clamps_hold(backend):
 def test_gain_scales_the_step(backend):
     """In epoch 3 the SGD step is lr * gain * g: the gain really reaches the update."""
     p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = ActiveSGD([p], lr=0.1, steps_per_epoch=1, momentum=0.0, backend=backend)
+    opt = ActiveSGD([p], lr=0.1, steps_per_epoch=1, momentum=0.0, backend=backend, **PAPER_RULE)
     g = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
     for _ in range(2):
         p.grad = g.clone()
@@ -155,15 +186,18 @@ def test_end_epoch_is_rejected_when_the_optimizer_counts_epochs():
         opt.end_epoch()
 
 
+@pytest.mark.parametrize("sign_threshold", [0.0, 1.0])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_missed_boundaries_are_caught_up(backend):
+def test_missed_boundaries_are_caught_up(backend, sign_threshold):
     """A param without grads for a whole epoch gets every missed boundary when it returns,
     exactly as if it had been stepped with zero gradients in between (docs/algorithm.md)."""
     signs = [1.0, -1.0, 2.0]
     skipped = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     zeroed = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt_skip = ActiveSGD([skipped], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend)
-    opt_zero = ActiveSGD([zeroed], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend)
+    kwargs = dict(lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend,
+                  sign_threshold=sign_threshold)
+    opt_skip = ActiveSGD([skipped], **kwargs)
+    opt_zero = ActiveSGD([zeroed], **kwargs)
     for t in range(12):
         absent = 4 <= t < 9  # grads None for 2.5 epochs: three boundaries missed
         g = torch.tensor(signs, dtype=torch.float64)
@@ -176,15 +210,21 @@ def test_missed_boundaries_are_caught_up(backend):
     # the 12th step ended epoch 6; that boundary is pending until the next step
     assert opt_skip.param_groups[0]["boundary_pending"]
     assert opt_skip.state[skipped]["epoch"] == opt_skip.param_groups[0]["epoch"] - 1 == 5
-    # and the gains did move: catch-up applied decreases (the skipped epochs summed to zero)
-    assert (opt_skip.state[skipped]["gain"] < 1).all()
+    if sign_threshold == 0:
+        # the gains did move: catch-up applied decreases (the skipped epochs summed to zero)
+        assert (opt_skip.state[skipped]["gain"] < 1).all()
+    else:  # one increase (epoch 2's sum, G**2 = 4 g**2 > Q = 2 g**2), then zero sums: held
+        assert (opt_skip.state[skipped]["gain"] == 3).all()
+        assert torch.equal(opt_skip.state[skipped]["grad_sq_sum"],
+                           opt_zero.state[zeroed]["grad_sq_sum"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_late_param_first_boundary_only_rolls_over(backend):
     early = torch.zeros(2, requires_grad=True)
     late = torch.zeros(2, requires_grad=True)
-    opt = ActiveSGD([early, late], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend)
+    opt = ActiveSGD([early, late], lr=1e-3, steps_per_epoch=2, momentum=0.0, backend=backend,
+                    **PAPER_RULE)
     for t in range(9):
         early.grad = torch.ones(2)
         late.grad = torch.ones(2) if t >= 4 else None  # first grad in epoch 3
@@ -211,23 +251,25 @@ def test_param_group_added_later_joins_the_clock(backend):
     assert [g["epoch"] for g in opt.param_groups] == [4, 4]
 
 
+@pytest.mark.parametrize("cls", SIGN_TESTED, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("absent_epochs", [(10, 1), (0,)], ids=["epochs-10-then-1", "empty-epoch"])
-def test_missed_boundary_uses_its_own_epochs_length(backend, absent_epochs):
+def test_missed_boundary_uses_its_own_epochs_length(backend, absent_epochs, cls):
     """The sign test of a boundary a param missed compares its sum with the length of the epoch
     that sum belongs to, not with the latest epoch's (manual epochs of 10, 10 and 1 steps; or two
-    end_epoch() in a row, an epoch of length 0): as for a twin stepped with zero gradients."""
+    end_epoch() in a row, an epoch of length 0), and with that epoch's Q: as for a twin stepped
+    with zero gradients."""
     absent = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     zeroed = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = ActiveAdamW([absent, zeroed], lr=1e-3, steps_per_epoch=None, weight_decay=0.0,
-                      sign_threshold=2.0, backend=backend)
+    opt = cls([absent, zeroed], lr=1e-3, steps_per_epoch=None, weight_decay=0.0,
+              sign_threshold=2.0, backend=backend)
 
     def step(g):
         absent.grad = None if g is None else torch.full((1,), g, dtype=torch.float64)
         zeroed.grad = torch.full((1,), 0.0 if g is None else g, dtype=torch.float64)
         opt.step()
 
-    for g in [1.0] * 10:  # a clear sign (G = 10 > 2 * sqrt(10 * 1))
+    for g in [1.0] * 10:  # a clear sign (G = 10 > 2 * sqrt(10 * 1), Q = 10)
         step(g)
     opt.end_epoch()
     for g in [1.0] * 7 + [-1.0] * 3:  # G = 4 < 2 * sqrt(10): no evidence, the gain is held
@@ -247,7 +289,7 @@ def _sgd_gains(precision, backend, epochs, gain_inc=2.0, gain_dec=0.5, flips=Fal
     the third epoch on, alternating with ``flips``, the gains set to ``start`` there)."""
     p = torch.nn.Parameter(torch.zeros(4096))
     opt = ActiveSGD([p], lr=1e-30, momentum=0.0, steps_per_epoch=1, gain_inc=gain_inc,
-                    gain_dec=gain_dec, state_precision=precision, backend=backend)
+                    gain_dec=gain_dec, state_precision=precision, backend=backend, **PAPER_RULE)
     for epoch in range(epochs):
         if start is not None and epoch == 2:
             opt.state[p]["gain"].fill_(start)

@@ -19,7 +19,7 @@ def test_statistics_and_growth_fractions_per_epoch(backend):
     w = torch.nn.Parameter(torch.zeros(6))
     b = torch.nn.Parameter(torch.zeros(2))
     opt = ActiveSGD([("w", w), ("b", b)], lr=1e-3, steps_per_epoch=1, momentum=0.0,
-                    backend=backend)
+                    sign_threshold=0.0, backend=backend)  # the paper's rule
     assert opt.gain_stats() == {}  # no state before the first step
     history = []
     for epoch in range(4):
@@ -40,6 +40,25 @@ def test_statistics_and_growth_fractions_per_epoch(backend):
     assert fourth["grew"] == pytest.approx(4 / 6) and fourth["shrank"] == pytest.approx(2 / 6)
     assert history[2]["b"]["max"] == 1.0 and history[3]["b"]["grew"] == 1.0  # its first update
     assert torch.equal(fourth["gain"], opt.state[w]["gain"])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_growth_fractions_under_the_sign_test_of_sgd(backend):
+    """ActiveSGD's default sign test (k = 2, on the epoch's sum of g**2) over epochs of 5 steps:
+    the 4 elements of a constant gradient pass it and grow, the 2 whose gradient alternates
+    within each epoch (sum 1 of 5 unit steps) are held, neither grown nor shrunk."""
+    w = torch.nn.Parameter(torch.zeros(6))
+    opt = ActiveSGD([("w", w)], lr=1e-3, steps_per_epoch=5, momentum=0.0, backend=backend)
+    history = []
+    for step in range(16):  # the 16th step applies the third boundary
+        w.grad = torch.where(FLIPS, SIGNS * (-1) ** step, SIGNS)
+        opt.step()
+        if step % 5 == 0:
+            history.append(opt.gain_stats(since=history[-1] if history else None))
+    assert "grad_sq_sum" in opt.state[w]
+    last = history[-1]["w"]
+    assert torch.equal(last["gain"], torch.where(FLIPS, 1.0, 5.0))
+    assert last["grew"] == pytest.approx(4 / 6) and last["shrank"] == 0
 
 
 def test_quantiles_are_nearest_rank_and_names_default_to_group_and_index():

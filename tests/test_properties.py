@@ -37,13 +37,15 @@ from optim_configs import device_backends, on_cpu
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # exact comparison in every dtype: the same float32 values added in the same order
-EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum", "epoch", "has_prev_sign", "rounding_seed")
+EXACT_STATE = ("gain", "prev_sign", "step", "grad_sum", "grad_sq_sum", "epoch", "has_prev_sign",
+               "rounding_seed")
 # docs/algorithm.md: the state dtypes of every param dtype (moments: float64 for float64 params)
 FIXED_STATE_DTYPES = {"step": torch.float32, "gain": torch.float32, "grad_sum": torch.float32,
-                      "prev_sign": torch.int8, "epoch": torch.int64, "has_prev_sign": torch.bool}
-# compact state (every dtype but float64): bfloat16 gain and epoch sum, and a rounding seed
+                      "grad_sq_sum": torch.float32, "prev_sign": torch.int8,
+                      "epoch": torch.int64, "has_prev_sign": torch.bool}
+# compact state (every dtype but float64): bfloat16 gain and epoch sums, and a rounding seed
 COMPACT_STATE_DTYPES = dict(FIXED_STATE_DTYPES, gain=torch.bfloat16, grad_sum=torch.bfloat16,
-                            rounding_seed=torch.int64)
+                            grad_sq_sum=torch.bfloat16, rounding_seed=torch.int64)
 
 unit = st.floats(0.0, 1.0)
 gain_options = st.fixed_dictionaries({
@@ -66,7 +68,8 @@ def optimizers(draw):
         nesterov = draw(st.booleans())
         momentum = draw(st.floats(0.05, 0.99) if nesterov else st.one_of(st.just(0.0), unit))
         kwargs.update(lr=draw(st.floats(1e-4, 0.3)), momentum=momentum, nesterov=nesterov,
-                      dampening=0.0 if nesterov else draw(unit))
+                      dampening=0.0 if nesterov else draw(unit),
+                      sign_threshold=draw(st.sampled_from([0.0, 1.0, 2.0])))  # > 0: keeps Q
         return ActiveSGD, kwargs
     kwargs.update(lr=draw(st.floats(1e-4, 0.1)), betas=draw(betas),
                   eps=draw(st.sampled_from([1e-8, 1e-16, 1e-3])),

@@ -59,7 +59,7 @@ def _trajectory(make_opt, steps):
 def test_first_two_epochs_equal_base_optimizer(backend, active_cls, active_kwargs, base_cls, base_kwargs):
     lr = 1e-2
     # the paper's rule, whose first comparison moves gains (the sign test may hold them all)
-    paper_rule = {"sign_threshold": 0.0} if active_cls.spec.second_moment else {}
+    paper_rule = {"sign_threshold": 0.0}
     active, opt = _trajectory(
         lambda ps: active_cls(ps, lr=lr, steps_per_epoch=STEPS_PER_EPOCH, backend=backend,
                               **paper_rule, **active_kwargs),

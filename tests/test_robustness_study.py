@@ -70,7 +70,8 @@ def test_criteria_d_and_k_on_hand_made_results():
     assert capped["worst_d"] == pytest.approx(-2.0) and capped["failing_d"] == 1
     assert capped["pooled_k"] == pytest.approx((0.65 + 0.40) / 1.10)
 
-    # sign_threshold is no SGD keyword: SGD's rows are base and paper only
+    # the second moment's sign test (k=...) is the Adam family's: SGD's rows are base and paper
+    # (the only SGD results here)
     assert {r["candidate"] for r in table if r["family"] == "SGD"} == {"base", "paper"}
     sgd = _entry(table, "SGD", "paper")
     assert sgd["d_cells"] == 2 and sgd["worst_d"] == pytest.approx(-55.0)

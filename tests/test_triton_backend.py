@@ -41,9 +41,10 @@ if INTERPRETED or HAS_CUDA:
     from adaptive_lr import kernels
     from adaptive_lr.kernels import launch
 
-# One config per optimizer, with the options that change the kernel's code path.
+# One config per optimizer, with the options that change the kernel's code path (SGD's: nesterov,
+# and the sign test on its own grad_sq_sum row).
 REPRESENTATIVE = [
-    config("nesterov", cls=ActiveSGD),
+    config("nesterov", "grad_sq_sum", cls=ActiveSGD),
     config("amsgrad", cls=ActiveAdamW),
     config("both_rectify_branches", cls=ActiveRAdam),  # both sides of rho_t > 5
     config("amsgrad", "clamps", cls=ActiveAdaBelief),
@@ -179,9 +180,11 @@ def test_a_wrong_hyperparameter_vector_or_update_is_refused():
         kernels.active_step("adamw", rows, [0.9, 0.999, 1e-8], **args)
     with pytest.raises(ValueError, match="no update 'adamx'"):
         kernels.active_step("adamx", rows, [0.9, 0.999, 1e-8, 0.0], **args)
-    with pytest.raises(ValueError, match="lion has no second moment for the sign test"):
+    with pytest.raises(ValueError, match="lion with sign_threshold 1.0 takes grad_sq_sums"):
         kernels.active_step("lion", rows[:7], [0.9, 0.99],
                             **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0)))
+    with pytest.raises(ValueError, match="lion with sign_threshold 0.0 takes no grad_sq_sums"):
+        kernels.active_step("lion", rows[:7], [0.9, 0.99], grad_sq_sums=[torch.zeros(3)], **args)
     assert torch.equal(p, torch.zeros(3)) and rows[5][0].item() == 0  # nothing ran
 
 
@@ -237,7 +240,8 @@ def test_odd_sizes_and_multi_chunk_tensors(config, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compact_state_is_the_reference_bit_for_bit(config, dtype):
     """Compact state: the kernel draws the reference's rounding bits, also past the first chunk
-    (the element index counts from the tensor's start) and at boundaries."""
+    (the element index counts from the tensor's start) and at boundaries; for the epoch's sum
+    of g**2 too, under its own key."""
     chunk = launch.CHUNK
     ref_opt, out_opt = _compare(config, [(17,), (chunk + 3,), ()], dtype, steps=5,
                                 skip={(2, 0)}, state_precision="compact")
@@ -245,6 +249,10 @@ def test_compact_state_is_the_reference_bit_for_bit(config, dtype):
         assert s_out["grad_sum"].dtype == torch.bfloat16
         assert torch.equal(s_ref["grad_sum"], s_out["grad_sum"])
         assert torch.equal(s_ref["gain"], s_out["gain"])
+        assert s_ref.keys() == s_out.keys()
+        if "grad_sq_sum" in s_ref:
+            assert s_out["grad_sq_sum"].dtype == torch.bfloat16
+            assert torch.equal(s_ref["grad_sq_sum"], s_out["grad_sq_sum"])
 
 
 @interpreter
@@ -494,11 +502,11 @@ for arch, spec, dtype, boundary, flags in VARIANTS:
     ct = tl.float64 if dtype == "fp64" else tl.float32
     update = UPDATES[spec.kernel]
     n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
-    # flags on: the sign test too, where the update has a second moment; low-precision params
-    # compile with compact state, the others with full state
+    # flags on: the sign test too (on the second moment, or on grad_sq_sum for an update
+    # without one); low-precision params compile with compact state, the others with full state
     constants = dict(UPDATE=update.function, N_HYPER=len(update.hyper), N_STATE=n_state,
-                     BOUNDARY=boundary, MOMENT=update.second_moment or 0,
-                     SIGN_TEST=flags and update.second_moment is not None,
+                     BOUNDARY=boundary, MOMENT=update.second_moment or 0, SIGN_TEST=flags,
+                     GRAD_SQ=flags and update.second_moment is None,
                      COMPACT=dtype in ("bf16", "fp16"), MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                      HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
                      ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,

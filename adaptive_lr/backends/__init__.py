@@ -9,7 +9,9 @@ import warnings
 
 import torch
 
-from .bucket import Boundary, Bucket, GainRule, sign_test_floor, state_dtype
+from .bucket import (
+    Boundary, Bucket, GainRule, grad_sq_sum_floor, sign_test_floor, state_dtype,
+)
 from .reference import apply_boundary
 
 # Names in order of preference for "auto" (fastest first); "reference" is never auto's choice.
@@ -18,7 +20,7 @@ NAMES = ("reference", "foreach", "cpu", "cuda", "triton")
 ENV_VARIABLE = "ADAPTIVE_LR_BACKEND"  # overrides "auto"
 
 __all__ = ["Boundary", "Bucket", "GainRule", "NAMES", "apply_boundary", "available_backends",
-           "sign_test_floor",
+           "grad_sq_sum_floor", "sign_test_floor",
            "resolve", "state_dtype"]
 
 

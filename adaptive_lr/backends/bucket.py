@@ -8,23 +8,27 @@ index ``i`` of the bucket, exactly the per-element step of docs/algorithm.md:
    ``ROLL``   prev_sign <- sign(grad_sum); grad_sum <- 0
    ``UPDATE`` gain <- clamp(gain + gain_inc if prev_sign * sign(grad_sum) > 0 else gain * gain_dec,
                             min_gain, max_gain); then as ROLL
-   With the sign test (``sign_threshold`` k > 0, the Adam family), an element's sign(grad_sum)
-   counts only where grad_sum**2 > k**2 * epoch_steps * v / (1 - beta2**step) (v its second
-   moment, step its count, both before this step), else it is 0; and a gain whose signs'
-   product is 0 is held instead of decreased (docs/algorithm.md, "The sign test").
+   With the sign test (``sign_threshold`` k > 0), an element's sign(grad_sum) counts only where
+   grad_sum**2 > k**2 * epoch_steps * v / (1 - beta2**step) (the Adam family: v its second
+   moment, step its count, both before this step), or grad_sum**2 > k**2 * grad_sq_sum (an
+   optimizer without a second moment), else it is 0; and a gain whose signs' product is 0 is
+   held instead of decreased (docs/algorithm.md, "The sign test"). ``grad_sq_sums`` is reset
+   with grad_sum.
    The boundary is applied even when ``found_inf`` is set (it never reads this step's gradient).
 2. if ``found_inf`` is given and non-zero: nothing else (no accumulation, no update, step unchanged);
 3. g = grad / grad_scale (if given), negated when ``maximize``; grad_sum += g (float32);
-   step += 1;
+   grad_sq_sum += g32 * g32 (g32 the float32 value grad_sum adds; the product and the sum each
+   rounded once, in float32); step += 1;
 4. the base optimizer's update of param and its state with the per-element lr ``lr * gain``:
    ``bucket.spec`` (the optimizer's one definition, adaptive_lr/optim/spec.py) says how, for
    every backend, with ``bucket.hyper`` its typed hyperparameter record.
 
-State dtypes: gain and grad_sum float32, prev_sign int8, step a float32 0-dim tensor on the
-param's device; moments float64 for float64 params, else float32 (also for bf16/fp16 params,
-whose math runs in float32). Compact state (``rounding_seeds`` given; not for float64 params):
-gain and grad_sum bfloat16; a new gain is rounded to nearest after its clamp, and in step 3
-grad_sum <- bfloat16_stochastic(float32(grad_sum) + g) with the param's rounding key
+State dtypes: gain, grad_sum and grad_sq_sum float32, prev_sign int8, step a float32 0-dim
+tensor on the param's device; moments float64 for float64 params, else float32 (also for
+bf16/fp16 params, whose math runs in float32). Compact state (``rounding_seeds`` given; not for
+float64 params): gain, grad_sum and grad_sq_sum bfloat16; a new gain is rounded stochastically
+after its clamp, and in step 3 grad_sum <- bfloat16_stochastic(float32(grad_sum) + g) with the
+param's rounding key, grad_sq_sum likewise with grad_sq_sum_key(key)
 (adaptive_lr/backends/rounding.py).
 """
 
@@ -49,8 +53,8 @@ class Boundary(enum.IntEnum):
 
 @dataclass(frozen=True)
 class GainRule:
-    """The epoch boundary's arguments. ``sign_threshold`` k > 0 turns the sign test on (the
-    Adam family only: it needs a second moment); 0 is the paper's rule."""
+    """The epoch boundary's arguments. ``sign_threshold`` k > 0 turns the sign test on; 0 is the
+    paper's rule."""
 
     gain_inc: float
     gain_dec: float
@@ -74,11 +78,15 @@ def sign_test_factor(rule: GainRule, epoch_steps: int, beta2: float, step: float
 
 
 def sign_test_floors(bucket: "Bucket", steps: list[float]) -> list[Tensor] | None:
-    """Per tensor of the bucket, factor * v: where grad_sum**2 exceeds it the sum's sign counts.
-    ``steps``: the tensors' step counts before this step. None when the sign test is off."""
+    """Per tensor of the bucket, the sum's noise floor: where grad_sum**2 exceeds it the sum's
+    sign counts. ``steps``: the tensors' step counts before this step. None when the sign test
+    is off."""
     rule = bucket.hyper.gain_rule()
     if rule.sign_threshold == 0:
         return None
+    if bucket.grad_sq_sums is not None:
+        compute = state_dtype(bucket.dtype)
+        return [grad_sq_sum_floor(q, rule, compute) for q in bucket.grad_sq_sums]
     beta2 = bucket.hyper.betas[1]
     return [sign_test_floor(v, step, rule, bucket.epoch_steps, beta2)
             for v, step in zip(bucket.state[bucket.spec.second_moment], steps)]
@@ -88,6 +96,12 @@ def sign_test_floor(v: Tensor, step: float, rule: GainRule, epoch_steps: int,
                     beta2: float) -> Tensor:
     """One tensor's factor * v (v its second moment, ``step`` its count before this step)."""
     return v * sign_test_factor(rule, epoch_steps, beta2, step)
+
+
+def grad_sq_sum_floor(grad_sq_sum: Tensor, rule: GainRule, compute: torch.dtype) -> Tensor:
+    """The noise floor of an optimizer without a second moment: k**2 * Q (Q the epoch's sum of
+    g**2, the same g as grad_sum's), in the compute dtype as the kernels compare."""
+    return grad_sq_sum.to(compute) * (rule.sign_threshold * rule.sign_threshold)
 
 
 @dataclass
@@ -108,6 +122,9 @@ class Bucket:
     epoch_steps: int = 0
     # compact state (bfloat16 gain and grad_sum): each param's rounding seed; None: float32
     rounding_seeds: list[int] | None = None
+    # the sign test of an optimizer without a second moment (spec.keeps_grad_sq_sum): each
+    # param's Q, of grad_sum's dtype; None: not kept
+    grad_sq_sums: list[Tensor] | None = None
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
     device: torch.device = field(init=False)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
 from .rounding import (
-    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, rounding_key,
+    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, grad_sq_sum_key, rounding_key,
 )
 
 
@@ -24,7 +24,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tensor],
                    prev_signs: list[Tensor], rule: GainRule, floors: list[Tensor] | None = None,
-                   roundings: list[tuple[int, Tensor]] | None = None) -> None:
+                   roundings: list[tuple[int, Tensor]] | None = None,
+                   grad_sq_sums: list[Tensor] | None = None) -> None:
     """The epoch boundary of a list of params (reference.apply_boundary's, with foreach ops)."""
     signs = torch._foreach_sign(grad_sums)
     if floors is not None:  # the sign test: 1 where the sum is significant, else 0
@@ -62,6 +63,19 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
     for prev_sign, sign in zip(prev_signs, signs):
         prev_sign.copy_(sign)
     torch._foreach_zero_(grad_sums)
+    if grad_sq_sums is not None:
+        torch._foreach_zero_(grad_sq_sums)
+
+
+def _accumulate(totals: list[Tensor], values: list[Tensor],
+                roundings: list[tuple[int, Tensor]] | None) -> None:
+    """totals += values in float32; compact (bfloat16) totals are rounded stochastically."""
+    if roundings is None:
+        torch._foreach_add_(totals, values)
+        return
+    sums = torch._foreach_add([t.float() for t in totals], values)
+    for total, value, rounding in zip(totals, sums, roundings):
+        total.copy_(bfloat16_stochastic(value, *rounding))
 
 
 def step(bucket: Bucket) -> None:
@@ -77,7 +91,7 @@ def step(bucket: Bucket) -> None:
     if bucket.boundary != Boundary.NONE:
         floors = sign_test_floors(bucket, before)
         apply_boundary(bucket.boundary, bucket.gains, bucket.grad_sums, bucket.prev_signs,
-                       h.gain_rule(), floors, roundings)
+                       h.gain_rule(), floors, roundings, bucket.grad_sq_sums)
     if bucket.found_inf is not None and bool(bucket.found_inf.item()):
         return
     compute = state_dtype(bucket.dtype)
@@ -88,12 +102,11 @@ def step(bucket: Bucket) -> None:
     if h.maximize:
         g = torch._foreach_neg(g)
     g32 = g if compute == torch.float32 else [x.float() for x in g]
-    if bucket.rounding_seeds is None:
-        torch._foreach_add_(bucket.grad_sums, g32)
-    else:  # compact: the float32 sums, rounded stochastically to bfloat16
-        sums = torch._foreach_add([s.float() for s in bucket.grad_sums], g32)
-        for grad_sum, total, rounding in zip(bucket.grad_sums, sums, roundings):
-            grad_sum.copy_(bfloat16_stochastic(total, *rounding))
+    _accumulate(bucket.grad_sums, g32, roundings)
+    if bucket.grad_sq_sums is not None:  # the product and the sum each rounded once (no FMA)
+        sq_roundings = None if roundings is None else [
+            (grad_sq_sum_key(key), index) for key, index in roundings]
+        _accumulate(bucket.grad_sq_sums, torch._foreach_mul(g32, g32), sq_roundings)
     low_precision = bucket.dtype != compute
     theta = [p.detach().to(compute) for p in bucket.params]
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

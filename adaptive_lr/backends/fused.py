@@ -24,6 +24,7 @@ def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
         grads=bucket.grads,
         gains=bucket.gains,
         grad_sums=bucket.grad_sums,
+        grad_sq_sums=bucket.grad_sq_sums or [],
         prev_signs=bucket.prev_signs,
         steps=bucket.steps,
         # state-major: state k of tensor i at k * len(params) + i

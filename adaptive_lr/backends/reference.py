@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
 from .rounding import (
-    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, rounding_key,
+    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, grad_sq_sum_key, rounding_key,
 )
 
 
@@ -22,11 +22,12 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign: Tensor,
                    rule: GainRule, floor: Tensor | None = None,
-                   rounding: tuple[int, Tensor] | None = None) -> None:
+                   rounding: tuple[int, Tensor] | None = None,
+                   grad_sq_sum: Tensor | None = None) -> None:
     """The epoch-boundary update of one param's gain and sign state (docs/algorithm.md, "The
-    gain rule"). ``floor``: the sign test's factor * v (bucket.sign_test_floors), given exactly
+    gain rule"). ``floor``: the sign test's noise floor (bucket.sign_test_floors), given exactly
     when ``rule.sign_threshold`` > 0. ``rounding``: a compact (bfloat16) gain's rounding key
-    and element indices."""
+    and element indices. ``grad_sq_sum``: reset with grad_sum, where the param keeps one."""
     if boundary == Boundary.NONE:
         return
     sign = torch.sign(grad_sum)
@@ -47,6 +48,17 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
         gain.copy_(new_gain)
     prev_sign.copy_(sign)
     grad_sum.zero_()
+    if grad_sq_sum is not None:
+        grad_sq_sum.zero_()
+
+
+def _accumulate(total: Tensor, value: Tensor, rounding: tuple[int, Tensor] | None) -> None:
+    """total += value in float32; a compact (bfloat16) total is rounded stochastically with
+    ``rounding``'s key and element indices."""
+    if rounding is None:
+        total.add_(value)
+    else:
+        total.copy_(bfloat16_stochastic(total.float() + value, *rounding))
 
 
 def step(bucket: Bucket) -> None:
@@ -58,12 +70,14 @@ def step(bucket: Bucket) -> None:
         floors = sign_test_floors(bucket, [step.item() for step in bucket.steps])
     for i, param in enumerate(bucket.params):
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
-        rounding = None
+        grad_sq_sum = None if bucket.grad_sq_sums is None else bucket.grad_sq_sums[i]
+        rounding = sq_rounding = None
         if bucket.rounding_seeds is not None:  # the key of this step (even a skipped one)
             key = rounding_key(bucket.rounding_seeds[i], bucket.steps[i] + 1)
             rounding = (key, element_index(param))
+            sq_rounding = (grad_sq_sum_key(key), rounding[1])
         apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
-                       None if floors is None else floors[i], rounding)
+                       None if floors is None else floors[i], rounding, grad_sq_sum)
         if skip:
             continue
         bucket.steps[i].add_(1)
@@ -72,10 +86,10 @@ def step(bucket: Bucket) -> None:
             g = g / bucket.grad_scale.to(compute)
         if h.maximize:
             g = -g
-        if bucket.rounding_seeds is None:
-            grad_sum.add_(g.float())
-        else:  # compact: the float32 sum, rounded stochastically to bfloat16
-            grad_sum.copy_(bfloat16_stochastic(grad_sum.float() + g.float(), *rounding))
+        g32 = g.float()
+        _accumulate(grad_sum, g32, rounding)
+        if grad_sq_sum is not None:  # the product and the sum each rounded once (no FMA)
+            _accumulate(grad_sq_sum, g32 * g32, sq_rounding)
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

@@ -1,8 +1,8 @@
 """Compact state's roundings, in torch ops, for the reference and foreach backends: the same
-functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``,
+functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``, ``grad_sq_sum_key``,
 ``bfloat16_stochastic``, ``bfloat16_stochastic_gain``) and the Triton kernel, so every backend
-draws the same bits and stores the same bfloat16 grad_sum and gain (docs/algorithm.md, "Compact
-state"); a NaN sum stays NaN, with the
+draws the same bits and stores the same bfloat16 grad_sum, grad_sq_sum and gain
+(docs/algorithm.md, "Compact state"); a NaN sum stays NaN, with the
 bit pattern torch's conversion gives it.
 
 The 32-bit hash runs on int64 tensors holding unsigned 32-bit values; a product is split into
@@ -58,6 +58,17 @@ _CATCH_UP_SALT = 0x5BD1E995
 
 def catch_up_key(seed: int, step: float) -> int:
     return rounding_key(seed ^ _CATCH_UP_SALT, step)
+
+
+# A compact grad_sq_sum is rounded with draws of its own, from the step's key salted and hashed
+# again: bits independent of the grad_sum's and the gain's under that key.
+_GRAD_SQ_SUM_SALT = 0x9E3779B9
+
+
+def grad_sq_sum_key(key: int | Tensor) -> int | Tensor:
+    """The key of a compact grad_sq_sum's stochastic rounding (math.h's grad_sq_sum_key), from
+    its param's rounding key for the step (an int, or a 0-dim tensor: not modified)."""
+    return mix32(key ^ _GRAD_SQ_SUM_SALT)
 
 
 def element_index(t: Tensor) -> Tensor:

@@ -98,17 +98,20 @@ def step(bucket: Bucket) -> None:
     rows = [bucket.params, bucket.grads, bucket.gains, bucket.grad_sums, bucket.prev_signs,
             bucket.steps]
     rows += [bucket.state[key] for key in spec.state_keys(h)]
+    if bucket.grad_sq_sums is not None:  # laid out with the others, then handed over apart
+        rows.append(bucket.grad_sq_sums)
     contiguous = all(t.is_contiguous() for row in rows for t in row)
     # the kernel indexes every tensor as a flat array: other layouts run on copies
     rows, writeback = (rows, ()) if contiguous else layout.flat_rows(
         rows, kernels.ROWS.index("grad"), (kernels.ROWS.index("step"),))
+    grad_sq_sums = None if bucket.grad_sq_sums is None else rows.pop()
     kernels.active_step(
         spec.kernel, rows, spec.kernel_hyper(h),
         lr=lr_tensor(h.lr, bucket.params[0]),
         weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
         gain_rule=dataclasses.astuple(h.gain_rule()), epoch_steps=bucket.epoch_steps,
         maximize=h.maximize, boundary=int(bucket.boundary), contiguous=contiguous,
-        rounding_seeds=bucket.rounding_seeds,
+        rounding_seeds=bucket.rounding_seeds, grad_sq_sums=grad_sq_sums,
         grad_scale=bucket.grad_scale, found_inf=bucket.found_inf,
     )
     for original, copy in writeback:

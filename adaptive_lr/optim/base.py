@@ -16,10 +16,12 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .. import backends
-from ..backends import Boundary, Bucket, GainRule, sign_test_floor, state_dtype
+from ..backends import (
+    Boundary, Bucket, GainRule, grad_sq_sum_floor, sign_test_floor, state_dtype,
+)
 from ..backends.rounding import catch_up_key, element_index
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
+    BOOKKEEPING_KEYS, CLOCK_KEYS, GRAD_SQ_SUM, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
     check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
 )
 from .spec import OptimizerSpec, check
@@ -44,14 +46,23 @@ GAIN_ARGS_DOC = """
 
 STATE_PRECISIONS = ("full", "compact")
 
-# The Adam family's default sign test (docs/algorithm.md, "The sign test"), chosen by the study of
-# docs/RESULTS.md §3; 0 is the paper's rule.
+# The default sign tests (docs/algorithm.md, "The sign test"); 0 is the paper's rule. The Adam
+# family's (on its second moment) was chosen by the study of docs/RESULTS.md §3; SGD's and Lion's
+# (on the epoch's sum of g**2) by §5.
 DEFAULT_SIGN_THRESHOLD = 2.0
+DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD = 2.0
 
 SIGN_TEST_DOC = """    sign_threshold (float): the sign test: an element's epoch sum G counts as a sign only where
         |G| > sign_threshold * sqrt(steps_in_epoch * v_hat) (v_hat: the bias-corrected second
         moment), and a gain with no counted sign to compare is held, not decreased. 0: the
         paper's rule (every nonzero sum counts; a zero product decreases the gain).
+"""
+
+NOISE_TEST_DOC = """    sign_threshold (float): the sign test: an element's epoch sum G counts as a sign only where
+        G**2 > sign_threshold**2 * Q (Q: the epoch's sum of g**2, kept as ``grad_sq_sum`` while
+        the test is on: 4 more bytes per param, 2 with compact state), and a gain with no counted
+        sign to compare is held, not decreased. 0: the paper's rule (every nonzero sum counts; a
+        zero product decreases the gain), with no Q.
 """
 
 
@@ -176,6 +187,19 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
 
+    def _grad_sq_sum(self, p: Tensor, kept: bool) -> Tensor | None:
+        """Param p's Q where its group keeps one (``spec.keeps_grad_sq_sum``), else None. The
+        sign test may be switched on mid-run: Q then starts at 0, and the first boundary tests
+        the epoch's sum against the Q of the steps since. Switched off, Q is dropped (one kept
+        would be stale when the test comes back)."""
+        state = self.state[p]
+        if not kept:
+            state.pop(GRAD_SQ_SUM, None)
+            return None
+        if GRAD_SQ_SUM not in state:
+            state[GRAD_SQ_SUM] = torch.zeros_like(p, dtype=self._sign_state_dtype(p))
+        return state[GRAD_SQ_SUM]
+
     # ---- step ---------------------------------------------------------------------------
 
     def _params_with_grad(self) -> list[tuple[dict, list[Tensor]]]:
@@ -228,6 +252,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
                 self._init_state(p, group, keys, seeds)
+                self._grad_sq_sum(p, self.spec.keeps_grad_sq_sum(hyper))
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
                 bucket = self._make_bucket(group, hyper, keys, bucket_params, boundary,
@@ -241,15 +266,19 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         hyper = self.spec.record(group)
         rule = hyper.gain_rule()
         state = self.state[p]
+        grad_sq_sum = self._grad_sq_sum(p, self.spec.keeps_grad_sq_sum(hyper))
         floor = None
-        if rule.sign_threshold != 0:
+        if grad_sq_sum is not None:
+            grad_sq_sum = _local(grad_sq_sum)
+            floor = grad_sq_sum_floor(grad_sq_sum, rule, state_dtype(p.dtype))
+        elif rule.sign_threshold != 0:
             floor = sign_test_floor(_local(state[self.spec.second_moment]), state["step"].item(),
                                     rule, group["epoch_steps"], hyper.betas[1])
         rounding = None
         if "rounding_seed" in state:  # compact: drawn under a key of its own (no step's)
             rounding = (catch_up_key(int(state["rounding_seed"]), state["step"].item()),
                         element_index(_local(p)))
-        return (*(_local(state[k]) for k in SIGN_KEYS), rule, floor, rounding)
+        return (*(_local(state[k]) for k in SIGN_KEYS), rule, floor, rounding, grad_sq_sum)
 
     def _make_bucket(self, group, hyper, keys, params, boundary, grad_scale,
                      found_inf) -> Bucket:
@@ -270,6 +299,8 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             # a bucket holds one dtype: all of its params keep compact state, or none
             rounding_seeds=([int(s["rounding_seed"]) for s in states] if self._compact(params[0])
                             else None),
+            grad_sq_sums=([_local(s[GRAD_SQ_SUM]) for s in states]
+                          if self.spec.keeps_grad_sq_sum(hyper) else None),
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
         )
@@ -494,8 +525,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         base_keys = set(self.spec.state)
         required = (set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS)
                     | (base_keys - {self.spec.amsgrad_state}))
+        # Q, where the sign test reads one: a step creates or drops it as the group's test says
+        optional = base_keys | {"rounding_seed"} | (
+            {GRAD_SQ_SUM} if self.spec.second_moment is None else set())
         missing = required - set(saved)
-        unexpected = set(saved) - required - base_keys - {"rounding_seed"}
+        unexpected = set(saved) - required - optional
         check(
             not missing and not unexpected,
             f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
@@ -519,13 +553,19 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             loaded["rounding_seed"] = (torch.tensor(seed) if "rounding_seed" in saved
                                        else seeds.of(p))
         sign_dtype = self._sign_state_dtype(p)
-        dtypes = {"gain": sign_dtype, "grad_sum": sign_dtype, "prev_sign": torch.int8}
+        dtypes = {"gain": sign_dtype, "grad_sum": sign_dtype, GRAD_SQ_SUM: sign_dtype,
+                  "prev_sign": torch.int8}
         for key, value in saved.items():
             if key in BOOKKEEPING_KEYS or key == "rounding_seed":
                 continue
             if key == "step" and isinstance(value, numbers.Real):  # saved by an older torch
                 value = torch.tensor(float(value))
             check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
+            check(
+                key == "prev_sign" or value.is_floating_point(),
+                f"{name}: state {key!r} of param {param_id} has dtype {value.dtype}, expected a "
+                "floating-point tensor",
+            )
             shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
             check(
                 shape_ok,

@@ -24,6 +24,9 @@ CLOCK_KEYS = ("epoch", "steps_in_epoch", "boundary_pending", "epoch_steps")
 BOOKKEEPING_KEYS = ("epoch", "has_prev_sign")
 BOOKKEEPING_DTYPES = {"epoch": torch.int64, "has_prev_sign": torch.bool}
 SIGN_KEYS = ("gain", "grad_sum", "prev_sign")
+# The sign test's epoch sum of g**2 (Q), of grad_sum's dtype, kept while the test of an optimizer
+# without a second moment is on; reset with grad_sum.
+GRAD_SQ_SUM = "grad_sq_sum"
 GAIN_KEYS = ("gain_inc", "gain_dec", "min_gain", "max_gain")
 
 
@@ -87,9 +90,10 @@ def check_steps_per_epoch(steps_per_epoch) -> None:
 
 
 def upgrade_saved_group(saved: dict, defaults: dict) -> None:
-    """A param group saved by an earlier version, completed in place: versions up to 0.1.0 had no
-    sign test (its rule is the paper's, sign_threshold 0) and no epoch_steps (which only the
-    sign test reads)."""
+    """A param group saved by an earlier version, completed in place: one without a sign test
+    (any optimizer up to 0.1.0; ActiveSGD and ActiveLion until they had one) resumes with the
+    rule it was saved with, the paper's (sign_threshold 0); versions up to 0.1.0 had no
+    epoch_steps either (which only the sign test reads)."""
     if "sign_threshold" in defaults:
         saved.setdefault("sign_threshold", 0.0)
     saved.setdefault("epoch_steps", 0)

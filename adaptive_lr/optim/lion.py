@@ -4,12 +4,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import GAIN_ARGS_DOC, ActiveOptimizer
-from .spec import GainHyper, OptimizerSpec, check
+from .base import (
+    DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, GAIN_ARGS_DOC, NOISE_TEST_DOC, ActiveOptimizer,
+)
+from .spec import OptimizerSpec, SignTestHyper, check
 
 
 @dataclass(frozen=True)
-class LionHyper(GainHyper):
+class LionHyper(SignTestHyper):
     betas: tuple[float, float]
 
     def validate(self) -> None:
@@ -59,14 +61,15 @@ class ActiveLion(ActiveOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr, betas, weight_decay: as in ``lion_pytorch.Lion`` (lr 1e-4, betas (0.9, 0.99));
-            weight decay is not scaled by the gain.""" + GAIN_ARGS_DOC
+            weight decay is not scaled by the gain.""" + GAIN_ARGS_DOC + NOISE_TEST_DOC
 
     spec = LION
 
     def __init__(self, params, lr=1e-4, *, steps_per_epoch, betas=(0.9, 0.99), weight_decay=0.0,
                  gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=float("inf"),
-                 maximize=False, backend="auto", state_precision="compact"):
+                 sign_threshold=DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, maximize=False, backend="auto",
+                 state_precision="compact"):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, gain_inc=gain_inc,
                         gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain,
-                        maximize=maximize)
+                        maximize=maximize, sign_threshold=sign_threshold)
         super().__init__(params, defaults, steps_per_epoch, backend, state_precision)

@@ -4,12 +4,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import GAIN_ARGS_DOC, ActiveOptimizer
-from .spec import BaseOptimizer, GainHyper, OptimizerSpec, check
+from .base import (
+    DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, GAIN_ARGS_DOC, NOISE_TEST_DOC, ActiveOptimizer,
+)
+from .spec import BaseOptimizer, OptimizerSpec, SignTestHyper, check
 
 
 @dataclass(frozen=True)
-class SgdHyper(GainHyper):
+class SgdHyper(SignTestHyper):
     momentum: float
     dampening: float
     nesterov: bool
@@ -77,14 +79,16 @@ class ActiveSGD(ActiveOptimizer):
         dampening, nesterov: as in ``torch.optim.SGD``, except that dampening also applies
             with ``momentum=0`` (the buffer is then ``(1 - dampening) * g``).
         weight_decay (float): decoupled, as above (``torch.optim.SGD`` adds it to the
-            gradient as an L2 term).""" + GAIN_ARGS_DOC
+            gradient as an L2 term).""" + GAIN_ARGS_DOC + NOISE_TEST_DOC
 
     spec = SGD
 
     def __init__(self, params, lr, steps_per_epoch, momentum=0.9, dampening=0.0, nesterov=False,
                  weight_decay=0.0, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
-                 max_gain=float("inf"), maximize=False, backend="auto", state_precision="compact"):
+                 max_gain=float("inf"), maximize=False, backend="auto", state_precision="compact",
+                 sign_threshold=DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, gain_inc=gain_inc, gain_dec=gain_dec,
-                        min_gain=min_gain, max_gain=max_gain, maximize=maximize)
+                        min_gain=min_gain, max_gain=max_gain, maximize=maximize,
+                        sign_threshold=sign_threshold)
         super().__init__(params, defaults, steps_per_epoch, backend, state_precision)

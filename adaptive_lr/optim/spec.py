@@ -62,13 +62,24 @@ class GainHyper:
 
 
 @dataclass(frozen=True)
-class AdamHyper(GainHyper):
-    """The Adam family's moments, ``betas`` and ``eps``, and the sign test they make possible
-    (``sign_threshold``, docs/algorithm.md)."""
+class SignTestHyper(GainHyper):
+    """The sign test (``sign_threshold`` k > 0, docs/algorithm.md "The sign test"): an epoch sum
+    counts as a sign only where it stands out of the gradient's noise, measured by the second
+    moment of an optimizer that has one (``OptimizerSpec.second_moment``), else by the epoch's
+    sum of g**2 (state ``grad_sq_sum``). 0 is the paper's rule; check_gain_args validates it."""
+
+    sign_threshold: float
+
+    def gain_rule(self) -> GainRule:
+        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
+
+
+@dataclass(frozen=True)
+class AdamHyper(SignTestHyper):
+    """The Adam family's moments, ``betas`` and ``eps``."""
 
     betas: tuple[float, float]
     eps: float
-    sign_threshold: float
 
     def validate(self) -> None:
         super().validate()
@@ -76,9 +87,6 @@ class AdamHyper(GainHyper):
         check(0 <= beta1 < 1, f"Invalid beta parameter at index 0: {beta1}")
         check(0 <= beta2 < 1, f"Invalid beta parameter at index 1: {beta2}")
         check(self.eps >= 0, f"Invalid epsilon value: {self.eps}")
-
-    def gain_rule(self) -> GainRule:
-        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,8 @@ class OptimizerSpec:
     whether every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False:
     the update uses weight_decay itself, as Adam's L2 term). ``second_moment``: the state key of
     the second moment the sign test compares an epoch's sum with (its record then has
-    ``betas`` and ``sign_threshold``); None: no sign test."""
+    ``betas``); None: the sign test reads the epoch's sum of g**2 instead (``grad_sq_sum``,
+    kept while the test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``."""
 
     kernel: str
     hyper: type[GainHyper]
@@ -130,3 +139,8 @@ class OptimizerSpec:
     def state_keys(self, h: GainHyper) -> tuple[str, ...]:
         """The state keys a group with record ``h`` uses, in the kernels' order."""
         return tuple(k for k in self.state if k != self.amsgrad_state or h.amsgrad)
+
+    def keeps_grad_sq_sum(self, h: GainHyper) -> bool:
+        """Whether a group with record ``h`` keeps ``grad_sq_sum`` (Q, the epoch's sum of g**2):
+        its sign test is on and it has no second moment to measure the noise with."""
+        return self.second_moment is None and h.gain_rule().sign_threshold > 0

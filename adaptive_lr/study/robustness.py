@@ -108,18 +108,28 @@ HELDOUT_TASKS = ("resmlp", "sorter")
 
 # ---------------------------------------------------------------------------------- candidates
 
-# candidate -> the Active optimizer's gain-rule keywords (None: the base optimizer)
+# candidate -> the Active optimizer's gain-rule keywords (None: the base optimizer). The paper's
+# rule and its variants say sign_threshold=0: every optimizer's default is the sign test now.
+PAPER_RULE = {"sign_threshold": 0.0}
 CANDIDATES = {
     "base": None,
-    "paper": {},
-    "max_gain=10": {"max_gain": 10.0},
-    "gain_inc=0.5": {"gain_inc": 0.5},
+    "paper": PAPER_RULE,
+    "max_gain=10": {"max_gain": 10.0, **PAPER_RULE},
+    "gain_inc=0.5": {"gain_inc": 0.5, **PAPER_RULE},
     "k=1": {"sign_threshold": 1.0},
     "k=2": {"sign_threshold": 2.0},
     "k=3": {"sign_threshold": 3.0},
+    # issue 21 (docs/RESULTS.md §5): SGD and Lion, the sign test on the epoch's sum of g**2
+    "sq-k=1": {"sign_threshold": 1.0},
+    "sq-k=2": {"sign_threshold": 2.0},
+    "sq-k=3": {"sign_threshold": 3.0},
 }
-# optimizers with a second moment: the only ones with sign_threshold
+# optimizers with a second moment: the sign test on it (k=...)
 ADAM_FAMILY = ("AdamW", "RAdam", "AdaBelief", "Adam")
+SECOND_MOMENT_CANDIDATES = ("k=1", "k=2", "k=3")
+# optimizers without one: the sign test on the epoch's sum of g**2 (issue 21, sq-k=...)
+NO_SECOND_MOMENT = ("SGD", "Lion")
+NOISE_CANDIDATES = ("sq-k=1", "sq-k=2", "sq-k=3")
 # anchor -> its default lr
 ANCHORS = {"Prodigy": 1.0, "SF-AdamW": 0.0025, "DoG": 1.0, "DAdaptSGD": 1.0}
 # pair -> the anchors it is compared with, parameter-free methods of its kind; Lion's is Prodigy
@@ -140,8 +150,13 @@ def family(pair: str) -> str:
 
 
 def applies(candidate: str, pair: str) -> bool:
-    """sign_threshold exists for the Adam family only."""
-    return "sign_threshold" not in (CANDIDATES[candidate] or {}) or pair in ADAM_FAMILY
+    """k=... (the second-moment sign test) is for the Adam family; sq-k=... (issue 21) for SGD
+    and Lion; every other candidate for every pair."""
+    if candidate in SECOND_MOMENT_CANDIDATES:
+        return pair in ADAM_FAMILY
+    if candidate in NOISE_CANDIDATES:
+        return pair in NO_SECOND_MOMENT
+    return True
 
 
 def make_anchor(name: str, params, lr: float):

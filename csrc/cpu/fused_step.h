@@ -22,6 +22,7 @@ struct TensorPtrs {
   const void* grad;  // DType
   void* gain;      // float32, or bfloat16 for compact state
   void* grad_sum;  // as gain
+  void* grad_sq_sum;  // as gain; null unless the sign test reads it (math.h, kKeepsGradSqSum)
   int8_t* prev_sign;
   void* state[Kernel::kMaxStates];  // its states, in order: double for float64 params, else float
 };

@@ -225,11 +225,17 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   const P* const grad = static_cast<const P*>(t.grad) + offset;
   G* const gain = static_cast<G*>(t.gain) + offset;
   G* const grad_sum = static_cast<G*>(t.grad_sum) + offset;
+  // the sign test's sum of g^2, where it reads one (read, reset at a boundary, accumulated)
+  G* const grad_sq_sum =
+      kKeepsGradSqSum<Kernel> && b.common.sign_test ? static_cast<G*>(t.grad_sq_sum) + offset
+                                                     : nullptr;
   int8_t* const prev_sign = t.prev_sign + offset;
   C* state[N];
   for (int k = 0; k < N; ++k) state[k] = static_cast<C*>(t.state[k]) + offset;
   const int num_states = b.hyper.num_states();
   const auto& scalars = b.scalars[chunk.tensor];
+  const uint32_t key = S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0;
+  const uint32_t sq_key = grad_sq_sum_key(key);
 
   for_each_lane<C>(
       chunk.length,
@@ -239,22 +245,24 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
       },
       [&]<class T>(const Lanes<Kernel, T>& lanes, int64_t i) {
         using io = Io<T>;
-        T g_sum = io::load(grad_sum + i), gamma = io::load(gain + i), sign{};
+        T g_sum = io::load(grad_sum + i), gamma = io::load(gain + i), sign{}, sq_sum{};
         if constexpr (B != Boundary::kNone) sign = io::load(prev_sign + i);
+        if (grad_sq_sum) sq_sum = io::load(grad_sq_sum + i);
         T theta = io::load(param + i);
         T st[N]{};
         for (int k = 0; k < N; ++k) {
           if (k < num_states) st[k] = io::load(state[k] + i);
         }
-        const uint32_t key = S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0;
         fused_step<B, S>(lanes.common, lanes.update, theta, io::load(grad + i), gamma, g_sum,
-                         sign, st, key, static_cast<uint32_t>(offset + i));
+                         sq_sum, sign, st, key, static_cast<uint32_t>(offset + i));
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
         if constexpr (S == StatePrecision::kCompact) {
           io::store_stochastic(grad_sum + i, g_sum, key, offset + i);
+          if (grad_sq_sum) io::store_stochastic(grad_sq_sum + i, sq_sum, sq_key, offset + i);
         } else {
           io::store(grad_sum + i, g_sum);
+          if (grad_sq_sum) io::store(grad_sq_sum + i, sq_sum);
         }
         io::store(param + i, theta);
         for (int k = 0; k < N; ++k) {
@@ -264,7 +272,8 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
 }
 
 // A step skipped for found_inf still applies the pending boundary to gain, grad_sum, prev_sign
-// (in the compute type of param type P, as a step would: the sign test compares in it).
+// and grad_sq_sum (in the compute type of param type P, as a step would: the sign test compares
+// in it).
 template <Boundary B, StatePrecision S, class Kernel, class P>
 void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;
@@ -273,8 +282,11 @@ void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   G* const gain = static_cast<G*>(t.gain) + chunk.offset;
   G* const grad_sum = static_cast<G*>(t.grad_sum) + chunk.offset;
   int8_t* const prev_sign = t.prev_sign + chunk.offset;
-  const C* moment = nullptr;
-  if constexpr (Kernel::kSecondMoment >= 0) {
+  const C* moment = nullptr;  // what the sign test reads: v, or Q (then reset with grad_sum)
+  G* grad_sq_sum = nullptr;
+  if constexpr (kKeepsGradSqSum<Kernel>) {
+    if (b.common.sign_test) grad_sq_sum = static_cast<G*>(t.grad_sq_sum) + chunk.offset;
+  } else {
     if (b.common.sign_test) moment = static_cast<const C*>(t.state[Kernel::kSecondMoment]) + chunk.offset;
   }
   for_each_lane<C>(
@@ -283,12 +295,16 @@ void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
       [&]<class T>(const CommonLanes<T>& common, int64_t i) {
         using io = Io<T>;
         T gamma = io::load(gain + i), g_sum = io::load(grad_sum + i), sign = io::load(prev_sign + i);
-        apply_boundary<B, S>(common, gamma, g_sum, sign, moment ? io::load(moment + i) : T(0),
+        const T noise = moment        ? io::load(moment + i)
+                        : grad_sq_sum ? io::load(grad_sq_sum + i)
+                                      : T(0);
+        apply_boundary<B, S>(common, gamma, g_sum, sign, noise,
                              S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0,
                              static_cast<uint32_t>(chunk.offset + i));
         if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
         io::store(prev_sign + i, sign);
         io::store(grad_sum + i, g_sum);
+        if (grad_sq_sum) io::store(grad_sq_sum + i, T(0));
       });
 }
 

@@ -115,6 +115,7 @@ struct ActiveStep {
     typename Kernel::Scalars scalars;
     double sign_test_factor;  // from the step count before this step
     uint32_t rounding_key;    // compact state: rounding_key(seed, next_step)
+    uint32_t grad_sq_sum_key;  // compact state: grad_sq_sum_key(rounding_key)
     float next_step;
     bool skip;  // found_inf: apply a due boundary, nothing else
   };
@@ -125,6 +126,7 @@ struct ActiveStep {
     const P* grad;
     G* gain;
     G* grad_sum;
+    G* grad_sq_sum;  // the sign test's sum of g^2 where it reads one, else null
     int64_t offset;  // of the chunk's first element in its tensor (compact state's index)
     int8_t* prev_sign;
     C* state[kMaxStates];
@@ -132,7 +134,8 @@ struct ActiveStep {
 
     __device__ bool vectorizable() const {
       bool ok = aligned_for<kVec>(param) && aligned_for<kVec>(grad) && aligned_for<kVec>(gain) &&
-                aligned_for<kVec>(grad_sum) && aligned_for<kVec>(prev_sign);
+                aligned_for<kVec>(grad_sum) && aligned_for<kVec>(grad_sq_sum) &&
+                aligned_for<kVec>(prev_sign);
       for (int k = 0; k < kMaxStates; ++k) {  // a constant bound: state[] stays in registers
         if (k < num_states) ok = ok && aligned_for<kVec>(state[k]);
       }
@@ -154,16 +157,20 @@ struct ActiveStep {
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
     s.scalars = Kernel::step_scalars(s.hyper, static_cast<double>(s.next_step));
     s.rounding_key = rounding_key(rounding_seed, static_cast<uint32_t>(s.next_step));
+    s.grad_sq_sum_key = grad_sq_sum_key(s.rounding_key);
     return s;
   }
 
   template <int W>
   static __device__ void step_elements(const ChunkPtrs& c, int i, const CommonLanes<C>& common,
-                                       const Update<Kernel, C>& update, uint32_t key) {
+                                       const Update<Kernel, C>& update, uint32_t key,
+                                       uint32_t sq_key) {
     Pack<P, W> param = load<W>(c.param + i);
     const Pack<P, W> grad = load<W>(c.grad + i);
     Pack<G, W> gain = load<W>(c.gain + i);
     Pack<G, W> grad_sum = load<W>(c.grad_sum + i);
+    Pack<G, W> grad_sq_sum{};
+    if (c.grad_sq_sum) grad_sq_sum = load<W>(c.grad_sq_sum + i);
     Pack<int8_t, W> sign{};
     if constexpr (B != Boundary::kNone) sign = load<W>(c.prev_sign + i);
     Pack<C, W> state[kMaxStates]{};
@@ -173,25 +180,29 @@ struct ActiveStep {
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       C theta = to_lane<C>(param.v[j]), gamma = sign_state_value<S>(gain.v[j]),
-        sum = sign_state_value<S>(grad_sum.v[j]), prev = sign.v[j];
+        sum = sign_state_value<S>(grad_sum.v[j]), sq_sum = sign_state_value<S>(grad_sq_sum.v[j]),
+        prev = sign.v[j];
       C st[kMaxStates];
       for (int k = 0; k < kMaxStates; ++k) st[k] = state[k].v[j];
       const uint32_t index = static_cast<uint32_t>(c.offset + i + j);
-      fused_step<B, S>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, prev, st, key,
-                       index);
+      fused_step<B, S>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, sq_sum, prev, st,
+                       key, index);
       param.v[j] = from_lane<P>(theta);
       if constexpr (S == StatePrecision::kCompact) {
         gain.v[j] = bfloat16_nearest(gamma);  // already a bfloat16 value: exact
         grad_sum.v[j] = bfloat16_stochastic(sum, key, index);
+        if (c.grad_sq_sum) grad_sq_sum.v[j] = bfloat16_stochastic(sq_sum, sq_key, index);
       } else {
         gain.v[j] = static_cast<float>(gamma);
         grad_sum.v[j] = static_cast<float>(sum);
+        grad_sq_sum.v[j] = static_cast<float>(sq_sum);
       }
       sign.v[j] = static_cast<int8_t>(prev);
       for (int k = 0; k < kMaxStates; ++k) state[k].v[j] = st[k];
     }
     store<W>(c.param + i, param);
     store<W>(c.grad_sum + i, grad_sum);
+    if (c.grad_sq_sum) store<W>(c.grad_sq_sum + i, grad_sq_sum);
     if constexpr (B == Boundary::kUpdate) store<W>(c.gain + i, gain);
     if constexpr (B != Boundary::kNone) store<W>(c.prev_sign + i, sign);
     for (int k = 0; k < kMaxStates; ++k) {
@@ -200,22 +211,27 @@ struct ActiveStep {
   }
 
   // A step skipped for found_inf still applies the due boundary (in the compute type, as a step
-  // would: the sign test compares in it).
+  // would: the sign test compares in it), and resets grad_sq_sum with grad_sum.
   template <int W>
   static __device__ void boundary_elements(const ChunkPtrs& c, int i,
                                            const CommonLanes<C>& common, uint32_t key) {
     Pack<G, W> gain = load<W>(c.gain + i);
     Pack<G, W> grad_sum = load<W>(c.grad_sum + i);
     Pack<int8_t, W> sign = load<W>(c.prev_sign + i);
-    Pack<C, W> moment{};
-    if constexpr (Kernel::kSecondMoment >= 0) {
-      if (common.sign_test) moment = load<W>(c.state[Kernel::kSecondMoment] + i);
+    Pack<C, W> noise{};  // what the sign test reads: v, or Q
+    if constexpr (kKeepsGradSqSum<Kernel>) {
+      if (c.grad_sq_sum) {
+        const Pack<G, W> sq_sum = load<W>(c.grad_sq_sum + i);
+        for (int j = 0; j < W; ++j) noise.v[j] = sign_state_value<S>(sq_sum.v[j]);
+      }
+    } else {
+      if (common.sign_test) noise = load<W>(c.state[Kernel::kSecondMoment] + i);
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       C gamma = sign_state_value<S>(gain.v[j]), sum = sign_state_value<S>(grad_sum.v[j]),
         prev = sign.v[j];
-      apply_boundary<B, S>(common, gamma, sum, prev, moment.v[j], key,
+      apply_boundary<B, S>(common, gamma, sum, prev, noise.v[j], key,
                            static_cast<uint32_t>(c.offset + i + j));
       if constexpr (S == StatePrecision::kCompact) {
         gain.v[j] = bfloat16_nearest(gamma);
@@ -229,6 +245,7 @@ struct ActiveStep {
     if constexpr (B == Boundary::kUpdate) store<W>(c.gain + i, gain);
     store<W>(c.prev_sign + i, sign);
     store<W>(c.grad_sum + i, grad_sum);
+    if (c.grad_sq_sum) store<W>(c.grad_sq_sum + i, Pack<G, W>{});  // reset with grad_sum
   }
 
   // The block's tensor's step counter advances once, after every block of the tensor has read it:
@@ -264,6 +281,12 @@ struct ActiveStep {
     c.grad = static_cast<const P*>(meta.addresses[kGrad][slot]) + offset;
     c.gain = static_cast<G*>(meta.addresses[kGain][slot]) + offset;
     c.grad_sum = static_cast<G*>(meta.addresses[kGradSum][slot]) + offset;
+    c.grad_sq_sum = nullptr;
+    if constexpr (kKeepsGradSqSum<Kernel>) {
+      if (s.common.sign_test) {
+        c.grad_sq_sum = static_cast<G*>(meta.addresses[kGradSqSum<Kernel>][slot]) + offset;
+      }
+    }
     c.offset = offset;
     c.prev_sign = static_cast<int8_t*>(meta.addresses[kPrevSign][slot]) + offset;
     c.num_states = s.hyper.num_states();
@@ -285,7 +308,7 @@ struct ActiveStep {
     const CommonLanes<C> common(s.common, s.sign_test_factor);
     const Update<Kernel, C> update(s.hyper, s.scalars);
     for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
-      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key);
+      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key, s.grad_sq_sum_key);
     });
     advance_step(meta, args.arrivals, slot, step, s.next_step);
   }

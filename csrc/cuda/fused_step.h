@@ -28,9 +28,14 @@ enum List : int {
   kState0,    // the kernel's states in its order (math.h's kStates): double for float64 params,
               // else float
 };
-// A kernel's lists: the six above and its states; the address table is sized by them.
+// After the states, for a kernel whose sign test reads one (math.h, kKeepsGradSqSum): the epoch's
+// sums of g^2, as kGain (null while the test is off).
 template <class Kernel>
-constexpr int kNumLists = kState0 + Kernel::kMaxStates;
+constexpr int kGradSqSum = kState0 + Kernel::kMaxStates;
+// A kernel's lists: the six above, its states and its grad_sq_sum; the address table is sized by
+// them.
+template <class Kernel>
+constexpr int kNumLists = kGradSqSum<Kernel> + (kKeepsGradSqSum<Kernel> ? 1 : 0);
 template <class Kernel>
 using TensorAddresses = std::array<void*, kNumLists<Kernel>>;
 

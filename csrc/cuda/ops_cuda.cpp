@@ -65,6 +65,9 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
     t[kPrevSign] = a.prev_signs[i].data_ptr();
     t[kStep] = a.steps[i].data_ptr();
     for (size_t k = 0; k < states.size(); ++k) t[kState0 + k] = states[k].tensors[i].data_ptr();
+    if constexpr (kKeepsGradSqSum<Kernel>) {
+      if (!a.grad_sq_sums.empty()) t[kGradSqSum<Kernel>] = a.grad_sq_sums[i].data_ptr();
+    }
     numels[i] = a.params[i].numel();
   }
   const StepArgs<Kernel> args{hyper,

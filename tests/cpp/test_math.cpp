@@ -13,7 +13,7 @@ namespace {
 
 CommonHyper hyper(float min_gain = 0, float max_gain = INFINITY, double decay = 1,
                   double grad_divisor = 1, bool divide_grad = false) {
-  return {2.0f, 0.5f, min_gain, max_gain, false, 0.0, decay, grad_divisor, divide_grad};
+  return {2.0f, 0.5f, min_gain, max_gain, false, 0.0, 0.0, decay, grad_divisor, divide_grad};
 }
 
 // The paper's gains (2, 0.5, no clamp) with the sign test at threshold k over epochs of S steps.
@@ -73,10 +73,12 @@ void test_boundary() {
 template <class T>
 void test_sign_test() {
   const CommonHyper h = sign_test_hyper(2, 4);  // k^2 S = 16
-  CHECK(h.sign_test && h.sign_test_numerator == 16);
+  CHECK(h.sign_test && h.sign_test_numerator == 16 && h.sign_threshold_squared == 4);
   const AdamW::Hyper adamw = hyper_of<AdamW>(1e-3, {0.9, 0.5, 1e-8, 0});
   CHECK(sign_test_factor<AdamW>(h, adamw, 1) == 32);  // 16 / (1 - 0.5)
-  CHECK(sign_test_factor<Sgd>(h, hyper_of<Sgd>(0.1, {0, 0, 0}), 1) == 0);
+  // without a second moment the test reads Q, the epoch's sum of g^2: factor k^2, any step
+  CHECK(sign_test_factor<Sgd>(h, hyper_of<Sgd>(0.1, {0, 0, 0}), 1) == 4);
+  CHECK(sign_test_factor<Lion>(h, hyper_of<Lion>(0.1, {0.9, 0.99}), 7) == 4);
   const CommonLanes<T> c(h, 16);  // v = 1: a sum counts where |G| > 4
   const auto after = [&](T gain, T prev, T sum, T& sign) {
     sign = prev;
@@ -108,9 +110,36 @@ void test_sign_test() {
 template <Boundary B, class K, class T>
 T step(const CommonHyper& h, const typename K::Hyper& kh, double t, T theta, T grad, T& gain,
        T& grad_sum, T& prev_sign, T (&state)[K::kMaxStates]) {
+  T grad_sq_sum = 0;  // unused: these steps have no sign test
   fused_step<B>(CommonLanes<T>(h), Update<K, T>(kh, K::step_scalars(kh, t)), theta, grad, gain,
-                grad_sum, prev_sign, state);
+                grad_sum, grad_sq_sum, prev_sign, state);
   return theta;
+}
+
+// The sign test of a kernel without a second moment: Q accumulates float32(g)^2 (the product
+// rounded to float32 before the sum), is what a boundary compares G^2 with (times k^2), and
+// restarts there with this step's g^2; with the test off it is left alone.
+template <class K, class T>
+void test_grad_sq_sum(const typename K::Hyper& kh) {
+  const CommonHyper h = sign_test_hyper(4, 3);  // k^2 = 16
+  const CommonLanes<T> c(h, sign_test_factor<K>(h, kh, 5));
+  const Update<K, T> update(kh, K::step_scalars(kh, 5));
+  T state[K::kMaxStates] = {};
+  T theta = 1, gain = 1, sum = 4.5, sq = 1, sign = 1;
+  fused_step<Boundary::kNone>(c, update, theta, T(0.1), gain, sum, sq, sign, state);
+  // float32 arithmetic, also in double lanes (whose sum the float32 store rounds)
+  CHECK(static_cast<float>(sq) == 1.0f + 0.1f * 0.1f);
+  sq = 1;  // the boundary: 4.5^2 = 20.25 > 16 * 1, a repeated sign grows the gain
+  fused_step<Boundary::kUpdate>(c, update, theta, T(-0.5), gain, sum, sq, sign, state);
+  CHECK(gain == 3 && sign == 1 && sq == T(0.25) && sum == T(-0.5));
+  sum = 4.5;  // 20.25 <= 16 * 1.5: within the noise, held and no sign
+  sq = 1.5;
+  fused_step<Boundary::kUpdate>(c, update, theta, T(2), gain, sum, sq, sign, state);
+  CHECK(gain == 3 && sign == 0 && sq == 4 && sum == 2);
+  const CommonLanes<T> off(hyper());  // the paper's rule: Q is not kept
+  sq = 7;
+  fused_step<Boundary::kNone>(off, update, theta, T(2), gain, sum, sq, sign, state);
+  CHECK(sq == 7);
 }
 
 template <class T>
@@ -317,6 +346,8 @@ template <class T>
 void test_all() {
   test_boundary<T>();
   test_sign_test<T>();
+  test_grad_sq_sum<Sgd, T>(hyper_of<Sgd>(0.1, {0.9, 0, 0}));
+  test_grad_sq_sum<Lion, T>(hyper_of<Lion>(0.1, {0.9, 0.99}));
   test_accumulation_and_grad_scaling<T>();
   test_sgd<T>();
   test_adamw<T>();
@@ -330,8 +361,8 @@ void test_all() {
 }  // namespace
 
 // Compact state's roundings: nearest-even (checkpoint conversion, infinities) and the stochastic
-// rounding of epoch sums and gains, which must land on one of the two neighbouring bfloat16 values
-// and be unbiased over many draws, the two with independent draws.
+// rounding of epoch sums (of g and of g^2) and gains, which must land on one of the two
+// neighbouring bfloat16 values and be unbiased over many draws, the three with independent draws.
 void test_compact_rounding() {
   CHECK(mix32(0) == 0 && mix32(1) != mix32(2));  // lowbias32 fixes 0
   CHECK(bfloat16_nearest(1.0f) == 0x3f80);
@@ -353,19 +384,28 @@ void test_compact_rounding() {
   // gain, and the two draws of one element are independent (both up: probability 0.09)
   const float x = bit_cast<float>(0x3f800000 + 0x4ccc);
   const uint16_t down = 0x3f80, up = 0x3f81;
-  int sum_ups = 0, gain_ups = 0, both_up = 0;
+  const uint32_t sq_key = grad_sq_sum_key(key);
+  CHECK(sq_key != key);
+  int sum_ups = 0, gain_ups = 0, sq_ups = 0, both_up = 0, sq_and_sum_up = 0, sq_and_gain_up = 0;
   const int draws = 1 << 16;
   for (int i = 0; i < draws; ++i) {
     const uint16_t r = bfloat16_stochastic(x, key, static_cast<uint32_t>(i));
     const uint16_t g = bfloat16_stochastic_gain(x, key, static_cast<uint32_t>(i));
-    CHECK((r == down || r == up) && (g == down || g == up));
+    const uint16_t q = bfloat16_stochastic(x, sq_key, static_cast<uint32_t>(i));
+    CHECK((r == down || r == up) && (g == down || g == up) && (q == down || q == up));
     sum_ups += r == up;
     gain_ups += g == up;
+    sq_ups += q == up;
     both_up += r == up && g == up;
+    sq_and_sum_up += q == up && r == up;
+    sq_and_gain_up += q == up && g == up;
   }
   CHECK_CLOSE(sum_ups / double(draws), 0.3, 0.01);  // unbiased: E[r] = x (5 sd of the estimate)
   CHECK_CLOSE(gain_ups / double(draws), 0.3, 0.01);
+  CHECK_CLOSE(sq_ups / double(draws), 0.3, 0.01);
   CHECK_CLOSE(both_up / double(draws), 0.09, 0.01);
+  CHECK_CLOSE(sq_and_sum_up / double(draws), 0.09, 0.01);
+  CHECK_CLOSE(sq_and_gain_up / double(draws), 0.09, 0.01);
   CHECK(Ops<float>::round_gain_to_bfloat16(3.0f, key, 5) == 3.0f);  // bfloat16 values stay exact
   CHECK(bfloat16_stochastic(2.0f, key, 5) == 0x4000);
   CHECK(bfloat16_stochastic(-INFINITY, key, 5) == 0xff80);

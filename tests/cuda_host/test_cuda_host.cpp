@@ -134,7 +134,7 @@ struct Tensors {
   static constexpr int N = Kernel::kMaxStates;
   int64_t n;
   Array<P> param;
-  Array<G> gain, grad_sum;
+  Array<G> gain, grad_sum, grad_sq_sum;  // grad_sq_sum: a kernel without a second moment's
   Array<int8_t> prev_sign;
   Array<float> step;
   Array<C> state[N];
@@ -144,6 +144,7 @@ struct Tensors {
     param.allocate(n, e * sizeof(P));
     gain.allocate(n, e * sizeof(G));
     grad_sum.allocate(n, e * sizeof(G));
+    if (kKeepsGradSqSum<Kernel>) grad_sq_sum.allocate(n, e * sizeof(G));
     prev_sign.allocate(n, m == Misalign::kNone ? 0 : 1);
     step.allocate(1, 0);
     for (int k = 0; k < num_states; ++k) state[k].allocate(n, e * sizeof(C));
@@ -153,6 +154,7 @@ struct Tensors {
       param.data[i] = ref_store<P>(static_cast<C>(x));
       gain.data[i] = S == StatePrecision::kCompact ? G(0x3f80) : G(1);  // 1.0
       grad_sum.data[i] = G(0);
+      if (kKeepsGradSqSum<Kernel>) grad_sq_sum.data[i] = G(0);
       prev_sign.data[i] = 0;
       for (int k = 0; k < num_states; ++k) state[k].data[i] = 0;
     }
@@ -176,6 +178,7 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
       common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold,
                    a.epoch_steps, a.weight_decay, a.maximize, lr, a.grad_scale);
   const int num_states = hyper.num_states();
+  const bool keeps_grad_sq_sum = kKeepsGradSqSum<Kernel> && common.sign_test;
   for (size_t t = 0; t < ts.size(); ++t) {
     T& x = ts[t];
     float& step = *x.step.data;
@@ -208,16 +211,18 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
     for (int64_t i = 0; i < x.n; ++i) {
       const uint32_t index = static_cast<uint32_t>(i);
       C gamma = load_g(x.gain.data[i]), g_sum = load_g(x.grad_sum.data[i]);
+      C sq_sum = keeps_grad_sq_sum ? load_g(x.grad_sq_sum.data[i]) : C(0);
       C sign = x.prev_sign.data[i];
       if (skip) {
-        C moment = 0;
+        C noise = sq_sum;
         if constexpr (Kernel::kSecondMoment >= 0) {
-          if (common.sign_test) moment = x.state[Kernel::kSecondMoment].data[i];
+          if (common.sign_test) noise = x.state[Kernel::kSecondMoment].data[i];
         }
-        apply_boundary<B, S>(lanes, gamma, g_sum, sign, moment, key, index);
+        apply_boundary<B, S>(lanes, gamma, g_sum, sign, noise, key, index);
         if constexpr (B == Boundary::kUpdate) x.gain.data[i] = store_g_nearest(gamma);
         x.prev_sign.data[i] = static_cast<int8_t>(sign);
         x.grad_sum.data[i] = store_g_nearest(g_sum);
+        if (keeps_grad_sq_sum) x.grad_sq_sum.data[i] = store_g_nearest(0);
         continue;
       }
       if constexpr (B == Boundary::kNone) sign = 0;
@@ -226,14 +231,19 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
       for (int k = 0; k < T::N; ++k) {
         if (k < num_states) st[k] = x.state[k].data[i];
       }
-      fused_step<B, S>(lanes, update, theta, ref_load<C>(grads[t].data[i]), gamma, g_sum, sign,
-                       st, key, index);
+      fused_step<B, S>(lanes, update, theta, ref_load<C>(grads[t].data[i]), gamma, g_sum,
+                       sq_sum, sign, st, key, index);
       if constexpr (B == Boundary::kUpdate) x.gain.data[i] = store_g_nearest(gamma);
       if constexpr (B != Boundary::kNone) x.prev_sign.data[i] = static_cast<int8_t>(sign);
       if constexpr (S == StatePrecision::kCompact) {
         x.grad_sum.data[i] = bfloat16_stochastic(static_cast<float>(g_sum), key, index);
+        if (keeps_grad_sq_sum) {
+          x.grad_sq_sum.data[i] =
+              bfloat16_stochastic(static_cast<float>(sq_sum), grad_sq_sum_key(key), index);
+        }
       } else {
         x.grad_sum.data[i] = static_cast<float>(g_sum);
+        if (keeps_grad_sq_sum) x.grad_sq_sum.data[i] = static_cast<float>(sq_sum);
       }
       x.param.data[i] = ref_store<P>(theta);
       for (int k = 0; k < T::N; ++k) {
@@ -329,6 +339,9 @@ bool run_config(const char* name, const char* dtype, const std::vector<Shape>& s
     a[acu::kPrevSign] = dev[t].prev_sign.data;
     a[acu::kStep] = dev[t].step.data;
     for (int k = 0; k < num_states; ++k) a[acu::kState0 + k] = dev[t].state[k].data;
+    if constexpr (kKeepsGradSqSum<Kernel>) {
+      if (v.sign_test) a[acu::kGradSqSum<Kernel>] = dev[t].grad_sq_sum.data;
+    }
   }
   std::vector<int32_t> arrivals(acu::kMaxTensorSlots, 0);
   const float lr_f = 0.01f, grad_scale = 8.0f;
@@ -405,6 +418,9 @@ bool run_config(const char* name, const char* dtype, const std::vector<Shape>& s
       ok = same(dev[t].gain, ref[t].gain, m, at + "gain") && ok;
       ok = same(dev[t].grad_sum, ref[t].grad_sum, m, at + "grad_sum") && ok;
       ok = same(dev[t].prev_sign, ref[t].prev_sign, m, at + "prev_sign") && ok;
+      if (kKeepsGradSqSum<Kernel> && v.sign_test) {
+        ok = same(dev[t].grad_sq_sum, ref[t].grad_sq_sum, m, at + "grad_sq_sum") && ok;
+      }
       ok = same(dev[t].step, ref[t].step, 1, at + "step") && ok;
       for (int k = 0; k < num_states; ++k) {
         ok = same(dev[t].state[k], ref[t].state[k], m, at + Kernel::kStates[k]) && ok;
@@ -449,10 +465,8 @@ std::vector<Shape> shapes_for(uint32_t seed) {
 template <class Kernel, class P, StatePrecision S>
 void run_variants(const char* name, const char* dtype, uint32_t& seed) {
   const int variant = static_cast<int>(seed % 8);
-  const bool has_moment = Kernel::kSecondMoment >= 0;
   const Variant v{(variant & 1) != 0, (variant & 2) != 0, variant % 3 == 1, variant % 4 != 3,
-                  has_moment && (variant & 4) == 0, S == StatePrecision::kFull,
-                  variant % 2 == 0 ? 0.01 : 0.0};
+                  (variant & 4) == 0, S == StatePrecision::kFull, variant % 2 == 0 ? 0.01 : 0.0};
   run_config<Kernel, P, S>(name, dtype, shapes_for(seed), v, kSchedule, kInfSteps, seed);
   ++seed;
 }
@@ -484,7 +498,7 @@ void test_many_tensors(const char* name, uint32_t& seed) {
                                   acu::launch_limits<Kernel>());
   CHECK(plan.size() == 2);
   const uint64_t before = cuda_host::launcher().launches;
-  const Variant v{true, true, false, true, Kernel::kSecondMoment >= 0, true, 0.01};
+  const Variant v{true, true, false, true, true, true, 0.01};
   const std::vector<Boundary> schedule = {Boundary::kNone, Boundary::kRoll, Boundary::kUpdate,
                                           Boundary::kUpdate};
   run_config<Kernel, float, StatePrecision::kCompact>(name, "float32", shapes, v, schedule, {2},
@@ -508,7 +522,7 @@ void test_split_tensor(const char* name, const char* dtype, uint32_t& seed) {
   CHECK(plan.size() == 2);
   CHECK(plan.size() == 2 && !plan[0].slots.back().finishes && plan[1].slots[0].tensor == 1);
   const std::vector<Boundary> schedule = {Boundary::kRoll, Boundary::kUpdate};
-  const Variant v{false, false, true, true, Kernel::kSecondMoment >= 0, true, 0.01};
+  const Variant v{false, false, true, true, true, true, 0.01};
   run_config<Kernel, P, S>(name, dtype, shapes, v, schedule, {}, seed++);
 }
 
@@ -521,7 +535,8 @@ int main() {
 #define TEST_KERNEL(name, Kernel) test_kernel<Kernel>(#name, seed);
   ADAPTIVE_LR_KERNELS(TEST_KERNEL)
 #undef TEST_KERNEL
-  // the three launch limits there are: 7 lists (SGD, Lion), 8 (RAdam), 9 (the other Adams)
+  // the launch limits there are: 8 lists (SGD and Lion: with their grad_sq_sum; RAdam), 9 (the
+  // other Adams)
   test_many_tensors<Sgd>("sgd", seed);
   test_many_tensors<RAdam>("radam", seed);
   test_many_tensors<AdamW>("adamw", seed);

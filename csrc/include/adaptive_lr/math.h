@@ -48,9 +48,11 @@ struct CommonHyper {
   // The gain rule in float32, as the reference applies it to the float32 gains.
   float gain_inc, gain_dec, min_gain, max_gain;
   // The sign test (sign_threshold k > 0; docs/algorithm.md): an epoch sum G counts as a sign
-  // only where G^2 > k^2 S / (1 - beta2^t) * v, and a gain with no sign to compare is held.
+  // only where G^2 > k^2 S / (1 - beta2^t) * v (v the second moment), or G^2 > k^2 Q for a kernel
+  // without one (Q the epoch's sum of g^2), and a gain with no sign to compare is held.
   bool sign_test;
-  double sign_test_numerator;  // k^2 S, S the length of the epoch that ended
+  double sign_threshold_squared;  // k^2
+  double sign_test_numerator;     // k^2 S, S the length of the epoch that ended
   double decay;         // 1 - lr * weight_decay: decoupled weight decay, not scaled by the gain
   double grad_divisor;  // g = grad / grad_divisor: grad_scale, negated when maximizing
   bool divide_grad;     // false when there is neither a grad_scale nor maximize
@@ -64,12 +66,14 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
                                                  bool maximize, double lr,
                                                  const float* grad_scale) {
   const double scale = grad_scale != nullptr ? *grad_scale : 1.0;
+  const double k2 = sign_threshold * sign_threshold;
   return {static_cast<float>(gain_inc),
           static_cast<float>(gain_dec),
           static_cast<float>(min_gain),
           static_cast<float>(max_gain),
           sign_threshold > 0,
-          sign_threshold * sign_threshold * static_cast<double>(epoch_steps),
+          k2,
+          k2 * static_cast<double>(epoch_steps),
           1 - lr * weight_decay,
           maximize ? -scale : scale,  // g / -s == -(g / s) exactly
           grad_scale != nullptr || maximize};
@@ -85,8 +89,9 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
 //  * kStates: its state lists in the op's order, kMaxStates of them; Hyper::num_states() says how
 //    many a call uses (amsgrad's running maximum is the optional last one);
 //  * Scalars and step_scalars(hyper, t): what is derived once per tensor per step from its step t;
-//  * kSecondMoment: the index of the state the sign test compares an epoch sum with, -1 for none
-//    (the op then refuses sign_threshold > 0), and Hyper::beta2 when there is one;
+//  * kSecondMoment: the index of the state the sign test compares an epoch sum with (Hyper::beta2
+//    then exists), -1 for none: the test then reads the epoch's sum of g^2 (grad_sq_sum), which
+//    the op takes as a list of its own while the test is on (kKeepsGradSqSum);
 //  * its per-element update: Update<Tag, T>, in the element side below.
 
 // The valid values of a hyperparameter (checked by the op before anything is written).
@@ -108,7 +113,7 @@ struct Sgd {
                                          {"nesterov", HyperRange::kFlag}};
   static constexpr const char* kStates[] = {"momentum_buffer"};
   static constexpr int kMaxStates = 1;
-  static constexpr int kSecondMoment = -1;
+  static constexpr int kSecondMoment = -1;  // the sign test reads grad_sq_sum
   struct Hyper {
     double lr, momentum, dampening;
     bool nesterov;
@@ -246,7 +251,7 @@ struct Lion {
                                          {"beta2", HyperRange::kBeta}};
   static constexpr const char* kStates[] = {"exp_avg"};
   static constexpr int kMaxStates = 1;
-  static constexpr int kSecondMoment = -1;  // its exp_avg is a momentum
+  static constexpr int kSecondMoment = -1;  // its exp_avg is a momentum: the test reads grad_sq_sum
   struct Hyper {
     double lr, beta1, beta2;
     ADAPTIVE_LR_HOST_DEVICE int num_states() const { return 1; }
@@ -256,14 +261,19 @@ struct Lion {
   static ADAPTIVE_LR_HOST_DEVICE Scalars step_scalars(const Hyper&, double) { return {}; }
 };
 
+// Whether kernel K's sign test reads an epoch's sum of g^2 (grad_sq_sum), for lack of a second
+// moment: the op then takes one grad_sq_sum per tensor while the test is on.
+template <class K>
+constexpr bool kKeepsGradSqSum = K::kSecondMoment < 0;
+
 // The sign test's factor for one tensor whose step count (before this step) is `step`: its
-// epoch sum G counts as a sign where G^2 > factor * v. Step 0 (never stepped: v = 0, G = 0)
-// divides by 0; any factor then gives "no sign".
+// epoch sum G counts as a sign where G^2 > factor * v (or factor * Q: the factor is then k^2).
+// Step 0 (never stepped: v = 0, G = 0) divides by 0; any factor then gives "no sign".
 template <class Kernel>
 ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
                                                 const typename Kernel::Hyper& h, double step) {
-  if constexpr (Kernel::kSecondMoment < 0) {
-    return 0.0;
+  if constexpr (kKeepsGradSqSum<Kernel>) {
+    return c.sign_threshold_squared;
   } else {
     return c.sign_test_numerator / (1 - std::pow(h.beta2, step));
   }
@@ -278,7 +288,7 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 // bits, so they agree bit for bit (docs/algorithm.md, "Compact state"). Rounding a gain to the
 // nearest bfloat16 would lose every increment below half an ulp (gain_inc=0.5 stops at 128).
 // These scalar functions are the one definition; the CPU kernels' AVX2/AVX-512 builds compute
-// the epoch sum's bits in integer SIMD (fused_step_kernel.cpp), checked against them.
+// the epoch sums' bits in integer SIMD (fused_step_kernel.cpp), checked against them.
 
 enum class StatePrecision : int { kFull = 0, kCompact = 1 };
 
@@ -333,6 +343,11 @@ ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic_gain(float x, uint32_t key,
   return bfloat16_round_with(x, mix32(key + index) & 0xffffU);
 }
 
+// A compact grad_sq_sum is rounded as a grad_sum (bfloat16_stochastic) under this key: the step's
+// key salted and hashed again, so that its draws are independent of the grad_sum's and the
+// gain's (one more hash per element; the hash's other 16 bits stay unused).
+ADAPTIVE_LR_HOST_DEVICE uint32_t grad_sq_sum_key(uint32_t key) { return mix32(key ^ 0x9e3779b9U); }
+
 ADAPTIVE_LR_HOST_DEVICE float bfloat16_value(uint16_t bits) {
   return bit_cast<float>(static_cast<uint32_t>(bits) << 16);
 }
@@ -374,20 +389,20 @@ struct CommonLanes {
         grad_divisor(T(h.grad_divisor)), sign_test(h.sign_test), divide_grad(h.divide_grad) {}
 };
 
-// The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T; second_moment is
-// the element's v before this step (read only by the sign test). The new gain is rounded to its
+// The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T; noise is what the
+// sign test compares G^2 with, times the factor: the element's v or Q before this step
+// (sign_test_noise; read only by the sign test). The new gain is rounded to its
 // storage type before it is used: float32 (a no-op for float lanes), or bfloat16 for compact
 // state, stochastically with the step's `key` for element `index` (the first lane's, for SIMD
 // lanes), after the clamp.
 template <Boundary B, StatePrecision S = StatePrecision::kFull, class T>
 ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T& grad_sum,
-                                            T& prev_sign, T second_moment, uint32_t key = 0,
+                                            T& prev_sign, T noise, uint32_t key = 0,
                                             uint32_t index = 0) {
   if constexpr (B != Boundary::kNone) {
     T sign = Ops<T>::sign(grad_sum);
     if (c.sign_test) {  // a sum within the epoch's gradient noise counts as no sign
-      sign = Ops<T>::where_positive(grad_sum * grad_sum - c.sign_test_factor * second_moment,
-                                    sign, T(0));
+      sign = Ops<T>::where_positive(grad_sum * grad_sum - c.sign_test_factor * noise, sign, T(0));
     }
     if constexpr (B == Boundary::kUpdate) {
       // same sign: the steps were too small (additive increase); a flip: too large; a zero
@@ -408,11 +423,11 @@ ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T&
   }
 }
 
-// The element's v the sign test reads (0 for an optimizer without one: its test is off).
+// What the sign test of the element reads: its v, or its Q for a kernel without a second moment.
 template <class Kernel, class T>
-ADAPTIVE_LR_HOST_DEVICE T second_moment(const T (&state)[Kernel::kMaxStates]) {
-  if constexpr (Kernel::kSecondMoment < 0) {
-    return T(0);
+ADAPTIVE_LR_HOST_DEVICE T sign_test_noise(const T (&state)[Kernel::kMaxStates], T grad_sq_sum) {
+  if constexpr (kKeepsGradSqSum<Kernel>) {
+    return grad_sq_sum;
   } else {
     return state[Kernel::kSecondMoment];
   }
@@ -498,18 +513,28 @@ struct Update<Lion, T> {
 };
 
 // One element's whole step, registers in and out (loads and stores are the caller's): the
-// boundary, the gradient's unscaling/negation, its accumulation into grad_sum, weight decay and
-// the base update with the new gain. A step skipped for found_inf calls apply_boundary alone.
+// boundary, the gradient's unscaling/negation, its accumulation into grad_sum (and, where the sign
+// test reads it, its square into grad_sq_sum), weight decay and the base update with the new
+// gain. A step skipped for found_inf calls apply_boundary alone (and resets grad_sq_sum to 0).
 // A compact grad_sum leaves here in float32; its store rounds it (bfloat16_stochastic, with the
-// same `key` and `index` as a new compact gain's rounding here).
+// same `key` and `index` as a new compact gain's rounding here); a compact grad_sq_sum likewise
+// with grad_sq_sum_key(key). grad_sq_sum is unused (and set to 0 at a boundary) unless
+// kKeepsGradSqSum<Kernel> and the sign test is on.
 template <Boundary B, StatePrecision S = StatePrecision::kFull, class Kernel, class T>
 ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Kernel, T>& update,
-                                        T& theta, T grad, T& gain, T& grad_sum, T& prev_sign,
-                                        T (&state)[Kernel::kMaxStates], uint32_t key = 0,
-                                        uint32_t index = 0) {
-  apply_boundary<B, S>(c, gain, grad_sum, prev_sign, second_moment<Kernel>(state), key, index);
+                                        T& theta, T grad, T& gain, T& grad_sum, T& grad_sq_sum,
+                                        T& prev_sign, T (&state)[Kernel::kMaxStates],
+                                        uint32_t key = 0, uint32_t index = 0) {
+  apply_boundary<B, S>(c, gain, grad_sum, prev_sign, sign_test_noise<Kernel>(state, grad_sq_sum),
+                       key, index);
+  if constexpr (B != Boundary::kNone) grad_sq_sum = T(0);  // reset with grad_sum
   const T g = c.divide_grad ? grad / c.grad_divisor : grad;
-  grad_sum = grad_sum + Ops<T>::round_to_float(g);
+  const T g32 = Ops<T>::round_to_float(g);
+  grad_sum = grad_sum + g32;
+  if constexpr (kKeepsGradSqSum<Kernel>) {
+    // float32: the product rounded before the sum (no FMA; double lanes round it explicitly)
+    if (c.sign_test) grad_sq_sum = grad_sq_sum + Ops<T>::round_to_float(g32 * g32);
+  }
   theta = theta * c.decay;
   update(theta, g, gain, state);
 }
