@@ -60,6 +60,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        choices=[c for c in robustness.CANDIDATES if c != "base"],
                        help="gain rules beside the base optimizer")
     rules.add_argument("--heldout-tasks", nargs="+", choices=list(robustness.HELDOUT_TASKS))
+    rules.add_argument("--confirm-tasks", nargs="+", choices=list(robustness.CONFIRM_TASKS))
     study = parser.add_argument_group("GreedyLR study (overrides the full or --quick preset)")
     study.add_argument("--problems", nargs="+", choices=list(greedy.PROBLEMS))
 
@@ -99,7 +100,8 @@ def _sweep(args: argparse.Namespace) -> int:
                                         ("lrs", args.lrs), ("seeds", args.seeds),
                                         ("epochs", args.epochs), ("phases", args.phases),
                                         ("candidates", args.candidates),
-                                        ("heldout_tasks", args.heldout_tasks))
+                                        ("heldout_tasks", args.heldout_tasks),
+                                        ("confirm_tasks", args.confirm_tasks))
                      if value is not None}
         config = dataclasses.replace(robustness.QUICK if args.quick else robustness.RulesConfig(),
                                      **overrides)
