@@ -804,6 +804,7 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
         summary["confirm"] = dict(rows=rows, criteria=criteria_tables(
             rows, config.confirm_tasks, config.pairs, ["base"] + list(config.candidates),
             config.lrs), paired={
+                # neighbours among the candidates after the paper rule (sq-k=1 - sq-k=2, ...)
                 f"{a} - {b}": paired_differences(rows, a, b, config.lrs)
                 for a, b in zip(config.candidates[1:], config.candidates[2:])})
     selected = (ranking.get("Adam family") or [None])[0]
