@@ -799,8 +799,10 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
             candidates=candidates_of, rows=rows)
     if "confirm" in config.phases and not interrupted():
         # every candidate of the config (no selection): tasks that no earlier phase has run
-        rows = phase("confirm", grid_tasks(config, config.confirm_tasks,
-                                           selection_candidates(config)))
+        # seed by seed, so that a run cut short leaves whole seeds of every task
+        tasks = sorted(grid_tasks(config, config.confirm_tasks, selection_candidates(config)),
+                       key=lambda task: task["seed"])
+        rows = phase("confirm", tasks)
         summary["confirm"] = dict(rows=rows, criteria=criteria_tables(
             rows, config.confirm_tasks, config.pairs, ["base"] + list(config.candidates),
             config.lrs), paired={
