@@ -68,6 +68,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        choices=[c for c in robustness.CANDIDATES if c != "base"],
                        help="gain rules beside the base optimizer")
     rules.add_argument("--heldout-tasks", nargs="+", choices=list(robustness.HELDOUT_TASKS))
+    rules.add_argument("--confirm-tasks", nargs="+", choices=list(robustness.CONFIRM_TASKS))
     language = parser.add_argument_group("lm study (overrides the full or --quick preset)")
     language.add_argument("--variants", nargs="+", type=lm.variant,
                           help="AdamW, Prodigy, SF-AdamW, and ActiveAdamW as W<steps> or Wepoch "
@@ -115,7 +116,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.study == "rules":
         overrides = _given(selection_tasks=args.models, pairs=args.optimizers, lrs=args.lrs,
                            seeds=args.seeds, epochs=args.epochs, phases=args.phases,
-                           candidates=args.candidates, heldout_tasks=args.heldout_tasks)
+                           candidates=args.candidates, heldout_tasks=args.heldout_tasks,
+                           confirm_tasks=args.confirm_tasks)
         config = dataclasses.replace(robustness.QUICK if args.quick else robustness.RulesConfig(),
                                      **overrides)
         summary = robustness.run(config, args.out, args.workers)

@@ -11,7 +11,7 @@ import torch
 
 from adaptive_lr.cli import main
 from adaptive_lr.study import robustness
-from adaptive_lr.study.digits import load_digits, train
+from adaptive_lr.study.digits import load_digits, r2_score, train
 
 
 @pytest.fixture(autouse=True)
@@ -192,6 +192,45 @@ def test_heldout_tasks_run_and_record_gains(task):
         assert stats["grew"][0] is None and stats["grew"][1] is not None
 
 
+@pytest.mark.parametrize("task", robustness.CONFIRM_TASKS)
+def test_confirmation_tasks_learn(task):
+    row = robustness.run_one(robustness._run(task, "SGD", "base", 0.05, 0,
+                                             robustness.RulesConfig(epochs=3)))
+    assert row["batch_size"] == robustness.TASK_BATCH_SIZE.get(task, 64)
+    assert row["final_train_loss"] < row["train_loss"][0]
+    assert row["final_test_accuracy"] > 0.5  # far above chance (digits 10 %, R² 0)
+
+
+def test_r2_score_reads_as_an_accuracy():
+    target = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert r2_score(target, target) == 1.0
+    assert r2_score(target + 1, target) == pytest.approx(1 - 4 / 5)  # SSE 4, SST 5
+    assert r2_score(torch.full((4,), 10.0), target) == 0.0  # worse than the mean: floored
+    assert r2_score(torch.full((4,), float("nan")), target) == 0.0  # diverged
+
+
+def test_batch_norm_is_evaluated_with_running_statistics():
+    # the digits' test set has pixels that are constant in the training set (huge once
+    # standardised): with the test batch's own statistics every prediction would be poisoned
+    history = train(robustness.rescnn, lambda params, spe: torch.optim.SGD(params, lr=0.1,
+                    momentum=0.9), load_digits(0), 3, 128, 0)
+    assert history["test_accuracy"][-1] > 0.5
+
+
+def test_paired_differences_separate_only_a_consistent_gap():
+    accuracy = {"base": [0.9] * 4, "a": [0.90, 0.91, 0.92, 0.93],
+                "b": [0.85, 0.86, 0.87, 0.88],  # 5 points below a in every seed
+                "c": [0.86, 0.93, 0.88, 0.95]}  # +4, -2, +4, -2 points from a: noise
+    rows = [dict(task="t", pair="SGD", candidate=c, lr=0.1, seed=s, batch_size=64,
+                 final_test_accuracy=values[s]) for c, values in accuracy.items() for s in range(4)]
+    rows += [dict(r, lr=1e-6, final_test_accuracy=0.1) for r in rows]  # base < 50 %: left out
+    (gap,) = robustness.paired_differences(rows, "a", "b", (1e-6, 0.1))
+    assert (gap["seeds"], gap["separated"]) == (4, True)
+    assert gap["mean"] == pytest.approx(5.0) and gap["error"] == pytest.approx(0.0, abs=1e-9)
+    (noise,) = robustness.paired_differences(rows, "a", "c", (1e-6, 0.1))
+    assert noise["mean"] == pytest.approx(1.0) and not noise["separated"]
+
+
 def test_schedule_free_is_switched_to_eval_for_each_evaluation():
     calls = []
 
@@ -238,6 +277,20 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path, monkeypatch):
     robustness.run(dataclasses.replace(TINY, candidates=("paper", "max_gain=10"),
                                        phases=("selection",)), str(tmp_path), workers=1)
     assert [(t["candidate"], t["lr"]) for t in ran] == [("max_gain=10", 1e-3)]
+
+
+def test_confirm_phase_runs_every_candidate_without_a_selection(tmp_path):
+    config = dataclasses.replace(TINY, confirm_tasks=("friedman",), pairs=("SGD",),
+                                 candidates=("paper", "max_gain=10", "gain_inc=0.5"), seeds=2,
+                                 phases=("confirm",))
+    summary = robustness.run(config, str(tmp_path), workers=1)
+    assert "selection" not in summary and summary["runs"]["confirm"]["finished"] == 8
+    assert {r["candidate"] for r in summary["confirm"]["criteria"]} == {
+        "base", "paper", "max_gain=10", "gain_inc=0.5"}
+    # the candidates after the paper rule, side by side
+    assert list(summary["confirm"]["paired"]) == ["max_gain=10 - gain_inc=0.5"]
+    text = (tmp_path / "rules.md").read_text()
+    assert "## Confirmation on new tasks" in text and "| SGD | friedman |" in text
 
 
 def test_cli_runs_the_rules_study(tmp_path):

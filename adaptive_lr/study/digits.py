@@ -4,6 +4,7 @@ trained on them, and the training loop shared by the demo and the studies."""
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, NamedTuple
 
@@ -52,6 +53,14 @@ def cnn() -> nn.Module:
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn}
 
 
+def r2_score(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - SSE / SST on the test targets, floored at 0 (no better than predicting their mean) and
+    0 for a diverged (non-finite) prediction, so that it reads as an accuracy in [0, 1]."""
+    residual = ((predicted - target) ** 2).sum().item()
+    score = 1 - residual / ((target - target.mean()) ** 2).sum().item()
+    return max(score, 0.0) if math.isfinite(score) else 0.0
+
+
 def steps_per_epoch(data: Digits, batch_size: int) -> int:
     return -(-len(data.x_train) // batch_size)
 
@@ -63,7 +72,8 @@ def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, ep
     float inputs in ``dtype``; ``make_optimizer(params, steps_per_epoch)`` builds the optimizer.
     ``data`` is any Digits-shaped tuple: class labels ``y`` of the inputs' batch shape, or of the
     batch shape plus a sequence dimension (a model that classifies every token: loss and accuracy
-    are then per token). ``on_epoch_end(optimizer)`` runs after each epoch's last step.
+    are then per token), or float targets ``y`` of the model's output shape (regression: MSE loss,
+    and ``test_accuracy`` is the test R² floored at 0, see ``r2_score``). ``on_epoch_end(optimizer)`` runs after each epoch's last step.
 
     The seed fixes both the initial weights and the mini-batch order, so every optimizer trained
     with one seed starts from the same weights and sees the same batches. An optimizer with
@@ -77,16 +87,26 @@ def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, ep
     modes = getattr(optimizer, "train", None), getattr(optimizer, "eval", None)
     as_input = lambda x: x.to(dtype) if x.is_floating_point() else x  # noqa: E731  (tokens stay)
     order = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    regression = data.y_train.is_floating_point()
+    # BatchNorm evaluates with its running statistics, as in any real evaluation (the test set's
+    # own batch statistics would depend on the whole test batch); the other models are evaluated
+    # in training mode, as they always were (eval mode would put the transformer on its fused
+    # inference kernels and change the recorded numbers)
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    loss_fn = nn.MSELoss() if regression else nn.CrossEntropyLoss()
     history = {"train_loss": [], "test_loss": [], "test_accuracy": []}
     start = time.perf_counter()
     for _ in range(epochs):
         if modes[0] is not None:
             modes[0]()
+        model.train()
         total = 0.0
         for batch in torch.randperm(len(data.x_train), generator=order).split(batch_size):
-            logits = model(as_input(data.x_train[batch]))
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), data.y_train[batch].reshape(-1))
+            out = model(as_input(data.x_train[batch]))
+            if regression:
+                loss = loss_fn(out.float(), data.y_train[batch])
+            else:
+                loss = loss_fn(out.reshape(-1, out.shape[-1]), data.y_train[batch].reshape(-1))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -95,10 +115,15 @@ def train(model: str | Callable[[], nn.Module], make_optimizer, data: Digits, ep
             on_epoch_end(optimizer)
         if modes[1] is not None:
             modes[1]()
+        model.train(not batch_norm)
         with torch.no_grad():
-            logits = model(as_input(data.x_test))
-            accuracy = (logits.argmax(-1) == data.y_test).float().mean().item()
-            test_loss = loss_fn(logits.reshape(-1, logits.shape[-1]), data.y_test.reshape(-1))
+            out = model(as_input(data.x_test))
+            if regression:
+                accuracy = r2_score(out.float(), data.y_test)
+                test_loss = loss_fn(out.float(), data.y_test)
+            else:
+                accuracy = (out.argmax(-1) == data.y_test).float().mean().item()
+                test_loss = loss_fn(out.reshape(-1, out.shape[-1]), data.y_test.reshape(-1))
         history["train_loss"].append(total / len(data.x_train))
         history["test_loss"].append(test_loss.item())
         history["test_accuracy"].append(accuracy)

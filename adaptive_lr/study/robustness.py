@@ -96,15 +96,62 @@ class Sorter(nn.Module):
         return self.out(self.norm(self.encoder(self.token(x) + self.position)))
 
 
+class _ConvBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a skip connection (a ResNet basic block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def rescnn() -> nn.Module:
+    """The digits as 1x8x8 images: a 3x3 convolution to 16 channels with BatchNorm, two residual
+    blocks, global average pooling, a linear classifier."""
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(16), nn.ReLU(), _ConvBlock(16), _ConvBlock(16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+@functools.lru_cache(maxsize=1)
+def friedman() -> Digits:
+    """Regression: sklearn's make_friedman1 (10 features, 5 of them used, noise sd 1), 2000 train
+    / 1000 test points, features and target standardised on the training set."""
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=3000, n_features=10, noise=1.0, random_state=0)
+    mean, std = x[:2000].mean(0), x[:2000].std(0)
+    y_mean, y_std = y[:2000].mean(), y[:2000].std()
+    as_x = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
+    as_y = lambda a: torch.tensor((a - y_mean) / y_std, dtype=torch.float32)  # noqa: E731
+    return Digits(as_x(x[:2000]), as_y(y[:2000]), as_x(x[2000:]), as_y(y[2000:]))
+
+
+def regression_mlp() -> nn.Module:
+    """10 -> 64 -> 64 -> 1 with ReLUs, one output per point."""
+    return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 1), nn.Flatten(0))
+
+
 # task -> (model: a name in digits.MODELS or a builder, data loader)
 TASKS = {
     "mlp": ("mlp", lambda: load_digits(0)),
     "cnn": ("cnn", lambda: load_digits(0)),
     "resmlp": (resmlp, synthetic_classes),
     "sorter": (Sorter, sorting),
+    "rescnn": (rescnn, lambda: load_digits(0)),
+    "friedman": (regression_mlp, friedman),  # its "accuracy" is the test R² (digits.r2_score)
 }
 SELECTION_TASKS = ("mlp", "cnn")
 HELDOUT_TASKS = ("resmlp", "sorter")
+# issue 21's second round (docs/RESULTS.md §5.6): tasks no earlier round has run
+CONFIRM_TASKS = ("rescnn", "friedman")
+TASK_BATCH_SIZE = {"rescnn": 128}  # the other tasks train at the config's batch size
 
 # ---------------------------------------------------------------------------------- candidates
 
@@ -136,7 +183,7 @@ ANCHORS = {"Prodigy": 1.0, "SF-AdamW": 0.0025, "DoG": 1.0, "DAdaptSGD": 1.0}
 # (issue 21: dadaptation's own Lion variant is, by its change log, highly experimental)
 ANCHOR_PAIRS = {"SGD": ("DoG", "DAdaptSGD"), "Lion": ("Prodigy",),
                 "AdamW": ("Prodigy", "SF-AdamW")}
-PHASES = ("selection", "heldout", "batch", "anchors")
+PHASES = ("selection", "heldout", "batch", "anchors", "confirm")
 D_THRESHOLD = -0.01  # criterion D: Active >= base - 1 point
 K_THRESHOLD = 0.8  # criterion K: the pooled share of the paper rule's gain
 BASE_WORKS = 0.5  # D counts the cells where the base reaches 50 %
@@ -251,6 +298,7 @@ def run_one(task: dict) -> dict:
 class RulesConfig:
     selection_tasks: tuple[str, ...] = SELECTION_TASKS
     heldout_tasks: tuple[str, ...] = HELDOUT_TASKS
+    confirm_tasks: tuple[str, ...] = CONFIRM_TASKS
     pairs: tuple[str, ...] = STUDY_PAIRS
     # the candidates besides the base optimizer (k=... only run for the Adam family)
     candidates: tuple[str, ...] = ("paper", "max_gain=10", "gain_inc=0.5", "k=1", "k=2", "k=3")
@@ -272,7 +320,7 @@ QUICK = RulesConfig(selection_tasks=("mlp",), heldout_tasks=("resmlp",), pairs=(
 def _run(task: str, pair: str, candidate: str, lr: float, seed: int, config: RulesConfig,
          batch_size: int | None = None) -> dict:
     return dict(task=task, pair=pair, candidate=candidate, lr=lr, seed=seed, epochs=config.epochs,
-                batch_size=batch_size or config.batch_size)
+                batch_size=batch_size or TASK_BATCH_SIZE.get(task, config.batch_size))
 
 
 def grid_tasks(config: RulesConfig, tasks: tuple[str, ...],
@@ -405,6 +453,32 @@ def select(table: list[dict]) -> dict[str, list[str]]:
         r["scope"] for r in table}
     return {name: rank([r for r in table if r["family"] == name and r["scope"] in pooled_scope])
             for name in dict.fromkeys(r["family"] for r in table)}
+
+
+def paired_differences(rows: list[dict], first: str, second: str,
+                       lrs: tuple[float, ...]) -> list[dict]:
+    """Per (task, pair, lr) cell where the base's mean reaches BASE_WORKS: ``first`` − ``second``
+    in points, seed by seed (a seed fixes the initial weights and the batches, so the two runs of
+    a seed differ only by the rule), as mean and standard error; ``separated`` when the mean is
+    more than two standard errors from 0."""
+    by_run = {(r["task"], r["pair"], r["candidate"], r["lr"], r["seed"]): r["final_test_accuracy"]
+              for r in rows}
+    base = mean_lookup(rows)
+    cells = sorted({(r["task"], r["pair"], r["lr"]) for r in rows if r["candidate"] == first})
+    out = []
+    for task, pair, lr in cells:
+        if lr not in lrs or base.get((task, pair, "base", lr), 0.0) < BASE_WORKS:
+            continue
+        seeds = sorted(seed for t, p, c, l, seed in by_run if (t, p, c, l) == (task, pair, first, lr))
+        diffs = [100 * (by_run[(task, pair, first, lr, s)] - by_run[(task, pair, second, lr, s)])
+                 for s in seeds if (task, pair, second, lr, s) in by_run]
+        if len(diffs) < 2:
+            continue
+        mean, sd = runner.mean_sd(diffs)
+        error = sd / math.sqrt(len(diffs))
+        out.append(dict(task=task, pair=pair, lr=lr, seeds=len(diffs), mean=mean, error=error,
+                        separated=abs(mean) > 2 * error))
+    return out
 
 
 def tuned_lr(rows: list[dict], task: str, pair: str, lrs: tuple[float, ...]) -> float | None:
@@ -542,6 +616,20 @@ def markdown(summary: dict) -> str:
         out += ["## Held-out confirmation", ""]
         out += criteria_markdown(h["criteria"], "Candidates on the held-out tasks")
         out += accuracy_markdown(h["rows"], tuple(config["heldout_tasks"]),
+                                 tuple(config["pairs"]), lrs)
+    if "confirm" in summary:
+        c = summary["confirm"]
+        out += ["## Confirmation on new tasks", ""]
+        out += criteria_markdown(c["criteria"], "Candidates on the confirmation tasks")
+        for name, cells in c["paired"].items():
+            out += [f"**{name}, seed by seed** (points, mean ± standard error; * more than two "
+                    "standard errors from 0)", "", "| task | pair | lr | seeds | difference |",
+                    "|---|---|---|---|---|"]
+            out += [f"| {d['task']} | {d['pair']} | {d['lr']:g} | {d['seeds']} | "
+                    f"{d['mean']:+.1f} ± {d['error']:.1f}{' *' if d['separated'] else ''} |"
+                    for d in cells]
+            out.append("")
+        out += accuracy_markdown(c["rows"], tuple(config["confirm_tasks"]),
                                  tuple(config["pairs"]), lrs)
     if "batch" in summary:
         b = summary["batch"]
@@ -775,6 +863,18 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
             criteria=criteria_tables(rows, config.heldout_tasks, config.pairs,
                                      heldout_candidates, config.lrs),
             candidates=candidates_of, rows=rows)
+    if "confirm" in config.phases and not interrupted():
+        # every candidate of the config (no selection): tasks that no earlier phase has run
+        # seed by seed, so that a run cut short leaves whole seeds of every task
+        tasks = sorted(grid_tasks(config, config.confirm_tasks, selection_candidates(config)),
+                       key=lambda task: task["seed"])
+        rows = phase("confirm", tasks)
+        summary["confirm"] = dict(rows=rows, criteria=criteria_tables(
+            rows, config.confirm_tasks, config.pairs, ["base"] + list(config.candidates),
+            config.lrs), paired={
+                # neighbours among the candidates after the paper rule (sq-k=1 - sq-k=2, ...)
+                f"{a} - {b}": paired_differences(rows, a, b, config.lrs)
+                for a, b in zip(config.candidates[1:], config.candidates[2:])})
     selected = (ranking.get("Adam family") or [None])[0]
     if "batch" in config.phases and "AdamW" in config.pairs and not interrupted():
         lrs = {task: tuned_lr(selection_rows, task, "AdamW", config.lrs)
@@ -794,10 +894,15 @@ def run(config: RulesConfig, out_dir: str, workers: int) -> dict:
         plot_anchors(grid_rows, config.selection_tasks + config.heldout_tasks, config, ranking,
                      os.path.join(out_dir, "rules_anchors.png"))
     summary["backends"] = sorted({r["backend"] for r in all_rows if r["backend"]})
-    accuracy_tasks = config.selection_tasks + (config.heldout_tasks if "heldout" in summary else ())
+    accuracy_tasks = ((config.selection_tasks if selection_rows else ())
+                      + (config.heldout_tasks if "heldout" in summary else ())
+                      + (config.confirm_tasks if "confirm" in summary else ()))
     plot_candidates = ["base", "paper"] + ([selected] if selected and selected != "paper" else [])
+    if "confirm" in summary:  # no selection there: every candidate it ran
+        plot_candidates = list(dict.fromkeys(plot_candidates + list(config.candidates)))
     if all_rows and accuracy_tasks:
-        plot_accuracy(selection_rows + summary.get("heldout", {}).get("rows", []),
+        plot_accuracy(selection_rows + summary.get("heldout", {}).get("rows", [])
+                      + summary.get("confirm", {}).get("rows", []),
                       accuracy_tasks, config.pairs, plot_candidates,
                       os.path.join(out_dir, "rules_accuracy.png"))
     with open(os.path.join(out_dir, "rules.md"), "w") as f:
