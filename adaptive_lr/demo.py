@@ -1,11 +1,13 @@
 """A short real training run on scikit-learn's bundled handwritten digits, at a learning rate far
-too small (an MLP at lr 1e-4) and at one too large (a CNN at lr 0.1): AdamW, ActiveAdamW with the
-ActiveLR paper's rule, and ActiveAdamW at this library's defaults, side by side; then a quick
+too small (an MLP at lr 1e-4) and at one too large (a CNN at lr 0.1, with AdamW and with SGD with
+momentum, SGD's most common setting): the base optimizer, its Active version with the ActiveLR
+paper's rule, and its Active version at this library's defaults, side by side; then a quick
 step-time table (the full one: `adaptive-lr bench`)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -33,16 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{QUICK_EPOCHS} epochs and a step-time table at 1M elements only")
 
 
-def _optimizers(lr: float) -> dict:
-    from adaptive_lr import ActiveAdamW
+def _optimizers(name: str, lr: float) -> list:
+    """The base optimizer ``name`` (AdamW, or SGD with momentum 0.9), its Active version with the
+    paper's rule and at the defaults: ``make(params, steps_per_epoch)`` each."""
+    from adaptive_lr import ActiveAdamW, ActiveSGD
 
-    return {
-        "AdamW": lambda params, spe: torch.optim.AdamW(params, lr=lr),
-        "ActiveAdamW, paper's rule": lambda params, spe: ActiveAdamW(
-            params, lr=lr, steps_per_epoch=spe, **PAPER_RULE),
-        "ActiveAdamW, defaults": lambda params, spe: ActiveAdamW(params, lr=lr,
-                                                                 steps_per_epoch=spe),
-    }
+    base, active = {"AdamW": (torch.optim.AdamW, ActiveAdamW),
+                    "SGD": (functools.partial(torch.optim.SGD, momentum=0.9), ActiveSGD)}[name]
+    return [lambda params, spe: base(params, lr=lr),
+            lambda params, spe: active(params, lr=lr, steps_per_epoch=spe, **PAPER_RULE),
+            lambda params, spe: active(params, lr=lr, steps_per_epoch=spe)]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,15 +53,18 @@ def run(args: argparse.Namespace) -> None:
     data = load_digits(args.seed)
     print(f"digits, {len(data.x_train)} train / {len(data.x_test)} test images, {epochs} epochs, "
           f"batch {args.batch_size}, seed {args.seed}; final test accuracy (train loss)")
-    cases = (("MLP", "mlp", args.lr, "too small"), ("CNN", "cnn", args.large_lr, "too large"))
-    names = list(_optimizers(1.0))
-    print(f"{'':<26}" + "".join(f"{name:>28}" for name in names))
-    for label, model, lr, how in cases:
+    cases = (("MLP", "mlp", "AdamW", args.lr, "too small"),
+             ("CNN", "cnn", "AdamW", args.large_lr, "too large"),
+             ("CNN", "cnn", "SGD", args.large_lr, "too large"))
+    print(f"{'':<34}" + "".join(f"{name:>26}" for name in ("base optimizer", "Active, paper's rule",
+                                                            "Active, defaults")))
+    for label, model, optimizer, lr, how in cases:
         cells = []
-        for make in _optimizers(lr).values():
+        for make in _optimizers(optimizer, lr):
             h = train(model, make, data, epochs, args.batch_size, args.seed)
             cells.append(f"{h['test_accuracy'][-1]:.2%} ({h['train_loss'][-1]:.3g})")
-        print(f"{f'{label}, lr {lr:g} ({how})':<26}" + "".join(f"{c:>28}" for c in cells))
+        print(f"{f'{label} {optimizer}, lr {lr:g} ({how})':<34}" + "".join(f"{c:>26}"
+                                                                        for c in cells))
     sizes = ["1M"] if args.quick else ["1M", "10M"]
     print("\nStep time (quick run; the full table: adaptive-lr bench):")
     benchmark.main(["--sizes", *sizes, *BENCH_ARGS])
