@@ -168,3 +168,22 @@ def test_adaptive_lr_imports_neither_framework():
             "print(sorted({'transformers', 'lightning'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("make", [
+    lambda params, spe, **kw: ActiveSGD(params, lr=0.1, steps_per_epoch=spe, **kw),
+    lambda params, spe, **kw: ActiveAdamW(params, steps_per_epoch=spe, **kw),
+    lambda params, spe, **kw: Active(torch.optim.SGD(params, lr=0.1), steps_per_epoch=spe, **kw),
+])
+def test_an_epoch_too_short_for_the_sign_test_is_said_where_it_is_set(make):
+    # k=2: an epoch sum passes only with more than k² = 4 steps, even for a constant gradient
+    with pytest.warns(UserWarning, match=r"steps_per_epoch=4 is too short .* at least 5 steps"):
+        opt = make(_params(), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(_params(), 5)
+        make(_params(), 1, sign_threshold=0.0)  # the paper's rule counts every sign
+        make(_params(), None)  # manual mode: the epochs are the caller's
+        opt.set_steps_per_epoch(None)
+    with pytest.warns(UserWarning, match="steps_per_epoch=3 is too short"):
+        opt.set_steps_per_epoch(3)

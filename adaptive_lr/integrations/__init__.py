@@ -11,11 +11,10 @@ fine-tuning run of 1 to 3) or none (a stream)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterable
 
-from ..optim.clock import EpochClock
+from ..optim.clock import EpochClock, sign_test_min_steps
 
 # One window per data epoch: ActiveLR's epoch, as in the paper and in every result so far. A study
 # of shorter windows is pending; this is the one place its answer will change.
@@ -66,14 +65,14 @@ def set_window(optimizers: Iterable, *, window: int | None, windows_per_epoch: i
             raise ValueError(f"windows_per_epoch={per_epoch} asks for more windows than the "
                              f"{epoch_steps} optimizer steps of a data epoch")
     for opt in actives:
-        k = max(group.get("sign_threshold", 0.0) for group in opt.param_groups)
-        if window <= k * k:
+        k, fewest = sign_test_min_steps(opt.param_groups)
+        if window < fewest:
             raise ValueError(
                 f"a window of {window} optimizer steps is too short for the sign test of "
                 f"{type(opt).__name__} (sign_threshold={k:g}): a window's summed gradient counts "
                 f"as a sign only where it stands {k:g} standard errors out of the noise, which "
                 f"even a constant gradient does only over more than k² = {k * k:g} steps. Use a "
-                f"window of at least {math.floor(k * k) + 1} steps (or sign_threshold=0, the "
+                f"window of at least {fewest} steps (or sign_threshold=0, the "
                 "paper's rule)")
     if total_steps is not None and total_steps <= 2 * window:
         warnings.warn(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -103,6 +104,14 @@ def new_clock() -> dict:
     return {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False, "epoch_steps": 0}
 
 
+def sign_test_min_steps(param_groups: list[dict]) -> tuple[float, int]:
+    """The strictest group's ``sign_threshold`` k, and the fewest steps per epoch with which its
+    sign test can count a sign at all: an epoch sum of S steps passes where G² > k²·S·(mean g²),
+    which even a constant gradient (G² = S²·g²) does only with S > k²."""
+    k = max((group.get("sign_threshold", 0.0) for group in param_groups), default=0.0)
+    return k, math.floor(k * k) + 1
+
+
 class EpochClock:
     """end_epoch, the clock's tick after a step, and the catch-up of missed boundaries."""
 
@@ -114,6 +123,22 @@ class EpochClock:
         state dict does not hold it, and ``load_state_dict`` keeps the optimizer's."""
         check_steps_per_epoch(steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
+        self._warn_if_epoch_too_short()
+
+    def _warn_if_epoch_too_short(self) -> None:
+        """An epoch too short for the sign test is legal (a test loop, a toy run) but makes the
+        optimizer its base optimizer, so it is said once, where the epoch is set."""
+        if self.steps_per_epoch is None:
+            return
+        k, fewest = sign_test_min_steps(self.param_groups)
+        if self.steps_per_epoch < fewest:
+            warnings.warn(
+                f"{type(self).__name__}: steps_per_epoch={self.steps_per_epoch} is too short for "
+                f"the sign test (sign_threshold={k:g} needs at least {fewest} steps per epoch): an "
+                "epoch sum can count as a sign only by a rounding tie, so the gains stay 1 and it "
+                "steps as its base optimizer. Use a longer epoch, or sign_threshold=0 (the "
+                "paper's rule)",
+                stacklevel=3)
 
     def end_epoch(self) -> None:
         """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""
