@@ -51,8 +51,8 @@ import adaptive_lr
 print("adaptive_lr._C installed:", importlib.util.find_spec("adaptive_lr._C") is not None)
 torch.manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(n)) for n in (1000, 37, 100_000)]
-optimizer = adaptive_lr.ActiveAdamW(params, lr=1e-2, steps_per_epoch=3, backend="cpu")
-for _ in range(10):
+optimizer = adaptive_lr.ActiveAdamW(params, lr=1e-2, steps_per_epoch=5, backend="cpu")
+for _ in range(15):  # gains first change at step 11 (the third epoch)
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()

@@ -117,7 +117,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         self.backend = backend
         self.state_precision = state_precision
         super().__init__(params, defaults)
-        self._warn_if_epoch_too_short()
+        self._warn_if_epoch_too_short(stacklevel=4)  # via the optimizer's own __init__
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles (and so deep-copies) only defaults, state and param_groups

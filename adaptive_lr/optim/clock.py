@@ -123,11 +123,12 @@ class EpochClock:
         state dict does not hold it, and ``load_state_dict`` keeps the optimizer's."""
         check_steps_per_epoch(steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
-        self._warn_if_epoch_too_short()
+        self._warn_if_epoch_too_short(stacklevel=3)
 
-    def _warn_if_epoch_too_short(self) -> None:
+    def _warn_if_epoch_too_short(self, stacklevel: int) -> None:
         """An epoch too short for the sign test is legal (a test loop, a toy run) but makes the
-        optimizer its base optimizer, so it is said once, where the epoch is set."""
+        optimizer its base optimizer, so it is said once, where the epoch is set (``stacklevel``:
+        the caller's frame, the line the user wrote)."""
         if self.steps_per_epoch is None:
             return
         k, fewest = sign_test_min_steps(self.param_groups)
@@ -138,7 +139,7 @@ class EpochClock:
                 "epoch sum can count as a sign only by a rounding tie, so the gains stay 1 and it "
                 "steps as its base optimizer. Use a longer epoch, or sign_threshold=0 (the "
                 "paper's rule)",
-                stacklevel=3)
+                stacklevel=stacklevel)
 
     def end_epoch(self) -> None:
         """Mark an epoch boundary (manual mode). The gains change at the start of the next step."""

@@ -107,7 +107,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                               "state": defaultdict(dict)})
         for group in optimizer.param_groups:
             group.update(gains, **new_clock())
-        self._warn_if_epoch_too_short()
+        self._warn_if_epoch_too_short(stacklevel=3)
 
     @property
     def param_groups(self) -> list[dict]:
