@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.optim import optimizer as torch_optimizer
 
-from adaptive_lr import Active, ActiveAdamW, GreedyLR, available_backends
+from adaptive_lr import Active, ActiveAdamW, ActiveSGD, GreedyLR, available_backends
 from adaptive_lr.backends import Boundary, GainRule, rescale
 
 BACKENDS = [b for b in available_backends("cpu") if b in ("reference", "foreach", "cpu")]
@@ -451,13 +451,16 @@ def test_groups_may_override_the_sign_threshold(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_sign_threshold_switched_on_mid_run_holds_the_epoch_under_way(backend):
+@pytest.mark.parametrize("make", [
+    lambda p, **kw: Active(torch.optim.SGD(p, lr=1e-3), **kw),
+    lambda p, **kw: ActiveSGD(p, lr=1e-3, momentum=0.0, **kw),  # the native optimizer alike
+], ids=["Active(SGD)", "ActiveSGD"])
+def test_a_sign_threshold_switched_on_mid_run_holds_the_epoch_under_way(backend, make):
     """Switched on mid-epoch, the epoch sum of g**2 starts at +inf: it did not see the steps the
     epoch sum G already holds, so G counts as no sign (held); the next epochs are tested.
     Switched off, it is dropped."""
     param = torch.zeros(4, requires_grad=True)
-    opt = Active(torch.optim.SGD([param], lr=1e-3), steps_per_epoch=CLOSED_FORM_EPOCH,
-                 backend=backend, sign_threshold=0.0)
+    opt = make([param], steps_per_epoch=CLOSED_FORM_EPOCH, backend=backend, sign_threshold=0.0)
     run_closed_form(opt, param, 12)  # the first boundary rolled over: no gain changed
     assert "grad_sq_sum" not in opt.state[param]
     opt.param_groups[0]["sign_threshold"] = 2.0
@@ -465,7 +468,7 @@ def test_a_sign_threshold_switched_on_mid_run_holds_the_epoch_under_way(backend)
         param.grad = closed_form_grads(step)
         opt.step()
         if step == 12:
-            assert torch.equal(opt.state[param]["grad_sq_sum"], torch.full((4,), math.inf))
+            assert torch.isinf(opt.state[param]["grad_sq_sum"]).all()
     # boundary 2 (epoch 1, untested): held, no sign; 3: held, signs; 4: +2 on the repeats
     assert opt.state[param]["gain"].tolist() == [3.0, 3.0, 1.0, 1.0]
     opt.param_groups[0]["sign_threshold"] = 0.0

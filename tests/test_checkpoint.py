@@ -6,6 +6,7 @@ every device present, so a state dict also moves between CPU and CUDA."""
 
 import copy
 import importlib
+import math
 import pickle
 from pathlib import Path
 
@@ -250,19 +251,24 @@ def test_a_checkpoint_from_before_the_sign_test_of_sgd_and_lion_resumes_with_the
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_switching_the_sign_test_of_sgd_on_and_off_makes_and_drops_q(backend, tmp_path):
-    """A group switched to k > 0 mid-run gets Q (zeros, of grad_sum's dtype) at its next step, a
-    checkpoint keeps it, and switched back to the paper's rule the group drops it."""
+    """A group switched to k > 0 mid-run gets Q (of grad_sum's dtype) at its next step: +inf
+    for the epoch under way (its sum G did not have Q beside it), the steps' g**2 from the next
+    boundary on; a checkpoint keeps it, and switched back to the paper's rule the group drops
+    it."""
     params = make_params(torch.float32)
     grads = grad_sequence([tuple(p.shape) for p in params], 12, torch.float32)
     opt = ActiveSGD(params, lr=1e-2, steps_per_epoch=3, sign_threshold=0.0, backend=backend)
     _feed(opt, params, grads[:4])
     assert not any("grad_sq_sum" in opt.state[p] for p in params)
     opt.param_groups[0]["sign_threshold"] = 1.0
-    _feed(opt, params, grads[4:5])  # epoch 2's second step: Q holds this step's g**2
-    for p, g in zip(params, grads[4]):
+    _feed(opt, params, grads[4:5])  # epoch 2's second step
+    for p in params:
         q = opt.state[p]["grad_sq_sum"]
         assert q.dtype == torch.bfloat16 and q.shape == p.shape
-        assert torch.allclose(q.float(), g.float() ** 2, rtol=2**-7)
+        assert torch.equal(q, torch.full_like(q, math.inf))
+    _feed(opt, params, grads[5:7])  # the boundary at step 7 resets Q: it holds that step's g**2
+    for p, g in zip(params, grads[6]):
+        assert torch.allclose(opt.state[p]["grad_sq_sum"].float(), g.float() ** 2, rtol=2**-7)
     saved = _through_file(opt.state_dict(), tmp_path)
     assert all("grad_sq_sum" in state for state in saved["state"].values())
     resumed = ActiveSGD(clone_params(params), lr=1e-2, steps_per_epoch=3, backend=backend)

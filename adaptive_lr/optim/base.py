@@ -188,17 +188,20 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
 
-    def _grad_sq_sum(self, p: Tensor, kept: bool) -> Tensor | None:
-        """Param p's Q where its group keeps one (``spec.keeps_grad_sq_sum``), else None. The
-        sign test may be switched on mid-run: Q then starts at 0, and the first boundary tests
-        the epoch's sum against the Q of the steps since. Switched off, Q is dropped (one kept
-        would be stale when the test comes back)."""
+    def _grad_sq_sum(self, p: Tensor, kept: bool, fresh: bool = False) -> Tensor | None:
+        """Param p's Q where its group keeps one (``spec.keeps_grad_sq_sum``), else None. Q must
+        cover the steps the epoch sum G covers: a param stepped for the first time (``fresh``)
+        starts it at 0; one whose sign test is switched on mid-run starts it at +inf, so that
+        the G under way counts as no sign (its gain is held) and the next boundary resets Q to
+        0 (as Active(...) does). Switched off, Q is dropped (one kept would be stale when the
+        test comes back)."""
         state = self.state[p]
         if not kept:
             state.pop(GRAD_SQ_SUM, None)
             return None
         if GRAD_SQ_SUM not in state:
-            state[GRAD_SQ_SUM] = torch.zeros_like(p, dtype=self._sign_state_dtype(p))
+            state[GRAD_SQ_SUM] = torch.full_like(p, 0.0 if fresh else math.inf,
+                                                 dtype=self._sign_state_dtype(p))
         return state[GRAD_SQ_SUM]
 
     # ---- step ---------------------------------------------------------------------------
@@ -252,8 +255,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             keys = self.spec.state_keys(hyper)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
+                fresh = not self.state[p]
                 self._init_state(p, group, keys, seeds)
-                self._grad_sq_sum(p, self.spec.keeps_grad_sq_sum(hyper))
+                self._grad_sq_sum(p, self.spec.keeps_grad_sq_sum(hyper), fresh)
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
                 bucket = self._make_bucket(group, hyper, keys, bucket_params, boundary,
