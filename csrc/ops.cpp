@@ -161,7 +161,8 @@ std::vector<std::string> kernel_names() {
 // What a kernel's tag declares about its arguments (math.h): its hyperparameters' names in the
 // op's `hyper` order (kHyper), its states' names in the op's `states` order (kStates) and the
 // index of the state its sign test reads (kSecondMoment; -1: none). The fused backends order the
-// spec's hyperparameters by these names.
+// spec's hyperparameters by these names; tests/test_kernel_metadata.py checks them against the
+// specs and the Triton updates.
 std::tuple<std::vector<std::string>, std::vector<std::string>, int64_t> kernel_signature(
     std::string_view kernel) {
   std::tuple<std::vector<std::string>, std::vector<std::string>, int64_t> signature;

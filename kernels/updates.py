@@ -128,7 +128,8 @@ def lion(h, t, lr, theta, g, gamma, state, CT: tl.constexpr):
 
 
 class Update(NamedTuple):
-    """An update and what it takes, by the names the spec and the C++ kernel's tag use."""
+    """An update and what it takes, by the names the spec and the C++ kernel's tag use
+    (tests/test_kernel_metadata.py checks that the three agree)."""
 
     function: Any  # the @triton.jit update
     hyper: tuple[str, ...]  # its hyperparameters, in the order it unpacks h

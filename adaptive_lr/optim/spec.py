@@ -122,7 +122,9 @@ class OptimizerSpec:
     itself, as Adam's L2 term). ``second_moment``: the state key of the second moment the sign
     test compares an epoch's sum with (its record then has ``betas``, its kernels ``beta2``);
     None: the sign test reads the epoch's sum of g**2 instead (``grad_sq_sum``, kept while the
-    test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``."""
+    test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``.
+    tests/test_kernel_metadata.py checks these names, the state order and the second moment
+    against both kernels' declarations."""
 
     kernel: str
     hyper: type[GainHyper]

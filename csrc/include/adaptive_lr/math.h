@@ -96,6 +96,8 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
 //    then exists), -1 for none: the test then reads the epoch's sum of g^2 (grad_sq_sum), which
 //    the op takes as a list of its own while the test is on (kKeepsGradSqSum);
 //  * its per-element update: Update<Tag, T>, in the element side below.
+// tests/test_kernel_metadata.py checks kHyper's names, kStates and kSecondMoment against the
+// optimizer's spec and its Triton update.
 
 // The valid values of a hyperparameter (checked by the op before anything is written).
 enum class HyperRange {
