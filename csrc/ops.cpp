@@ -4,7 +4,8 @@
 // and hyperparameter before touching any (active_args.h), then runs the fused kernels of
 // csrc/cpu; built against a CUDA torch, the same op runs the kernels of csrc/cuda on CUDA tensors
 // (cuda/ops_cuda.cpp). The Meta implementation does nothing, which is all torch.compile needs of
-// an op that mutates its inputs and returns nothing.
+// an op that mutates its inputs and returns nothing. kernel_names and kernel_signature report the
+// kernels and what their tags declare, for Python to order `hyper` by name and to check.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -12,7 +13,9 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "active_args.h"
@@ -117,6 +120,20 @@ void step(const char* kernel, const ActiveArgs& a, TensorList states,
   cpu_step<Kernel>(a, lists, hyper);
 }
 
+// Calls f(Kernel{}, name) with the tag of the kernel named `kernel` (ADAPTIVE_LR_KERNELS); an
+// unknown name fails, listing the kernels.
+template <class F>
+void with_kernel(const char* op, std::string_view kernel, F&& f) {
+#define ADAPTIVE_LR_DISPATCH(name, Kernel) \
+  if (kernel == #name) return f(Kernel{}, #name);
+  ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_DISPATCH)
+#undef ADAPTIVE_LR_DISPATCH
+#define ADAPTIVE_LR_NAME(name, Kernel) " " #name
+  TORCH_CHECK(false, op, ": unknown kernel '", kernel,
+              "'; the kernels are" ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_NAME));
+#undef ADAPTIVE_LR_NAME
+}
+
 void active_step_(std::string_view kernel, TensorList params, TensorList grads, TensorList gains,
                   TensorList grad_sums, TensorList grad_sq_sums, TensorList prev_signs,
                   TensorList steps, TensorList states, const Tensor& lr,
@@ -129,14 +146,34 @@ void active_step_(std::string_view kernel, TensorList params, TensorList grads, 
                         prev_signs,  steps,          lr,       weight_decay, maximize,
                         gain_inc,    gain_dec,       min_gain, max_gain,   sign_threshold,
                         epoch_steps, rounding_seeds, boundary, grad_scale, found_inf};
-#define ADAPTIVE_LR_DISPATCH(name, Kernel) \
-  if (kernel == #name) return step<Kernel>(#name, args, states, hyper);
-  ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_DISPATCH)
-#undef ADAPTIVE_LR_DISPATCH
-#define ADAPTIVE_LR_NAME(name, Kernel) " " #name
-  TORCH_CHECK(false, kOp, ": unknown kernel '", kernel,
-              "'; the kernels are" ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_NAME));
+  with_kernel(kOp, kernel, [&](auto tag, const char* name) {
+    step<decltype(tag)>(name, args, states, hyper);
+  });
+}
+
+// Every kernel's name, in ADAPTIVE_LR_KERNELS's order.
+std::vector<std::string> kernel_names() {
+#define ADAPTIVE_LR_NAME(name, Kernel) #name,
+  return {ADAPTIVE_LR_KERNELS(ADAPTIVE_LR_NAME)};
 #undef ADAPTIVE_LR_NAME
+}
+
+// What a kernel's tag declares about its arguments (math.h): its hyperparameters' names in the
+// op's `hyper` order (kHyper), its states' names in the op's `states` order (kStates) and the
+// index of the state its sign test reads (kSecondMoment; -1: none). The fused backends order the
+// spec's hyperparameters by these names; tests/test_kernel_metadata.py checks them against the
+// specs and the Triton updates.
+std::tuple<std::vector<std::string>, std::vector<std::string>, int64_t> kernel_signature(
+    std::string_view kernel) {
+  std::tuple<std::vector<std::string>, std::vector<std::string>, int64_t> signature;
+  with_kernel("kernel_signature", kernel, [&](auto tag, const char*) {
+    using Kernel = decltype(tag);
+    auto& [hyper, states, second_moment] = signature;
+    for (const HyperSpec& h : Kernel::kHyper) hyper.emplace_back(h.name);
+    for (const char* s : Kernel::kStates) states.emplace_back(s);
+    second_moment = Kernel::kSecondMoment;
+  });
+  return signature;
 }
 
 // A no-op with the signature of F: the Meta (and so fake-tensor) kernel of a mutating op.
@@ -158,6 +195,10 @@ TORCH_LIBRARY(adaptive_lr, m) {
         "Tensor? grad_scale, Tensor? found_inf, int[] rounding_seeds=[]) -> ()");
   // the SIMD build the cpu backend's kernels run, for benchmarks and tests to name
   m.def("cpu_capability() -> str", &cpu::kernel_capability);
+  // each kernel's declaration of its arguments, for Python to check and order them by name
+  m.def("kernel_names() -> str[]", &kernel_names);
+  m.def("kernel_signature(str kernel) -> (str[] hyper, str[] states, int second_moment)",
+        &kernel_signature);
 }
 
 TORCH_LIBRARY_IMPL(adaptive_lr, CPU, m) { m.impl("active_step_", &active_step_); }

@@ -25,14 +25,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .numerics import bias_corrections, div
+from .numerics import div, powi
 
 # Rows of the pointer table: these lists, then the spec's state lists in state_keys order, then
 # (GRAD_SQ) the grad_sq_sums.
 ROWS = ("param", "grad", "gain", "grad_sum", "prev_sign", "step")
 # The float64 hyperparameter table on the device: these entries every optimizer has (the
-# decoupled weight decay is 0 for an optimizer whose update applies its own), then the spec's
-# kernel_hyper vector.
+# decoupled weight decay is 0 for an optimizer whose update applies its own), then the update's
+# own hyperparameters in its UPDATES[...].hyper order (the launch orders them by name).
 COMMON_HYPER = ("weight_decay", "gain_inc", "gain_dec", "min_gain", "max_gain",
                 "sign_threshold", "epoch_steps")
 
@@ -206,8 +206,8 @@ def active_step_kernel(
     ptr_table, numels, seeds, chunk_tensor, chunk_start, arrivals, n_tensors,
     hyper, lr_ptr, grad_scale_ptr, found_inf_ptr,
     UPDATE: tl.constexpr, N_HYPER: tl.constexpr, N_STATE: tl.constexpr,
-    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, GRAD_SQ: tl.constexpr,
-    COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, BETA2: tl.constexpr, SIGN_TEST: tl.constexpr,
+    GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
     SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -257,8 +257,8 @@ def active_step_kernel(
         if GRAD_SQ:  # k^2, against the epoch's sum of g^2
             factor = (threshold * threshold).to(CT)
         else:  # k^2 S / (1 - beta2^t), t the step count before this step
-            # (h[1] is beta2: the host checked it)
-            _, bc2, _ = bias_corrections(h[0], h[1], t.to(tl.float64) - 1.0)
+            # (h[BETA2] is beta2: the host found it by name)
+            bc2 = 1.0 - powi(h[BETA2], (t.to(tl.float64) - 1.0).to(tl.int32))
             factor = (threshold * threshold * tl.load(hyper + EPOCH_STEPS) / bc2).to(CT)
 
     key = t.to(tl.uint32)  # a placeholder unless COMPACT

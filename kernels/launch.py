@@ -14,13 +14,13 @@ no device work; a miss copies the tables host-to-device once, asynchronously fro
 step path reads device memory on the host.
 
 This package knows no optimizer and imports nothing of adaptive_lr: the caller
-(adaptive_lr/backends/triton.py) names the update and hands over its hyperparameter vector.
+(adaptive_lr/backends/triton.py) names the update and hands over its hyperparameters by name.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +143,7 @@ def _hyper_table(plan: _Plan, values: tuple, device: torch.device) -> Tensor:
 def active_step(
     update: str,
     rows: list[list[Tensor]],
-    hyper: Sequence[float],
+    hyper: Mapping[str, float],
     *,
     lr: Tensor,
     weight_decay: float,
@@ -159,7 +159,8 @@ def active_step(
 ) -> None:
     """One optimizer step over a bucket in one launch.
 
-    ``update``: a name of ``UPDATES``, with ``hyper`` its hyperparameter vector (bools as 0/1).
+    ``update``: a name of ``UPDATES``, with ``hyper`` its hyperparameters by the names its
+    ``Update.hyper`` lists (bools as 0/1; put in that order here).
     ``rows`` = [params, grads, gains, grad_sums, prev_signs, steps, *state lists] (``ROWS``, then
     the update's state lists in order); every column contiguous, or dense with its param's
     strides (the caller runs other layouts on copies); ``contiguous``: whether every tensor is
@@ -175,14 +176,17 @@ def active_step(
     if update not in UPDATES:
         raise ValueError(f"adaptive_lr triton backend: no update {update!r}; have {list(UPDATES)}")
     names = UPDATES[update].hyper
-    if len(hyper) != len(names):
-        raise ValueError(f"adaptive_lr triton backend: {update} takes {len(names)} "
-                         f"hyperparameters {names}, got {len(hyper)}: {list(hyper)}")
+    if len(hyper) != len(names) or not all(name in hyper for name in names):
+        missing = [name for name in names if name not in hyper]
+        unknown = [name for name in hyper if name not in names]
+        raise ValueError(f"adaptive_lr triton backend: {update} takes the hyperparameters "
+                         f"{names}; missing {missing}, unknown {unknown}")
     sign_test = gain_rule[4] > 0
     moment = UPDATES[update].second_moment
-    if sign_test and moment is not None and names[:2] != ("beta1", "beta2"):
-        raise ValueError(f"adaptive_lr triton backend: {update}'s sign test needs beta2 as its "
-                         f"second hyperparameter, got {names}")
+    # the sign test against the second moment bias-corrects it with beta2
+    if sign_test and moment is not None and "beta2" not in names:
+        raise ValueError(f"adaptive_lr triton backend: {update}'s sign test needs beta2, which "
+                         f"its hyperparameters {names} lack")
     grad_sq = sign_test and moment is None
     if grad_sq != (grad_sq_sums is not None):
         raise ValueError(f"adaptive_lr triton backend: {update} with sign_threshold "
@@ -198,15 +202,17 @@ def active_step(
     if compact and compute == torch.float64:
         raise TypeError("adaptive_lr triton backend: compact state is not for float64 params")
     plan = _plan_for(rows, device, contiguous, tuple(rounding_seeds or ()))
-    values = (weight_decay, *gain_rule, epoch_steps, *hyper)  # COMMON_HYPER, then the vector
+    # COMMON_HYPER, then the update's own in its order
+    values = (weight_decay, *gain_rule, epoch_steps, *(hyper[name] for name in names))
     table = _hyper_table(plan, tuple(float(v) for v in values), device)
     active_step_kernel[(plan.n_chunks,)](
         plan.ptr_table, plan.numels, plan.seeds, plan.chunk_tensor, plan.chunk_start,
         plan.arrivals, len(params), table, lr,
         lr if grad_scale is None else grad_scale,  # unused pointer when the flag is off
         lr if found_inf is None else found_inf,
-        UPDATE=UPDATES[update].function, N_HYPER=len(hyper),
+        UPDATE=UPDATES[update].function, N_HYPER=len(names),
         N_STATE=len(rows) - len(ROWS) - int(grad_sq), BOUNDARY=int(boundary), MOMENT=moment or 0,
+        BETA2=names.index("beta2") if sign_test and not grad_sq else 0,
         SIGN_TEST=sign_test, GRAD_SQ=grad_sq, COMPACT=compact,
         MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,

@@ -4,15 +4,17 @@ functions by the ``kernel`` name of the optimizer's spec (adaptive_lr/optim/spec
 
 An update is ``update(h, t, lr, theta, g, gamma, state, CT) -> (theta, state)``:
 
-* ``h``: the spec's ``kernel_hyper`` vector as a tuple of float64 scalars, in its order (bools
-  are 0.0 / 1.0); ``UPDATES`` names the entries, and a vector of another length is refused on
-  the host;
+* ``h``: the update's hyperparameters as a tuple of float64 scalars (bools are 0.0 / 1.0), in
+  the order its ``UPDATES`` entry names them (``Update.hyper``, which is how the function unpacks
+  ``h``): the launch takes them by name (the spec's ``kernel_hyper``) and orders them so,
+  refusing a missing or unknown name;
 * ``t``: this tensor's step number, this step included (float64, >= 1); ``lr``: float64;
 * ``theta``: the param block (already decoupled-weight-decayed when the spec says so), ``g`` the
   gradient block (unscaled, negated under maximize; grad_sum already has it), ``gamma`` the
   gains, all in the compute dtype ``CT`` (float64 for float64 params, else float32);
-* ``state``: the state blocks in the spec's ``state_keys`` order (a tuple whose length is known
-  when the kernel is compiled: an amsgrad maximum is there exactly when amsgrad is on).
+* ``state``: the state blocks in the spec's ``state_keys`` order, which ``Update.state`` names
+  (a tuple whose length is known when the kernel is compiled: an amsgrad maximum is there
+  exactly when amsgrad is on).
 
 It returns the new theta and state, in ``CT`` (the kernel stores them). Everything derived from
 ``h``, ``t`` and ``lr`` alone is the same for every block of a tensor: the compiler hoists it out
@@ -126,18 +128,25 @@ def lion(h, t, lr, theta, g, gamma, state, CT: tl.constexpr):
 
 
 class Update(NamedTuple):
+    """An update and what it takes, by the names the spec and the C++ kernel's tag use
+    (tests/test_kernel_metadata.py checks that the three agree)."""
+
     function: Any  # the @triton.jit update
-    hyper: tuple[str, ...]  # the entries of kernel_hyper, in order (documentation and length)
-    # the index of the state the sign test reads (its hyper then starts with beta1, beta2);
-    # None: the test reads the epoch's sum of g**2 (a row of its own)
+    hyper: tuple[str, ...]  # its hyperparameters, in the order it unpacks h
+    state: tuple[str, ...]  # its state blocks, in order (amsgrad's maximum last)
+    # the index of the state the sign test reads (its hyper then has beta2); None: the test
+    # reads the epoch's sum of g**2 (a row of its own)
     second_moment: int | None = None
 
 
+_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 UPDATES = {
-    "sgd": Update(sgd, ("momentum", "dampening", "nesterov")),
-    "adamw": Update(adamw, ("beta1", "beta2", "eps", "amsgrad"), second_moment=1),
-    "adam": Update(adam, ("beta1", "beta2", "eps", "amsgrad", "weight_decay"), second_moment=1),
-    "radam": Update(radam, ("beta1", "beta2", "eps"), second_moment=1),
-    "adabelief": Update(adabelief, ("beta1", "beta2", "eps", "amsgrad", "rectify"), second_moment=1),
-    "lion": Update(lion, ("beta1", "beta2")),
+    "sgd": Update(sgd, ("momentum", "dampening", "nesterov"), ("momentum_buffer",)),
+    "adamw": Update(adamw, ("beta1", "beta2", "eps", "amsgrad"), _ADAM_STATE, second_moment=1),
+    "adam": Update(adam, ("beta1", "beta2", "eps", "amsgrad", "weight_decay"), _ADAM_STATE,
+                   second_moment=1),
+    "radam": Update(radam, ("beta1", "beta2", "eps"), _ADAM_STATE[:2], second_moment=1),
+    "adabelief": Update(adabelief, ("beta1", "beta2", "eps", "amsgrad", "rectify"),
+                        ("exp_avg", "exp_avg_var", "max_exp_avg_var"), second_moment=1),
+    "lion": Update(lion, ("beta1", "beta2"), ("exp_avg",)),
 }

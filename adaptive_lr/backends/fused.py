@@ -15,6 +15,25 @@ def step(bucket: Bucket, lr: torch.Tensor) -> None:
     run(torch.ops.adaptive_lr.active_step_.default, _op_kwargs(bucket, lr))
 
 
+# Each kernel's hyperparameter names in the order its op takes them (the C++ tag's kHyper), asked
+# of the op once per kernel (a dict, not functools.cache: torch.compile traces the step).
+_HYPER_ORDER: dict[str, tuple[str, ...]] = {}
+
+
+def kernel_hyper(spec, h) -> list[float]:
+    """The op's ``hyper`` list: the spec's hyperparameters for record ``h``, by name, in the order
+    its C++ kernel takes them."""
+    names = _HYPER_ORDER.get(spec.kernel)
+    if names is None:
+        hyper, _, _ = torch.ops.adaptive_lr.kernel_signature(spec.kernel)
+        names = _HYPER_ORDER[spec.kernel] = tuple(hyper)
+    values = spec.kernel_hyper(h)
+    if len(values) != len(names) or not all(name in values for name in names):
+        raise ValueError(f"adaptive_lr: the spec of kernel {spec.kernel!r} names the "
+                         f"hyperparameters {tuple(values)}, its C++ kernel takes {names}")
+    return [values[name] for name in names]
+
+
 def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
     """The op's arguments for ``bucket``, its lr given as the tensor the kernels read."""
     h, spec = bucket.hyper, bucket.spec
@@ -30,7 +49,7 @@ def _op_kwargs(bucket: Bucket, lr: torch.Tensor) -> dict:
         # state-major: state k of tensor i at k * len(params) + i
         states=[t for key in spec.state_keys(h) for t in bucket.state[key]],
         lr=lr,
-        hyper=spec.kernel_hyper(h),
+        hyper=kernel_hyper(spec, h),
         weight_decay=h.weight_decay if spec.decoupled_weight_decay(h) else 0.0,
         maximize=h.maximize,
         gain_inc=h.gain_inc,

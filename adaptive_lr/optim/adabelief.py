@@ -75,7 +75,8 @@ ADABELIEF = OptimizerSpec(
     amsgrad_state="max_exp_avg_var",
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad), float(h.rectify)],
+    kernel_hyper=lambda h: {"beta1": h.betas[0], "beta2": h.betas[1], "eps": h.eps,
+                            "amsgrad": float(h.amsgrad), "rectify": float(h.rectify)},
 )
 
 

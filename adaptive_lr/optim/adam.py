@@ -40,7 +40,7 @@ ADAM = OptimizerSpec(
     amsgrad_state="max_exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad), _l2(h)],
+    kernel_hyper=lambda h: dict(ADAMW.kernel_hyper(h), weight_decay=_l2(h)),
     base=BaseOptimizer("torch.optim.Adam", ("lr", "betas", "eps", "amsgrad")),
     decoupled_weight_decay=lambda h: h.decoupled_weight_decay,
 )

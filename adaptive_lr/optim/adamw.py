@@ -41,7 +41,8 @@ ADAMW = OptimizerSpec(
     amsgrad_state="max_exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: [*h.betas, h.eps, float(h.amsgrad)],
+    kernel_hyper=lambda h: {"beta1": h.betas[0], "beta2": h.betas[1], "eps": h.eps,
+                            "amsgrad": float(h.amsgrad)},
     # before torch 2.6, AdamW's groups had no decoupled_weight_decay key
     base=BaseOptimizer("torch.optim.AdamW", ("lr", "betas", "eps", "amsgrad"),
                        decoupled_by_default=True),

@@ -47,7 +47,7 @@ LION = OptimizerSpec(
     state=("exp_avg",),
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: list(h.betas),
+    kernel_hyper=lambda h: {"beta1": h.betas[0], "beta2": h.betas[1]},
 )
 
 

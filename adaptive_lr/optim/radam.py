@@ -54,7 +54,7 @@ RADAM = OptimizerSpec(
     second_moment="exp_avg_sq",
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: [*h.betas, h.eps],
+    kernel_hyper=lambda h: {"beta1": h.betas[0], "beta2": h.betas[1], "eps": h.eps},
     base=BaseOptimizer("torch.optim.RAdam", ("lr", "betas", "eps"), ("amsgrad",)),
 )
 

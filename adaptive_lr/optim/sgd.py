@@ -58,7 +58,8 @@ SGD = OptimizerSpec(
     state=("momentum_buffer",),
     reference=_reference,
     foreach=_foreach,
-    kernel_hyper=lambda h: [h.momentum, h.dampening, float(h.nesterov)],
+    kernel_hyper=lambda h: {"momentum": h.momentum, "dampening": h.dampening,
+                            "nesterov": float(h.nesterov)},
     base=BaseOptimizer("torch.optim.SGD", ("lr", "momentum", "dampening", "nesterov")),
 )
 

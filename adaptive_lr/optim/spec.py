@@ -2,7 +2,7 @@
 
 An optimizer is its hyperparameter record (typed, validated once when a param group is added),
 its state keys, its reference and foreach updates, its mapping onto the fused kernels' arguments
-(C++/CUDA op and Triton kernel: the same kernel name and hyperparameter vector), and the
+(C++/CUDA op and Triton kernel: the same kernel name and hyperparameters, by name), and the
 ``torch.optim`` optimizer it equals while every gain is 1. Backends receive the spec and the
 record in each bucket and never name an optimizer themselves (docs/algorithm.md, "Adding an
 optimizer")."""
@@ -113,21 +113,25 @@ class OptimizerSpec:
 
     ``kernel`` names its fused kernels (the X-macro entry of csrc/include/adaptive_lr/math.h and
     the Triton update of adaptive_lr.kernels); ``kernel_hyper(h)`` is the kernels'
-    hyperparameter vector, in the order they parse it (bools as 0/1). ``state`` lists the
-    base-optimizer state in the kernels' order (torch.optim's key names); ``amsgrad_state`` is
-    the key that exists only while the group's ``amsgrad`` is on. ``decoupled_weight_decay(h)``:
-    whether every backend applies ``theta *= 1 - lr * weight_decay`` before the update (False:
-    the update uses weight_decay itself, as Adam's L2 term). ``second_moment``: the state key of
-    the second moment the sign test compares an epoch's sum with (its record then has
-    ``betas``); None: the sign test reads the epoch's sum of g**2 instead (``grad_sq_sum``,
-    kept while the test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``."""
+    hyperparameters by name (bools as 0/1): the names the C++ tag's ``kHyper`` and the Triton
+    ``Update.hyper`` declare, each backend putting the values in its kernel's order. ``state``
+    lists the base-optimizer state in the kernels' order (torch.optim's key names; the tag's
+    ``kStates``, the update's ``state``); ``amsgrad_state`` is the key that exists only while the
+    group's ``amsgrad`` is on. ``decoupled_weight_decay(h)``: whether every backend applies
+    ``theta *= 1 - lr * weight_decay`` before the update (False: the update uses weight_decay
+    itself, as Adam's L2 term). ``second_moment``: the state key of the second moment the sign
+    test compares an epoch's sum with (its record then has ``betas``, its kernels ``beta2``);
+    None: the sign test reads the epoch's sum of g**2 instead (``grad_sq_sum``, kept while the
+    test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``.
+    tests/test_kernel_metadata.py checks these names, the state order and the second moment
+    against both kernels' declarations."""
 
     kernel: str
     hyper: type[GainHyper]
     state: tuple[str, ...]
     reference: ReferenceUpdate
     foreach: ForeachUpdate
-    kernel_hyper: Callable[[Any], list[float]]
+    kernel_hyper: Callable[[Any], dict[str, float]]
     amsgrad_state: str | None = None
     second_moment: str | None = None
     base: BaseOptimizer | None = None

@@ -85,14 +85,19 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
 // instantiation (CPU kernels, CUDA kernels, the op's name -> kernel dispatch) expands that list.
 // A tag carries what the generic code needs:
 //  * kHyper: its hyperparameters in the op's order (`hyper`, a float list; flags as 0.0/1.0), each
-//    with its valid range, and make_hyper(lr, values) building its Hyper from them;
-//  * kStates: its state lists in the op's order, kMaxStates of them; Hyper::num_states() says how
-//    many a call uses (amsgrad's running maximum is the optional last one);
+//    with its valid range, and make_hyper(lr, values) building its Hyper from them. The names are
+//    those the optimizer's spec gives its values (kernel_hyper): the op kernel_signature reports
+//    them, and the fused backends order the spec's values by them;
+//  * kStates: its state lists in the op's order (the spec's state keys), kMaxStates of them;
+//    Hyper::num_states() says how many a call uses (amsgrad's running maximum is the optional
+//    last one);
 //  * Scalars and step_scalars(hyper, t): what is derived once per tensor per step from its step t;
 //  * kSecondMoment: the index of the state the sign test compares an epoch sum with (Hyper::beta2
 //    then exists), -1 for none: the test then reads the epoch's sum of g^2 (grad_sq_sum), which
 //    the op takes as a list of its own while the test is on (kKeepsGradSqSum);
 //  * its per-element update: Update<Tag, T>, in the element side below.
+// tests/test_kernel_metadata.py checks kHyper's names, kStates and kSecondMoment against the
+// optimizer's spec and its Triton update.
 
 // The valid values of a hyperparameter (checked by the op before anything is written).
 enum class HyperRange {
