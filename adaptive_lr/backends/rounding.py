@@ -2,14 +2,16 @@
 functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``, ``grad_sq_sum_key``,
 ``bfloat16_stochastic``, ``bfloat16_stochastic_gain``) and the Triton kernel, so every backend
 draws the same bits and stores the same bfloat16 grad_sum, grad_sq_sum and gain
-(docs/algorithm.md, "Compact state"); a NaN sum stays NaN, with the
-bit pattern torch's conversion gives it.
+(docs/algorithm.md, "Compact state"); a NaN sum stays NaN (0x7fc0, as math.h's).
 
-The 32-bit hash runs on int64 tensors holding unsigned 32-bit values; a product is split into
-16-bit halves so that no intermediate leaves int64. ``mix32`` and ``rounding_key`` also take
-Python ints."""
+The 32-bit hash runs on int64 tensors holding unsigned 32-bit values (torch does not promise that
+an int32 product wraps around), with multipliers chosen so that no product leaves int64; the
+rounding adds its draws in int32, where no sum overflows. ``mix32`` and ``rounding_key`` also
+take Python ints."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -20,25 +22,32 @@ MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x, c: int):
-    """x * c mod 2**32 (x an unsigned 32-bit value, c a constant); a tensor x in place."""
-    high = x * (c >> 16)
-    high &= 0xFFFF
-    high <<= 16
-    x *= c & 0xFFFF
-    x += high
+    """x * c mod 2**32 (x an unsigned 32-bit value, c a constant); a tensor x in place. A c of
+    2**31 or more is taken as c - 2**32 (the same mod 2**32): the product's magnitude stays below
+    2**63, so int64 never overflows, and the mask leaves its low 32 bits (two's complement)."""
+    x *= c if c < 1 << 31 else c - (1 << 32)
     x &= MASK32
     return x
 
 
+# C. Wellons' "lowbias32": two rounds of an xor-shift and a multiplication, then an xor-shift by 16
+_ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B))
+
+
 def mix32(x):
-    """C. Wellons' "lowbias32" integer hash. A tensor is hashed in place (give it a fresh one):
-    the augmented assignments below mutate tensors and rebind ints, and on the foreach backend's
-    big tensors every pass not allocated counts."""
+    """The 32-bit hash. A tensor is hashed in place (give it a fresh one): the augmented
+    assignments below mutate tensors and rebind ints."""
+    x = _mix32_high(x)
     x ^= x >> 16
-    x = _mul32(x, 0x7FEB352D)
-    x ^= x >> 15
-    x = _mul32(x, 0x846CA68B)
-    x ^= x >> 16
+    return x
+
+
+def _mix32_high(x):
+    """mix32 but its last xor-shift, which leaves the high 16 bits as they are: an epoch sum's
+    draw needs no more."""
+    for shift, c in _ROUNDS:
+        x ^= x >> shift
+        x = _mul32(x, c)
     return x
 
 
@@ -83,25 +92,33 @@ def element_index(t: Tensor) -> Tensor:
 
 def _round_with(x: Tensor, draws: Tensor) -> Tensor:
     """float32 ``x`` rounded stochastically to bfloat16 with 16 uniform bits per element (math.h's
-    bfloat16_round_with): added below the kept bits before truncation, which rounds up with
-    probability equal to the dropped fraction. Infinities and NaN round to nearest."""
-    # on the signed bit pattern: a finite float's stays inside int32 (only NaNs could leave it)
-    draws += x.view(torch.int32)
-    draws &= -0x10000
-    # the low 16 bits are 0: the conversion to bfloat16 is exact
-    return torch.where(x.isfinite(), draws.to(torch.int32).view(torch.float32), x).to(torch.bfloat16)
+    bfloat16_round_with): added below the kept bits, which rounds up with probability equal to
+    the dropped fraction once they are cut off. Returns the int32 sum, the bfloat16's bits in its
+    high 16 (``draws`` if int32, in place). Infinities and NaN round to nearest."""
+    # a NaN becomes the quiet NaN 0x7fc00000 (math.h's bfloat16_nearest gives that one), whose
+    # payload cannot carry; an infinity's low 16 bits are 0, so the draw leaves it as it is. On the
+    # signed bit pattern the sum then stays inside int32 (half the bytes of int64, and an addition
+    # without the multiplication by alpha int64's does), its high 16 bits inside int16
+    bits = x.nan_to_num(nan=math.nan, posinf=math.inf, neginf=-math.inf).view(torch.int32)
+    rounded = draws.to(torch.int32)
+    rounded += bits
+    return rounded
+
+
+def _to_bfloat16(rounded: Tensor) -> Tensor:
+    return (rounded >> 16).to(torch.int16).view(torch.bfloat16)
 
 
 def bfloat16_stochastic(x: Tensor, key: int, index: Tensor) -> Tensor:
     """A compact epoch sum: float32 ``x`` rounded stochastically to bfloat16, element ``index``
     (element_index of its param) with ``key``'s draw, the hash's high 16 bits."""
-    draws = mix32((index + key) & MASK32)
+    draws = _mix32_high((index + key) & MASK32)
     draws >>= 16
-    return _round_with(x, draws)
+    return _to_bfloat16(_round_with(x, draws))
 
 
 def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
     """A new compact gain: as bfloat16_stochastic with the same hash's low 16 bits."""
     draws = mix32((index + key) & MASK32)
     draws &= 0xFFFF
-    return _round_with(x, draws)
+    return _to_bfloat16(_round_with(x, draws))
