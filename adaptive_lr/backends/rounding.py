@@ -34,20 +34,23 @@ def _mul32(x, c: int):
 _ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B))
 
 
-def mix32(x):
+def mix32(x, scratch: Tensor | None = None):
     """The 32-bit hash. A tensor is hashed in place (give it a fresh one): the augmented
-    assignments below mutate tensors and rebind ints."""
-    x = _mix32_high(x)
-    x ^= x >> 16
-    return x
+    assignments below mutate tensors and rebind ints. ``scratch`` (of a tensor's shape): where
+    its shifted copies go, so that a pass allocates nothing."""
+    return _xorshift(_mix32_high(x, scratch), 16, scratch)
 
 
-def _mix32_high(x):
+def _mix32_high(x, scratch: Tensor | None = None):
     """mix32 but its last xor-shift, which leaves the high 16 bits as they are: an epoch sum's
     draw needs no more."""
     for shift, c in _ROUNDS:
-        x ^= x >> shift
-        x = _mul32(x, c)
+        x = _mul32(_xorshift(x, shift, scratch), c)
+    return x
+
+
+def _xorshift(x, shift: int, scratch: Tensor | None):
+    x ^= x >> shift if scratch is None else torch.bitwise_right_shift(x, shift, out=scratch)
     return x
 
 
@@ -122,3 +125,97 @@ def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
     draws = mix32((index + key) & MASK32)
     draws &= 0xFFFF
     return _to_bfloat16(_round_with(x, draws))
+
+
+# The foreach backend rounds in batches of at most this many elements: pieces of a big tensor, or
+# small tensors packed side by side. A step's temporaries are then bounded (about 10 MiB) whatever
+# its tensors' sizes, the int64 passes run in cache (2**17-2**18 were the fastest on a CPU, 2**20
+# a third slower: docs/step_time.md), and a small tensor costs 4 ops beside a batch's dozen. On a
+# GPU each op is a launch: a pass over 2**18 int64 still moves megabytes.
+CHUNK = 1 << 18
+
+
+def accumulate_stochastic(totals: list[Tensor], values: list[Tensor],
+                          roundings: list[tuple[int, Tensor]], square: bool = False) -> None:
+    """Compact epoch sums: ``totals[i] <- bfloat16_stochastic(float32(totals[i]) + values[i],
+    key, element_index(param))`` with ``roundings[i] = (key, param)``, in place; ``square`` adds
+    values[i] ** 2 (the product and the sum each rounded once, as the reference does)."""
+    flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
+
+    def fill(x, i, total, start, stop):
+        value = flat_values[i][start:stop]
+        if square:
+            torch.mul(value, value, out=x)
+            x += total[start:stop]
+        else:
+            x.copy_(total[start:stop])
+            x += value
+
+    _store(totals, roundings, fill, gain=False)
+
+
+def store_stochastic_gain(gains: list[Tensor], values: list[Tensor],
+                          roundings: list[tuple[int, Tensor]]) -> None:
+    """New compact gains: ``gains[i] <- bfloat16_stochastic_gain(values[i], key,
+    element_index(param))`` with ``roundings[i] = (key, param)``, in place."""
+    flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
+    _store(gains, roundings, lambda x, i, _, start, stop: x.copy_(flat_values[i][start:stop]),
+           gain=True)
+
+
+def _store(outs: list[Tensor], roundings: list[tuple[int, Tensor]], fill, gain: bool) -> None:
+    """outs[i] <- the float32 values ``fill(x, i, flat_out, start, stop)`` writes into x for the
+    elements [start, stop) of outs[i] (element_index order), rounded stochastically with the
+    hash's high bits (epoch sums) or low bits (``gain``), CHUNK elements at a time."""
+    targets = [_in_index_order(out, p) for out, (_, p) in zip(outs, roundings)]
+    flats = [t.reshape(-1) for t in targets]  # a view where out is laid out as its param
+    size = min(CHUNK, sum(f.numel() for f in flats))
+    index = torch.empty(size, dtype=torch.int64, device=outs[0].device)
+    scratch = torch.empty_like(index)
+    draws = torch.empty(size, dtype=torch.int32, device=outs[0].device)
+    x = torch.empty(size, dtype=torch.float32, device=outs[0].device)
+    for batch, used in _batches([f.numel() for f in flats]):
+        for i, start, stop, at in batch:
+            key = roundings[i][0]
+            torch.arange(key + start, key + stop, out=index[at:at + stop - start])
+            fill(x[at:at + stop - start], i, flats[i], start, stop)
+        hashed = index[:used]
+        hashed &= MASK32
+        if gain:
+            torch.bitwise_and(mix32(hashed, scratch[:used]), 0xFFFF, out=draws[:used])
+        else:
+            torch.bitwise_right_shift(_mix32_high(hashed, scratch[:used]), 16, out=draws[:used])
+        rounded = _round_with(x[:used], draws[:used])
+        for i, start, stop, at in batch:  # each piece's bfloat16 bits, shifted into place
+            torch.bitwise_right_shift(rounded[at:at + stop - start], 16,
+                                      out=flats[i][start:stop].view(torch.int16))
+    for target, flat in zip(targets, flats):
+        if not target.is_contiguous():  # flat was a copy
+            target.copy_(flat.view(target.shape))
+
+
+def _batches(sizes: list[int]):
+    """Pieces ``(i, start, stop, at)`` of tensors of ``sizes`` elements (tensor i's elements
+    [start, stop) at offset ``at`` of the batch), in batches of at most CHUNK elements: yields
+    (pieces, elements)."""
+    batch, used = [], 0
+    for i, n in enumerate(sizes):
+        start = 0
+        while start < n:
+            stop = min(n, start + CHUNK - used)
+            batch.append((i, start, stop, used))
+            used += stop - start
+            start = stop
+            if used == CHUNK:
+                yield batch, used
+                batch, used = [], 0
+    if batch:
+        yield batch, used
+
+
+def _in_index_order(t: Tensor, param: Tensor) -> Tensor:
+    """t (of param's shape) with its dims permuted so that its row-major order is
+    element_index(param)'s: param's memory order (dims by decreasing stride) if param is dense."""
+    if not is_dense(param):
+        return t
+    return t.permute(sorted(range(param.dim()), key=param.stride, reverse=True))
