@@ -130,8 +130,8 @@ def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
 # The foreach backend rounds in batches of at most this many elements: pieces of a big tensor, or
 # small tensors packed side by side. A step's temporaries are then bounded (about 10 MiB) whatever
 # its tensors' sizes, the int64 passes run in cache (2**17-2**18 were the fastest on a CPU, 2**20
-# a third slower: docs/step_time.md), and a small tensor costs 4 ops beside a batch's dozen. On a
-# GPU each op is a launch: a pass over 2**18 int64 still moves megabytes.
+# took half as long again: docs/step_time.md), and a small tensor costs 4 ops beside a batch's
+# dozen. On a GPU each op is a launch: a pass over 2**18 int64 still moves megabytes.
 CHUNK = 1 << 18
 
 
