@@ -1,8 +1,9 @@
 """The foreach backend: ``torch._foreach_*`` ops over a whole bucket, for any device.
 
 Portable but not fused: each op is one pass over the bucket, and some allocate param-sized
-temporaries. It reads the step counts and found_inf on the host. Each optimizer's own update is
-its spec's ``foreach`` function (adaptive_lr/optim/)."""
+temporaries (compact state's roundings do not: they run in bounded batches, rounding.CHUNK). It
+reads the step counts and found_inf on the host. Each optimizer's own update is its spec's
+``foreach`` function (adaptive_lr/optim/)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
 from .rounding import (
-    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, grad_sq_sum_key, rounding_key,
+    accumulate_stochastic, grad_sq_sum_key, rounding_key, store_stochastic_gain,
 )
 
 
@@ -57,25 +58,15 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
         torch._foreach_add_(increased, torch._foreach_mul(gains32, held))
         torch._foreach_clamp_min_(increased, rule.min_gain)
         torch._foreach_clamp_max_(increased, rule.max_gain)
-        if roundings is not None:
-            increased = [bfloat16_stochastic_gain(x, *r) for x, r in zip(increased, roundings)]
-        torch._foreach_copy_(gains, increased)
+        if roundings is None:
+            torch._foreach_copy_(gains, increased)
+        else:
+            store_stochastic_gain(gains, increased, roundings)
     for prev_sign, sign in zip(prev_signs, signs):
         prev_sign.copy_(sign)
     torch._foreach_zero_(grad_sums)
     if grad_sq_sums is not None:
         torch._foreach_zero_(grad_sq_sums)
-
-
-def _accumulate(totals: list[Tensor], values: list[Tensor],
-                roundings: list[tuple[int, Tensor]] | None) -> None:
-    """totals += values in float32; compact (bfloat16) totals are rounded stochastically."""
-    if roundings is None:
-        torch._foreach_add_(totals, values)
-        return
-    sums = torch._foreach_add([t.float() for t in totals], values)
-    for total, value, rounding in zip(totals, sums, roundings):
-        total.copy_(bfloat16_stochastic(value, *rounding))
 
 
 def step(bucket: Bucket) -> None:
@@ -86,7 +77,7 @@ def step(bucket: Bucket) -> None:
     before, steps = torch.stack([counts, counts + 1]).tolist()
     roundings = None
     if bucket.rounding_seeds is not None:  # compact: this step's keys (even a skipped one's)
-        roundings = [(rounding_key(seed, step), element_index(param)) for seed, step, param
+        roundings = [(rounding_key(seed, step), param) for seed, step, param
                      in zip(bucket.rounding_seeds, steps, bucket.params)]
     if bucket.boundary != Boundary.NONE:
         floors = sign_test_floors(bucket, before)
@@ -102,11 +93,15 @@ def step(bucket: Bucket) -> None:
     if h.maximize:
         g = torch._foreach_neg(g)
     g32 = g if compute == torch.float32 else [x.float() for x in g]
-    _accumulate(bucket.grad_sums, g32, roundings)
-    if bucket.grad_sq_sums is not None:  # the product and the sum each rounded once (no FMA)
-        sq_roundings = None if roundings is None else [
-            (grad_sq_sum_key(key), index) for key, index in roundings]
-        _accumulate(bucket.grad_sq_sums, torch._foreach_mul(g32, g32), sq_roundings)
+    if roundings is None:
+        torch._foreach_add_(bucket.grad_sums, g32)
+        if bucket.grad_sq_sums is not None:  # the product and the sum each rounded once (no FMA)
+            torch._foreach_add_(bucket.grad_sq_sums, torch._foreach_mul(g32, g32))
+    else:  # compact: rounded stochastically, in batches (no param-sized temporaries)
+        accumulate_stochastic(bucket.grad_sums, g32, roundings)
+        if bucket.grad_sq_sums is not None:
+            accumulate_stochastic(bucket.grad_sq_sums, g32, [
+                (grad_sq_sum_key(key), param) for key, param in roundings], square=True)
     low_precision = bucket.dtype != compute
     theta = [p.detach().to(compute) for p in bucket.params]
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

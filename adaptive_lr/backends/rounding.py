@@ -2,14 +2,16 @@
 functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``, ``grad_sq_sum_key``,
 ``bfloat16_stochastic``, ``bfloat16_stochastic_gain``) and the Triton kernel, so every backend
 draws the same bits and stores the same bfloat16 grad_sum, grad_sq_sum and gain
-(docs/algorithm.md, "Compact state"); a NaN sum stays NaN, with the
-bit pattern torch's conversion gives it.
+(docs/algorithm.md, "Compact state"); a NaN sum stays NaN (0x7fc0, as math.h's).
 
-The 32-bit hash runs on int64 tensors holding unsigned 32-bit values; a product is split into
-16-bit halves so that no intermediate leaves int64. ``mix32`` and ``rounding_key`` also take
-Python ints."""
+The 32-bit hash runs on int64 tensors holding unsigned 32-bit values (torch does not promise that
+an int32 product wraps around), with multipliers chosen so that no product leaves int64; the
+rounding adds its draws in int32, where no sum overflows. ``mix32`` and ``rounding_key`` also
+take Python ints."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -20,25 +22,35 @@ MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x, c: int):
-    """x * c mod 2**32 (x an unsigned 32-bit value, c a constant); a tensor x in place."""
-    high = x * (c >> 16)
-    high &= 0xFFFF
-    high <<= 16
-    x *= c & 0xFFFF
-    x += high
+    """x * c mod 2**32 (x an unsigned 32-bit value, c a constant); a tensor x in place. A c of
+    2**31 or more is taken as c - 2**32 (the same mod 2**32): the product's magnitude stays below
+    2**63, so int64 never overflows, and the mask leaves its low 32 bits (two's complement)."""
+    x *= c if c < 1 << 31 else c - (1 << 32)
     x &= MASK32
     return x
 
 
-def mix32(x):
-    """C. Wellons' "lowbias32" integer hash. A tensor is hashed in place (give it a fresh one):
-    the augmented assignments below mutate tensors and rebind ints, and on the foreach backend's
-    big tensors every pass not allocated counts."""
-    x ^= x >> 16
-    x = _mul32(x, 0x7FEB352D)
-    x ^= x >> 15
-    x = _mul32(x, 0x846CA68B)
-    x ^= x >> 16
+# C. Wellons' "lowbias32": two rounds of an xor-shift and a multiplication, then an xor-shift by 16
+_ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B))
+
+
+def mix32(x, scratch: Tensor | None = None):
+    """The 32-bit hash. A tensor is hashed in place (give it a fresh one): the augmented
+    assignments below mutate tensors and rebind ints. ``scratch`` (of a tensor's shape): where
+    its shifted copies go, so that a pass allocates nothing."""
+    return _xorshift(_mix32_high(x, scratch), 16, scratch)
+
+
+def _mix32_high(x, scratch: Tensor | None = None):
+    """mix32 but its last xor-shift, which leaves the high 16 bits as they are: an epoch sum's
+    draw needs no more."""
+    for shift, c in _ROUNDS:
+        x = _mul32(_xorshift(x, shift, scratch), c)
+    return x
+
+
+def _xorshift(x, shift: int, scratch: Tensor | None):
+    x ^= x >> shift if scratch is None else torch.bitwise_right_shift(x, shift, out=scratch)
     return x
 
 
@@ -83,25 +95,127 @@ def element_index(t: Tensor) -> Tensor:
 
 def _round_with(x: Tensor, draws: Tensor) -> Tensor:
     """float32 ``x`` rounded stochastically to bfloat16 with 16 uniform bits per element (math.h's
-    bfloat16_round_with): added below the kept bits before truncation, which rounds up with
-    probability equal to the dropped fraction. Infinities and NaN round to nearest."""
-    # on the signed bit pattern: a finite float's stays inside int32 (only NaNs could leave it)
-    draws += x.view(torch.int32)
-    draws &= -0x10000
-    # the low 16 bits are 0: the conversion to bfloat16 is exact
-    return torch.where(x.isfinite(), draws.to(torch.int32).view(torch.float32), x).to(torch.bfloat16)
+    bfloat16_round_with): added below the kept bits, which rounds up with probability equal to
+    the dropped fraction once they are cut off. Returns the int32 sum, the bfloat16's bits in its
+    high 16 (``draws`` if int32, in place). Infinities and NaN round to nearest."""
+    # a NaN becomes the quiet NaN 0x7fc00000 (math.h's bfloat16_nearest gives that one), whose
+    # payload cannot carry; an infinity's low 16 bits are 0, so the draw leaves it as it is. On the
+    # signed bit pattern the sum then stays inside int32 (half the bytes of int64, and an addition
+    # without the multiplication by alpha int64's does), its high 16 bits inside int16
+    bits = x.nan_to_num(nan=math.nan, posinf=math.inf, neginf=-math.inf).view(torch.int32)
+    rounded = draws.to(torch.int32)
+    rounded += bits
+    return rounded
+
+
+def _to_bfloat16(rounded: Tensor) -> Tensor:
+    return (rounded >> 16).to(torch.int16).view(torch.bfloat16)
 
 
 def bfloat16_stochastic(x: Tensor, key: int, index: Tensor) -> Tensor:
     """A compact epoch sum: float32 ``x`` rounded stochastically to bfloat16, element ``index``
     (element_index of its param) with ``key``'s draw, the hash's high 16 bits."""
-    draws = mix32((index + key) & MASK32)
+    draws = _mix32_high((index + key) & MASK32)
     draws >>= 16
-    return _round_with(x, draws)
+    return _to_bfloat16(_round_with(x, draws))
 
 
 def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
     """A new compact gain: as bfloat16_stochastic with the same hash's low 16 bits."""
     draws = mix32((index + key) & MASK32)
     draws &= 0xFFFF
-    return _round_with(x, draws)
+    return _to_bfloat16(_round_with(x, draws))
+
+
+# The foreach backend rounds in batches of at most this many elements: pieces of a big tensor, or
+# small tensors packed side by side. A step's temporaries are then bounded (about 10 MiB) whatever
+# its tensors' sizes, the int64 passes run in cache (2**17-2**18 were the fastest on a CPU, 2**20
+# took half as long again: docs/step_time.md), and a small tensor costs 4 ops beside a batch's
+# dozen. On a GPU each op is a launch: a pass over 2**18 int64 still moves megabytes.
+CHUNK = 1 << 18
+
+
+def accumulate_stochastic(totals: list[Tensor], values: list[Tensor],
+                          roundings: list[tuple[int, Tensor]], square: bool = False) -> None:
+    """Compact epoch sums: ``totals[i] <- bfloat16_stochastic(float32(totals[i]) + values[i],
+    key, element_index(param))`` with ``roundings[i] = (key, param)``, in place; ``square`` adds
+    values[i] ** 2 (the product and the sum each rounded once, as the reference does)."""
+    flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
+
+    def fill(x, i, total, start, stop):
+        value = flat_values[i][start:stop]
+        if square:
+            torch.mul(value, value, out=x)
+            x += total[start:stop]
+        else:
+            x.copy_(total[start:stop])
+            x += value
+
+    _store(totals, roundings, fill, gain=False)
+
+
+def store_stochastic_gain(gains: list[Tensor], values: list[Tensor],
+                          roundings: list[tuple[int, Tensor]]) -> None:
+    """New compact gains: ``gains[i] <- bfloat16_stochastic_gain(values[i], key,
+    element_index(param))`` with ``roundings[i] = (key, param)``, in place."""
+    flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
+    _store(gains, roundings, lambda x, i, _, start, stop: x.copy_(flat_values[i][start:stop]),
+           gain=True)
+
+
+def _store(outs: list[Tensor], roundings: list[tuple[int, Tensor]], fill, gain: bool) -> None:
+    """outs[i] <- the float32 values ``fill(x, i, flat_out, start, stop)`` writes into x for the
+    elements [start, stop) of outs[i] (element_index order), rounded stochastically with the
+    hash's high bits (epoch sums) or low bits (``gain``), CHUNK elements at a time."""
+    targets = [_in_index_order(out, p) for out, (_, p) in zip(outs, roundings)]
+    flats = [t.reshape(-1) for t in targets]  # a view where out is laid out as its param
+    size = min(CHUNK, sum(f.numel() for f in flats))
+    index = torch.empty(size, dtype=torch.int64, device=outs[0].device)
+    scratch = torch.empty_like(index)
+    draws = torch.empty(size, dtype=torch.int32, device=outs[0].device)
+    x = torch.empty(size, dtype=torch.float32, device=outs[0].device)
+    for batch, used in _batches([f.numel() for f in flats]):
+        for i, start, stop, at in batch:
+            key = roundings[i][0]
+            torch.arange(key + start, key + stop, out=index[at:at + stop - start])
+            fill(x[at:at + stop - start], i, flats[i], start, stop)
+        hashed = index[:used]
+        hashed &= MASK32
+        if gain:
+            torch.bitwise_and(mix32(hashed, scratch[:used]), 0xFFFF, out=draws[:used])
+        else:
+            torch.bitwise_right_shift(_mix32_high(hashed, scratch[:used]), 16, out=draws[:used])
+        rounded = _round_with(x[:used], draws[:used])
+        for i, start, stop, at in batch:  # each piece's bfloat16 bits, shifted into place
+            torch.bitwise_right_shift(rounded[at:at + stop - start], 16,
+                                      out=flats[i][start:stop].view(torch.int16))
+    for target, flat in zip(targets, flats):
+        if not target.is_contiguous():  # flat was a copy
+            target.copy_(flat.view(target.shape))
+
+
+def _batches(sizes: list[int]):
+    """Pieces ``(i, start, stop, at)`` of tensors of ``sizes`` elements (tensor i's elements
+    [start, stop) at offset ``at`` of the batch), in batches of at most CHUNK elements: yields
+    (pieces, elements)."""
+    batch, used = [], 0
+    for i, n in enumerate(sizes):
+        start = 0
+        while start < n:
+            stop = min(n, start + CHUNK - used)
+            batch.append((i, start, stop, used))
+            used += stop - start
+            start = stop
+            if used == CHUNK:
+                yield batch, used
+                batch, used = [], 0
+    if batch:
+        yield batch, used
+
+
+def _in_index_order(t: Tensor, param: Tensor) -> Tensor:
+    """t (of param's shape) with its dims permuted so that its row-major order is
+    element_index(param)'s: param's memory order (dims by decreasing stride) if param is dense."""
+    if not is_dense(param):
+        return t
+    return t.permute(sorted(range(param.dim()), key=param.stride, reverse=True))

@@ -1,0 +1,96 @@
+"""The foreach backend's compact rounding: batches of rounding.CHUNK elements (pieces of a big
+tensor, small tensors packed side by side) draw the reference's bits. Backend parity at the
+default CHUNK is in test_backend_parity.py."""
+
+import math
+
+import pytest
+import torch
+
+from adaptive_lr import ActiveAdamW, ActiveSGD
+from adaptive_lr.backends import rounding
+from adaptive_lr.backends.rounding import (
+    accumulate_stochastic, bfloat16_stochastic, bfloat16_stochastic_gain, element_index,
+    store_stochastic_gain,
+)
+from optim_configs import config, make_params, run
+
+CHUNK = 64  # small: tensors span several batches, and a batch packs several tensors
+
+
+def _params():
+    """Params of every kind a batch meets: bigger than a batch, smaller, empty, 0-dim, dense in
+    another dim order (transposed, channels_last), not dense (a strided view)."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(150, generator=gen),
+        torch.randn(5, generator=gen),
+        torch.randn(0),
+        torch.randn((), generator=gen),
+        torch.randn(9, 14, generator=gen).t(),
+        torch.randn(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last),
+        torch.randn(7, 20, generator=gen)[:, ::2],
+        torch.randn(63, generator=gen),
+    ]
+
+
+def _with_specials(t: torch.Tensor) -> torch.Tensor:
+    """t with the values rounding must keep (infinities, NaN, -0) or may carry to infinity (the
+    largest bfloat16 plus a fraction of its ulp) among its first elements."""
+    largest = torch.finfo(torch.bfloat16).max
+    specials = torch.tensor([math.inf, -math.inf, math.nan, largest * (1 + 2**-9), -0.0])
+    specials.view(torch.int32)[2] = -1  # a NaN whose payload a draw would carry out of it
+    flat = t.reshape(-1)  # a copy for the strided view: its specials are not needed
+    flat[:len(specials)] = specials[:flat.numel()]
+    return t
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+@pytest.mark.parametrize("mode", ["sum", "square", "gain"])
+def test_batches_round_as_the_reference_bit_for_bit(mode, monkeypatch):
+    monkeypatch.setattr(rounding, "CHUNK", CHUNK)
+    params = _params()
+    gen = torch.Generator().manual_seed(1)
+    values = [_with_specials(torch.randn(p.shape, generator=gen) * 100) for p in params]
+    # a key near 2**32: key + index wraps mod 2**32 inside the first tensor
+    keys = [2**32 - 70] + [rounding.rounding_key(i, 3) for i in range(1, len(params))]
+    # states laid out as their params (as the optimizer makes them), but one: rounded on a copy
+    # in its param's order, written back
+    outs = [torch.empty_like(p, dtype=torch.bfloat16).copy_(torch.randn(p.shape, generator=gen))
+            for p in params]
+    outs[5] = outs[5].contiguous()
+    if mode == "gain":
+        expected = [bfloat16_stochastic_gain(v, k, element_index(p))
+                    for v, k, p in zip(values, keys, params)]
+        store_stochastic_gain(outs, values, list(zip(keys, params)))
+    else:
+        square = mode == "square"
+        expected = [bfloat16_stochastic(o.float() + (v * v if square else v), k, element_index(p))
+                    for o, v, k, p in zip(outs, values, keys, params)]
+        accumulate_stochastic(outs, values, list(zip(keys, params)), square=square)
+    for i, (out, exp) in enumerate(zip(outs, expected)):
+        assert torch.equal(_bits(out), _bits(exp)), i
+    assert outs[0][:2].isinf().all() and outs[0][2].isnan()
+
+
+@pytest.mark.parametrize("cls", [ActiveAdamW, ActiveSGD])  # ActiveSGD keeps grad_sq_sum
+def test_optimizer_in_small_batches_steps_as_the_reference(cls, monkeypatch):
+    """Over epoch boundaries (new gains) and mid-epoch steps, with params bigger than a batch."""
+    monkeypatch.setattr(rounding, "CHUNK", CHUNK)
+    row = config("defaults", cls=cls)
+    shapes = [(40, 5), (3,), (), (130,)]
+    results = {}
+    for backend in ("reference", "foreach"):
+        params, opt = run(row, torch.float32, 12, backend,
+                          make_params(torch.float32, shapes=shapes))
+        results[backend] = (params, [opt.state[p] for p in params])
+    (ref_params, ref_states), (params, states) = results["reference"], results["foreach"]
+    for p_ref, p, s_ref, s in zip(ref_params, params, ref_states, states):
+        assert torch.equal(p_ref, p)
+        for key in ("gain", "grad_sum", "grad_sq_sum", "prev_sign"):
+            if key in s_ref:
+                assert torch.equal(s_ref[key], s[key]), key
+    assert any((s["gain"] != 1).any() for s in states), "gains never moved"
