@@ -9,9 +9,8 @@ import warnings
 
 import torch
 
-from .bucket import (
-    Boundary, Bucket, GainRule, grad_sq_sum_floor, sign_test_floor, state_dtype,
-)
+from ..gain_rule import GainRule, grad_sq_sum_floor, sign_test_floor
+from .bucket import Boundary, Bucket, state_dtype
 from .reference import apply_boundary
 
 # Names in order of preference for "auto" (fastest first); "reference" is never auto's choice.

@@ -29,7 +29,8 @@ from . import fused
 from . import foreach as foreach_backend
 from . import reference as reference_backend
 from . import resolve as resolve_step
-from .bucket import Boundary, GainRule, state_dtype
+from ..gain_rule import GainRule
+from .bucket import Boundary, state_dtype
 
 
 @dataclass

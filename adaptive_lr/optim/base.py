@@ -16,18 +16,16 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .. import backends
-from ..backends import (
-    Boundary, Bucket, GainRule, grad_sq_sum_floor, sign_test_floor, state_dtype,
-)
+from ..backends import Boundary, Bucket, apply_boundary, state_dtype
 from ..backends.rounding import catch_up_key, element_index
+from ..gain_rule import GAIN_KEYS, grad_sq_sum_floor, sign_test_floor
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, GRAD_SQ_SUM, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
-    check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
+    BOOKKEEPING_KEYS, CLOCK_KEYS, GRAD_SQ_SUM, SIGN_KEYS, EpochClock, bookkeeping, boundary_kind,
+    check_grad, check_steps_per_epoch, new_clock, record_boundary, sign_state, upgrade_saved_group,
 )
 from .spec import OptimizerSpec, check
 
 ACTIVE_TENSOR_KEYS = ("step",) + SIGN_KEYS
-GAIN_RULE_KEYS = {f.name for f in dataclasses.fields(GainRule)}
 
 GAIN_ARGS_DOC = """
     steps_per_epoch (int or None): optimizer steps per epoch (usually ``len(train_loader)``;
@@ -267,7 +265,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                     crossing += [self.state[p] for p in bucket_params]
         return plan, crossing
 
-    def _missed_boundary_args(self, p: Tensor, group: dict) -> tuple:
+    def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
         hyper = self.spec.record(group)
         rule = hyper.gain_rule()
         state = self.state[p]
@@ -283,7 +281,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         if "rounding_seed" in state:  # compact: drawn under a key of its own (no step's)
             rounding = (catch_up_key(int(state["rounding_seed"]), state["step"].item()),
                         element_index(_local(p)))
-        return (*(_local(state[k]) for k in SIGN_KEYS), rule, floor, rounding, grad_sq_sum)
+        apply_boundary(boundary_kind(state), *(_local(state[k]) for k in SIGN_KEYS), rule, floor,
+                       rounding, grad_sq_sum)
+        record_boundary(state)
 
     def _make_bucket(self, group, hyper, keys, params, boundary, grad_scale,
                      found_inf) -> Bucket:
@@ -464,7 +464,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         )
         converted = {k: v for k, v in saved.items()
                      if k not in TORCH_ONLY_GROUP_KEYS or k in self.defaults}
-        for key in GAIN_RULE_KEYS & group.keys():
+        for key in GAIN_KEYS:
             converted[key] = group[key]
         for key, default in self.defaults.items():
             converted.setdefault(key, default)
