@@ -1,6 +1,7 @@
 """The epoch clock every Active optimizer shares (docs/algorithm.md, "The epoch clock"): one clock
-per optimizer, kept in its param groups, and each param's sign state (gain, grad_sum, prev_sign)
-with the epoch that state belongs to, so that missed boundaries are caught up.
+per optimizer, kept in its param groups, and each param's sign state (gain, grad_sum, prev_sign;
+compact state's rounding seed) with the epoch that state belongs to, so that missed boundaries
+are caught up.
 
 A class using :class:`EpochClock` has ``param_groups`` (dicts holding ``CLOCK_KEYS`` and the
 gain rule's ``GAIN_KEYS``, adaptive_lr/gain_rule.py), ``state`` (per-param dicts made by
@@ -44,6 +45,22 @@ def sign_state(p: Tensor, epoch: int, dtype: torch.dtype = torch.float32) -> dic
                 prev_sign=torch.zeros_like(p, dtype=torch.int8), **bookkeeping(epoch, False))
 
 
+class RoundingSeeds:
+    """A compact state's rounding seed: its param's index in the optimizer (as in the state
+    dict), fixed when the state is made, so that every rank and every backend draws the same
+    bits. The index is built on first use."""
+
+    def __init__(self, param_groups: list[dict]):
+        self._groups = param_groups
+        self._index: dict[int, int] | None = None
+
+    def of(self, p: Tensor) -> Tensor:
+        if self._index is None:
+            params = (q for group in self._groups for q in group["params"])
+            self._index = {id(q): i for i, q in enumerate(params)}
+        return torch.tensor(self._index[id(p)] & 0xFFFFFFFF, dtype=torch.int64)
+
+
 def boundary_kind(state: dict) -> Boundary:
     """The kind of a param's next boundary: its first only rolls over (no sign to compare yet)."""
     return Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
@@ -70,16 +87,6 @@ def check_steps_per_epoch(steps_per_epoch) -> None:
     if steps_per_epoch is not None and not (
             isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
         raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
-
-
-def upgrade_saved_group(saved: dict, defaults: dict) -> None:
-    """A param group saved by an earlier version, completed in place: one without a sign test
-    (any optimizer up to 0.1.0; ActiveSGD and ActiveLion until they had one) resumes with the
-    rule it was saved with, the paper's (sign_threshold 0); versions up to 0.1.0 had no
-    epoch_steps either (which only the sign test reads)."""
-    if "sign_threshold" in defaults:
-        saved.setdefault("sign_threshold", 0.0)
-    saved.setdefault("epoch_steps", 0)
 
 
 def new_clock() -> dict:

@@ -17,9 +17,10 @@ from .. import backends
 from ..backends import Boundary, apply_boundary, rescale
 from ..gain_rule import GAIN_KEYS, GainRule, check_gain_args, sign_test_factor
 from .base import DEFAULT_SIGN_THRESHOLD
+from .checkpoint import upgrade_saved_group
 from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, boundary_kind, check_grad,
-    check_steps_per_epoch, new_clock, record_boundary, sign_state, upgrade_saved_group,
+    check_steps_per_epoch, new_clock, record_boundary, sign_state,
 )
 
 # the wrapper's epoch sum of g**2, kept where the sign test has no moment to read (MEAN_SQUARES)
@@ -317,7 +318,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                         for saved in state_dict["inner"]["param_groups"]]
         for saved in saved_groups:
             if isinstance(saved, dict):
-                upgrade_saved_group(saved, self.defaults)
+                upgrade_saved_group(saved)
         state_dict = dict(state_dict, inner=dict(state_dict["inner"], param_groups=saved_groups))
         _check(
             len(saved_groups) == len(self.param_groups),
