@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.optim import optimizer as torch_optimizer
 
-from adaptive_lr import Active, ActiveAdamW, ActiveSGD, GreedyLR, available_backends
+from adaptive_lr import Active, ActiveAdamW, ActiveSGD, GreedyLR, available_backends, backends
 from adaptive_lr.backends import Boundary, GainRule, rescale
 
 BACKENDS = [b for b in available_backends("cpu") if b in ("reference", "foreach", "cpu")]
@@ -719,6 +719,15 @@ def test_scaling_pass_equals_the_reference(backend, dtype, boundary, maximize, n
     if noise and boundary != Boundary.NONE:  # the test counted some signs and not others
         counted = torch.cat(expected.prev_signs) != 0
         assert counted.any() and not counted.all()
+
+
+def test_every_backend_names_its_scaling_pass():
+    """The pass is chosen by the backend's name, for every backend; cuda and triton, which have
+    no fused pass, run the foreach one (docs/active_wrapper.md, "Backends and cost")."""
+    assert set(rescale.PASSES) == set(backends.NAMES)
+    assert rescale.PASSES["cuda"] is rescale.PASSES["triton"] is rescale.foreach
+    for name in available_backends("cpu"):
+        assert rescale.resolve(name, torch.device("cpu")) is rescale.PASSES[name]
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])

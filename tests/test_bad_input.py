@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdamW
+from adaptive_lr.gain_rule import GAIN_KEYS, GainRule
 from optim_configs import CLASSES, INFOS, device_backends
 
 DEVICE_BACKENDS = device_backends()
@@ -228,6 +229,20 @@ def test_a_bad_hyperparameter_set_mid_run_fails_the_step_before_any_group_moves(
         opt.step()
     opt.param_groups[1].update({k: before_state["param_groups"][1][k] for k in edit})
     _assert_unchanged(params, opt, before_params, before_state)
+
+
+@pytest.mark.parametrize("key", GAIN_KEYS)
+def test_a_group_without_a_gain_key_fails_the_step_naming_it(key):
+    """The gain rule is read from a group strictly: a missing key (sign_threshold too) is an
+    error naming it, never a default."""
+    p = torch.zeros(2, requires_grad=True)
+    opt = _make(ActiveAdamW, [p])
+    p.grad = torch.ones(2)
+    del opt.param_groups[0][key]
+    with pytest.raises(ValueError, match=rf"the param group has no \['{key}'\]"):
+        opt.step()
+    with pytest.raises(ValueError, match=rf"GainRule: the param group has no \['{key}'\]"):
+        GainRule.from_group(opt.param_groups[0])
 
 
 @pytest.mark.parametrize("lr,message", [

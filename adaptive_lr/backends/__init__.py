@@ -1,5 +1,7 @@
 """Backend registry: each backend is a module with ``unavailable_reason(device) -> str | None``
-(None when it can run on that device) and ``step(bucket) -> None`` (see ``bucket.py``)."""
+(None when it can run on that device) and ``step(bucket) -> None`` (see ``bucket.py``).
+``rescale.PASSES`` names the pass ``Active(optimizer)`` runs on each backend after its inner
+optimizer's step."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import warnings
 
 import torch
 
-from .bucket import (
-    Boundary, Bucket, GainRule, grad_sq_sum_floor, sign_test_floor, state_dtype,
-)
+from ..gain_rule import GainRule, grad_sq_sum_floor, sign_test_floor
+from .bucket import Boundary, Bucket, state_dtype
 from .reference import apply_boundary
 
 # Names in order of preference for "auto" (fastest first); "reference" is never auto's choice.
@@ -20,8 +21,7 @@ NAMES = ("reference", "foreach", "cpu", "cuda", "triton")
 ENV_VARIABLE = "ADAPTIVE_LR_BACKEND"  # overrides "auto"
 
 __all__ = ["Boundary", "Bucket", "GainRule", "NAMES", "apply_boundary", "available_backends",
-           "grad_sq_sum_floor", "sign_test_floor",
-           "resolve", "state_dtype"]
+           "choose", "grad_sq_sum_floor", "resolve", "sign_test_floor", "state_dtype"]
 
 
 def _module(name: str):
@@ -46,15 +46,12 @@ def _step_meta(bucket: Bucket) -> None:
     """Any backend's step on meta tensors (as torch's optimizers step them: shapes only)."""
 
 
-def resolve(name: str, device: torch.device):
-    """The ``step`` function of backend ``name`` for ``device``.
-
-    ``"auto"`` (or the ``ADAPTIVE_LR_BACKEND`` environment variable, which overrides it) picks the
-    fastest available; an explicitly named backend that cannot run raises instead of falling back.
-    """
+def choose(name: str, device: torch.device) -> str:
+    """The backend that steps tensors on ``device`` for backend ``name``: ``name`` itself, or
+    for ``"auto"`` (or the ``ADAPTIVE_LR_BACKEND`` environment variable, which overrides it) the
+    fastest available; an explicitly named backend that cannot run raises instead of falling
+    back."""
     device = torch.device(device)
-    if device.type == "meta":  # shapes without values: state is created, nothing is computed
-        return _step_meta
     chosen_by = ""
     if name == "auto" and os.environ.get(ENV_VARIABLE):  # set but empty: as if unset
         name, chosen_by = os.environ[ENV_VARIABLE], f" (chosen by {ENV_VARIABLE})"
@@ -66,7 +63,7 @@ def resolve(name: str, device: torch.device):
         if reason is not None:
             raise RuntimeError(
                 f"adaptive_lr backend {name!r}{chosen_by} is unavailable on {device}: {reason}")
-        return _module(name).step
+        return name
     preferred = _AUTO_ORDER.get(device.type, ("foreach",))
     for candidate in preferred:
         if unavailable_reason(candidate, device) is None:
@@ -76,7 +73,15 @@ def resolve(name: str, device: torch.device):
                 warnings.warn(
                     f"adaptive_lr: the fused {preferred[0]!r} backend is unavailable ({why}); "
                     f"using {candidate!r}, which is much slower",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-            return _module(candidate).step
-    return _module("foreach").step
+            return candidate
+    return "foreach"
+
+
+def resolve(name: str, device: torch.device):
+    """The ``step`` function of the backend ``choose(name, device)`` names."""
+    # meta tensors have shapes without values: state is created, nothing is computed
+    if torch.device(device).type == "meta":
+        return _step_meta
+    return _module(choose(name, device)).step

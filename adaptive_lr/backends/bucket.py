@@ -8,6 +8,7 @@ index ``i`` of the bucket, exactly the per-element step of docs/algorithm.md:
    ``ROLL``   prev_sign <- sign(grad_sum); grad_sum <- 0
    ``UPDATE`` gain <- clamp(gain + gain_inc if prev_sign * sign(grad_sum) > 0 else gain * gain_dec,
                             min_gain, max_gain); then as ROLL
+   (the rule's arguments: ``bucket.hyper.gain_rule()``, a ``GainRule``, adaptive_lr/gain_rule.py)
    With the sign test (``sign_threshold`` k > 0), an element's sign(grad_sum) counts only where
    grad_sum**2 > k**2 * epoch_steps * v / (1 - beta2**step) (the Adam family: v its second
    moment, step its count, both before this step), or grad_sum**2 > k**2 * grad_sq_sum (an
@@ -35,12 +36,13 @@ param's rounding key, grad_sq_sum likewise with grad_sq_sum_key(key)
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..gain_rule import grad_sq_sum_floor, sign_test_floor
 
 
 class Boundary(enum.IntEnum):
@@ -49,32 +51,6 @@ class Boundary(enum.IntEnum):
     NONE = 0  # mid-epoch step
     ROLL = 1  # the param's first boundary: no previous sign to compare with, only roll over
     UPDATE = 2  # compare signs, update the gain, then roll over
-
-
-@dataclass(frozen=True)
-class GainRule:
-    """The epoch boundary's arguments. ``sign_threshold`` k > 0 turns the sign test on; 0 is the
-    paper's rule."""
-
-    gain_inc: float
-    gain_dec: float
-    min_gain: float
-    max_gain: float
-    sign_threshold: float = 0.0
-
-    @classmethod
-    def of(cls, group: dict) -> "GainRule":
-        return cls(group["gain_inc"], group["gain_dec"], group["min_gain"], group["max_gain"],
-                   group.get("sign_threshold", 0.0))
-
-
-def sign_test_factor(rule: GainRule, epoch_steps: int, beta2: float, step: float) -> float:
-    """The per-tensor factor of the sign test: a sum G counts where G**2 > factor * v, with
-    factor = k**2 * epoch_steps / (1 - beta2**step) (every backend computes it so, in double).
-    A param that never stepped (step 0) has v = 0 and G = 0: its factor is never used."""
-    bias_correction = 1 - beta2**step
-    numerator = rule.sign_threshold * rule.sign_threshold * epoch_steps
-    return numerator / bias_correction if bias_correction != 0 else math.inf
 
 
 def sign_test_floors(bucket: "Bucket", steps: list[float]) -> list[Tensor] | None:
@@ -90,18 +66,6 @@ def sign_test_floors(bucket: "Bucket", steps: list[float]) -> list[Tensor] | Non
     beta2 = bucket.hyper.betas[1]
     return [sign_test_floor(v, step, rule, bucket.epoch_steps, beta2)
             for v, step in zip(bucket.state[bucket.spec.second_moment], steps)]
-
-
-def sign_test_floor(v: Tensor, step: float, rule: GainRule, epoch_steps: int,
-                    beta2: float) -> Tensor:
-    """One tensor's factor * v (v its second moment, ``step`` its count before this step)."""
-    return v * sign_test_factor(rule, epoch_steps, beta2, step)
-
-
-def grad_sq_sum_floor(grad_sq_sum: Tensor, rule: GainRule, compute: torch.dtype) -> Tensor:
-    """The noise floor of an optimizer without a second moment: k**2 * Q (Q the epoch's sum of
-    g**2, the same g as grad_sum's), in the compute dtype as the kernels compare."""
-    return grad_sq_sum.to(compute) * (rule.sign_threshold * rule.sign_threshold)
 
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 
 from torch import Tensor
 
-from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
+from ..gain_rule import GainRule
+from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
     accumulate_stochastic, grad_sq_sum_key, rounding_key, store_stochastic_gain,
 )

@@ -10,7 +10,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .bucket import Boundary, Bucket, GainRule, sign_test_floors, state_dtype
+from ..gain_rule import GainRule
+from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
     bfloat16_stochastic, bfloat16_stochastic_gain, element_index, grad_sq_sum_key, rounding_key,
 )

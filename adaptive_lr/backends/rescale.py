@@ -13,9 +13,10 @@ backend: for each element of a bucket (params of one device and dtype, one bound
    group says ``maximize``; where the bucket keeps ``grad_sq_sums``,
    ``grad_sq_sum <- grad_sq_sum + g32 * g32`` in float32 (g32: g rounded to float32).
 
-``reference`` is the oracle (a for-loop of plain torch ops), ``foreach`` the portable version,
-``cpu`` one fused C++ op (``torch.ops.adaptive_lr.active_rescale_``). The ``cuda`` and
-``triton`` backends use ``foreach`` here."""
+Three passes: ``reference``, the oracle (a for-loop of plain torch ops), ``foreach``, the
+portable version, and ``cpu``, one fused C++ op (``torch.ops.adaptive_lr.active_rescale_``).
+``PASSES`` names the one each backend runs: the ``cuda`` and ``triton`` backends have no fused
+pass and run ``foreach``."""
 
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import cpu as cpu_backend
-from . import fused
+from . import choose, fused
 from . import foreach as foreach_backend
 from . import reference as reference_backend
-from . import resolve as resolve_step
-from .bucket import Boundary, GainRule, state_dtype
+from ..gain_rule import GainRule
+from .bucket import Boundary, state_dtype
 
 
 @dataclass
@@ -119,10 +119,15 @@ def cpu(b: RescaleBucket) -> None:
         maximize=b.maximize, boundary=int(b.boundary)))
 
 
-_BY_STEP = {reference_backend.step: reference, cpu_backend.step: cpu}
+# The pass each backend runs (every name of adaptive_lr.backends.NAMES)
+PASSES = {"reference": reference, "foreach": foreach, "cpu": cpu, "cuda": foreach,
+          "triton": foreach}
 
 
 def resolve(name: str, device: torch.device):
-    """The pass for backend ``name`` ("auto" included) on ``device``; raises as
-    ``adaptive_lr.backends.resolve`` does for a backend that cannot run there."""
-    return _BY_STEP.get(resolve_step(name, device), foreach)
+    """The pass of the backend ``adaptive_lr.backends.choose(name, device)`` names ("auto"
+    included; it raises for a backend that cannot run there). Meta tensors (shapes without
+    values) get the foreach pass."""
+    if torch.device(device).type == "meta":
+        return foreach
+    return PASSES[choose(name, device)]

@@ -1,13 +1,11 @@
-"""What the four Active optimizers share: the epoch clock (from clock.py), lazy state, bucketing
-by (device, dtype, boundary), validation before mutation, and a dtype-preserving state load."""
+"""What the Active optimizers share: the epoch clock (from clock.py), lazy state, bucketing by
+(device, dtype, boundary) and validation before mutation; a dtype-preserving state load, and the
+switch from a torch.optim optimizer, from checkpoint.py."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import numbers
-import warnings
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -16,18 +14,15 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .. import backends
-from ..backends import (
-    Boundary, Bucket, GainRule, grad_sq_sum_floor, sign_test_floor, state_dtype,
-)
+from ..backends import Boundary, Bucket, apply_boundary, state_dtype
 from ..backends.rounding import catch_up_key, element_index
+from ..gain_rule import grad_sq_sum_floor, sign_test_floor
+from . import checkpoint
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, GRAD_SQ_SUM, SIGN_KEYS, EpochClock, bookkeeping, check_grad,
-    check_steps_per_epoch, new_clock, sign_state, upgrade_saved_group,
+    GRAD_SQ_SUM, SIGN_KEYS, EpochClock, RoundingSeeds, boundary_kind, check_grad,
+    check_steps_per_epoch, record_boundary, sign_state,
 )
 from .spec import OptimizerSpec, check
-
-ACTIVE_TENSOR_KEYS = ("step",) + SIGN_KEYS
-GAIN_RULE_KEYS = {f.name for f in dataclasses.fields(GainRule)}
 
 GAIN_ARGS_DOC = """
     steps_per_epoch (int or None): optimizer steps per epoch (usually ``len(train_loader)``;
@@ -177,7 +172,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
     # ---- state --------------------------------------------------------------------------
 
     def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...],
-                    seeds: "_RoundingSeeds") -> None:
+                    seeds: RoundingSeeds) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -249,7 +244,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
         plan, crossing = [], []
-        seeds = _RoundingSeeds(self.param_groups)
+        seeds = RoundingSeeds(self.param_groups)
         for group, params in self._params_with_grad():  # all validated before any is touched
             hyper = self.spec.record(group)
             keys = self.spec.state_keys(hyper)
@@ -267,7 +262,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                     crossing += [self.state[p] for p in bucket_params]
         return plan, crossing
 
-    def _missed_boundary_args(self, p: Tensor, group: dict) -> tuple:
+    def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
         hyper = self.spec.record(group)
         rule = hyper.gain_rule()
         state = self.state[p]
@@ -283,7 +278,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         if "rounding_seed" in state:  # compact: drawn under a key of its own (no step's)
             rounding = (catch_up_key(int(state["rounding_seed"]), state["step"].item()),
                         element_index(_local(p)))
-        return (*(_local(state[k]) for k in SIGN_KEYS), rule, floor, rounding, grad_sq_sum)
+        apply_boundary(boundary_kind(state), *(_local(state[k]) for k in SIGN_KEYS), rule, floor,
+                       rounding, grad_sq_sum)
+        record_boundary(state)
 
     def _make_bucket(self, group, hyper, keys, params, boundary, grad_scale,
                      found_inf) -> Bucket:
@@ -358,75 +355,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         dtype) and takes its param's device and memory layout. As in torch, the saved groups'
         values replace the optimizer's (keys a scheduler added, such as ``initial_lr``, too), the
         optimizer keeps its ``param_names`` where the state dict has none, and load hooks run."""
-        name = type(self).__name__
-        check(
-            isinstance(state_dict, dict),
-            f"{name}.load_state_dict expects a dict, got {type(state_dict).__name__}",
-        )
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        saved_groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
-        check(
-            isinstance(saved_groups, list) and isinstance(saved_state, dict)
-            and all(isinstance(saved, dict) and "params" in saved for saved in saved_groups),
-            f"{name}.load_state_dict expects a dict with 'state' and 'param_groups' (dicts with "
-            "'params')",
-        )
-        check(
-            len(saved_groups) == len(self.param_groups),
-            f"{name}: the state dict has {len(saved_groups)} param groups, "
-            f"the optimizer {len(self.param_groups)}",
-        )
-        saved_groups = copy.deepcopy(saved_groups)
-        from_torch = _is_base_state_dict(saved_groups, saved_state)
-        if from_torch:
-            saved_groups = [self._group_from_base(i, group, saved)
-                            for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
-        else:
-            for saved in saved_groups:
-                upgrade_saved_group(saved, self.defaults)
-        seeds = _RoundingSeeds(self.param_groups)
-        id_to_param = {}
-        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            self._check_saved_group(i, group, saved)
-            for param_id, p in zip(saved["params"], group["params"]):
-                id_to_param[param_id] = (p, saved)
-        new_state = defaultdict(dict)
-        rounded = False  # float32 gains and sums loaded into compact state
-        for param_id, saved in saved_state.items():
-            # a key of no param that is no param index (a hook's entry) is kept, as torch does;
-            # keys are indices, or names under torch.distributed.checkpoint
-            if param_id not in id_to_param and not isinstance(param_id, int):
-                new_state[param_id] = saved
-                continue
-            check(param_id in id_to_param, f"{name}: the state dict has state for unknown param {param_id}")
-            p, group = id_to_param[param_id]
-            if from_torch:
-                saved = self._param_state_from_base(p, saved, param_id, group)
-            new_state[p] = self._loaded_param_state(p, saved, param_id, group, seeds)
-            rounded = rounded or (self._compact(p) and isinstance(saved.get("gain"), Tensor)
-                                  and saved["gain"].dtype != torch.bfloat16)
-        if rounded:
-            warnings.warn(
-                f"{name}: the state dict keeps float32 gains and epoch sums; this optimizer "
-                "(state_precision='compact') keeps them in bfloat16, so each was rounded to the "
-                "nearest bfloat16 (relative error at most 2**-9: no epoch sum changes sign, a "
-                "gain may move by 0.2 %); signs, moments and step counts are loaded exactly",
-                stacklevel=2,
-            )
-        self.state = new_state
-        self.param_groups = [
-            dict(saved, params=group["params"])
-            | ({"param_names": group["param_names"]}
-               if "param_names" in group and "param_names" not in saved else {})
-            for group, saved in zip(self.param_groups, saved_groups)
-        ]
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        checkpoint.load_state_dict(self, state_dict)
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int | None,
@@ -438,191 +367,10 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         are the gain arguments. Every gain starts at 1 and the epoch clock at the switch, so the
         next two epochs step exactly as the base optimizer would. Loading the base optimizer's
         state dict into an Active optimizer does the same."""
-        groups = [
-            {"params": list(zip(g["param_names"], g["params"])) if "param_names" in g
-             else list(g["params"])}
-            for g in optimizer.param_groups
-        ]
-        # its defaults where this class has them (lr, betas, amsgrad, ...), then the caller's
-        hyperparameters = {f.name for f in dataclasses.fields(cls.spec.hyper)}
-        defaults = {k: v for k, v in optimizer.defaults.items()
-                    if k in hyperparameters and k not in TORCH_ONLY_GROUP_KEYS}
-        active = cls(groups, steps_per_epoch=steps_per_epoch, **(defaults | kwargs))
-        active.load_state_dict(optimizer.state_dict())
-        return active
-
-    def _group_from_base(self, i: int, group: dict, saved: dict) -> dict:
-        """A torch.optim base optimizer's saved group as this optimizer's: its hyperparameters,
-        this optimizer's gain arguments, and a clock that starts now."""
-        name = type(self).__name__
-        base = self.spec.base
-        check(
-            base is not None and all(k in saved for k in base.required_keys)
-            and not any(k in saved for k in base.foreign_keys),
-            f"{name}: param group {i} of the state dict is neither an {name} nor a "
-            f"{base.name if base else 'torch.optim'} one (a state dict of another optimizer?)",
-        )
-        converted = {k: v for k, v in saved.items()
-                     if k not in TORCH_ONLY_GROUP_KEYS or k in self.defaults}
-        for key in GAIN_RULE_KEYS & group.keys():
-            converted[key] = group[key]
-        for key, default in self.defaults.items():
-            converted.setdefault(key, default)
-        converted.update(new_clock())
-        weight_decay = saved.get("weight_decay", 0)
-        decoupled = saved.get("decoupled_weight_decay", base.decoupled_by_default)
-        if weight_decay and decoupled != self.spec.decoupled_weight_decay(
-                self.spec.record(converted)):
-            was, now = ("decoupled", "an L2 term of the gradient") if decoupled else (
-                "an L2 term of the gradient", "decoupled (param *= 1 - lr * weight_decay)")
-            warnings.warn(
-                f"{name}: the state dict's weight_decay={weight_decay} was {was}; in {name} it "
-                f"is {now}",
-                stacklevel=4,
-            )
-        return converted
-
-    def _param_state_from_base(self, p: Tensor, saved: dict, param_id, group: dict) -> dict:
-        """A torch.optim base optimizer's per-param state with gains at 1 and no epoch history."""
-        check(isinstance(saved, dict), f"{type(self).__name__}: the state of param {param_id} is not a dict")
-        state = {k: v for k, v in saved.items() if v is not None}
-        if "step" not in state:  # torch's SGD keeps none: a saved buffer has seen a step
-            state["step"] = float(any(k in state for k in self.spec.state))
-        for key in self.spec.state_keys(self.spec.record(group)):  # SGD without momentum: none
-            state.setdefault(key, torch.zeros_like(p))
-        return dict(state, **sign_state(p, 0, self._sign_state_dtype(p)))
-
-    def _check_saved_group(self, i: int, group: dict, saved: dict) -> None:
-        name = type(self).__name__
-        missing = sorted((set(self.defaults) | set(CLOCK_KEYS)) - set(saved))
-        foreign = sorted(set(saved) & (_all_hyperparameters() - set(self.defaults)))
-        check(
-            not missing and not foreign,
-            f"{name}: param group {i} of the state dict is missing {missing} and has the "
-            f"hyperparameters {foreign} of other optimizers (a state dict of another optimizer?)",
-        )
-        check(
-            len(saved["params"]) == len(group["params"]),
-            f"{name}: param group {i} has {len(group['params'])} params, "
-            f"the state dict {len(saved['params'])}",
-        )
-        # amsgrad decides which state exists: resuming must not switch it silently
-        check(
-            saved.get("amsgrad") == group.get("amsgrad"),
-            f"{name}: param group {i} of the state dict has amsgrad={saved.get('amsgrad')}, the "
-            f"optimizer amsgrad={group.get('amsgrad')}; construct it with "
-            f"amsgrad={saved.get('amsgrad')} to resume this state",
-        )
-        epoch = saved["epoch"]
-        check(
-            type(epoch) is int and epoch >= 0,
-            f"{name}: param group {i} of the state dict has epoch {epoch!r}, expected an int >= 0",
-        )
-
-    def _loaded_param_state(self, p: Tensor, saved: dict, param_id, group: dict,
-                            seeds: "_RoundingSeeds") -> dict:
-        """One param's saved state, checked, in this optimizer's dtypes, layout and precision:
-        float32 gains and epoch sums round to nearest for compact state (bfloat16 ones widen
-        exactly for full state); a compact state's rounding seed is kept, or the param's own
-        is given where the saved state has none."""
-        name = type(self).__name__
-        check(isinstance(saved, dict), f"{name}: the state of param {param_id} is not a dict")
-        base_keys = set(self.spec.state)
-        required = (set(ACTIVE_TENSOR_KEYS) | set(BOOKKEEPING_KEYS)
-                    | (base_keys - {self.spec.amsgrad_state}))
-        # Q, where the sign test reads one: a step creates or drops it as the group's test says
-        optional = base_keys | {"rounding_seed"} | (
-            {GRAD_SQ_SUM} if self.spec.second_moment is None else set())
-        missing = required - set(saved)
-        unexpected = set(saved) - required - optional
-        check(
-            not missing and not unexpected,
-            f"{name}: state of param {param_id} is missing {sorted(missing)} / has unexpected "
-            f"{sorted(unexpected)} (a state dict of another optimizer?)",
-        )
-        # versions up to 0.1.0 saved the bookkeeping as a Python int and bool
-        epoch, has_prev_sign = (_python_scalar(saved[key]) for key in BOOKKEEPING_KEYS)
-        check(
-            type(epoch) is int and 0 <= epoch <= group["epoch"] and type(has_prev_sign) is bool,
-            f"{name}: state of param {param_id} has epoch={epoch!r} and has_prev_sign="
-            f"{has_prev_sign!r}; expected an int in [0, {group['epoch']}] and a bool",
-        )
-        seed = _python_scalar(saved.get("rounding_seed", 0))
-        check(
-            type(seed) is int and 0 <= seed < 2**32,
-            f"{name}: state of param {param_id} has rounding_seed={seed!r}; expected an int in "
-            "[0, 2**32)",
-        )
-        loaded = bookkeeping(epoch, has_prev_sign)
-        if self._compact(p):
-            loaded["rounding_seed"] = (torch.tensor(seed) if "rounding_seed" in saved
-                                       else seeds.of(p))
-        sign_dtype = self._sign_state_dtype(p)
-        dtypes = {"gain": sign_dtype, "grad_sum": sign_dtype, GRAD_SQ_SUM: sign_dtype,
-                  "prev_sign": torch.int8}
-        for key, value in saved.items():
-            if key in BOOKKEEPING_KEYS or key == "rounding_seed":
-                continue
-            if key == "step" and isinstance(value, numbers.Real):  # saved by an older torch
-                value = torch.tensor(float(value))
-            check(isinstance(value, Tensor), f"{name}: state {key!r} of param {param_id} is not a tensor")
-            check(
-                key == "prev_sign" or value.is_floating_point(),
-                f"{name}: state {key!r} of param {param_id} has dtype {value.dtype}, expected a "
-                "floating-point tensor",
-            )
-            shape_ok = value.numel() == 1 if key == "step" else value.shape == p.shape
-            check(
-                shape_ok,
-                f"{name}: state {key!r} of param {param_id} has shape {tuple(value.shape)}, "
-                f"its param {tuple(p.shape)}",
-            )
-            if key == "step":
-                loaded[key] = value.reshape(()).to(device=p.device, dtype=torch.float32, copy=True)
-            else:  # the param's layout: the fused kernels read a param and its state as one array
-                dtype = dtypes.get(key, state_dtype(p.dtype))
-                loaded[key] = torch.empty_like(p, dtype=dtype).copy_(value)
-        return loaded
-
-
-class _RoundingSeeds:
-    """A compact state's rounding seed: its param's index in the optimizer (as in the state
-    dict), fixed when the state is made, so that every rank and every backend draws the same
-    bits. The index is built on first use."""
-
-    def __init__(self, param_groups: list[dict]):
-        self._groups = param_groups
-        self._index: dict[int, int] | None = None
-
-    def of(self, p: Tensor) -> Tensor:
-        if self._index is None:
-            params = (q for group in self._groups for q in group["params"])
-            self._index = {id(q): i for i, q in enumerate(params)}
-        return torch.tensor(self._index[id(p)] & 0xFFFFFFFF, dtype=torch.int64)
-
-
-def _all_hyperparameters() -> set[str]:
-    """Every Active optimizer's hyperparameter names (its record's fields)."""
-    return {f.name for cls in ActiveOptimizer.__subclasses__()
-            for f in dataclasses.fields(cls.spec.hyper)}
+        return checkpoint.from_optimizer(cls, optimizer, steps_per_epoch, kwargs)
 
 
 def _nearest_rank(flat: Tensor, q: float) -> float:
     """The q-quantile by nearest rank (torch.quantile refuses tensors over 2**24 elements)."""
     k = max(1, math.ceil(q * flat.numel()))
     return flat.kthvalue(k).values.item()
-
-
-def _python_scalar(value: Any) -> Any:
-    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
-
-
-# torch.optim's implementation switches, which mean nothing here
-TORCH_ONLY_GROUP_KEYS = ("foreach", "fused", "capturable", "differentiable",
-                         "decoupled_weight_decay")
-
-
-def _is_base_state_dict(saved_groups: list[dict], saved_state: dict) -> bool:
-    """Whether a state dict is a torch.optim optimizer's: no epoch clock, no gains."""
-    return not any(k in saved for saved in saved_groups for k in CLOCK_KEYS) and not any(
-        isinstance(state, dict) and "gain" in state for state in saved_state.values())

@@ -1,20 +1,22 @@
 """The epoch clock every Active optimizer shares (docs/algorithm.md, "The epoch clock"): one clock
-per optimizer, kept in its param groups, and each param's sign state (gain, grad_sum, prev_sign)
-with the epoch that state belongs to, so that missed boundaries are caught up.
+per optimizer, kept in its param groups, and each param's sign state (gain, grad_sum, prev_sign;
+compact state's rounding seed) with the epoch that state belongs to, so that missed boundaries
+are caught up.
 
 A class using :class:`EpochClock` has ``param_groups`` (dicts holding ``CLOCK_KEYS`` and the
-gain arguments), ``state`` (per-param dicts made by :func:`sign_state`) and ``steps_per_epoch``."""
+gain rule's ``GAIN_KEYS``, adaptive_lr/gain_rule.py), ``state`` (per-param dicts made by
+:func:`sign_state`) and ``steps_per_epoch``, and applies a missed boundary its own way
+(``_apply_missed_boundary``)."""
 
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
 from torch import Tensor
 
-from ..backends import Boundary, GainRule, apply_boundary
+from ..backends import Boundary
 
 # The epoch clock kept in every param group (identical in all of them: one clock per optimizer);
 # epoch_steps: the length of the last epoch that ended (the sign test's S).
@@ -28,7 +30,6 @@ SIGN_KEYS = ("gain", "grad_sum", "prev_sign")
 # The sign test's epoch sum of g**2 (Q), of grad_sum's dtype, kept while the test of an optimizer
 # without a second moment is on; reset with grad_sum.
 GRAD_SQ_SUM = "grad_sq_sum"
-GAIN_KEYS = ("gain_inc", "gain_dec", "min_gain", "max_gain")
 
 
 def bookkeeping(epoch, has_prev_sign) -> dict:
@@ -44,6 +45,22 @@ def sign_state(p: Tensor, epoch: int, dtype: torch.dtype = torch.float32) -> dic
                 prev_sign=torch.zeros_like(p, dtype=torch.int8), **bookkeeping(epoch, False))
 
 
+class RoundingSeeds:
+    """A compact state's rounding seed: its param's index in the optimizer (as in the state
+    dict), fixed when the state is made, so that every rank and every backend draws the same
+    bits. The index is built on first use."""
+
+    def __init__(self, param_groups: list[dict]):
+        self._groups = param_groups
+        self._index: dict[int, int] | None = None
+
+    def of(self, p: Tensor) -> Tensor:
+        if self._index is None:
+            params = (q for group in self._groups for q in group["params"])
+            self._index = {id(q): i for i, q in enumerate(params)}
+        return torch.tensor(self._index[id(p)] & 0xFFFFFFFF, dtype=torch.int64)
+
+
 def boundary_kind(state: dict) -> Boundary:
     """The kind of a param's next boundary: its first only rolls over (no sign to compare yet)."""
     return Boundary.UPDATE if state["has_prev_sign"] else Boundary.ROLL
@@ -52,24 +69,6 @@ def boundary_kind(state: dict) -> Boundary:
 def record_boundary(state: dict) -> None:
     state["epoch"].add_(1)
     state["has_prev_sign"].fill_(True)
-
-
-def check_gain_args(group: dict) -> None:
-    """The gain arguments of a param group (``sign_threshold`` too where the group has it),
-    checked as a ValueError naming the value."""
-    for key in GAIN_KEYS + tuple(k for k in ("sign_threshold",) if k in group):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{key} must be a real number, got {value!r:.40}")
-    if not group["gain_inc"] >= 0:
-        raise ValueError(f"gain_inc must be >= 0, got {group['gain_inc']}")
-    if not 0 < group["gain_dec"] <= 1:
-        raise ValueError(f"gain_dec must be in (0, 1], got {group['gain_dec']}")
-    if not 0 <= group["min_gain"] <= 1 <= group["max_gain"]:
-        raise ValueError("gains need 0 <= min_gain <= 1 <= max_gain, got "
-                         f"min_gain={group['min_gain']}, max_gain={group['max_gain']}")
-    if not 0 <= group.get("sign_threshold", 0.0) < math.inf:
-        raise ValueError(f"sign_threshold must be finite and >= 0, got {group['sign_threshold']}")
 
 
 def check_grad(name: str, p: Tensor) -> None:
@@ -90,16 +89,6 @@ def check_steps_per_epoch(steps_per_epoch) -> None:
         raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
 
 
-def upgrade_saved_group(saved: dict, defaults: dict) -> None:
-    """A param group saved by an earlier version, completed in place: one without a sign test
-    (any optimizer up to 0.1.0; ActiveSGD and ActiveLion until they had one) resumes with the
-    rule it was saved with, the paper's (sign_threshold 0); versions up to 0.1.0 had no
-    epoch_steps either (which only the sign test reads)."""
-    if "sign_threshold" in defaults:
-        saved.setdefault("sign_threshold", 0.0)
-    saved.setdefault("epoch_steps", 0)
-
-
 def new_clock() -> dict:
     return {"epoch": 0, "steps_in_epoch": 0, "boundary_pending": False, "epoch_steps": 0}
 
@@ -108,7 +97,7 @@ def sign_test_min_steps(param_groups: list[dict]) -> tuple[float, int]:
     """The strictest group's ``sign_threshold`` k, and the fewest steps per epoch with which its
     sign test can count a sign at all: an epoch sum of S steps passes where G² > k²·S·(mean g²),
     which even a constant gradient (G² = S²·g²) does only with S > k²."""
-    k = max((group.get("sign_threshold", 0.0) for group in param_groups), default=0.0)
+    k = max((group["sign_threshold"] for group in param_groups), default=0.0)
     return k, math.floor(k * k) + 1
 
 
@@ -185,16 +174,10 @@ class EpochClock:
             if self.param_groups[0]["steps_in_epoch"] >= self.steps_per_epoch:
                 self._mark_boundary()
 
-    def _missed_boundary_args(self, p: Tensor, group: dict) -> tuple:
-        """apply_boundary's arguments after the kind, for a boundary applied outside a step: the
-        sign state, the gain rule (and the sign-test floor, the compact gain's rounding)."""
-        state = self.state[p]
-        return state["gain"], state["grad_sum"], state["prev_sign"], GainRule.of(group)
-
     def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
-        apply_boundary(boundary_kind(state), *self._missed_boundary_args(p, group))
-        record_boundary(state)
+        """Param p's boundary, applied outside a step as a step would apply it (each optimizer
+        with its own sign test and state), and recorded."""
+        raise NotImplementedError
 
     def _catch_up(self, p: Tensor, group: dict) -> Boundary:
         """The kind of boundary the backend fuses into this step of param p. It is recorded in

@@ -7,11 +7,11 @@ import torch
 from .base import (
     DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, GAIN_ARGS_DOC, NOISE_TEST_DOC, ActiveOptimizer,
 )
-from .spec import OptimizerSpec, SignTestHyper, check
+from .spec import GainHyper, OptimizerSpec, check
 
 
 @dataclass(frozen=True)
-class LionHyper(SignTestHyper):
+class LionHyper(GainHyper):
     betas: tuple[float, float]
 
     def validate(self) -> None:

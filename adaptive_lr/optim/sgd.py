@@ -7,11 +7,11 @@ import torch
 from .base import (
     DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, GAIN_ARGS_DOC, NOISE_TEST_DOC, ActiveOptimizer,
 )
-from .spec import BaseOptimizer, OptimizerSpec, SignTestHyper, check
+from .spec import BaseOptimizer, GainHyper, OptimizerSpec, check
 
 
 @dataclass(frozen=True)
-class SgdHyper(SignTestHyper):
+class SgdHyper(GainHyper):
     momentum: float
     dampening: float
     nesterov: bool

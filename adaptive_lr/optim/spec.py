@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from ..backends import GainRule
-from .clock import check_gain_args
+from ..gain_rule import GAIN_KEYS, GainRule
 
 
 def check(condition: bool, message: str) -> None:
@@ -25,24 +24,21 @@ def check(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class GainHyper:
+class GainHyper(GainRule):
     """What every Active optimizer's param group holds besides its base optimizer's own
-    hyperparameters: lr, decoupled weight decay, maximize, and the gain rule."""
+    hyperparameters: the gain rule (its fields, as ``GainRule`` declares them), lr, decoupled
+    weight decay and maximize. The sign test's noise (``sign_threshold`` > 0) is the second
+    moment of an optimizer that has one (``OptimizerSpec.second_moment``), else the epoch's sum
+    of g**2 (state ``grad_sq_sum``)."""
 
     lr: float | Tensor
     weight_decay: float
     maximize: bool
-    gain_inc: float
-    gain_dec: float
-    min_gain: float
-    max_gain: float
 
     @classmethod
     def from_group(cls, group: dict) -> "GainHyper":
         """The record of a param group; every field must be there (no silent defaults)."""
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in group]
-        check(not missing, f"{cls.__name__}: the param group has no {missing}")
-        record = cls(**{f.name: group[f.name] for f in dataclasses.fields(cls)})
+        record = super().from_group(group)
         if isinstance(record.lr, Tensor) and record.lr.requires_grad:
             # the step reads its value, never differentiates through it (a detached view: a
             # scheduler's in-place change is still seen)
@@ -55,27 +51,16 @@ class GainHyper:
         if not isinstance(self.lr, Tensor) or self.lr.device.type == "cpu":
             check(float(self.lr) >= 0, f"Invalid learning rate: {float(self.lr)}")
         check(self.weight_decay >= 0, f"Invalid weight_decay: {self.weight_decay}")
-        check_gain_args(vars(self))
+        super().validate()
 
     def gain_rule(self) -> GainRule:
-        return GainRule(self.gain_inc, self.gain_dec, self.min_gain, self.max_gain)
+        """The rule alone (the fields the epoch boundary reads; built field by field, which
+        torch.compile traces inside a step without a graph break)."""
+        return GainRule(**{key: getattr(self, key) for key in GAIN_KEYS})
 
 
 @dataclass(frozen=True)
-class SignTestHyper(GainHyper):
-    """The sign test (``sign_threshold`` k > 0, docs/algorithm.md "The sign test"): an epoch sum
-    counts as a sign only where it stands out of the gradient's noise, measured by the second
-    moment of an optimizer that has one (``OptimizerSpec.second_moment``), else by the epoch's
-    sum of g**2 (state ``grad_sq_sum``). 0 is the paper's rule; check_gain_args validates it."""
-
-    sign_threshold: float
-
-    def gain_rule(self) -> GainRule:
-        return dataclasses.replace(super().gain_rule(), sign_threshold=self.sign_threshold)
-
-
-@dataclass(frozen=True)
-class AdamHyper(SignTestHyper):
+class AdamHyper(GainHyper):
     """The Adam family's moments, ``betas`` and ``eps``."""
 
     betas: tuple[float, float]
@@ -122,7 +107,7 @@ class OptimizerSpec:
     itself, as Adam's L2 term). ``second_moment``: the state key of the second moment the sign
     test compares an epoch's sum with (its record then has ``betas``, its kernels ``beta2``);
     None: the sign test reads the epoch's sum of g**2 instead (``grad_sq_sum``, kept while the
-    test is on: ``keeps_grad_sq_sum``). Every record is a ``SignTestHyper``.
+    test is on: ``keeps_grad_sq_sum``).
     tests/test_kernel_metadata.py checks these names, the state order and the second moment
     against both kernels' declarations."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -14,18 +14,15 @@ from torch import Tensor
 from torch.optim import optimizer as torch_optimizer
 
 from .. import backends
-from ..backends import rescale
-from ..backends.bucket import Boundary, sign_test_factor
-from ..backends import GainRule, apply_boundary
+from ..backends import Boundary, apply_boundary, rescale
+from ..gain_rule import GAIN_KEYS, GainRule, check_gain_args, sign_test_factor
 from .base import DEFAULT_SIGN_THRESHOLD
+from .checkpoint import upgrade_saved_group
 from .clock import (
-    BOOKKEEPING_KEYS, CLOCK_KEYS, GAIN_KEYS, SIGN_KEYS, EpochClock, bookkeeping, boundary_kind,
-    check_gain_args, check_grad, check_steps_per_epoch, new_clock, record_boundary, sign_state,
-    upgrade_saved_group,
+    BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, boundary_kind, check_grad,
+    check_steps_per_epoch, new_clock, record_boundary, sign_state,
 )
 
-# the arguments of the gain rule a param group holds (and may override)
-RULE_KEYS = GAIN_KEYS + ("sign_threshold",)
 # the wrapper's epoch sum of g**2, kept where the sign test has no moment to read (MEAN_SQUARES)
 SQUARES = "grad_sq_sum"
 SIGN_DTYPES = {"gain": torch.float32, "grad_sum": torch.float32, "prev_sign": torch.int8,
@@ -87,11 +84,12 @@ class Active(EpochClock, torch.optim.Optimizer):
             backend == "auto" or backend in backends.NAMES,
             f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
         )
-        gains = dict(gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain,
-                     sign_threshold=sign_threshold)
-        check_gain_args(gains)
+        rule = GainRule(gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain,
+                        max_gain=max_gain, sign_threshold=sign_threshold)
+        rule.validate()
+        gains = asdict(rule)
         for i, group in enumerate(optimizer.param_groups):
-            taken = sorted(set(group) & set(RULE_KEYS + CLOCK_KEYS))
+            taken = sorted(set(group) & set(GAIN_KEYS + CLOCK_KEYS))
             _check(not taken, f"Active: param group {i} of the optimizer already has {taken} "
                               "(is it wrapped by another Active?)")
             for p in group["params"]:
@@ -128,7 +126,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         """Adds the group to the inner optimizer, with the gain arguments (its own, else
         Active's) and the running epoch clock; checked before anything changes."""
         group = dict(param_group)
-        for key in RULE_KEYS:
+        for key in GAIN_KEYS:
             group.setdefault(key, self.defaults[key])
         check_gain_args(group)
         params = group["params"]
@@ -145,7 +143,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         """Every (group, params with a grad), validated before anything is written."""
         work = []
         for i, group in enumerate(self.param_groups):
-            missing = [k for k in RULE_KEYS + CLOCK_KEYS if k not in group]
+            missing = [k for k in GAIN_KEYS + CLOCK_KEYS if k not in group]
             if missing:
                 raise RuntimeError(
                     f"Active: param group {i} has no {missing}: add param groups with "
@@ -201,7 +199,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                     gains=[s["gain"] for s in states],
                     grad_sums=[s["grad_sum"] for s in states],
                     prev_signs=[s["prev_sign"] for s in states],
-                    rule=GainRule.of(group),
+                    rule=GainRule.from_group(group),
                     maximize=bool(group.get("maximize", False)),
                     boundary=boundary,
                     **self._sign_test_fields(group, [params[i] for i in indices], boundary),
@@ -250,7 +248,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         inner = self.optimizer.state.get(p, {})
         if source.key not in inner:  # never stepped by it (only overflow steps): no estimate
             return torch.full_like(state["grad_sum"], math.inf), 1.0
-        factor = source.factor(GainRule.of(group), group["epoch_steps"], group,
+        factor = source.factor(GainRule.from_group(group), group["epoch_steps"], group,
                                float(inner["step"]))
         return inner[source.key].float(), factor
 
@@ -270,7 +268,7 @@ class Active(EpochClock, torch.optim.Optimizer):
         """A boundary applied outside the scaling pass (an overflow step, a missed boundary), as
         the pass applies it."""
         state = self.state[p]
-        rule = GainRule.of(group)
+        rule = GainRule.from_group(group)
         floor = None
         if rule.sign_threshold > 0:
             noise, factor = self._noise(p, group)
@@ -320,7 +318,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                         for saved in state_dict["inner"]["param_groups"]]
         for saved in saved_groups:
             if isinstance(saved, dict):
-                upgrade_saved_group(saved, self.defaults)
+                upgrade_saved_group(saved)
         state_dict = dict(state_dict, inner=dict(state_dict["inner"], param_groups=saved_groups))
         _check(
             len(saved_groups) == len(self.param_groups),
@@ -333,7 +331,7 @@ class Active(EpochClock, torch.optim.Optimizer):
                    and len(saved["params"]) == len(group["params"]),
                    f"Active: param group {i} of the state dict does not match the optimizer's "
                    f"{len(group['params'])} params")
-            missing = [k for k in RULE_KEYS + CLOCK_KEYS if k not in saved]
+            missing = [k for k in GAIN_KEYS + CLOCK_KEYS if k not in saved]
             _check(not missing, f"Active: param group {i} of the state dict has no {missing} "
                                 "(not a state dict of Active?)")
             check_gain_args(saved)

@@ -328,8 +328,7 @@ def run_one(task: dict, directory: str) -> dict:
             "gain_inc": optimizer.param_groups[0]["gain_inc"] if active else None,
             **{key: values[-1] if values else None for key, values in gains.items()},
             "seconds": history["seconds"],
-            "backend": backends.resolve("auto", "cpu").__module__.rsplit(".", 1)[-1]
-            if active else "",
+            "backend": backends.choose("auto", "cpu") if active else "",
             "curves": {"validation_loss": history["test_loss"], **gains}}
 
 

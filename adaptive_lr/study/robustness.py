@@ -283,8 +283,7 @@ def run_one(task: dict) -> dict:
     history = train(model, make, data(), task["epochs"], task["batch_size"], task["seed"],
                     on_epoch_end=record_gains if rule is not None else None)
     accuracy = history["test_accuracy"]
-    backend = backends.resolve("auto", "cpu").__module__.rsplit(".", 1)[-1] \
-        if rule is not None else ""
+    backend = backends.choose("auto", "cpu") if rule is not None else ""
     return {
         **task, "final_train_loss": history["train_loss"][-1],
         "final_test_accuracy": accuracy[-1], "best_test_accuracy": max(accuracy),
