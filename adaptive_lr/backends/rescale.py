@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..gain_rule import GainRule
 from . import choose, fused
 from . import foreach as foreach_backend
 from . import reference as reference_backend
-from ..gain_rule import GainRule
 from .bucket import Boundary, state_dtype
 
 
