@@ -4,6 +4,7 @@
 # arguments go to pytest. Exits non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh
 venv=${ADAPTIVE_LR_VENV:-.venv}
 start=$SECONDS
 # The CUDA kernels are compile-checked by CMake with the toolkit's real nvcc: CUDA_HOME's, else the
@@ -18,19 +19,9 @@ elif [ "${CI:-}" != true ]; then
   echo "NOTE: nvcc not found (set CUDA_HOME): the CUDA kernels' compile check is SKIPPED"
 fi
 [ "${CI:-}" = true ] && cuda_args+=(-DADAPTIVE_LR_REQUIRE_CUDA=ON)
-# The C++ side is torch-free: it builds and runs in the background while set-up installs the
-# Python packages (mostly waiting on the disk), its output shown once set-up is done.
-mkdir -p build
-cpp_log=build/cpp-tests.log
-(cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/null \
-  && cmake --build build/cmake -j 2 >/dev/null \
-  && ctest --test-dir build/cmake --output-on-failure) >"$cpp_log" 2>&1 &
-cpp_tests=$!
-bash scripts/setup.sh
-cpp_status=0
-wait "$cpp_tests" || cpp_status=$?
-cat "$cpp_log"
-[ "$cpp_status" = 0 ] || { echo "the C++ build or its tests FAILED (exit $cpp_status)"; exit 1; }
+cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/null
+cmake --build build/cmake -j 2 >/dev/null
+ctest --test-dir build/cmake --output-on-failure
 # both cores: pytest-xdist's workers take tests as they free up (most tests are single-threaded)
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25 "$@"
 # The Triton tests again under the oldest supported triton (requirements-dev.txt holds the newest),
@@ -41,4 +32,4 @@ oldest=build/triton-3.4.0
 PYTHONPATH="$oldest" ADAPTIVE_LR_EXPECT_TRITON=3.4.0 "$venv/bin/python" -m pytest -q \
   -p no:cacheprovider -n 2 --dist worksteal \
   -W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_triton_backend.py
-echo "set-up and tests took $((SECONDS - start)) s"
+echo "tests took $((SECONDS - start)) s"
