@@ -187,7 +187,10 @@ def test_ctrl_c_stops_a_sweep_at_once_and_writes_what_finished(tmp_path):
     are busy: the sweep ends, the workers are gone, the four finished runs are written."""
     out, pids = tmp_path / "out", tmp_path / "pids"
     pids.mkdir()
-    code = (f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+    # a Python started from a terminal has Ctrl-C's handler; one started by a shell's `cmd &`
+    # inherits SIGINT ignored (then a sweep rightly ignores it), so the child sets its own
+    code = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
             "import test_study\nfrom adaptive_lr.study import lr_sweep\n"
             "lr_sweep.train_one = test_study.slow_sweep_run\n"
             "from adaptive_lr.cli import main\n"
