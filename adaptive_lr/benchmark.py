@@ -200,7 +200,7 @@ def _active_optimizers() -> list[type]:
 def _keeps_squares(cls) -> bool:
     """Whether ``cls`` at its defaults keeps grad_sq_sum, its sign test's epoch sum of g**2
     (ActiveSGD, ActiveLion)."""
-    group = cls([torch.zeros(1, requires_grad=True)], lr=1e-4, steps_per_epoch=1,
+    group = cls([torch.zeros(1, requires_grad=True)], lr=1e-4, steps_per_epoch=None,
                 backend="reference").param_groups[0]
     return cls.spec.keeps_grad_sq_sum(cls.spec.record(group))
 

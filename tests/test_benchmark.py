@@ -92,6 +92,8 @@ def test_a_cpu_backend_step_allocates_no_param_sized_temporaries(name):
     assert extra < 2**20  # one fp32 temporary of a tensor would be 3.8 MiB
 
 
+# the run warns nothing: building a contender must not trip the short-epoch warning
+@pytest.mark.filterwarnings("error")
 def test_a_tiny_run_reports_bytes_floor_and_state_per_contender(monkeypatch):
     monkeypatch.setitem(benchmark.SIZES, "4K", 4000)
     monkeypatch.setattr(benchmark, "streaming_ceiling_gbs", lambda size, repeats: 10.0)
