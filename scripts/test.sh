@@ -4,9 +4,12 @@
 # arguments go to pytest. Exits non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# each phase's time, to see where the command's minutes go
+phase() { echo "test.sh: $1 took $((SECONDS - mark)) s"; mark=$SECONDS; }
+mark=$SECONDS
 bash scripts/setup.sh
+phase "set-up"
 venv=${ADAPTIVE_LR_VENV:-.venv}
-start=$SECONDS
 # The CUDA kernels are compile-checked by CMake with the toolkit's real nvcc: CUDA_HOME's, else the
 # directory the nvcc on PATH runs from (which may be a wrapper script). On CI it must exist.
 cuda_args=()
@@ -22,8 +25,10 @@ fi
 cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/null
 cmake --build build/cmake -j 2 >/dev/null
 ctest --test-dir build/cmake --output-on-failure
+phase "the C++ build and ctest"
 # both cores: pytest-xdist's workers take tests as they free up (most tests are single-threaded)
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25 "$@"
+phase "pytest"
 # The Triton tests again under the oldest supported triton (requirements-dev.txt holds the newest),
 # installed beside the venv, not into it; its interpreter needs numpy < 2.4 (docs/triton.md).
 oldest=build/triton-3.4.0
@@ -32,4 +37,5 @@ oldest=build/triton-3.4.0
 PYTHONPATH="$oldest" ADAPTIVE_LR_EXPECT_TRITON=3.4.0 "$venv/bin/python" -m pytest -q \
   -p no:cacheprovider -n 2 --dist worksteal \
   -W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_triton_backend.py
-echo "tests took $((SECONDS - start)) s"
+phase "the Triton tests under triton 3.4"
+echo "test.sh: the whole command took $SECONDS s"
