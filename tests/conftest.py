@@ -10,6 +10,7 @@ when one test runs longer, after dumping every thread's stack (run pytest with -
 kernel that hangs the device blocks in C, where no Python-level timeout could interrupt it."""
 
 import faulthandler
+import importlib.util
 import os
 
 import pytest
@@ -17,6 +18,35 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _patch_triton_language_once_per_launch():
+    """Triton's interpreter patches triton.language (inspect.getmembers over tl, tl.tensor and
+    tl.math) at a kernel's launch and again at every call of a @triton.jit helper inside it: the
+    repeats took a third of the Triton tests' time. A repeat changes nothing where the launch has
+    patched the helper's modules already (only builtins are replaced, and a replaced one is no
+    builtin; the other attributes are set to the same functions again), so it is skipped there.
+    Speed only: where the interpreter has no _patch_lang (another triton) it is left as it is."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang", None)
+    if patch is None:
+        return
+    # triton 3.9 returns a scope that the launch restores afterwards, 3.4 returns None
+    no_patch = getattr(interpreter, "_LangPatchScope", lambda: None)
+
+    def patch_unless_patched(fn):
+        langs = [value for value in fn.__globals__.values() if value is tl or value is tl.core]
+        if langs and not any(tl.core.is_builtin(lang.load) for lang in langs):
+            return no_patch()
+        return patch(fn)
+
+    interpreter._patch_lang = patch_unless_patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _patch_triton_language_once_per_launch()
 
 _TIMEOUT = float(os.environ.get("ADAPTIVE_LR_TEST_TIMEOUT", 0))
 

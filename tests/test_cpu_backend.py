@@ -293,23 +293,31 @@ torch.save((torch.ops.adaptive_lr.cpu_capability(), results), {out!r})
 """
 
 
+def _run_capability(capability: str, out: str):
+    """(the capability the kernels ran, their results) in a process with ATEN_CPU_CAPABILITY set."""
+    script = _CAPABILITY_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def default_capability_results(tmp_path_factory):
+    """The scalar build's run, which every capability is compared with (run once, not per test)."""
+    return _run_capability("default", str(tmp_path_factory.mktemp("capability") / "default.pt"))
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_every_simd_build_gives_identical_results(capability, tmp_path):
+def test_every_simd_build_gives_identical_results(capability, tmp_path,
+                                                  default_capability_results):
     """Each capability's kernels (picked with ATEN_CPU_CAPABILITY) round exactly like the others."""
     runs = {"default": True, "avx2": torch.cpu._is_avx2_supported(),
             "avx512": torch.cpu._is_avx512_supported()}
     if not runs[capability]:  # ATen would believe the variable; the CPU would not run it
         pytest.skip(f"this CPU has no {capability}")
-    outputs = {}
-    for cap in ("default", capability):
-        out = str(tmp_path / f"{cap}.pt")
-        script = _CAPABILITY_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
-        subprocess.run([sys.executable, "-c", script], env=env, check=True)
-        outputs[cap] = torch.load(out)
-    used, results = outputs[capability]
+    used, results = _run_capability(capability, str(tmp_path / f"{capability}.pt"))
     assert used.lower() == capability, f"asked for {capability}, the kernels ran {used}"
-    for key, expected in outputs["default"][1].items():
+    for key, expected in default_capability_results[1].items():
         assert_all_equal(results[key], expected)
 
 
