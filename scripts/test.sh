@@ -7,9 +7,6 @@ cd "$(dirname "$0")/.."
 # each phase's time, to see where the command's minutes go
 phase() { echo "test.sh: $1 took $((SECONDS - mark)) s"; mark=$SECONDS; }
 mark=$SECONDS
-bash scripts/setup.sh
-phase "set-up"
-venv=${ADAPTIVE_LR_VENV:-.venv}
 # The CUDA kernels are compile-checked by CMake with the toolkit's real nvcc: CUDA_HOME's, else the
 # directory the nvcc on PATH runs from (which may be a wrapper script). On CI it must exist.
 cuda_args=()
@@ -22,10 +19,27 @@ elif [ "${CI:-}" != true ]; then
   echo "NOTE: nvcc not found (set CUDA_HOME): the CUDA kernels' compile check is SKIPPED"
 fi
 [ "${CI:-}" = true ] && cuda_args+=(-DADAPTIVE_LR_REQUIRE_CUDA=ON)
-cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" >/dev/null
-cmake --build build/cmake -j 2 >/dev/null
+cpp_build() {
+  cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" \
+    && cmake --build build/cmake -j 2
+}
+# The C++ build needs no venv, so it runs beside the set-up (whose pip installs keep one core
+# busy, not two), in a process group of its own (set -m), which ends with this script however it
+# ends (Ctrl-C included)
+mkdir -p build
+cmake_log=build/cmake-build.log
+set -m
+cpp_build >"$cmake_log" 2>&1 &
+cmake_build=$!
+set +m
+trap 'kill -- -"$cmake_build" 2>/dev/null || true' EXIT
+bash scripts/setup.sh
+phase "set-up (the C++ build beside it)"
+venv=${ADAPTIVE_LR_VENV:-.venv}
+wait "$cmake_build" || { cat "$cmake_log"; echo "test.sh: the C++ build FAILED" >&2; exit 1; }
+phase "the rest of the C++ build"
 ctest --test-dir build/cmake --output-on-failure
-phase "the C++ build and ctest"
+phase "ctest"
 # both cores: pytest-xdist's workers take tests as they free up (most tests are single-threaded)
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25 "$@"
 phase "pytest"
