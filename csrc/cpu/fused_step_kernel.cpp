@@ -140,7 +140,11 @@ struct Io<Vectorized<C>> {
       V v;
       at::vec::load_to_float(p, v);
       return v;
-    } else {  // int8 signs, float gains into double lanes: rare paths, through a register-sized buffer
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    } else if constexpr (std::is_same_v<X, int8_t> && std::is_same_v<C, float>) {
+      return load_signs(p);
+#endif
+    } else {  // signs or float gains into double lanes: rare paths, through a register-sized buffer
       __at_align__ C lanes[V::size()];
       for (int k = 0; k < V::size(); ++k) lanes[k] = static_cast<C>(p[k]);
       return V::loadu(lanes);
@@ -152,6 +156,10 @@ struct Io<Vectorized<C>> {
       v.store(p);
     } else if constexpr (kReducedFloat<X>) {
       at::vec::convert<X>(v).store(p, V::size());  // round to nearest even
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    } else if constexpr (std::is_same_v<X, int8_t> && std::is_same_v<C, float>) {
+      store_signs(p, v);
+#endif
     } else {
       __at_align__ C lanes[V::size()];
       v.store(lanes);
@@ -175,6 +183,28 @@ struct Io<Vectorized<C>> {
   }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // A boundary step's int8 signs, widened to float lanes and narrowed back in registers: element
+  // by element through a buffer, they made a boundary step cost twice a mid-epoch one.
+  static V load_signs(const int8_t* p) {
+    const auto* bytes = reinterpret_cast<const __m128i*>(p);
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
+#else
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(bytes)));
+#endif
+  }
+  // v holds signs (-1, 0, 1): truncation is the scalar path's static_cast, and no lane saturates
+  static void store_signs(int8_t* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
+#else
+    const __m256i wide = _mm256_cvttps_epi32(v);
+    const __m128i half =
+        _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(half, half));
+#endif
+  }
+
   // The narrowing store at::vec lacks; element by element, it alone doubled the cost of an AVX2
   // compact step. The high 16 bits of each lane, stored as V::size() consecutive 16-bit values.
   static void store_high_halves(const Vectorized<int32_t>& x, void* out) {
