@@ -4,6 +4,8 @@ The Triton backend runs on CPU tensors only under the Triton interpreter, and tr
 TRITON_INTERPRET when a kernel is defined (at import). Without a CUDA GPU, switch the interpreter
 on before anything imports triton, so that available_backends("cpu") lists "triton" and the
 generic backend tests (parity, AMP, bad input) cover it. A TRITON_INTERPRET already set wins.
+Under the interpreter a kernel's helpers no longer re-patch triton.language at every call (speed
+only; _patch_triton_language_once_per_launch says why that changes nothing).
 
 ADAPTIVE_LR_TEST_TIMEOUT=<seconds> (scripts/gpu_check.sh sets it) ends the whole pytest process
 when one test runs longer, after dumping every thread's stack (run pytest with -s to see it): a
