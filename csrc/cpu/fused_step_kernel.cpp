@@ -155,7 +155,14 @@ struct Io<Vectorized<C>> {
     if constexpr (std::is_same_v<X, C>) {
       v.store(p);
     } else if constexpr (kReducedFloat<X>) {
-      at::vec::convert<X>(v).store(p, V::size());  // round to nearest even
+      const Vectorized<X> narrow = at::vec::convert<X>(v);  // round to nearest even
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<C, float>) {
+        store_low_half(narrow, p);
+        return;
+      }
+#endif
+      narrow.store(p, V::size());
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     } else if constexpr (std::is_same_v<X, int8_t> && std::is_same_v<C, float>) {
       store_signs(p, v);
@@ -202,6 +209,17 @@ struct Io<Vectorized<C>> {
     const __m128i half =
         _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(half, half));
+#endif
+  }
+
+  // float lanes narrowed to 16 bits fill the low half of their Vectorized<X>: one plain store
+  // (ATen's partial store is a masked store with AVX-512, slow on AMD, and a memcpy with AVX2)
+  template <class X>
+  static void store_low_half(const Vectorized<X>& narrow, X* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(narrow));
+#else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(narrow));
 #endif
   }
 
