@@ -190,8 +190,8 @@ struct Io<Vectorized<C>> {
   }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  // A boundary step's int8 signs, widened to float lanes and narrowed back in registers: element
-  // by element through a buffer, they made a boundary step cost twice a mid-epoch one.
+  // A boundary step's int8 signs, widened to float lanes and narrowed back in registers (element
+  // by element through a buffer, they added a fifth to a boundary step: docs/step_time.md).
   static V load_signs(const int8_t* p) {
     const auto* bytes = reinterpret_cast<const __m128i*>(p);
 #if defined(CPU_CAPABILITY_AVX512)
