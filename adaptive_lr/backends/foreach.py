@@ -107,8 +107,7 @@ def step(bucket: Bucket) -> None:
     theta = [p.detach().to(compute) for p in bucket.params]
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
         torch._foreach_mul_(theta, 1 - h.lr * h.weight_decay)
-    same_dtype = bucket.gains[0].dtype == compute
-    gammas = bucket.gains if same_dtype else [x.to(compute) for x in bucket.gains]
-    bucket.spec.foreach(theta, g, gammas, steps, bucket.state, h)
+    # compact bfloat16 gains go in as they are: the update widens them (foreach_scaled_gains)
+    bucket.spec.foreach(theta, g, bucket.gains, steps, bucket.state, h)
     if low_precision:
         torch._foreach_copy_([p.detach() for p in bucket.params], theta)

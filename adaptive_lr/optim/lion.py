@@ -7,6 +7,7 @@ import torch
 from .base import (
     DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, GAIN_ARGS_DOC, NOISE_TEST_DOC, ActiveOptimizer,
 )
+from .moments import foreach_scaled_gains
 from .spec import GainHyper, OptimizerSpec, check
 
 
@@ -34,7 +35,7 @@ def _foreach(theta, g, gammas, steps, state, h: LionHyper) -> None:
     direction = torch._foreach_mul(m, beta1)
     torch._foreach_add_(direction, torch._foreach_mul(g, 1 - beta1))
     torch._foreach_sign_(direction)
-    update = torch._foreach_mul(gammas, h.lr)
+    update = foreach_scaled_gains(gammas, h.lr, theta[0].dtype)
     torch._foreach_mul_(update, direction)
     torch._foreach_sub_(theta, update)
     torch._foreach_mul_(m, beta2)

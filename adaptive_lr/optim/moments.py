@@ -36,9 +36,20 @@ def foreach_adam_moments(g: list[Tensor], state: dict, h, amsgrad: bool) -> list
     return state["exp_avg_sq"]
 
 
+def foreach_scaled_gains(gammas: list[Tensor], scales, dtype: torch.dtype) -> list[Tensor]:
+    """gamma * scales[i] (or * scales, one number) in ``dtype``, the update's compute dtype:
+    compact state's bfloat16 gains are widened (exactly) into the product's own buffers, so that a
+    compact step allocates no float32 copy of its gains beside them."""
+    if gammas[0].dtype == dtype:
+        return torch._foreach_mul(gammas, scales)
+    update = [gamma.to(dtype) for gamma in gammas]
+    torch._foreach_mul_(update, scales)
+    return update
+
+
 def foreach_scaled_step(theta, gammas, m, scales, denom=None) -> None:
     """theta -= scales[i] * gamma * m (/ denom)."""
-    update = torch._foreach_mul(gammas, scales)
+    update = foreach_scaled_gains(gammas, scales, theta[0].dtype)
     torch._foreach_mul_(update, m)
     if denom is not None:
         torch._foreach_div_(update, denom)

@@ -7,6 +7,7 @@ import torch
 from .base import (
     DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, GAIN_ARGS_DOC, NOISE_TEST_DOC, ActiveOptimizer,
 )
+from .moments import foreach_scaled_gains
 from .spec import BaseOptimizer, GainHyper, OptimizerSpec, check
 
 
@@ -47,7 +48,7 @@ def _foreach(theta, g, gammas, steps, state, h: SgdHyper) -> None:
         torch._foreach_mul_(later_bufs, h.momentum)
         torch._foreach_add_(later_bufs, torch._foreach_mul([g[i] for i in later], 1 - h.dampening))
     direction = torch._foreach_add(g, torch._foreach_mul(bufs, h.momentum)) if h.nesterov else bufs
-    update = torch._foreach_mul(gammas, h.lr)
+    update = foreach_scaled_gains(gammas, h.lr, theta[0].dtype)
     torch._foreach_mul_(update, direction)
     torch._foreach_sub_(theta, update)
 

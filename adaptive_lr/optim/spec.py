@@ -88,7 +88,8 @@ class BaseOptimizer:
 
 # reference(theta, g, gamma, step, state, h): one tensor, in place on theta and state[key]
 ReferenceUpdate = Callable[[Tensor, Tensor, Tensor, float, dict, Any], None]
-# foreach(theta, g, gammas, steps, state, h): lists of a bucket, state[key] a list
+# foreach(theta, g, gammas, steps, state, h): lists of a bucket, state[key] a list; gammas are
+# bfloat16 with compact state (moments.foreach_scaled_gains widens them)
 ForeachUpdate = Callable[[list, list, list, list, dict, Any], None]
 
 
