@@ -121,6 +121,8 @@ struct Io {
   static T load(const X* p) { return static_cast<T>(*p); }
   template <class X>
   static void store(X* p, T v) { *p = static_cast<X>(v); }
+  template <class G>
+  static void store_gain(G* p, T v) { store(p, v); }
   // A compact grad_sum's store: element `index` of its tensor, rounded with `key`'s draws.
   static void store_stochastic(c10::BFloat16* p, T v, uint32_t key, int64_t index) {
     *p = c10::BFloat16(
@@ -172,6 +174,18 @@ struct Io<Vectorized<C>> {
       v.store(lanes);
       for (int k = 0; k < V::size(); ++k) p[k] = static_cast<X>(lanes[k]);
     }
+  }
+  // A new gain. A compact one (bfloat16 G), rounded by round_gain_to_bfloat16, is a bfloat16
+  // value already: its lanes' high halves are stored as they are, not rounded to nearest again.
+  template <class G>
+  static void store_gain(G* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<G, c10::BFloat16> && std::is_same_v<C, float>) {
+      store_high_halves(at::vec::cast<int32_t>(v), p);
+      return;
+    }
+#endif
+    store(p, v);
   }
   static void store_stochastic(c10::BFloat16* p, const V& v, uint32_t key, int64_t index) {
     static_assert(std::is_same_v<C, float>, "compact state is for float32 compute");
@@ -303,7 +317,7 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
         }
         fused_step<B, S>(lanes.common, lanes.update, theta, io::load(grad + i), gamma, g_sum,
                          sq_sum, sign, st, key, static_cast<uint32_t>(offset + i));
-        if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
+        if constexpr (B == Boundary::kUpdate) io::store_gain(gain + i, gamma);
         if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
         if constexpr (S == StatePrecision::kCompact) {
           io::store_stochastic(grad_sum + i, g_sum, key, offset + i);
@@ -349,7 +363,7 @@ void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
         apply_boundary<B, S>(common, gamma, g_sum, sign, noise,
                              S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0,
                              static_cast<uint32_t>(chunk.offset + i));
-        if constexpr (B == Boundary::kUpdate) io::store(gain + i, gamma);
+        if constexpr (B == Boundary::kUpdate) io::store_gain(gain + i, gamma);
         io::store(prev_sign + i, sign);
         io::store(grad_sum + i, g_sum);
         if (grad_sq_sum) io::store(grad_sq_sum + i, T(0));
