@@ -66,20 +66,20 @@ def _mix32(x):
 
 
 @triton.jit
-def _grad_sq_sum_key(key):
-    """math.h's grad_sq_sum_key: a compact grad_sq_sum's own key, from the step's."""
+def _gain_key(key):
+    """math.h's gain_key: a new compact gain's own key, from the step's."""
     return _mix32(key ^ 0x9E3779B9)
 
 
 @triton.jit
-def _stochastic_bf16(x, key, index, GAIN: tl.constexpr = False):
-    """math.h's bfloat16_stochastic (GAIN: bfloat16_stochastic_gain) as a float32 that a bfloat16
-    store keeps exactly: 16 hashed bits of (key, element index), the hash's high half for an
-    epoch sum and its low half for a gain, added below the kept bits, then truncation
-    (unbiased); infinities and NaN round to nearest."""
+def _stochastic_bf16(x, key, index, LOW_BITS: tl.constexpr = False):
+    """math.h's bfloat16_stochastic (LOW_BITS: bfloat16_stochastic_low_bits) as a float32 that a
+    bfloat16 store keeps exactly: 16 hashed bits of (key, element index), the hash's high half
+    for grad_sum (and a gain, under _gain_key) and its low half for grad_sq_sum, added below the
+    kept bits, then truncation (unbiased); infinities and NaN round to nearest."""
     bits = x.to(tl.uint32, bitcast=True)
     hashed = _mix32(key + index)
-    draws = hashed & 0xFFFF if GAIN else hashed >> 16
+    draws = hashed & 0xFFFF if LOW_BITS else hashed >> 16
     rounded = ((bits + draws) & 0xFFFF0000).to(tl.float32, bitcast=True)
     return tl.where((bits & 0x7F800000) == 0x7F800000, _round_to_bf16(x), rounded)
 
@@ -137,7 +137,7 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
         gain = tl.where(agreement > 0, gain + gain_inc, decreased)
         gain = tl.minimum(tl.maximum(gain, min_gain), max_gain)
         if COMPACT:  # the value the bfloat16 store keeps, computed (the interpreter truncates)
-            gain = _stochastic_bf16(gain, key, (start + offs).to(tl.uint32), GAIN=True)
+            gain = _stochastic_bf16(gain, _gain_key(key), (start + offs).to(tl.uint32))
         _store(gain_ptr, offs, gain.to(gain_ptr.dtype.element_ty), mask, MASKED)
     _store(prev_sign, offs, sign, mask, MASKED)
     return gain
@@ -183,7 +183,7 @@ def _step_block(
     if GRAD_SQ:  # float32: the product and the sum each rounded once (no fp fusion)
         sq_total = sq_before + g32 * g32
         if COMPACT:
-            sq_total = _stochastic_bf16(sq_total, _grad_sq_sum_key(key), index)
+            sq_total = _stochastic_bf16(sq_total, key, index, LOW_BITS=True)
         _store(grad_sq_sum, offs, sq_total.to(grad_sq_sum.dtype.element_ty), mask, MASKED)
 
     theta = _load(param, offs, mask, MASKED).to(CT)

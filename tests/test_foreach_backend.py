@@ -12,8 +12,8 @@ from adaptive_lr import ActiveAdamW, ActiveSGD
 from adaptive_lr.backends import rounding
 from adaptive_lr.benchmark import make_tensors, step_extra_memory
 from adaptive_lr.backends.rounding import (
-    accumulate_stochastic, bfloat16_stochastic, bfloat16_stochastic_gain, element_index,
-    store_stochastic_gain,
+    accumulate_stochastic, bfloat16_stochastic, bfloat16_stochastic_gain,
+    bfloat16_stochastic_low_bits, element_index, store_stochastic_gain,
 )
 from optim_configs import config, make_params, run
 
@@ -51,7 +51,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16)
 
 
-@pytest.mark.parametrize("mode", ["sum", "square", "gain"])
+@pytest.mark.parametrize("mode", ["sum", "sum and square", "gain"])
 def test_batches_round_as_the_reference_bit_for_bit(mode, monkeypatch):
     monkeypatch.setattr(rounding, "CHUNK", CHUNK)
     params = _params()
@@ -59,20 +59,32 @@ def test_batches_round_as_the_reference_bit_for_bit(mode, monkeypatch):
     values = [_with_specials(torch.randn(p.shape, generator=gen) * 100) for p in params]
     # a key near 2**32: key + index wraps mod 2**32 inside the first tensor
     keys = [2**32 - 70] + [rounding.rounding_key(i, 3) for i in range(1, len(params))]
+
     # states laid out as their params (as the optimizer makes them), but one: rounded on a copy
     # in its param's order, written back
-    outs = [torch.empty_like(p, dtype=torch.bfloat16).copy_(torch.randn(p.shape, generator=gen))
-            for p in params]
-    outs[5] = outs[5].contiguous()
+    def states():
+        made = [torch.empty_like(p, dtype=torch.bfloat16).copy_(torch.randn(p.shape, generator=gen))
+                for p in params]
+        made[5] = made[5].contiguous()
+        return made
+
+    outs, squares = states(), states()
+    roundings = list(zip(keys, params))
     if mode == "gain":
         expected = [bfloat16_stochastic_gain(v, k, element_index(p))
                     for v, k, p in zip(values, keys, params)]
-        store_stochastic_gain(outs, values, list(zip(keys, params)))
+        store_stochastic_gain(outs, values, roundings)
     else:
-        square = mode == "square"
-        expected = [bfloat16_stochastic(o.float() + (v * v if square else v), k, element_index(p))
+        expected = [bfloat16_stochastic(o.float() + v, k, element_index(p))
                     for o, v, k, p in zip(outs, values, keys, params)]
-        accumulate_stochastic(outs, values, list(zip(keys, params)), square=square)
+        if mode == "sum":
+            accumulate_stochastic(outs, values, roundings)
+        else:  # grad_sq_sum: the same hash's low bits
+            expected_squares = [bfloat16_stochastic_low_bits(q.float() + v * v, k, element_index(p))
+                                for q, v, k, p in zip(squares, values, keys, params)]
+            accumulate_stochastic(outs, values, roundings, squares)
+            for i, (square, exp) in enumerate(zip(squares, expected_squares)):
+                assert torch.equal(_bits(square), _bits(exp)), i
     for i, (out, exp) in enumerate(zip(outs, expected)):
         assert torch.equal(_bits(out), _bits(exp)), i
     assert outs[0][:2].isinf().all() and outs[0][2].isnan()

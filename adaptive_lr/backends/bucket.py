@@ -29,8 +29,8 @@ tensor on the param's device; moments float64 for float64 params, else float32 (
 bf16/fp16 params, whose math runs in float32). Compact state (``rounding_seeds`` given; not for
 float64 params): gain, grad_sum and grad_sq_sum bfloat16; a new gain is rounded stochastically
 after its clamp, and in step 3 grad_sum <- bfloat16_stochastic(float32(grad_sum) + g) with the
-param's rounding key, grad_sq_sum likewise with grad_sq_sum_key(key)
-(adaptive_lr/backends/rounding.py).
+param's rounding key, grad_sq_sum likewise with bfloat16_stochastic_low_bits (the same hash's
+other half; adaptive_lr/backends/rounding.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..gain_rule import GainRule
 from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
-    accumulate_stochastic, grad_sq_sum_key, rounding_key, store_stochastic_gain,
+    accumulate_stochastic, rounding_key, store_stochastic_gain,
 )
 
 
@@ -99,10 +99,7 @@ def step(bucket: Bucket) -> None:
         if bucket.grad_sq_sums is not None:  # the product and the sum each rounded once (no FMA)
             torch._foreach_add_(bucket.grad_sq_sums, torch._foreach_mul(g32, g32))
     else:  # compact: rounded stochastically, in batches (no param-sized temporaries)
-        accumulate_stochastic(bucket.grad_sums, g32, roundings)
-        if bucket.grad_sq_sums is not None:
-            accumulate_stochastic(bucket.grad_sq_sums, g32, [
-                (grad_sq_sum_key(key), param) for key, param in roundings], square=True)
+        accumulate_stochastic(bucket.grad_sums, g32, roundings, bucket.grad_sq_sums)
     low_precision = bucket.dtype != compute
     theta = [p.detach().to(compute) for p in bucket.params]
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

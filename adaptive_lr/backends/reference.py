@@ -13,7 +13,8 @@ from torch import Tensor
 from ..gain_rule import GainRule
 from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
-    bfloat16_stochastic, bfloat16_stochastic_gain, element_index, grad_sq_sum_key, rounding_key,
+    bfloat16_stochastic, bfloat16_stochastic_gain, bfloat16_stochastic_low_bits, element_index,
+    rounding_key,
 )
 
 
@@ -53,13 +54,16 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
         grad_sq_sum.zero_()
 
 
-def _accumulate(total: Tensor, value: Tensor, rounding: tuple[int, Tensor] | None) -> None:
+def _accumulate(total: Tensor, value: Tensor, rounding: tuple[int, Tensor] | None,
+                low_bits: bool = False) -> None:
     """total += value in float32; a compact (bfloat16) total is rounded stochastically with
-    ``rounding``'s key and element indices."""
+    ``rounding``'s key and element indices: the hash's high bits (grad_sum), or its low bits
+    (``low_bits``: grad_sq_sum)."""
     if rounding is None:
         total.add_(value)
     else:
-        total.copy_(bfloat16_stochastic(total.float() + value, *rounding))
+        round_with = bfloat16_stochastic_low_bits if low_bits else bfloat16_stochastic
+        total.copy_(round_with(total.float() + value, *rounding))
 
 
 def step(bucket: Bucket) -> None:
@@ -72,11 +76,10 @@ def step(bucket: Bucket) -> None:
     for i, param in enumerate(bucket.params):
         gain, grad_sum = bucket.gains[i], bucket.grad_sums[i]
         grad_sq_sum = None if bucket.grad_sq_sums is None else bucket.grad_sq_sums[i]
-        rounding = sq_rounding = None
+        rounding = None
         if bucket.rounding_seeds is not None:  # the key of this step (even a skipped one)
-            key = rounding_key(bucket.rounding_seeds[i], bucket.steps[i] + 1)
-            rounding = (key, element_index(param))
-            sq_rounding = (grad_sq_sum_key(key), rounding[1])
+            rounding = (rounding_key(bucket.rounding_seeds[i], bucket.steps[i] + 1),
+                        element_index(param))
         apply_boundary(bucket.boundary, gain, grad_sum, bucket.prev_signs[i], h.gain_rule(),
                        None if floors is None else floors[i], rounding, grad_sq_sum)
         if skip:
@@ -90,7 +93,7 @@ def step(bucket: Bucket) -> None:
         g32 = g.float()
         _accumulate(grad_sum, g32, rounding)
         if grad_sq_sum is not None:  # the product and the sum each rounded once (no FMA)
-            _accumulate(grad_sq_sum, g32 * g32, sq_rounding)
+            _accumulate(grad_sq_sum, g32 * g32, rounding, low_bits=True)
         # low-precision params are updated in float32 and rounded once at the end
         theta = param.detach().to(compute)
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:

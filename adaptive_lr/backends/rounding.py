@@ -1,6 +1,6 @@
 """Compact state's roundings, in torch ops, for the reference and foreach backends: the same
-functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``, ``grad_sq_sum_key``,
-``bfloat16_stochastic``, ``bfloat16_stochastic_gain``) and the Triton kernel, so every backend
+functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``, ``gain_key``,
+``bfloat16_stochastic``, ``bfloat16_stochastic_low_bits``) and the Triton kernel, so every backend
 draws the same bits and stores the same bfloat16 grad_sum, grad_sq_sum and gain
 (docs/algorithm.md, "Compact state"); a NaN sum stays NaN (0x7fc0, as math.h's).
 
@@ -42,8 +42,8 @@ def mix32(x, scratch: Tensor | None = None):
 
 
 def _mix32_high(x, scratch: Tensor | None = None):
-    """mix32 but its last xor-shift, which leaves the high 16 bits as they are: an epoch sum's
-    draw needs no more."""
+    """mix32 but its last xor-shift, which leaves the high 16 bits as they are: a grad_sum's or a
+    gain's draw needs no more."""
     for shift, c in _ROUNDS:
         x = _mul32(_xorshift(x, shift, scratch), c)
     return x
@@ -72,15 +72,15 @@ def catch_up_key(seed: int, step: float) -> int:
     return rounding_key(seed ^ _CATCH_UP_SALT, step)
 
 
-# A compact grad_sq_sum is rounded with draws of its own, from the step's key salted and hashed
-# again: bits independent of the grad_sum's and the gain's under that key.
-_GRAD_SQ_SUM_SALT = 0x9E3779B9
+# A new compact gain is rounded with draws of its own, from the step's key salted and hashed
+# again: bits independent of both epoch sums' (the two halves of one hash under the step's key).
+_GAIN_SALT = 0x9E3779B9
 
 
-def grad_sq_sum_key(key: int | Tensor) -> int | Tensor:
-    """The key of a compact grad_sq_sum's stochastic rounding (math.h's grad_sq_sum_key), from
-    its param's rounding key for the step (an int, or a 0-dim tensor: not modified)."""
-    return mix32(key ^ _GRAD_SQ_SUM_SALT)
+def gain_key(key: int | Tensor) -> int | Tensor:
+    """The key of a new compact gain's stochastic rounding (math.h's gain_key), from its param's
+    rounding key for the step (an int, or a 0-dim tensor: not modified)."""
+    return mix32(key ^ _GAIN_SALT)
 
 
 def element_index(t: Tensor) -> Tensor:
@@ -113,18 +113,23 @@ def _to_bfloat16(rounded: Tensor) -> Tensor:
 
 
 def bfloat16_stochastic(x: Tensor, key: int, index: Tensor) -> Tensor:
-    """A compact epoch sum: float32 ``x`` rounded stochastically to bfloat16, element ``index``
+    """A compact grad_sum: float32 ``x`` rounded stochastically to bfloat16, element ``index``
     (element_index of its param) with ``key``'s draw, the hash's high 16 bits."""
     draws = _mix32_high((index + key) & MASK32)
     draws >>= 16
     return _to_bfloat16(_round_with(x, draws))
 
 
-def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
-    """A new compact gain: as bfloat16_stochastic with the same hash's low 16 bits."""
+def bfloat16_stochastic_low_bits(x: Tensor, key: int, index: Tensor) -> Tensor:
+    """A compact grad_sq_sum: as bfloat16_stochastic with the same hash's low 16 bits."""
     draws = mix32((index + key) & MASK32)
     draws &= 0xFFFF
     return _to_bfloat16(_round_with(x, draws))
+
+
+def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
+    """A new compact gain, under the step's ``key``: as bfloat16_stochastic under gain_key(key)."""
+    return bfloat16_stochastic(x, gain_key(key), index)
 
 
 # The foreach backend rounds in batches of at most this many elements: pieces of a big tensor, or
@@ -135,23 +140,29 @@ def bfloat16_stochastic_gain(x: Tensor, key: int, index: Tensor) -> Tensor:
 CHUNK = 1 << 18
 
 
-def accumulate_stochastic(totals: list[Tensor], values: list[Tensor],
-                          roundings: list[tuple[int, Tensor]], square: bool = False) -> None:
-    """Compact epoch sums: ``totals[i] <- bfloat16_stochastic(float32(totals[i]) + values[i],
-    key, element_index(param))`` with ``roundings[i] = (key, param)``, in place; ``square`` adds
-    values[i] ** 2 (the product and the sum each rounded once, as the reference does)."""
+def accumulate_stochastic(grad_sums: list[Tensor], values: list[Tensor],
+                          roundings: list[tuple[int, Tensor]],
+                          grad_sq_sums: list[Tensor] | None = None) -> None:
+    """Compact epoch sums, in place, with ``roundings[i] = (key, param)``:
+    ``grad_sums[i] <- bfloat16_stochastic(float32(grad_sums[i]) + values[i], key,
+    element_index(param))``, and where given ``grad_sq_sums[i]`` likewise with values[i] ** 2
+    (the product and the sum each rounded once, as the reference does) and
+    bfloat16_stochastic_low_bits: the two share each element's hash."""
     flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
 
-    def fill(x, i, total, start, stop):
-        value = flat_values[i][start:stop]
-        if square:
-            torch.mul(value, value, out=x)
-            x += total[start:stop]
-        else:
-            x.copy_(total[start:stop])
-            x += value
+    def add(x, i, total, start, stop):
+        x.copy_(total[start:stop])
+        x += flat_values[i][start:stop]
 
-    _store(totals, roundings, fill, gain=False)
+    def add_square(x, i, total, start, stop):
+        value = flat_values[i][start:stop]
+        torch.mul(value, value, out=x)
+        x += total[start:stop]
+
+    outputs = [(grad_sums, add, False)]
+    if grad_sq_sums is not None:
+        outputs.append((grad_sq_sums, add_square, True))
+    _store(roundings, outputs)
 
 
 def store_stochastic_gain(gains: list[Tensor], values: list[Tensor],
@@ -159,39 +170,50 @@ def store_stochastic_gain(gains: list[Tensor], values: list[Tensor],
     """New compact gains: ``gains[i] <- bfloat16_stochastic_gain(values[i], key,
     element_index(param))`` with ``roundings[i] = (key, param)``, in place."""
     flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
-    _store(gains, roundings, lambda x, i, _, start, stop: x.copy_(flat_values[i][start:stop]),
-           gain=True)
+    _store([(gain_key(key), param) for key, param in roundings],
+           [(gains, lambda x, i, _, start, stop: x.copy_(flat_values[i][start:stop]), False)])
 
 
-def _store(outs: list[Tensor], roundings: list[tuple[int, Tensor]], fill, gain: bool) -> None:
-    """outs[i] <- the float32 values ``fill(x, i, flat_out, start, stop)`` writes into x for the
-    elements [start, stop) of outs[i] (element_index order), rounded stochastically with the
-    hash's high bits (epoch sums) or low bits (``gain``), CHUNK elements at a time."""
-    targets = [_in_index_order(out, p) for out, (_, p) in zip(outs, roundings)]
-    flats = [t.reshape(-1) for t in targets]  # a view where out is laid out as its param
-    size = min(CHUNK, sum(f.numel() for f in flats))
-    index = torch.empty(size, dtype=torch.int64, device=outs[0].device)
+def _store(roundings: list[tuple[int, Tensor]], outputs) -> None:
+    """For each ``(outs, fill, low_bits)`` of ``outputs`` (lists over the params of
+    ``roundings``): outs[i] <- the float32 values ``fill(x, i, flat_out, start, stop)`` writes
+    into x for the elements [start, stop) of outs[i] (element_index order), rounded
+    stochastically with the hash's high bits, or its low bits (``low_bits``), CHUNK elements at
+    a time; the outputs share each element's hash."""
+    params = [param for _, param in roundings]
+    targets = [[_in_index_order(out, p) for out, p in zip(outs, params)] for outs, _, _ in outputs]
+    flats = [[t.reshape(-1) for t in ts] for ts in targets]  # views, where laid out as the params
+    sizes = [f.numel() for f in flats[0]]
+    device = params[0].device
+    size = min(CHUNK, sum(sizes))
+    index = torch.empty(size, dtype=torch.int64, device=device)
     scratch = torch.empty_like(index)
-    draws = torch.empty(size, dtype=torch.int32, device=outs[0].device)
-    x = torch.empty(size, dtype=torch.float32, device=outs[0].device)
-    for batch, used in _batches([f.numel() for f in flats]):
+    draws = torch.empty(size, dtype=torch.int32, device=device)
+    x = torch.empty(size, dtype=torch.float32, device=device)
+    # the high bits need no more than mix32's last xor-shift spares
+    mix = mix32 if any(low_bits for _, _, low_bits in outputs) else _mix32_high
+    for batch, used in _batches(sizes):
         for i, start, stop, at in batch:
             key = roundings[i][0]
             torch.arange(key + start, key + stop, out=index[at:at + stop - start])
-            fill(x[at:at + stop - start], i, flats[i], start, stop)
         hashed = index[:used]
         hashed &= MASK32
-        if gain:
-            torch.bitwise_and(mix32(hashed, scratch[:used]), 0xFFFF, out=draws[:used])
-        else:
-            torch.bitwise_right_shift(_mix32_high(hashed, scratch[:used]), 16, out=draws[:used])
-        rounded = _round_with(x[:used], draws[:used])
-        for i, start, stop, at in batch:  # each piece's bfloat16 bits, shifted into place
-            torch.bitwise_right_shift(rounded[at:at + stop - start], 16,
-                                      out=flats[i][start:stop].view(torch.int16))
-    for target, flat in zip(targets, flats):
-        if not target.is_contiguous():  # flat was a copy
-            target.copy_(flat.view(target.shape))
+        hashed = mix(hashed, scratch[:used])
+        for (_, fill, low_bits), flat in zip(outputs, flats):
+            for i, start, stop, at in batch:
+                fill(x[at:at + stop - start], i, flat[i], start, stop)
+            if low_bits:
+                torch.bitwise_and(hashed, 0xFFFF, out=draws[:used])
+            else:
+                torch.bitwise_right_shift(hashed, 16, out=draws[:used])
+            rounded = _round_with(x[:used], draws[:used])
+            for i, start, stop, at in batch:  # each piece's bfloat16 bits, shifted into place
+                torch.bitwise_right_shift(rounded[at:at + stop - start], 16,
+                                          out=flat[i][start:stop].view(torch.int16))
+    for ts, fs in zip(targets, flats):
+        for target, flat in zip(ts, fs):
+            if not target.is_contiguous():  # flat was a copy
+                target.copy_(flat.view(target.shape))
 
 
 def _batches(sizes: list[int]):

@@ -89,7 +89,7 @@ struct Ops<at::vec::Vectorized<C>> {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<C, float>) {
       using I = SimdRounding::I;
-      const I draws = SimdRounding::hash(key, index) & I(0xffff);  // bfloat16_stochastic_gain
+      const I draws = SimdRounding::shift_right<16>(SimdRounding::hash(gain_key(key), index));
       const I rounded = SimdRounding::round_with(at::vec::cast<int32_t>(x), draws);
       return at::vec::cast<float>(rounded & I(static_cast<int32_t>(0xffff0000U)));
     }
@@ -127,6 +127,14 @@ struct Io {
   static void store_stochastic(c10::BFloat16* p, T v, uint32_t key, int64_t index) {
     *p = c10::BFloat16(
         bfloat16_stochastic(static_cast<float>(v), key, static_cast<uint32_t>(index)),
+        c10::BFloat16::from_bits());
+  }
+  // Both compact epoch sums of an element, grad_sum `v` and grad_sq_sum `q`: one hash's two halves.
+  static void store_stochastic_sums(c10::BFloat16* p, T v, c10::BFloat16* q_p, T q, uint32_t key,
+                                    int64_t index) {
+    store_stochastic(p, v, key, index);
+    *q_p = c10::BFloat16(
+        bfloat16_stochastic_low_bits(static_cast<float>(q), key, static_cast<uint32_t>(index)),
         c10::BFloat16::from_bits());
   }
 };
@@ -189,19 +197,44 @@ struct Io<Vectorized<C>> {
   }
   static void store_stochastic(c10::BFloat16* p, const V& v, uint32_t key, int64_t index) {
     static_assert(std::is_same_v<C, float>, "compact state is for float32 compute");
-    const uint32_t first = static_cast<uint32_t>(index);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     using I = SimdRounding::I;
-    const I draws = SimdRounding::shift_right<16>(SimdRounding::hash(key, first));
+    const I hashed = SimdRounding::hash(key, static_cast<uint32_t>(index));
+    const I draws = SimdRounding::shift_right<16>(hashed);
     store_high_halves(SimdRounding::round_with(at::vec::cast<int32_t>(v), draws), p);
 #else
+    store_each<bfloat16_stochastic>(p, v, key, index);
+#endif
+  }
+  // Both compact epoch sums, grad_sum `v` and grad_sq_sum `q`: one hash per lane, whose high
+  // halves are grad_sum's draws and low halves grad_sq_sum's.
+  static void store_stochastic_sums(c10::BFloat16* p, const V& v, c10::BFloat16* q_p, const V& q,
+                                    uint32_t key, int64_t index) {
+    static_assert(std::is_same_v<C, float>, "compact state is for float32 compute");
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    using I = SimdRounding::I;
+    const I hashed = SimdRounding::hash(key, static_cast<uint32_t>(index));
+    store_high_halves(
+        SimdRounding::round_with(at::vec::cast<int32_t>(v), SimdRounding::shift_right<16>(hashed)),
+        p);
+    store_high_halves(SimdRounding::round_with(at::vec::cast<int32_t>(q), hashed & I(0xffff)), q_p);
+#else
+    store_each<bfloat16_stochastic>(p, v, key, index);
+    store_each<bfloat16_stochastic_low_bits>(q_p, q, key, index);
+#endif
+  }
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  // The scalar build's roundings, lane by lane (its Vectorized<int32_t> has no wrapping multiply).
+  template <uint16_t (*Round)(float, uint32_t, uint32_t)>
+  static void store_each(c10::BFloat16* p, const V& v, uint32_t key, int64_t index) {
+    const uint32_t first = static_cast<uint32_t>(index);
     __at_align__ uint16_t bits[V::size()];
     __at_align__ float lanes[V::size()];
     v.store(lanes);
-    for (int k = 0; k < V::size(); ++k) bits[k] = bfloat16_stochastic(lanes[k], key, first + k);
+    for (int k = 0; k < V::size(); ++k) bits[k] = Round(lanes[k], key, first + k);
     std::memcpy(p, bits, sizeof bits);
-#endif
   }
+#endif
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   // A boundary step's int8 signs, widened to float lanes and narrowed back in registers (element
@@ -297,7 +330,6 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   const int num_states = b.hyper.num_states();
   const auto& scalars = b.scalars[chunk.tensor];
   const uint32_t key = S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0;
-  const uint32_t sq_key = grad_sq_sum_key(key);
 
   for_each_lane<C>(
       chunk.length,
@@ -320,8 +352,11 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
         if constexpr (B == Boundary::kUpdate) io::store_gain(gain + i, gamma);
         if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
         if constexpr (S == StatePrecision::kCompact) {
-          io::store_stochastic(grad_sum + i, g_sum, key, offset + i);
-          if (grad_sq_sum) io::store_stochastic(grad_sq_sum + i, sq_sum, sq_key, offset + i);
+          if (grad_sq_sum) {
+            io::store_stochastic_sums(grad_sum + i, g_sum, grad_sq_sum + i, sq_sum, key, offset + i);
+          } else {
+            io::store_stochastic(grad_sum + i, g_sum, key, offset + i);
+          }
         } else {
           io::store(grad_sum + i, g_sum);
           if (grad_sq_sum) io::store(grad_sq_sum + i, sq_sum);

@@ -115,7 +115,6 @@ struct ActiveStep {
     typename Kernel::Scalars scalars;
     double sign_test_factor;  // from the step count before this step
     uint32_t rounding_key;    // compact state: rounding_key(seed, next_step)
-    uint32_t grad_sq_sum_key;  // compact state: grad_sq_sum_key(rounding_key)
     float next_step;
     bool skip;  // found_inf: apply a due boundary, nothing else
   };
@@ -157,14 +156,12 @@ struct ActiveStep {
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
     s.scalars = Kernel::step_scalars(s.hyper, static_cast<double>(s.next_step));
     s.rounding_key = rounding_key(rounding_seed, static_cast<uint32_t>(s.next_step));
-    s.grad_sq_sum_key = grad_sq_sum_key(s.rounding_key);
     return s;
   }
 
   template <int W>
   static __device__ void step_elements(const ChunkPtrs& c, int i, const CommonLanes<C>& common,
-                                       const Update<Kernel, C>& update, uint32_t key,
-                                       uint32_t sq_key) {
+                                       const Update<Kernel, C>& update, uint32_t key) {
     Pack<P, W> param = load<W>(c.param + i);
     const Pack<P, W> grad = load<W>(c.grad + i);
     Pack<G, W> gain = load<W>(c.gain + i);
@@ -191,7 +188,7 @@ struct ActiveStep {
       if constexpr (S == StatePrecision::kCompact) {
         gain.v[j] = bfloat16_nearest(gamma);  // already a bfloat16 value: exact
         grad_sum.v[j] = bfloat16_stochastic(sum, key, index);
-        if (c.grad_sq_sum) grad_sq_sum.v[j] = bfloat16_stochastic(sq_sum, sq_key, index);
+        if (c.grad_sq_sum) grad_sq_sum.v[j] = bfloat16_stochastic_low_bits(sq_sum, key, index);
       } else {
         gain.v[j] = static_cast<float>(gamma);
         grad_sum.v[j] = static_cast<float>(sum);
@@ -308,7 +305,7 @@ struct ActiveStep {
     const CommonLanes<C> common(s.common, s.sign_test_factor);
     const Update<Kernel, C> update(s.hyper, s.scalars);
     for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
-      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key, s.grad_sq_sum_key);
+      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key);
     });
     advance_step(meta, args.arrivals, slot, step, s.next_step);
   }

@@ -378,20 +378,21 @@ void test_compact_rounding() {
   h.gain_inc = 10;
   apply_boundary<Boundary::kUpdate, StatePrecision::kCompact>(CommonLanes<float>(h), gain, sum,
                                                               sign, 0.0f, key, 9);
-  CHECK(gain == bfloat16_value(bfloat16_stochastic_gain(10.3f, key, 9)));
+  CHECK(gain == bfloat16_value(bfloat16_stochastic(10.3f, gain_key(key), 9)));
   CHECK(gain == 10.25f || gain == 10.3125f);
-  // x = 1 + 0.3 bfloat16 ulps: rounds up to 1 + 1 ulp with probability 0.3, for a sum and for a
-  // gain, and the two draws of one element are independent (both up: probability 0.09)
+  // x = 1 + 0.3 bfloat16 ulps: rounds up to 1 + 1 ulp with probability 0.3, for grad_sum,
+  // grad_sq_sum and a gain, and the three draws of one element are independent (two up:
+  // probability 0.09)
   const float x = bit_cast<float>(0x3f800000 + 0x4ccc);
   const uint16_t down = 0x3f80, up = 0x3f81;
-  const uint32_t sq_key = grad_sq_sum_key(key);
-  CHECK(sq_key != key);
+  const uint32_t new_gain_key = gain_key(key);
+  CHECK(new_gain_key != key);
   int sum_ups = 0, gain_ups = 0, sq_ups = 0, both_up = 0, sq_and_sum_up = 0, sq_and_gain_up = 0;
   const int draws = 1 << 16;
   for (int i = 0; i < draws; ++i) {
     const uint16_t r = bfloat16_stochastic(x, key, static_cast<uint32_t>(i));
-    const uint16_t g = bfloat16_stochastic_gain(x, key, static_cast<uint32_t>(i));
-    const uint16_t q = bfloat16_stochastic(x, sq_key, static_cast<uint32_t>(i));
+    const uint16_t g = bfloat16_stochastic(x, new_gain_key, static_cast<uint32_t>(i));
+    const uint16_t q = bfloat16_stochastic_low_bits(x, key, static_cast<uint32_t>(i));
     CHECK((r == down || r == up) && (g == down || g == up) && (q == down || q == up));
     sum_ups += r == up;
     gain_ups += g == up;

@@ -239,7 +239,7 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
         x.grad_sum.data[i] = bfloat16_stochastic(static_cast<float>(g_sum), key, index);
         if (keeps_grad_sq_sum) {
           x.grad_sq_sum.data[i] =
-              bfloat16_stochastic(static_cast<float>(sq_sum), grad_sq_sum_key(key), index);
+              bfloat16_stochastic_low_bits(static_cast<float>(sq_sum), key, index);
         }
       } else {
         x.grad_sum.data[i] = static_cast<float>(g_sum);

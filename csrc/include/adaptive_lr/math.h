@@ -288,8 +288,9 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 //
 // A compact gain and a compact epoch sum are rounded stochastically, up or down with the
 // probabilities that make the rounding unbiased, from bits drawn from a counter-based hash of
-// (the param's rounding seed, its step count, the element's index): the sum with the hash's high
-// 16 bits, a new gain (on a boundary step) with its low 16 bits. Every backend draws the same
+// (the param's rounding seed, its step count, the element's index): grad_sum with the hash's high
+// 16 bits, grad_sq_sum (where it is kept) with its low 16 bits, a new gain (on a boundary step)
+// with the high 16 bits of a hash under a key of its own (gain_key). Every backend draws the same
 // bits, so they agree bit for bit (docs/algorithm.md, "Compact state"). Rounding a gain to the
 // nearest bfloat16 would lose every increment below half an ulp (gain_inc=0.5 stops at 128).
 // These scalar functions are the one definition; the CPU kernels' AVX2/AVX-512 builds compute
@@ -338,20 +339,22 @@ ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_round_with(float x, uint32_t draw) {
   return static_cast<uint16_t>((u + draw) >> 16);
 }
 
-// A compact epoch sum: element `index`'s draw under `key`, the hash's high 16 bits.
+// A compact grad_sum: element `index`'s draw under `key`, the hash's high 16 bits.
 ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic(float x, uint32_t key, uint32_t index) {
   return bfloat16_round_with(x, mix32(key + index) >> 16);
 }
 
-// A compact gain: the same hash's low 16 bits (independent of the high ones).
-ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic_gain(float x, uint32_t key, uint32_t index) {
+// A compact grad_sq_sum: the same hash's low 16 bits (independent of the high ones), so that a
+// step hashes each element once for both epoch sums.
+ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic_low_bits(float x, uint32_t key,
+                                                              uint32_t index) {
   return bfloat16_round_with(x, mix32(key + index) & 0xffffU);
 }
 
-// A compact grad_sq_sum is rounded as a grad_sum (bfloat16_stochastic) under this key: the step's
-// key salted and hashed again, so that its draws are independent of the grad_sum's and the
-// gain's (one more hash per element; the hash's other 16 bits stay unused).
-ADAPTIVE_LR_HOST_DEVICE uint32_t grad_sq_sum_key(uint32_t key) { return mix32(key ^ 0x9e3779b9U); }
+// A new compact gain is rounded as a grad_sum (bfloat16_stochastic) under this key: the step's key
+// salted and hashed again, so that its draws are independent of both sums' (one more hash per
+// element, on a boundary step only).
+ADAPTIVE_LR_HOST_DEVICE uint32_t gain_key(uint32_t key) { return mix32(key ^ 0x9e3779b9U); }
 
 ADAPTIVE_LR_HOST_DEVICE float bfloat16_value(uint16_t bits) {
   return bit_cast<float>(static_cast<uint32_t>(bits) << 16);
@@ -376,9 +379,10 @@ struct Ops {
   static ADAPTIVE_LR_HOST_DEVICE T where_positive(T c, T a, T b) { return c > T(0) ? a : b; }
   // The value rounded to float32 (grad_sum accumulates float32 even for float64 params).
   static ADAPTIVE_LR_HOST_DEVICE T round_to_float(T x) { return T(static_cast<float>(x)); }
-  // A new compact gain, float32, rounded stochastically to bfloat16 (element `index` under `key`).
+  // A new compact gain, float32, rounded stochastically to bfloat16 (element `index`, the step's
+  // `key`).
   static ADAPTIVE_LR_HOST_DEVICE T round_gain_to_bfloat16(T x, uint32_t key, uint32_t index) {
-    return T(bfloat16_value(bfloat16_stochastic_gain(static_cast<float>(x), key, index)));
+    return T(bfloat16_value(bfloat16_stochastic(static_cast<float>(x), gain_key(key), index)));
   }
 };
 
@@ -523,8 +527,8 @@ struct Update<Lion, T> {
 // gain. A step skipped for found_inf calls apply_boundary alone (and resets grad_sq_sum to 0).
 // A compact grad_sum leaves here in float32; its store rounds it (bfloat16_stochastic, with the
 // same `key` and `index` as a new compact gain's rounding here); a compact grad_sq_sum likewise
-// with grad_sq_sum_key(key). grad_sq_sum is unused (and set to 0 at a boundary) unless
-// kKeepsGradSqSum<Kernel> and the sign test is on.
+// (bfloat16_stochastic_low_bits, the same hash). grad_sq_sum is unused (and set to 0 at a
+// boundary) unless kKeepsGradSqSum<Kernel> and the sign test is on.
 template <Boundary B, StatePrecision S = StatePrecision::kFull, class Kernel, class T>
 ADAPTIVE_LR_HOST_DEVICE void fused_step(const CommonLanes<T>& c, const Update<Kernel, T>& update,
                                         T& theta, T grad, T& gain, T& grad_sum, T& grad_sq_sum,
