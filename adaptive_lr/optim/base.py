@@ -248,11 +248,12 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         for group, params in self._params_with_grad():  # all validated before any is touched
             hyper = self.spec.record(group)
             keys = self.spec.state_keys(hyper)
+            keeps_grad_sq_sum = self.spec.keeps_grad_sq_sum(hyper)
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
                 fresh = not self.state[p]
                 self._init_state(p, group, keys, seeds)
-                self._grad_sq_sum(p, self.spec.keeps_grad_sq_sum(hyper), fresh)
+                self._grad_sq_sum(p, keeps_grad_sq_sum, fresh)
                 buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
             for (device, _, boundary), bucket_params in buckets.items():
                 bucket = self._make_bucket(group, hyper, keys, bucket_params, boundary,
