@@ -1,14 +1,14 @@
 """The foreach backend's compact rounding: batches of rounding.CHUNK elements (pieces of a big
 tensor, small tensors packed side by side) draw the reference's bits. Backend parity at the
 default CHUNK is in test_backend_parity.py. And a compact step allocates no more than a
-full-state one beside its bounded batches."""
+full-state one beside its bounded batches, and ActiveLion needs two param-sized temporaries."""
 
 import math
 
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD
+from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
 from adaptive_lr.backends import rounding
 from adaptive_lr.benchmark import make_tensors, step_extra_memory
 from adaptive_lr.backends.rounding import (
@@ -124,3 +124,15 @@ def test_a_compact_step_allocates_no_float32_copy_of_its_gains():
         if extra[precision] is None:
             pytest.skip("/proc cannot tell the peak memory of a step here")
     assert extra["compact"] < extra["full"] + 16 * 2**20, extra
+
+
+def test_a_lion_step_holds_two_param_sized_temporaries():
+    """ActiveLion's foreach step needs its direction and its update (2 × 30.5 MiB at 8M fp32
+    elements); g * (1 - beta2) goes into the update's buffers, not a third list."""
+    params = make_tensors(8_000_000, "200", torch.float32)
+    optimizer = ActiveLion(params, lr=1e-4, backend="foreach", steps_per_epoch=None)
+    optimizer.step()
+    extra = step_extra_memory(optimizer.step)
+    if extra is None:
+        pytest.skip("/proc cannot tell the peak memory of a step here")
+    assert extra < 2.5 * 8_000_000 * 4, extra

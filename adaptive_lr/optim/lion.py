@@ -39,7 +39,10 @@ def _foreach(theta, g, gammas, steps, state, h: LionHyper) -> None:
     torch._foreach_mul_(update, direction)
     torch._foreach_sub_(theta, update)
     torch._foreach_mul_(m, beta2)
-    torch._foreach_add_(m, torch._foreach_mul(g, 1 - beta2))
+    # g * (1 - beta2) in the update's buffers: one param-sized list fewer at the step's peak
+    torch._foreach_copy_(update, g)
+    torch._foreach_mul_(update, 1 - beta2)
+    torch._foreach_add_(m, update)
 
 
 LION = OptimizerSpec(
