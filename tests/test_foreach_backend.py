@@ -1,14 +1,15 @@
 """The foreach backend's compact rounding: batches of rounding.CHUNK elements (pieces of a big
 tensor, small tensors packed side by side) draw the reference's bits. Backend parity at the
 default CHUNK is in test_backend_parity.py. And a compact step allocates no more than a
-full-state one beside its bounded batches, and ActiveLion needs two param-sized temporaries."""
+full-state one beside its bounded batches, and ActiveLion and ActiveAdaBelief need two
+param-sized temporaries."""
 
 import math
 
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
+from adaptive_lr import ActiveAdaBelief, ActiveAdamW, ActiveLion, ActiveSGD
 from adaptive_lr.backends import rounding
 from adaptive_lr.benchmark import make_tensors, step_extra_memory
 from adaptive_lr.backends.rounding import (
@@ -126,11 +127,13 @@ def test_a_compact_step_allocates_no_float32_copy_of_its_gains():
     assert extra["compact"] < extra["full"] + 16 * 2**20, extra
 
 
-def test_a_lion_step_holds_two_param_sized_temporaries():
-    """ActiveLion's foreach step needs its direction and its update (2 × 30.5 MiB at 8M fp32
-    elements); g * (1 - beta2) goes into the update's buffers, not a third list."""
+@pytest.mark.parametrize("optimizer_class", [ActiveLion, ActiveAdaBelief])
+def test_a_step_holds_two_param_sized_temporaries(optimizer_class):
+    """ActiveLion's foreach step needs its direction and its update, ActiveAdaBelief's its
+    denominator and its update (2 x 30.5 MiB at 8M fp32 elements); Lion's g * (1 - beta2) goes
+    into the update's buffers and AdaBelief's residual lists are freed first, not a third list."""
     params = make_tensors(8_000_000, "200", torch.float32)
-    optimizer = ActiveLion(params, lr=1e-4, backend="foreach", steps_per_epoch=None)
+    optimizer = optimizer_class(params, lr=1e-4, backend="foreach", steps_per_epoch=None)
     optimizer.step()
     extra = step_extra_memory(optimizer.step)
     if extra is None:

@@ -46,6 +46,7 @@ def _foreach(theta, g, gammas, steps, state, h: AdaBeliefHyper) -> None:
     weighted = torch._foreach_mul(residual, 1 - beta2)
     torch._foreach_mul_(weighted, residual)
     torch._foreach_add_(s, weighted)
+    del residual, weighted  # freed before the update's lists: two fewer at the step's peak
     torch._foreach_add_(s, h.eps)
     if h.amsgrad:
         torch._foreach_maximum_(state["max_exp_avg_var"], s)
