@@ -51,7 +51,8 @@ SIZES = {"1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000, "100M": 100_000_
 # ActiveSGD and ActiveLion with their sign test read and write grad_sq_sum too.
 #   torch AdamW/RAdam: read p, g, m, v; write p, m, v.  torch SGD (and Lion, fused): read p, g,
 #   b; write p, b.  Active*: + read gain, read + write each epoch sum (``sign_bytes`` each: 4
-#   with full state, 2 with compact).
+#   with full state, 2 with compact), their moments float32 (bfloat16 with state_precision
+#   "bfloat16").
 def bytes_per_element(moments: int, param_bytes: int, moment_bytes: int, sign_bytes: int = 0,
                       squares: bool = False) -> int:
     total = 2 * param_bytes + param_bytes  # read p, g; write p
@@ -67,8 +68,11 @@ def wrapper_extra_bytes(param_bytes: int, squares: bool) -> int:
     return 6 * param_bytes + 4 + 2 * 4 + (2 * 4 if squares else 0)
 
 
-# element size of an Active optimizer's gain and grad_sum per state_precision (bfloat16: compact)
-SIGN_BYTES = {"full": 4, "compact": 2}
+# element size of an Active optimizer's gain and grad_sum per state_precision (bfloat16: compact),
+# and of its moments
+SIGN_BYTES = {"full": 4, "compact": 2, "bfloat16": 2}
+MOMENT_BYTES = {"full": 4, "compact": 4, "bfloat16": 2}
+BOTH = ("full", "compact")  # --state-precision both
 
 
 @dataclass
@@ -79,25 +83,27 @@ class Contender:
     baseline: str | None = None  # the torch contender this one is compared with
     foreach_twin: str | None = None  # the same Active optimizer on the portable foreach backend
     sign_bytes: int = 0  # an Active optimizer's SIGN_BYTES; 0: no gains of its own
+    moment_bytes: int = 4  # an Active optimizer's MOMENT_BYTES
     wrapped: bool = False  # Active(baseline): the baseline's traffic + wrapper_extra_bytes
     # keeps an epoch sum of g**2 (grad_sq_sum): ActiveSGD and ActiveLion at their default sign
     # test (``sign_bytes`` each), Active(baseline) whose inner optimizer has no second moment (fp32)
     squares: bool = False
 
     def bytes_per_element(self, param_bytes: int) -> int:
-        if self.sign_bytes:  # Active optimizers keep fp32 moments, whatever the param dtype
-            return bytes_per_element(self.moments, param_bytes, 4, self.sign_bytes,
+        if self.sign_bytes:  # Active optimizers' moments: fp32 (or bf16), whatever the param
+            return bytes_per_element(self.moments, param_bytes, self.moment_bytes, self.sign_bytes,
                                      self.squares)
         moved = bytes_per_element(self.moments, param_bytes, param_bytes)
         return moved + (wrapper_extra_bytes(param_bytes, self.squares) if self.wrapped else 0)
 
     def state_bytes_per_element(self, param_bytes: int) -> int:
         """The size of its state per element, for the memory check before a run: torch keeps
-        moments in the param dtype, Active optimizers in fp32, plus gain and the epoch sums
+        moments in the param dtype, Active optimizers in fp32 (or bf16), plus gain and the epoch sums
         (``sign_bytes`` each) and an int8 sign; the Active(...) wrapper adds fp32 ones (and its
         fp32 epoch sum of g**2 where it keeps one)."""
         if self.sign_bytes:
-            return 4 * self.moments + (2 + self.squares) * self.sign_bytes + 1
+            return (self.moment_bytes * self.moments + (2 + self.squares) * self.sign_bytes
+                    + 1)
         wrapper = 2 * 4 + 1 + 4 * self.squares if self.wrapped else 0
         return self.moments * param_bytes + wrapper
 
@@ -112,9 +118,10 @@ def select(entries: list[Contender], optimizers) -> list[Contender]:
     return [c for c in entries if c.name in baselines] + kept
 
 
-def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> list[Contender]:
+def contenders(backends: list[str], size: int, precisions=BOTH) -> list[Contender]:
     """Every contender of a case; ``precisions``: the Active optimizers' state_precisions (the
-    compact ones are named "<optimizer> <backend> compact")."""
+    compact ones are named "<optimizer> <backend> compact", the "bfloat16" ones "... bfloat16";
+    an optimizer that does not offer a precision has no contender for it)."""
     lr = 1e-4
     out = [
         Contender("torch AdamW for-loop", 2,
@@ -149,7 +156,9 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
             moments = len(cls.spec.state) - (cls.spec.amsgrad_state is not None)
             squares = _keeps_squares(cls)
             for precision in precisions:
-                suffix = " compact" if precision == "compact" else ""
+                if precision == "bfloat16" and not cls.spec.moments_in_bfloat16:
+                    continue
+                suffix = "" if precision == "full" else f" {precision}"
                 out.append(Contender(
                     f"{name} {backend}{suffix}", moments,
                     # mid-epoch steps: the once-per-epoch boundary is not what this measures
@@ -160,6 +169,7 @@ def contenders(backends: list[str], size: int, precisions=tuple(SIGN_BYTES)) -> 
                     (f"{name} foreach{suffix}" if backend != "foreach" and "foreach" in backends
                      else None),
                     SIGN_BYTES[precision],
+                    MOMENT_BYTES[precision],
                     squares=squares,
                 ))
     return out
@@ -351,7 +361,7 @@ def step_extra_memory(step, device: torch.device = torch.device("cpu")) -> int |
 
 
 def measure(size, layout, dtype, backends, rounds, steps_per_round, device=torch.device("cpu"),
-            precisions=tuple(SIGN_BYTES), optimizers=None):
+            precisions=BOTH, optimizers=None):
     copies = [make_tensors(size, layout, dtype, device)
               for _ in range(rotation_copies(size, dtype, device))]
     entries = select(contenders(backends, size, precisions), optimizers)
@@ -409,7 +419,7 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def run(sizes, layouts, dtypes, rounds, steps_per_round, backends, device=torch.device("cpu"),
-        precisions=tuple(SIGN_BYTES), optimizers=None):
+        precisions=BOTH, optimizers=None):
     torch.manual_seed(0)
     if device.type == "cuda":
         measure_ceiling = functools.partial(cuda_copy_bandwidth_gbs, device)
@@ -464,7 +474,7 @@ def markdown(result) -> str:
         "B/elem: bytes a mid-epoch step moves per element; byte floor: B/elem over the "
         "baseline's, the ratio a bandwidth-bound step would reach; state MiB: the optimizer's "
         "state after its first step; extra MiB: the peak memory one step adds. Active rows "
-        "without \"compact\" keep full state.",
+        "without \"compact\" or \"bfloat16\" keep full state.",
         "",
         "| size | tensors | dtype | optimizer | median ms | IQR ms | B/elem | GB/s | % ceiling "
         "| vs baseline | byte floor | vs own foreach | state MiB | extra MiB |",
@@ -526,9 +536,11 @@ def main(argv=None, prog=None) -> dict:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=None, choices=adaptive_lr.backends.NAMES,
                         help="Active backends to time (default: all available except reference)")
-    parser.add_argument("--state-precision", default="compact", choices=[*SIGN_BYTES, "both"],
-                        help="the Active optimizers' state_precision (default: compact, theirs; "
-                             "both: side by side, twice the Active state in memory)")
+    parser.add_argument("--state-precision", nargs="+", default=["compact"],
+                        choices=[*SIGN_BYTES, "both"],
+                        help="the Active optimizers' state_precisions, side by side (default: "
+                             "compact, theirs; both: full and compact; bfloat16: ActiveSGD and "
+                             "ActiveLion only); each adds its Active state to memory")
     parser.add_argument("--optimizers", nargs="+", default=None,
                         choices=[cls.__name__ for cls in _active_optimizers()],
                         help="Active optimizers to time, with the torch steps they are compared "
@@ -553,7 +565,9 @@ def main(argv=None, prog=None) -> dict:
     torch.set_num_threads(args.threads)
     backends = args.backends or [b for b in adaptive_lr.available_backends(device)
                                  if b != "reference"]
-    precisions = tuple(SIGN_BYTES) if args.state_precision == "both" else (args.state_precision,)
+    precisions = tuple(dict.fromkeys(
+        precision for name in args.state_precision
+        for precision in (BOTH if name == "both" else (name,))))
     dtypes = [getattr(torch, d) for d in args.dtypes]
     # every contender of a case holds its state at once: refuse a case that cannot fit, before
     # minutes of measuring end in the kernel's out-of-memory kill

@@ -7,9 +7,11 @@
 2. the digits MLP trained with ActiveAdamW and AdamW, float32 params vs bfloat16 params (the
    model and its inputs in bfloat16), a few seeds: final train loss and test accuracy, mean ± sd.
    torch's AdamW keeps its state in the param dtype; "AdamW, fp32 state" is AdamW with float32
-   state for any param dtype: ActiveAdamW with its gains frozen at 1 (gain_inc=0, gain_dec=1).
+   state for any param dtype: ActiveAdamW with its gains frozen at 1 (gain_inc=0, gain_dec=1);
+3. ActiveSGD's momentum in bfloat16 (state_precision="bfloat16", rounded stochastically) against
+   its float32 momentum (compact state), bfloat16 params, the digits MLP and CNN, seed by seed.
 
-    .venv/bin/python bench/precision.py [--seeds 3] [--epochs 30] [--workers 2]
+    .venv/bin/python bench/precision.py [--tables ...] [--seeds 3] [--epochs 30] [--workers 2]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 
 import torch
 
-from adaptive_lr import ActiveAdamW
+from adaptive_lr import ActiveAdamW, ActiveSGD
 from adaptive_lr.backends.rounding import bfloat16_stochastic, element_index, rounding_key
 from adaptive_lr.study.digits import load_digits, train
 from adaptive_lr.study.runner import describe, mean_sd, run_tasks
@@ -41,14 +43,27 @@ def ema(beta: float, start: float, target: float, dtype: torch.dtype, steps: int
     return v.item()
 
 
+def ema_stochastic(beta: float, start: float, target: float, steps: int,
+                   elements: int = 1024) -> float:
+    """As ``ema`` in bfloat16, rounded stochastically as state_precision="bfloat16" rounds a
+    moment: the mean over ``elements`` elements (each a random walk around the float32 value)."""
+    v = torch.full((elements,), start, dtype=torch.bfloat16)
+    index = element_index(v)
+    for step in range(1, steps + 1):
+        v = bfloat16_stochastic(v.float() * beta + (1 - beta) * target, rounding_key(0, step), index)
+    return v.float().mean().item()
+
+
 def print_ema_table() -> None:
-    print(f"EMA after {EMA_STEPS} steps, state stored in each dtype (math in float32):")
-    print(f"| beta | from | to | {' | '.join(STATE_DTYPES)} |")
-    print("|---|---|---|" + "---|" * len(STATE_DTYPES))
+    print(f"EMA after {EMA_STEPS} steps, state stored in each dtype (math in float32; the last "
+          "column: bfloat16 rounded stochastically, the mean of 1024 elements):")
+    print(f"| beta | from | to | {' | '.join(STATE_DTYPES)} | bfloat16, stochastic |")
+    print("|---|---|---|" + "---|" * (len(STATE_DTYPES) + 1))
     for beta, start, target in EMA_CASES:
         values = " | ".join(f"{ema(beta, start, target, dtype, EMA_STEPS):.4g}"
                             for dtype in STATE_DTYPES.values())
-        print(f"| {beta} | {start} | {target} | {values} |")
+        stochastic = ema_stochastic(beta, start, target, EMA_STEPS)
+        print(f"| {beta} | {start} | {target} | {values} | {stochastic:.4g} |")
 
 
 OPTIMIZERS = ("AdamW", "AdamW, fp32 state", "ActiveAdamW")
@@ -132,17 +147,77 @@ def print_training_table(seeds: int, epochs: int, lrs: list[float], workers: int
                       f"{accuracy[0]:.2f} ± {accuracy[1]:.2f} % |")
 
 
+# ActiveSGD (momentum 0.9, its defaults) with its momentum in float32 (compact state, the default)
+# and in bfloat16 (state_precision="bfloat16"), and torch's SGD, whose bfloat16 momentum rounds to
+# nearest; bfloat16 params
+MOMENTUM_OPTIMIZERS = {
+    "SGD": lambda params, lr, steps_per_epoch: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "ActiveSGD": lambda params, lr, steps_per_epoch: ActiveSGD(
+        params, lr=lr, steps_per_epoch=steps_per_epoch),
+    "ActiveSGD, bfloat16 state": lambda params, lr, steps_per_epoch: ActiveSGD(
+        params, lr=lr, steps_per_epoch=steps_per_epoch, state_precision="bfloat16"),
+}
+MOMENTUM_MODELS = ("mlp", "cnn")
+
+
+def train_momentum(task: dict) -> dict:
+    make = MOMENTUM_OPTIMIZERS[task["optimizer"]]
+    history = train(task["model"], lambda params, spe: make(params, task["lr"], spe),
+                    load_digits(0), task["epochs"], 64, task["seed"], torch.bfloat16)
+    return dict(task, train_loss=history["train_loss"][-1],
+                test_accuracy=history["test_accuracy"][-1])
+
+
+def print_momentum_table(seeds: int, epochs: int, lrs: list[float], workers: int) -> None:
+    tasks = [dict(model=model, optimizer=optimizer, lr=lr, seed=seed, epochs=epochs)
+             for model in MOMENTUM_MODELS for lr in lrs for optimizer in MOMENTUM_OPTIMIZERS
+             for seed in range(seeds)]
+    outcome = run_tasks(train_momentum, tasks, workers, "bfloat16 momentum")
+    if outcome.failed or outcome.interrupted:
+        sys.exit(f"bfloat16 momentum: {describe(outcome.status())}; no table")
+    accuracy = {(r["model"], r["lr"], r["optimizer"], r["seed"]): 100 * r["test_accuracy"]
+                for r in outcome.rows}
+    loss = {(r["model"], r["lr"], r["optimizer"], r["seed"]): r["train_loss"]
+            for r in outcome.rows}
+    print(f"\nbfloat16 params, {epochs} epochs, batch 64, seeds 0-{seeds - 1}: final test "
+          "accuracy, %, mean ± sd (final train loss); the last column: bfloat16 momentum minus "
+          "float32 momentum, seed by seed, mean ± standard error")
+    print(f"| model | lr | {' | '.join(MOMENTUM_OPTIMIZERS)} | bfloat16 − float32 momentum |")
+    print("|---|---|" + "---|" * (len(MOMENTUM_OPTIMIZERS) + 1))
+    for model in MOMENTUM_MODELS:
+        for lr in lrs:
+            cells = []
+            for optimizer in MOMENTUM_OPTIMIZERS:
+                acc = mean_sd(accuracy[model, lr, optimizer, s] for s in range(seeds))
+                train_loss = mean_sd(loss[model, lr, optimizer, s] for s in range(seeds))
+                cells.append(f"{acc[0]:.2f} ± {acc[1]:.2f} ({train_loss[0]:.3g})")
+            diff = mean_sd(accuracy[model, lr, "ActiveSGD, bfloat16 state", s]
+                           - accuracy[model, lr, "ActiveSGD", s] for s in range(seeds))
+            cells.append(f"{diff[0]:+.2f} ± {diff[1] / seeds**0.5:.2f}")
+            print(f"| {model} | {lr:g} | {' | '.join(cells)} |")
+
+
+TABLES = ("ema", "grad_sum", "training", "momentum")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--momentum-lrs", type=float, nargs="+", default=[0.1, 0.01, 1e-3])
     parser.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
+    parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     args = parser.parse_args(argv)
-    print_ema_table()
-    print_grad_sum_table()
-    print_training_table(args.seeds, args.epochs, args.lrs, args.workers)
+    if "ema" in args.tables:
+        print_ema_table()
+    if "grad_sum" in args.tables:
+        print_grad_sum_table()
+    if "training" in args.tables:
+        print_training_table(args.seeds, args.epochs, args.lrs, args.workers)
+    if "momentum" in args.tables:
+        print_momentum_table(args.seeds, args.epochs, args.momentum_lrs, args.workers)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,18 @@ inline bool is_compact(const ActiveArgs& a) {
   return !a.gains.empty() && a.gains[0].defined() && a.gains[0].scalar_type() == at::kBFloat16;
 }
 
+// bfloat16 moments (state_precision="bfloat16") are named by the dtype of the first state list's
+// first tensor (moments are never bfloat16 otherwise; validate checks that every one agrees).
+inline bool moments_in_bfloat16(const std::vector<NamedList>& states) {
+  return !states.empty() && !states[0].tensors.empty() && states[0].tensors[0].defined() &&
+         states[0].tensors[0].scalar_type() == at::kBFloat16;
+}
+
+inline StatePrecision state_precision(const ActiveArgs& a, const std::vector<NamedList>& states) {
+  if (!is_compact(a)) return StatePrecision::kFull;
+  return moments_in_bfloat16(states) ? StatePrecision::kBfloat16 : StatePrecision::kCompact;
+}
+
 // Everything is checked before anything is written, so a failing step changes nothing. Every
 // tensor must be on the device of params[0], which must be of type `device_type`.
 inline void validate(const char* op, const ActiveArgs& a, const std::vector<NamedList>& states,
@@ -150,6 +162,10 @@ inline void validate(const char* op, const ActiveArgs& a, const std::vector<Name
     TORCH_CHECK(a.rounding_seeds.empty(), op, ": rounding_seeds are for compact state (bfloat16 "
                 "gains and grad_sums); float32 ones take none, got ", a.rounding_seeds.size());
   }
+  const bool bfloat16_moments = moments_in_bfloat16(states);
+  TORCH_CHECK(!bfloat16_moments || compact, op, ": bfloat16 moments (state_precision="
+              "\"bfloat16\") need compact state too: bfloat16 gains and grad_sums");
+  const at::ScalarType moment_dtype = bfloat16_moments ? at::kBFloat16 : state_dtype;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     check_tensor(op, "params", i, p, device, dtype, nullptr);
@@ -161,7 +177,7 @@ inline void validate(const char* op, const ActiveArgs& a, const std::vector<Name
     }
     check_tensor(op, "prev_signs", i, a.prev_signs[i], device, at::kChar, &p);
     for (const NamedList& s : states) {
-      check_tensor(op, s.name, i, s.tensors[i], device, state_dtype, &p);
+      check_tensor(op, s.name, i, s.tensors[i], device, moment_dtype, &p);
     }
     check_scalar_tensor(op, "steps[" + std::to_string(i) + "]", a.steps[i], device);
   }

@@ -89,7 +89,7 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
       make_chunks(numels.data(), static_cast<int32_t>(n), cpu::kChunkSize);
 
   cpu::step(cpu::Bucket<Kernel>{to_dtype(a.params[0].scalar_type()), boundary, skip,
-                                compact ? StatePrecision::kCompact : StatePrecision::kFull,
+                                state_precision(a, states),
                                 common, hyper, tensors.data(), scalars.data(),
                                 sign_test_factors.data(), rounding_keys.data(), chunks.data(),
                                 static_cast<int64_t>(chunks.size()), numel});
@@ -112,6 +112,9 @@ void step(const char* kernel, const ActiveArgs& a, TensorList states,
   const typename Kernel::Hyper hyper = parse_hyper<Kernel>(kOp, kernel, hyper_values);
   const std::vector<NamedList> lists =
       state_lists<Kernel>(kOp, kernel, hyper, states, a.params.size());
+  TORCH_CHECK(kMomentsInBfloat16<Kernel> || !moments_in_bfloat16(lists), kOp, ": kernel '", kernel,
+              "' keeps a second moment, which stays float32 (in bfloat16 it would stall: "
+              "docs/precision.md); bfloat16 moments are for kernels whose state is momenta");
 #ifdef ADAPTIVE_LR_WITH_CUDA
   if (!a.params.empty() && a.params[0].defined() && a.params[0].is_cuda()) {
     return cuda::fused_step<Kernel>(kOp, a, lists, hyper);  // the kernels read a.lr

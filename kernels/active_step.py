@@ -72,6 +72,12 @@ def _gain_key(key):
 
 
 @triton.jit
+def _moment_key(key, k: tl.constexpr):
+    """math.h's moment_key: the own key of a bfloat16 moment, state k, from the step's."""
+    return _mix32(key ^ (0x85EBCA6B + k))
+
+
+@triton.jit
 def _stochastic_bf16(x, key, index, LOW_BITS: tl.constexpr = False):
     """math.h's bfloat16_stochastic (LOW_BITS: bfloat16_stochastic_low_bits) as a float32 that a
     bfloat16 store keeps exactly: 16 hashed bits of (key, element index), the hash's high half
@@ -148,14 +154,15 @@ def _step_block(
     offs, mask, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign, states, h, t, lr, decay,
     grad_scale, gain_rule, factor, key, start, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr,
     MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr,
-    MASKED: tl.constexpr,
+    BF16_MOMENTS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, PARAM_DTYPE: tl.constexpr, CT: tl.constexpr,
+    SOFTWARE_BF16_ROUNDING: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One block of a step that is not skipped: boundary, accumulation, the update."""
+    """One block of a step that is not skipped: boundary, accumulation, the update.
+    BF16_MOMENTS: bfloat16 states, updated in float32 and rounded stochastically (_moment_key)."""
     state = ()
     for k in tl.static_range(len(states)):
-        state = state + (_load(states[k], offs, mask, MASKED),)
+        state = state + (_load(states[k], offs, mask, MASKED).to(CT),)
     sq_before = factor  # a placeholder unless GRAD_SQ
     if GRAD_SQ:
         sq_before = _load(grad_sq_sum, offs, mask, MASKED).to(tl.float32)
@@ -194,7 +201,10 @@ def _step_block(
     tl.static_assert(len(state) == len(states), "an update must return every state block")
     for k in tl.static_range(len(states)):
         tl.static_assert(state[k].dtype == CT, "an update must return states in the compute dtype")
-        _store(states[k], offs, state[k], mask, MASKED)
+        moment = state[k]
+        if BF16_MOMENTS:  # the value the bfloat16 store keeps, computed (the interpreter truncates)
+            moment = _stochastic_bf16(moment, _moment_key(key, k), index)
+        _store(states[k], offs, moment.to(states[k].dtype.element_ty), mask, MASKED)
     # low-precision params: float32 math, one rounding (to nearest even) at the end
     if SOFTWARE_BF16_ROUNDING:
         theta = _round_to_bf16(theta)
@@ -207,8 +217,9 @@ def active_step_kernel(
     hyper, lr_ptr, grad_scale_ptr, found_inf_ptr,
     UPDATE: tl.constexpr, N_HYPER: tl.constexpr, N_STATE: tl.constexpr,
     BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, BETA2: tl.constexpr, SIGN_TEST: tl.constexpr,
-    GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr, BF16_MOMENTS: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
     SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -225,10 +236,11 @@ def active_step_kernel(
     gain_ptr = _tensor_ptr(ptr_table, GAIN, n_tensors, i, start, SIGN_STATE, ALIGNED)
     grad_sum = _tensor_ptr(ptr_table, GRAD_SUM, n_tensors, i, start, SIGN_STATE, ALIGNED)
     prev_sign = _tensor_ptr(ptr_table, PREV_SIGN, n_tensors, i, start, tl.int8, ALIGNED)
+    MOMENT_STATE: tl.constexpr = tl.bfloat16 if BF16_MOMENTS else CT
     states = ()
     for k in tl.static_range(N_STATE):
         states = states + (
-            _tensor_ptr(ptr_table, FIRST_STATE + k, n_tensors, i, start, CT, ALIGNED),)
+            _tensor_ptr(ptr_table, FIRST_STATE + k, n_tensors, i, start, MOMENT_STATE, ALIGNED),)
     grad_sq_sum = grad_sum  # a placeholder unless GRAD_SQ
     if GRAD_SQ:
         grad_sq_sum = _tensor_ptr(ptr_table, FIRST_STATE + N_STATE, n_tensors, i, start,
@@ -275,14 +287,14 @@ def active_step_kernel(
             _step_block(
                 it * BLOCK + offs, None, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign,
                 states, h, t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE,
-                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY,
-                HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
+                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, BF16_MOMENTS, MAXIMIZE,
+                HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
         if n_full * BLOCK < n_here:
             _step_block(
                 tail, tail < n_here, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign,
                 states, h, t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE,
-                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, MAXIMIZE, HAS_WEIGHT_DECAY,
-                HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
+                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, BF16_MOMENTS, MAXIMIZE,
+                HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
     else:
         # found_inf: the step is skipped, but a due boundary is applied (and the sums reset)
         if BOUNDARY != 0:

@@ -172,6 +172,8 @@ def active_step(
     dtype and layout, given exactly then); ``boundary`` 0 / 1 (roll) / 2 (update), as
     ``adaptive_lr.backends.bucket.Boundary``. ``rounding_seeds``: one per param for compact
     state (bfloat16 gains and grad_sums; not for float64 params), None for float32 state.
+    bfloat16 state lists (compact state, an update without a second moment): the moments are
+    rounded stochastically too (state_precision="bfloat16").
     """
     if update not in UPDATES:
         raise ValueError(f"adaptive_lr triton backend: no update {update!r}; have {list(UPDATES)}")
@@ -201,6 +203,13 @@ def active_step(
     compact = rounding_seeds is not None
     if compact and compute == torch.float64:
         raise TypeError("adaptive_lr triton backend: compact state is not for float64 params")
+    # bfloat16 moments (state_precision="bfloat16") are named by the state lists' dtype
+    n_states = len(rows) - len(ROWS) - int(grad_sq)
+    bf16_moments = n_states > 0 and rows[len(ROWS)][0].dtype == torch.bfloat16
+    if bf16_moments and (not compact or moment is not None):
+        raise TypeError(f"adaptive_lr triton backend: bfloat16 moments need compact state and "
+                        f"an update without a second moment; {update} has "
+                        f"{'one' if moment is not None else 'none'}, compact={compact}")
     plan = _plan_for(rows, device, contiguous, tuple(rounding_seeds or ()))
     # COMMON_HYPER, then the update's own in its order
     values = (weight_decay, *gain_rule, epoch_steps, *(hyper[name] for name in names))
@@ -211,9 +220,9 @@ def active_step(
         lr if grad_scale is None else grad_scale,  # unused pointer when the flag is off
         lr if found_inf is None else found_inf,
         UPDATE=UPDATES[update].function, N_HYPER=len(names),
-        N_STATE=len(rows) - len(ROWS) - int(grad_sq), BOUNDARY=int(boundary), MOMENT=moment or 0,
+        N_STATE=n_states, BOUNDARY=int(boundary), MOMENT=moment or 0,
         BETA2=names.index("beta2") if sign_test and not grad_sq else 0,
-        SIGN_TEST=sign_test, GRAD_SQ=grad_sq, COMPACT=compact,
+        SIGN_TEST=sign_test, GRAD_SQ=grad_sq, COMPACT=compact, BF16_MOMENTS=bf16_moments,
         MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         PARAM_DTYPE=_TL_DTYPES[dtype], CT=_TL_DTYPES[compute], ALIGNED=plan.aligned,

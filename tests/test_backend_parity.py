@@ -91,6 +91,39 @@ def test_full_state_matches_reference(device, backend, config, dtype):
     assert any((ref_opt.state[p]["gain"] != 1).any() for p in ref_params), "gains never moved"
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.cls.spec.moments_in_bfloat16],
+                         ids=lambda c: c.id)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_bfloat16_moments_match_reference(device, backend, config):
+    """state_precision="bfloat16" (ActiveSGD, ActiveLion): the moments in bfloat16, rounded
+    stochastically with the bits every backend draws alike, so on the CPU the whole state and
+    the params equal the reference's bit for bit (a GPU may fuse the update's multiply-adds).
+    bfloat16 params, the option's use; the moments' path is the same for every param dtype."""
+    dtype = torch.bfloat16
+    start = make_params(dtype)
+    grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
+    ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP,
+                              state_precision="bfloat16")
+    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
+                                         clone_params(start, device=device), grads, SKIP,
+                                         state_precision="bfloat16"))
+    exact = device == "cpu"
+    for p_ref, p_out, s_out in zip(ref_params, out_params, out_states):
+        s_ref = ref_opt.state[p_ref]
+        assert s_ref.keys() == s_out.keys()
+        for key, value in s_ref.items():
+            moment = key in config.cls.spec.state
+            if moment:
+                assert value.dtype == s_out[key].dtype == torch.bfloat16, key
+            if isinstance(value, torch.Tensor) and (exact or not moment):
+                assert torch.equal(value, s_out[key]), key
+        if exact:
+            assert torch.equal(p_out, p_ref.detach())
+        else:
+            torch.testing.assert_close(p_out, p_ref.detach(), rtol=1e-2, atol=1e-3)
+    assert any((ref_opt.state[p]["gain"] != 1).any() for p in ref_params), "gains never moved"
+
+
 def test_parity_covers_low_precision_and_shapes():
     assert set(LOW_PRECISION) < set(DTYPES) and () in SHAPES
     assert ("cpu", "foreach") in [tuple(param.values) for param in DEVICE_BACKENDS]

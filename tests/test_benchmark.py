@@ -11,7 +11,7 @@ from adaptive_lr import benchmark
 from adaptive_lr.benchmark import contenders, make_tensors, state_bytes, step_extra_memory
 
 
-def _contenders(backends=("cpu",), precisions=("full", "compact")) -> dict:
+def _contenders(backends=("cpu",), precisions=("full", "compact", "bfloat16")) -> dict:
     return {c.name: c for c in contenders(list(backends), 4000, precisions)}
 
 
@@ -26,6 +26,9 @@ def _contenders(backends=("cpu",), precisions=("full", "compact")) -> dict:
     ("ActiveSGD cpu", 40, 34),
     ("ActiveSGD cpu compact", 30, 24),
     ("ActiveLion cpu compact", 30, 24),
+    # state_precision="bfloat16": the momentum read and written in 2 B
+    ("ActiveSGD cpu bfloat16", 26, 20),
+    ("ActiveLion cpu bfloat16", 26, 20),
     ("Active(torch AdamW fused)", 64, 38),
     # + its epoch sum of g**2 (the sign test, SGD having no second moment): read + write, 4 B
     ("Active(torch SGD fused)", 64, 42),
@@ -49,6 +52,9 @@ def test_every_active_optimizer_has_a_compact_contender_the_wrapper_none():
     assert not [name for name in names if name.startswith("Active(") and "compact" in name]
     only_compact = _contenders(precisions=("compact",)).values()
     assert all(c.name.endswith(" compact") for c in only_compact if c.sign_bytes)
+    # state_precision="bfloat16": the optimizers that offer it
+    assert sorted(name for name in names if name.endswith(" cpu bfloat16")) == [
+        "ActiveLion cpu bfloat16", "ActiveSGD cpu bfloat16"]
 
 
 # 4 tensors of 1000; per-param scalars: step float32 (4 B), the Active optimizers' epoch int64 (8)
@@ -58,6 +64,7 @@ def test_every_active_optimizer_has_a_compact_contender_the_wrapper_none():
     ("ActiveAdamW cpu", (8 + 9) * 4000 + (4 + 8 + 1) * 4),
     ("ActiveAdamW cpu compact", (8 + 5) * 4000 + (4 + 8 + 1 + 8) * 4),
     ("ActiveSGD cpu compact", (4 + 7) * 4000 + (4 + 8 + 1 + 8) * 4),  # + grad_sq_sum, bf16
+    ("ActiveSGD cpu bfloat16", (2 + 7) * 4000 + (4 + 8 + 1 + 8) * 4),  # + its momentum in bf16
     ("ActiveLion cpu", (4 + 13) * 4000 + (4 + 8 + 1) * 4),
     ("Active(torch AdamW fused)", 8 * 4000 + 4 * 4 + 9 * 4000 + (8 + 1) * 4),  # inner + gains
     ("Active(torch SGD fused)", 4 * 4000 + 13 * 4000 + (8 + 1) * 4),  # + its sum of g**2
@@ -82,7 +89,8 @@ def test_the_anchors_are_timed_beside_the_torch_step_of_their_kind(name, baselin
     assert state_bytes(optimizer) == state
 
 
-@pytest.mark.parametrize("name", ["ActiveAdamW cpu", "ActiveAdamW cpu compact"])
+@pytest.mark.parametrize("name", ["ActiveAdamW cpu", "ActiveAdamW cpu compact",
+                                  "ActiveSGD cpu bfloat16"])
 def test_a_cpu_backend_step_allocates_no_param_sized_temporaries(name):
     optimizer = _contenders()[name].make(make_tensors(4_000_000, "4", torch.float32))
     optimizer.step()

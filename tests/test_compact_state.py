@@ -1,5 +1,6 @@
 """Compact state (state_precision="compact", the default): what it stores, its roundings, its errors, and
-checkpoints that convert between full and compact state. Backend parity is in
+checkpoints that convert between full and compact state; and state_precision="bfloat16" (compact,
+and the momentum of ActiveSGD and ActiveLion in bfloat16 too). Backend parity is in
 test_backend_parity.py and test_triton_backend.py."""
 
 import io
@@ -8,11 +9,12 @@ import warnings
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD
+from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
 from adaptive_lr.backends.rounding import bfloat16_stochastic, element_index, mix32, rounding_key
 from optim_configs import config, grad_sequence, make_params, run
 
 ADAMW = config("defaults", cls=ActiveAdamW)
+SGD = config("defaults", cls=ActiveSGD)
 
 
 def test_compact_state_is_five_bytes_per_param_beside_the_base_state():
@@ -183,3 +185,117 @@ def test_the_fused_op_checks_compact_arguments():
     assert torch.equal(p, torch.zeros(4))  # nothing was written
     op(**common, **bf16, rounding_seeds=[1])
     assert torch.equal(p, torch.full((4,), -0.1))
+
+
+# ---- state_precision="bfloat16": the momentum in bfloat16 too ----------------------------------
+
+
+@pytest.mark.parametrize(("cls", "moment"), [(ActiveSGD, "momentum_buffer"), (ActiveLion, "exp_avg")])
+def test_bfloat16_state_keeps_the_momentum_in_bfloat16(cls, moment):
+    """Two bytes per param less than compact state; a float64 param keeps its float64 moment and
+    float32 gains, as under compact state."""
+    params = [torch.randn(5, dtype=torch.float64, requires_grad=True),
+              torch.randn(5, requires_grad=True), torch.randn(5, dtype=torch.bfloat16, requires_grad=True)]
+    opt = cls(params, lr=1e-2, steps_per_epoch=2, state_precision="bfloat16")
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    wide, *narrow = (opt.state[p] for p in params)
+    assert wide[moment].dtype == torch.float64 and wide["gain"].dtype == torch.float32
+    for state in narrow:
+        assert state[moment].dtype == state["gain"].dtype == state["grad_sum"].dtype == torch.bfloat16
+        assert "rounding_seed" in state
+
+
+def test_bfloat16_state_is_refused_where_there_is_a_second_moment():
+    with pytest.raises(ValueError, match="ActiveAdamW does not offer: its second moment would stall"):
+        ActiveAdamW([torch.zeros(3, requires_grad=True)], steps_per_epoch=2,
+                    state_precision="bfloat16")
+
+
+def test_the_bfloat16_momentum_is_unbiased():
+    """SGD's buffer under a constant gradient g converges to g / (1 - momentum): 10.01 for g =
+    1.001, between the bfloat16 values 10 and 10.0625. Rounded to nearest it would stop at 10 (an
+    update below half an ulp is lost); rounded stochastically its mean over the elements is the
+    float32 buffer's, and every element is one of the two neighbours."""
+    n = 1 << 14
+    params = [torch.zeros(n, requires_grad=True), torch.zeros(n, requires_grad=True)]
+    kwargs = dict(lr=1e-9, steps_per_epoch=1000, momentum=0.9)
+    exact = ActiveSGD([params[0]], state_precision="compact", **kwargs)
+    narrow = ActiveSGD([params[1]], state_precision="bfloat16", **kwargs)
+    for _ in range(150):
+        for p, opt in zip(params, (exact, narrow)):
+            p.grad = torch.full((n,), 1.001)
+            opt.step()
+    target = exact.state[params[0]]["momentum_buffer"]
+    stored = narrow.state[params[1]]["momentum_buffer"].float()
+    torch.testing.assert_close(target, torch.full((n,), 10.01), rtol=1e-5, atol=0)
+    assert set(stored.unique().tolist()) == {10.0, 10.0625}
+    error = stored - target  # no bias: its mean is within 4 standard errors of 0
+    assert abs(error.mean()) < 4 * error.std() / n**0.5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_bfloat16_checkpoint_resumes_bit_for_bit(backend):
+    dtype = torch.float32
+    grads = grad_sequence([(5, 3), (17,)], 10, dtype)
+    params, opt = run(SGD, dtype, 5, backend, make_params(dtype, shapes=[(5, 3), (17,)]),
+                      grads[:5], state_precision="bfloat16")
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = SGD.make(resumed_params, backend=backend, state_precision="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to round
+        resumed.load_state_dict(_saved(opt))
+    for step in grads[5:]:
+        for both in ((params, opt), (resumed_params, resumed)):
+            for p, g in zip(both[0], step):
+                p.grad = g.clone()
+            both[1].step()
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, resumed.state[q][key]), key
+
+
+def test_checkpoints_convert_between_compact_and_bfloat16_state():
+    dtype = torch.float32
+    params, compact = run(SGD, dtype, 7, params=make_params(dtype, shapes=[(40,)]))
+    saved = _saved(compact)
+    narrow = SGD.make([params[0].detach().clone()], state_precision="bfloat16")
+    with pytest.warns(UserWarning, match="float32 moments; .* rounded to the nearest bfloat16"):
+        narrow.load_state_dict(saved)
+    state, before = next(iter(narrow.state.values())), saved["state"][0]
+    assert torch.equal(state["momentum_buffer"], before["momentum_buffer"].bfloat16())
+    assert torch.equal(state["gain"], before["gain"])  # compact already: loaded exactly
+    # back to compact state: the bfloat16 momentum widens exactly, nothing is said
+    back = SGD.make([params[0].detach().clone()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back.load_state_dict(_saved(narrow))
+    widened = next(iter(back.state.values()))["momentum_buffer"]
+    assert widened.dtype == torch.float32 and torch.equal(widened, state["momentum_buffer"].float())
+
+
+def test_the_fused_op_checks_bfloat16_moments():
+    import adaptive_lr._C  # noqa: F401  (registers the op)
+
+    p, g = torch.zeros(4), torch.ones(4)
+    bf16 = lambda *values: torch.tensor(values, dtype=torch.bfloat16)  # noqa: E731
+    common = dict(params=[p], grads=[g], grad_sq_sums=[],
+                  prev_signs=[torch.zeros(4, dtype=torch.int8)], steps=[torch.zeros(())],
+                  lr=torch.tensor(0.1), weight_decay=0.0, maximize=False, gain_inc=2.0,
+                  gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), sign_threshold=0.0,
+                  epoch_steps=0, boundary=0, grad_scale=None, found_inf=None)
+    compact = dict(gains=[bf16(1, 1, 1, 1)], grad_sums=[bf16(0, 0, 0, 0)], rounding_seeds=[1])
+    op = torch.ops.adaptive_lr.active_step_
+    with pytest.raises(RuntimeError, match="kernel 'adamw' keeps a second moment"):
+        op(**common, **compact, kernel="adamw", states=[bf16(0, 0, 0, 0)] * 2,
+           hyper=[0.9, 0.999, 1e-8, 0.0])
+    with pytest.raises(RuntimeError, match="bfloat16 moments .* need compact state too"):
+        op(**common, kernel="sgd", gains=[torch.ones(4)], grad_sums=[torch.zeros(4)],
+           rounding_seeds=[], states=[bf16(0, 0, 0, 0)], hyper=[0.0, 0.0, 0.0])
+    assert torch.equal(p, torch.zeros(4))  # nothing was written
+    moment = bf16(0, 0, 0, 0)
+    op(**common, **compact, kernel="sgd", states=[moment], hyper=[0.0, 0.0, 0.0])
+    assert torch.equal(p, torch.full((4,), -0.1)) and torch.equal(moment, bf16(1, 1, 1, 1))

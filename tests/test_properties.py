@@ -114,7 +114,8 @@ def runs(draw, max_tensors=4, max_size=5, max_steps=8, dtypes=DTYPES):
     has_grad = draw(st.lists(st.lists(st.floats(0, 1).map(lambda u: u < 0.8), min_size=len(shapes),
                                       max_size=len(shapes)), min_size=steps, max_size=steps))
     # drawn last, so that the examples drawn before compact state existed stay as they were
-    state_precision = draw(st.sampled_from(["compact", "full"]))
+    precisions = ["compact", "full"] + (["bfloat16"] if cls.spec.moments_in_bfloat16 else [])
+    state_precision = draw(st.sampled_from(precisions))
     return dict(cls=cls, kwargs=dict(kwargs, steps_per_epoch=steps_per_epoch,
                                      state_precision=state_precision),
                 dtype=dtype, shapes=shapes, layouts=layouts, steps=steps, epoch_ends=epoch_ends,
@@ -155,8 +156,10 @@ def _assert_matches_reference(case: dict, device: str, backend: str):
             if not isinstance(value, torch.Tensor):
                 assert state[key] == value, key
                 continue
-            moment_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            compact = case["kwargs"]["state_precision"] == "compact" and dtype != torch.float64
+            precision = case["kwargs"]["state_precision"]
+            compact = precision != "full" and dtype != torch.float64
+            moment_dtype = (torch.float64 if dtype == torch.float64 else
+                            torch.bfloat16 if precision == "bfloat16" else torch.float32)
             fixed = COMPACT_STATE_DTYPES if compact else FIXED_STATE_DTYPES
             assert state[key].dtype == fixed.get(key, moment_dtype), key
             if key in EXACT_STATE:

@@ -539,7 +539,10 @@ for arch, spec, dtype, boundary, flags in VARIANTS:
                      BETA2=update.hyper.index("beta2") if flags and update.second_moment is not None
                      else 0, SIGN_TEST=flags,
                      GRAD_SQ=flags and update.second_moment is None,
-                     COMPACT=dtype in ("bf16", "fp16"), MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                     COMPACT=dtype in ("bf16", "fp16"),
+                     # the sm_80 builds of ActiveSGD and ActiveLion: state_precision="bfloat16"
+                     BF16_MOMENTS=arch == 80 and spec.moments_in_bfloat16,
+                     MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                      HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
                      ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,
                      BLOCK=1024 if ct == tl.float32 else 512, CHUNK=4096)

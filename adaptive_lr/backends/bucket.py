@@ -30,7 +30,9 @@ bf16/fp16 params, whose math runs in float32). Compact state (``rounding_seeds``
 float64 params): gain, grad_sum and grad_sq_sum bfloat16; a new gain is rounded stochastically
 after its clamp, and in step 3 grad_sum <- bfloat16_stochastic(float32(grad_sum) + g) with the
 param's rounding key, grad_sq_sum likewise with bfloat16_stochastic_low_bits (the same hash's
-other half; adaptive_lr/backends/rounding.py).
+other half; adaptive_lr/backends/rounding.py). bfloat16 moments (``bfloat16_moments``, with compact
+state, for an optimizer whose state is momenta): every state tensor is bfloat16, the update runs
+in float32, and each moment k is stored as bfloat16_stochastic under moment_key(key, k).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Bucket:
     epoch_steps: int = 0
     # compact state (bfloat16 gain and grad_sum): each param's rounding seed; None: float32
     rounding_seeds: list[int] | None = None
+    # state_precision="bfloat16": the moments are bfloat16 too (rounded stochastically)
+    bfloat16_moments: bool = False
     # the sign test of an optimizer without a second moment (spec.keeps_grad_sq_sum): each
     # param's Q, of grad_sum's dtype; None: not kept
     grad_sq_sums: list[Tensor] | None = None

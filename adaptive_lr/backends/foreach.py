@@ -16,7 +16,7 @@ from torch import Tensor
 from ..gain_rule import GainRule
 from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
-    accumulate_stochastic, rounding_key, store_stochastic_gain,
+    accumulate_stochastic, moment_key, rounding_key, store_stochastic, store_stochastic_gain,
 )
 
 
@@ -105,6 +105,13 @@ def step(bucket: Bucket) -> None:
     if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
         torch._foreach_mul_(theta, 1 - h.lr * h.weight_decay)
     # compact bfloat16 gains go in as they are: the update widens them (foreach_scaled_gains)
-    bucket.spec.foreach(theta, g, bucket.gains, steps, bucket.state, h)
+    state = bucket.state
+    if bucket.bfloat16_moments:  # updated in float32, then rounded stochastically
+        state = {key: [moment.float() for moment in moments] for key, moments in state.items()}
+    bucket.spec.foreach(theta, g, bucket.gains, steps, state, h)
+    if bucket.bfloat16_moments:
+        for k, name in enumerate(state):
+            store_stochastic(bucket.state[name], state[name],
+                             [(moment_key(key, k), param) for key, param in roundings])
     if low_precision:
         torch._foreach_copy_([p.detach() for p in bucket.params], theta)

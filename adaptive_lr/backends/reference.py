@@ -14,7 +14,7 @@ from ..gain_rule import GainRule
 from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
     bfloat16_stochastic, bfloat16_stochastic_gain, bfloat16_stochastic_low_bits, element_index,
-    rounding_key,
+    moment_key, rounding_key,
 )
 
 
@@ -99,5 +99,12 @@ def step(bucket: Bucket) -> None:
         if bucket.spec.decoupled_weight_decay(h) and h.weight_decay != 0:
             theta.mul_(1 - h.lr * h.weight_decay)
         state = {key: values[i] for key, values in bucket.state.items()}
+        stored = state
+        if bucket.bfloat16_moments:  # updated in float32, then rounded stochastically
+            state = {key: moment.float() for key, moment in stored.items()}
         bucket.spec.reference(theta, g, gain.to(compute), bucket.steps[i].item(), state, h)
+        if bucket.bfloat16_moments:
+            key, index = rounding
+            for k, name in enumerate(stored):
+                stored[name].copy_(bfloat16_stochastic(state[name], moment_key(key, k), index))
         param.detach().copy_(theta)

@@ -4,6 +4,9 @@ functions as csrc/include/adaptive_lr/math.h (``mix32``, ``rounding_key``, ``gai
 draws the same bits and stores the same bfloat16 grad_sum, grad_sq_sum and gain
 (docs/algorithm.md, "Compact state"); a NaN sum stays NaN (0x7fc0, as math.h's).
 
+A ``bfloat16`` state (``state_precision="bfloat16"``) also rounds its moments so, each under a
+key of its own (``moment_key``).
+
 The 32-bit hash runs on int64 tensors holding unsigned 32-bit values (torch does not promise that
 an int32 product wraps around), with multipliers chosen so that no product leaves int64; the
 rounding adds its draws in int32, where no sum overflows. ``mix32`` and ``rounding_key`` also
@@ -81,6 +84,17 @@ def gain_key(key: int | Tensor) -> int | Tensor:
     """The key of a new compact gain's stochastic rounding (math.h's gain_key), from its param's
     rounding key for the step (an int, or a 0-dim tensor: not modified)."""
     return mix32(key ^ _GAIN_SALT)
+
+
+# A bfloat16 moment (state k of its optimizer, in the kernels' order) is rounded with draws of its
+# own too: math.h's moment_key.
+_MOMENT_SALT = 0x85EBCA6B
+
+
+def moment_key(key: int | Tensor, k: int) -> int | Tensor:
+    """The key of the stochastic rounding of a bfloat16 moment, state ``k`` of its optimizer, from
+    its param's rounding key for the step (an int, or a 0-dim tensor: not modified)."""
+    return mix32(key ^ (_MOMENT_SALT + k))
 
 
 def element_index(t: Tensor) -> Tensor:
@@ -165,13 +179,20 @@ def accumulate_stochastic(grad_sums: list[Tensor], values: list[Tensor],
     _store(roundings, outputs)
 
 
+def store_stochastic(outs: list[Tensor], values: list[Tensor],
+                     roundings: list[tuple[int, Tensor]]) -> None:
+    """``outs[i] <- bfloat16_stochastic(values[i], key, element_index(param))`` with
+    ``roundings[i] = (key, param)``, in place."""
+    flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
+    _store(roundings,
+           [(outs, lambda x, i, _, start, stop: x.copy_(flat_values[i][start:stop]), False)])
+
+
 def store_stochastic_gain(gains: list[Tensor], values: list[Tensor],
                           roundings: list[tuple[int, Tensor]]) -> None:
     """New compact gains: ``gains[i] <- bfloat16_stochastic_gain(values[i], key,
     element_index(param))`` with ``roundings[i] = (key, param)``, in place."""
-    flat_values = [_in_index_order(v, p).reshape(-1) for v, (_, p) in zip(values, roundings)]
-    _store([(gain_key(key), param) for key, param in roundings],
-           [(gains, lambda x, i, _, start, stop: x.copy_(flat_values[i][start:stop]), False)])
+    store_stochastic(gains, values, [(gain_key(key), param) for key, param in roundings])
 
 
 def _store(roundings: list[tuple[int, Tensor]], outputs) -> None:

@@ -36,10 +36,12 @@ GAIN_ARGS_DOC = """
     state_precision (str): "compact" (default): bfloat16 gains and epoch sums (rounded
         stochastically, unbiased), 5 bytes per param beside the base optimizer's
         state; float64 params keep float32 ones. "full": float32 gains and epoch sums, 9 bytes
-        per param (docs/algorithm.md, "Compact state"; docs/RESULTS.md §4).
+        per param (docs/algorithm.md, "Compact state"; docs/RESULTS.md §4). "bfloat16"
+        (ActiveSGD and ActiveLion): compact, and the momentum in bfloat16 too, rounded
+        stochastically at every step (2 bytes per param instead of 4; docs/precision.md).
 """
 
-STATE_PRECISIONS = ("full", "compact")
+STATE_PRECISIONS = ("full", "compact", "bfloat16")
 
 # The default sign tests (docs/algorithm.md, "The sign test"); 0 is the paper's rule. The Adam
 # family's (on its second moment) was chosen by the study of docs/RESULTS.md §3; SGD's and Lion's
@@ -108,6 +110,12 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             state_precision in STATE_PRECISIONS,
             f"unknown state_precision {state_precision!r}; choose one of {STATE_PRECISIONS}",
         )
+        check(
+            state_precision != "bfloat16" or self.spec.moments_in_bfloat16,
+            f"state_precision='bfloat16' keeps the momentum in bfloat16, which "
+            f"{type(self).__name__} does not offer: its second moment would stall in bfloat16 "
+            "(docs/precision.md); choose 'compact' or 'full'",
+        )
         self.steps_per_epoch = steps_per_epoch
         self.backend = backend
         self.state_precision = state_precision
@@ -125,7 +133,14 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
 
     def _compact(self, p: Tensor) -> bool:
         """Whether param p keeps compact state (never a float64 param: its math is float64)."""
-        return self.state_precision == "compact" and p.dtype != torch.float64
+        return self.state_precision != "full" and p.dtype != torch.float64
+
+    def _moment_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype of param p's moments: bfloat16 under state_precision="bfloat16" (never for a
+        float64 param), else the dtype its math runs in."""
+        if self.state_precision == "bfloat16" and p.dtype != torch.float64:
+            return torch.bfloat16
+        return state_dtype(p.dtype)
 
     def _sign_state_dtype(self, p: Tensor) -> torch.dtype:
         return torch.bfloat16 if self._compact(p) else torch.float32
@@ -181,7 +196,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                 state["rounding_seed"] = seeds.of(p)
         for key in keys:  # amsgrad may be switched on for a group later
             if key not in state:
-                state[key] = torch.zeros_like(p, dtype=state_dtype(p.dtype))
+                state[key] = torch.zeros_like(p, dtype=self._moment_dtype(p))
 
     def _grad_sq_sum(self, p: Tensor, kept: bool, fresh: bool = False) -> Tensor | None:
         """Param p's Q where its group keeps one (``spec.keeps_grad_sq_sum``), else None. Q must
@@ -302,6 +317,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             # a bucket holds one dtype: all of its params keep compact state, or none
             rounding_seeds=([int(s["rounding_seed"]) for s in states] if self._compact(params[0])
                             else None),
+            bfloat16_moments=self._moment_dtype(params[0]) == torch.bfloat16,
             grad_sq_sums=([_local(s[GRAD_SQ_SUM]) for s in states]
                           if self.spec.keeps_grad_sq_sum(hyper) else None),
             grad_scale=None if grad_scale is None else grad_scale.to(device),

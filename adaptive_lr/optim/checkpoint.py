@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..backends import state_dtype
 from ..gain_rule import GAIN_KEYS
 from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, GRAD_SQ_SUM, SIGN_KEYS, RoundingSeeds, bookkeeping, new_clock,
@@ -80,7 +79,7 @@ def load_state_dict(opt, state_dict: dict) -> None:
         for param_id, p in zip(saved["params"], group["params"]):
             id_to_param[param_id] = (p, saved)
     new_state = defaultdict(dict)
-    rounded = False  # float32 gains and sums loaded into compact state
+    rounded = set()  # float32 state loaded into bfloat16: "gains and epoch sums", "moments"
     for param_id, saved in saved_state.items():
         # a key of no param that is no param index (a hook's entry) is kept, as torch does;
         # keys are indices, or names under torch.distributed.checkpoint
@@ -92,14 +91,18 @@ def load_state_dict(opt, state_dict: dict) -> None:
         if from_torch:
             saved = _param_state_from_base(opt, p, saved, param_id, group)
         new_state[p] = _loaded_param_state(opt, p, saved, param_id, group, seeds)
-        rounded = rounded or (opt._compact(p) and isinstance(saved.get("gain"), Tensor)
-                              and saved["gain"].dtype != torch.bfloat16)
+        if opt._compact(p) and _wider_than_bfloat16(saved.get("gain")):
+            rounded.add("gains and epoch sums")
+        if opt._moment_dtype(p) == torch.bfloat16 and any(
+                _wider_than_bfloat16(saved.get(key)) for key in opt.spec.state):
+            rounded.add("moments")
     if rounded:
+        what = " and ".join(sorted(rounded))
         warnings.warn(
-            f"{name}: the state dict keeps float32 gains and epoch sums; this optimizer "
-            "(state_precision='compact') keeps them in bfloat16, so each was rounded to the "
-            "nearest bfloat16 (relative error at most 2**-9: no epoch sum changes sign, a "
-            "gain may move by 0.2 %); signs, moments and step counts are loaded exactly",
+            f"{name}: the state dict keeps float32 {what}; this optimizer "
+            f"(state_precision={opt.state_precision!r}) keeps them in bfloat16, so each was "
+            "rounded to the nearest bfloat16 (relative error at most 2**-9: no epoch sum changes "
+            "sign, a gain may move by 0.2 %); everything else is loaded exactly",
             stacklevel=3,
         )
     opt.state = new_state
@@ -111,6 +114,10 @@ def load_state_dict(opt, state_dict: dict) -> None:
     ]
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+def _wider_than_bfloat16(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.bfloat16
 
 
 def from_optimizer(cls, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None,
@@ -264,7 +271,7 @@ def _loaded_param_state(opt, p: Tensor, saved: dict, param_id, group: dict,
         if key == "step":
             loaded[key] = value.reshape(()).to(device=p.device, dtype=torch.float32, copy=True)
         else:  # the param's layout: the fused kernels read a param and its state as one array
-            dtype = dtypes.get(key, state_dtype(p.dtype))
+            dtype = dtypes.get(key, opt._moment_dtype(p))
             loaded[key] = torch.empty_like(p, dtype=dtype).copy_(value)
     return loaded
 

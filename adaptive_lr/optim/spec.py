@@ -130,6 +130,12 @@ class OptimizerSpec:
         """The state keys a group with record ``h`` uses, in the kernels' order."""
         return tuple(k for k in self.state if k != self.amsgrad_state or h.amsgrad)
 
+    @property
+    def moments_in_bfloat16(self) -> bool:
+        """Whether state_precision="bfloat16" is offered: the state is momenta (no second moment,
+        which would stall in bfloat16: docs/precision.md), as the kernels' kMomentsInBfloat16."""
+        return self.second_moment is None
+
     def keeps_grad_sq_sum(self, h: GainHyper) -> bool:
         """Whether a group with record ``h`` keeps ``grad_sq_sum`` (Q, the epoch's sum of g**2):
         its sign test is on and it has no second moment to measure the noise with."""

@@ -24,7 +24,8 @@ struct TensorPtrs {
   void* grad_sum;  // as gain
   void* grad_sq_sum;  // as gain; null unless the sign test reads it (math.h, kKeepsGradSqSum)
   int8_t* prev_sign;
-  void* state[Kernel::kMaxStates];  // its states, in order: double for float64 params, else float
+  // its states, in order: double for float64 params, else float (bfloat16 for kBfloat16)
+  void* state[Kernel::kMaxStates];
 };
 
 template <class Kernel>
@@ -32,7 +33,7 @@ struct Bucket {
   DType dtype;
   Boundary boundary;
   bool boundary_only;  // found_inf: the boundary is applied, nothing else
-  StatePrecision precision;  // kCompact: bfloat16 gain and grad_sum
+  StatePrecision precision;  // kCompact: bfloat16 gain and grad_sum; kBfloat16: moments too
   CommonHyper common;
   typename Kernel::Hyper hyper;
   const TensorPtrs<Kernel>* tensors;

@@ -305,7 +305,11 @@ struct Lanes {
 
 // The storage type of gain and grad_sum.
 template <StatePrecision S>
-using SignState = std::conditional_t<S == StatePrecision::kCompact, c10::BFloat16, float>;
+using SignState = std::conditional_t<compact_sign_state(S), c10::BFloat16, float>;
+
+// The storage type of the moments, for compute type C.
+template <StatePrecision S, class C>
+using MomentState = std::conditional_t<S == StatePrecision::kBfloat16, c10::BFloat16, C>;
 
 // One chunk of one tensor: the whole step of its elements in a single pass over memory. The
 // boundary is a template parameter, so a mid-epoch step never touches prev_sign and only reads gain.
@@ -313,6 +317,7 @@ template <Boundary B, StatePrecision S, class Kernel, class P>
 void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute and state type
   using G = SignState<S>;
+  using M = MomentState<S, C>;
   constexpr int N = Kernel::kMaxStates;
   const TensorPtrs<Kernel>& t = b.tensors[chunk.tensor];
   const int64_t offset = chunk.offset;
@@ -325,11 +330,15 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
       kKeepsGradSqSum<Kernel> && b.common.sign_test ? static_cast<G*>(t.grad_sq_sum) + offset
                                                      : nullptr;
   int8_t* const prev_sign = t.prev_sign + offset;
-  C* state[N];
-  for (int k = 0; k < N; ++k) state[k] = static_cast<C*>(t.state[k]) + offset;
+  M* state[N];
+  for (int k = 0; k < N; ++k) state[k] = static_cast<M*>(t.state[k]) + offset;
   const int num_states = b.hyper.num_states();
   const auto& scalars = b.scalars[chunk.tensor];
-  const uint32_t key = S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0;
+  const uint32_t key = compact_sign_state(S) ? b.rounding_keys[chunk.tensor] : 0;
+  uint32_t moment_keys[N]{};
+  if constexpr (S == StatePrecision::kBfloat16) {
+    for (int k = 0; k < N; ++k) moment_keys[k] = moment_key(key, k);
+  }
 
   for_each_lane<C>(
       chunk.length,
@@ -351,7 +360,7 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
                          sq_sum, sign, st, key, static_cast<uint32_t>(offset + i));
         if constexpr (B == Boundary::kUpdate) io::store_gain(gain + i, gamma);
         if constexpr (B != Boundary::kNone) io::store(prev_sign + i, sign);
-        if constexpr (S == StatePrecision::kCompact) {
+        if constexpr (compact_sign_state(S)) {
           if (grad_sq_sum) {
             io::store_stochastic_sums(grad_sum + i, g_sum, grad_sq_sum + i, sq_sum, key, offset + i);
           } else {
@@ -363,7 +372,12 @@ void step_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
         }
         io::store(param + i, theta);
         for (int k = 0; k < N; ++k) {
-          if (k < num_states) io::store(state[k] + i, st[k]);
+          if (k >= num_states) continue;
+          if constexpr (S == StatePrecision::kBfloat16) {
+            io::store_stochastic(state[k] + i, st[k], moment_keys[k], offset + i);
+          } else {
+            io::store(state[k] + i, st[k]);
+          }
         }
       });
 }
@@ -396,7 +410,7 @@ void boundary_chunk(const Bucket<Kernel>& b, const Chunk& chunk) {
                         : grad_sq_sum ? io::load(grad_sq_sum + i)
                                       : T(0);
         apply_boundary<B, S>(common, gamma, g_sum, sign, noise,
-                             S == StatePrecision::kCompact ? b.rounding_keys[chunk.tensor] : 0,
+                             compact_sign_state(S) ? b.rounding_keys[chunk.tensor] : 0,
                              static_cast<uint32_t>(chunk.offset + i));
         if constexpr (B == Boundary::kUpdate) io::store_gain(gain + i, gamma);
         io::store(prev_sign + i, sign);
@@ -434,10 +448,16 @@ void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
 
 template <Boundary B, class Kernel>
 void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
-  if (b.precision == StatePrecision::kCompact) {
-    return run_chunks<B, StatePrecision::kCompact>(b, begin, end);
+  switch (b.precision) {
+    case StatePrecision::kFull: return run_chunks<B, StatePrecision::kFull>(b, begin, end);
+    case StatePrecision::kCompact: return run_chunks<B, StatePrecision::kCompact>(b, begin, end);
+    case StatePrecision::kBfloat16:
+      // the op refuses bfloat16 moments for the other kernels
+      if constexpr (kMomentsInBfloat16<Kernel>) {
+        run_chunks<B, StatePrecision::kBfloat16>(b, begin, end);
+      }
+      return;
   }
-  run_chunks<B, StatePrecision::kFull>(b, begin, end);
 }
 
 }  // namespace

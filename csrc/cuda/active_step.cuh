@@ -83,13 +83,17 @@ __device__ __forceinline__ void for_each_pack(int length, bool vectorized, const
 }
 
 // gain and grad_sum: float, or (compact state) bfloat16 as its bits, converted by math.h's
-// functions so that the rounding is the one every backend does.
+// functions so that the rounding is the one every backend does; the moments likewise: the
+// compute type C, or (StatePrecision::kBfloat16) bfloat16 bits.
 template <StatePrecision S>
-using SignState = std::conditional_t<S == StatePrecision::kCompact, uint16_t, float>;
+using SignState = std::conditional_t<compact_sign_state(S), uint16_t, float>;
 
-template <StatePrecision S>
-__device__ __forceinline__ float sign_state_value(SignState<S> x) {
-  if constexpr (S == StatePrecision::kCompact) {
+template <StatePrecision S, class C>
+using MomentState = std::conditional_t<S == StatePrecision::kBfloat16, uint16_t, C>;
+
+template <class C, class X>
+__device__ __forceinline__ C state_value(X x) {
+  if constexpr (std::is_same_v<X, uint16_t>) {
     return bfloat16_value(x);
   } else {
     return x;
@@ -103,6 +107,7 @@ struct ActiveStep {
   using G = SignState<S>;
   static constexpr int kThreads = 512;
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;  // compute and state
+  using M = MomentState<S, C>;
   // elements per pack: one 16-byte access of every compute-type stream (states, gain and
   // grad_sum for float; bf16/fp16 params and grads then move 8 bytes, more would cost registers)
   static constexpr int kVec = 16 / static_cast<int>(sizeof(C));
@@ -128,7 +133,7 @@ struct ActiveStep {
     G* grad_sq_sum;  // the sign test's sum of g^2 where it reads one, else null
     int64_t offset;  // of the chunk's first element in its tensor (compact state's index)
     int8_t* prev_sign;
-    C* state[kMaxStates];
+    M* state[kMaxStates];
     int num_states;
 
     __device__ bool vectorizable() const {
@@ -170,22 +175,22 @@ struct ActiveStep {
     if (c.grad_sq_sum) grad_sq_sum = load<W>(c.grad_sq_sum + i);
     Pack<int8_t, W> sign{};
     if constexpr (B != Boundary::kNone) sign = load<W>(c.prev_sign + i);
-    Pack<C, W> state[kMaxStates]{};
+    Pack<M, W> state[kMaxStates]{};
     for (int k = 0; k < kMaxStates; ++k) {
       if (k < c.num_states) state[k] = load<W>(c.state[k] + i);
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      C theta = to_lane<C>(param.v[j]), gamma = sign_state_value<S>(gain.v[j]),
-        sum = sign_state_value<S>(grad_sum.v[j]), sq_sum = sign_state_value<S>(grad_sq_sum.v[j]),
+      C theta = to_lane<C>(param.v[j]), gamma = state_value<C>(gain.v[j]),
+        sum = state_value<C>(grad_sum.v[j]), sq_sum = state_value<C>(grad_sq_sum.v[j]),
         prev = sign.v[j];
       C st[kMaxStates];
-      for (int k = 0; k < kMaxStates; ++k) st[k] = state[k].v[j];
+      for (int k = 0; k < kMaxStates; ++k) st[k] = state_value<C>(state[k].v[j]);
       const uint32_t index = static_cast<uint32_t>(c.offset + i + j);
       fused_step<B, S>(common, update, theta, to_lane<C>(grad.v[j]), gamma, sum, sq_sum, prev, st,
                        key, index);
       param.v[j] = from_lane<P>(theta);
-      if constexpr (S == StatePrecision::kCompact) {
+      if constexpr (compact_sign_state(S)) {
         gain.v[j] = bfloat16_nearest(gamma);  // already a bfloat16 value: exact
         grad_sum.v[j] = bfloat16_stochastic(sum, key, index);
         if (c.grad_sq_sum) grad_sq_sum.v[j] = bfloat16_stochastic_low_bits(sq_sum, key, index);
@@ -195,7 +200,13 @@ struct ActiveStep {
         grad_sq_sum.v[j] = static_cast<float>(sq_sum);
       }
       sign.v[j] = static_cast<int8_t>(prev);
-      for (int k = 0; k < kMaxStates; ++k) state[k].v[j] = st[k];
+      for (int k = 0; k < kMaxStates; ++k) {
+        if constexpr (S == StatePrecision::kBfloat16) {
+          state[k].v[j] = bfloat16_stochastic(st[k], moment_key(key, k), index);
+        } else {
+          state[k].v[j] = st[k];
+        }
+      }
     }
     store<W>(c.param + i, param);
     store<W>(c.grad_sum + i, grad_sum);
@@ -219,18 +230,17 @@ struct ActiveStep {
     if constexpr (kKeepsGradSqSum<Kernel>) {
       if (c.grad_sq_sum) {
         const Pack<G, W> sq_sum = load<W>(c.grad_sq_sum + i);
-        for (int j = 0; j < W; ++j) noise.v[j] = sign_state_value<S>(sq_sum.v[j]);
+        for (int j = 0; j < W; ++j) noise.v[j] = state_value<C>(sq_sum.v[j]);
       }
     } else {
       if (common.sign_test) noise = load<W>(c.state[Kernel::kSecondMoment] + i);
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      C gamma = sign_state_value<S>(gain.v[j]), sum = sign_state_value<S>(grad_sum.v[j]),
-        prev = sign.v[j];
+      C gamma = state_value<C>(gain.v[j]), sum = state_value<C>(grad_sum.v[j]), prev = sign.v[j];
       apply_boundary<B, S>(common, gamma, sum, prev, noise.v[j], key,
                            static_cast<uint32_t>(c.offset + i + j));
-      if constexpr (S == StatePrecision::kCompact) {
+      if constexpr (compact_sign_state(S)) {
         gain.v[j] = bfloat16_nearest(gamma);
         grad_sum.v[j] = 0;  // the boundary reset it
       } else {
@@ -288,7 +298,7 @@ struct ActiveStep {
     c.prev_sign = static_cast<int8_t*>(meta.addresses[kPrevSign][slot]) + offset;
     c.num_states = s.hyper.num_states();
     for (int k = 0; k < kMaxStates; ++k) {
-      c.state[k] = k < c.num_states ? static_cast<C*>(meta.addresses[kState0 + k][slot]) + offset
+      c.state[k] = k < c.num_states ? static_cast<M*>(meta.addresses[kState0 + k][slot]) + offset
                                     : nullptr;
     }
     const bool vectorized = c.vectorizable();
@@ -336,10 +346,18 @@ cudaError_t step_with_precision(const Bucket<Kernel>& b, const std::vector<Launc
 template <Boundary B, class Kernel>
 cudaError_t step_with_boundary(const Bucket<Kernel>& b, const std::vector<Launch>& plan,
                                cudaStream_t stream) {
-  if (b.precision == StatePrecision::kCompact) {
-    return step_with_precision<B, StatePrecision::kCompact>(b, plan, stream);
+  switch (b.precision) {
+    case StatePrecision::kFull: return step_with_precision<B, StatePrecision::kFull>(b, plan, stream);
+    case StatePrecision::kCompact:
+      return step_with_precision<B, StatePrecision::kCompact>(b, plan, stream);
+    case StatePrecision::kBfloat16:
+      // the op refuses bfloat16 moments for the other kernels
+      if constexpr (kMomentsInBfloat16<Kernel>) {
+        return step_with_precision<B, StatePrecision::kBfloat16>(b, plan, stream);
+      }
+      break;
   }
-  return step_with_precision<B, StatePrecision::kFull>(b, plan, stream);
+  return cudaErrorInvalidValue;
 }
 
 template <class Kernel>

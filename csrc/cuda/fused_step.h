@@ -68,7 +68,8 @@ template <class Kernel>
 struct Bucket {
   DType dtype;
   Boundary boundary;
-  StatePrecision precision;  // kCompact: bfloat16 gain and grad_sum (never for float64 params)
+  StatePrecision precision;  // kCompact: bfloat16 gain and grad_sum; kBfloat16: moments too (never
+                             // for float64 params)
   StepArgs<Kernel> args;
   const TensorAddresses<Kernel>* tensors;  // host array, one per tensor
   const int64_t* numels;           // host array

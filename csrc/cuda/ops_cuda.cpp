@@ -86,7 +86,7 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
                               arrivals_for(a.steps[0], stream)};
   C10_CUDA_CHECK(step(Bucket<Kernel>{to_dtype(a.params[0].scalar_type()),
                                      static_cast<Boundary>(a.boundary),
-                                     compact ? StatePrecision::kCompact : StatePrecision::kFull,
+                                     state_precision(a, states),
                                      args, tensors.data(), numels.data(), rounding_seeds.data(),
                                      static_cast<int32_t>(n)},
                       stream));

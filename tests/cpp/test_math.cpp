@@ -407,6 +407,25 @@ void test_compact_rounding() {
   CHECK_CLOSE(both_up / double(draws), 0.09, 0.01);
   CHECK_CLOSE(sq_and_sum_up / double(draws), 0.09, 0.01);
   CHECK_CLOSE(sq_and_gain_up / double(draws), 0.09, 0.01);
+  // a bfloat16 moment's draws (state 0 and 1 of a kernel) are independent of the sums' and the
+  // gain's, and of each other
+  int moment_ups = 0, moment_and_sum_up = 0, moment_and_gain_up = 0, moments_up = 0;
+  CHECK(moment_key(key, 0) != key && moment_key(key, 0) != new_gain_key &&
+        moment_key(key, 1) != moment_key(key, 0));
+  for (int i = 0; i < draws; ++i) {
+    const uint32_t index = static_cast<uint32_t>(i);
+    const bool m0 = bfloat16_stochastic(x, moment_key(key, 0), index) == up;
+    const bool m1 = bfloat16_stochastic(x, moment_key(key, 1), index) == up;
+    moment_ups += m0;
+    moment_and_sum_up += m0 && bfloat16_stochastic(x, key, index) == up;
+    moment_and_gain_up += m0 && bfloat16_stochastic(x, new_gain_key, index) == up;
+    moments_up += m0 && m1;
+  }
+  // within 5 standard deviations of the estimate (0.0018 for 0.3, 0.0011 for 0.09)
+  CHECK_CLOSE(moment_ups / double(draws), 0.3, 0.03);
+  CHECK_CLOSE(moment_and_sum_up / double(draws), 0.09, 0.07);
+  CHECK_CLOSE(moment_and_gain_up / double(draws), 0.09, 0.07);
+  CHECK_CLOSE(moments_up / double(draws), 0.09, 0.07);
   CHECK(Ops<float>::round_gain_to_bfloat16(3.0f, key, 5) == 3.0f);  // bfloat16 values stay exact
   CHECK(bfloat16_stochastic(2.0f, key, 5) == 0x4000);
   CHECK(bfloat16_stochastic(-INFINITY, key, 5) == 0xff80);

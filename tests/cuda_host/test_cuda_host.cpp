@@ -131,13 +131,14 @@ template <class Kernel, class P, StatePrecision S>
 struct Tensors {
   using C = std::conditional_t<std::is_same_v<P, double>, double, float>;
   using G = acu::SignState<S>;
+  using M = acu::MomentState<S, C>;
   static constexpr int N = Kernel::kMaxStates;
   int64_t n;
   Array<P> param;
   Array<G> gain, grad_sum, grad_sq_sum;  // grad_sq_sum: a kernel without a second moment's
   Array<int8_t> prev_sign;
   Array<float> step;
-  Array<C> state[N];
+  Array<M> state[N];
 
   Tensors(int64_t numel, Misalign m, int num_states, uint32_t seed) : n(numel) {
     const int e = m == Misalign::kAll ? 1 : 0;
@@ -147,16 +148,16 @@ struct Tensors {
     if (kKeepsGradSqSum<Kernel>) grad_sq_sum.allocate(n, e * sizeof(G));
     prev_sign.allocate(n, m == Misalign::kNone ? 0 : 1);
     step.allocate(1, 0);
-    for (int k = 0; k < num_states; ++k) state[k].allocate(n, e * sizeof(C));
+    for (int k = 0; k < num_states; ++k) state[k].allocate(n, e * sizeof(M));
     *step.data = 0;
     for (int64_t i = 0; i < n; ++i) {
       const float x = static_cast<float>(mix32(seed + static_cast<uint32_t>(i))) * 0x1p-31f - 1;
       param.data[i] = ref_store<P>(static_cast<C>(x));
-      gain.data[i] = S == StatePrecision::kCompact ? G(0x3f80) : G(1);  // 1.0
+      gain.data[i] = compact_sign_state(S) ? G(0x3f80) : G(1);  // 1.0
       grad_sum.data[i] = G(0);
       if (kKeepsGradSqSum<Kernel>) grad_sq_sum.data[i] = G(0);
       prev_sign.data[i] = 0;
-      for (int k = 0; k < num_states; ++k) state[k].data[i] = 0;
+      for (int k = 0; k < num_states; ++k) state[k].data[i] = M(0);
     }
   }
 };
@@ -184,7 +185,7 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
     float& step = *x.step.data;
     const double factor = sign_test_factor<Kernel>(common, hyper, static_cast<double>(step));
     const float next_step = step + 1;
-    const uint32_t key = S == StatePrecision::kCompact
+    const uint32_t key = compact_sign_state(S)
                              ? rounding_key(seeds[t], static_cast<uint32_t>(next_step))
                              : 0;
     typename Kernel::Scalars scalars{};
@@ -194,15 +195,16 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
     }
     const CommonLanes<C> lanes(common, factor);
     const Update<Kernel, C> update(hyper, scalars);
-    const auto load_g = [](typename T::G g) -> C {
-      if constexpr (S == StatePrecision::kCompact) {
+    // a bfloat16 gain, sum or moment (its bits), or a float one
+    const auto load_g = [](auto g) -> C {
+      if constexpr (std::is_same_v<decltype(g), uint16_t>) {
         return bfloat16_value(g);
       } else {
         return g;
       }
     };
     const auto store_g_nearest = [](C v) -> typename T::G {
-      if constexpr (S == StatePrecision::kCompact) {
+      if constexpr (compact_sign_state(S)) {
         return bfloat16_nearest(static_cast<float>(v));
       } else {
         return static_cast<float>(v);
@@ -216,7 +218,7 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
       if (skip) {
         C noise = sq_sum;
         if constexpr (Kernel::kSecondMoment >= 0) {
-          if (common.sign_test) noise = x.state[Kernel::kSecondMoment].data[i];
+          if (common.sign_test) noise = load_g(x.state[Kernel::kSecondMoment].data[i]);
         }
         apply_boundary<B, S>(lanes, gamma, g_sum, sign, noise, key, index);
         if constexpr (B == Boundary::kUpdate) x.gain.data[i] = store_g_nearest(gamma);
@@ -229,13 +231,13 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
       C theta = ref_load<C>(x.param.data[i]);
       C st[T::N]{};
       for (int k = 0; k < T::N; ++k) {
-        if (k < num_states) st[k] = x.state[k].data[i];
+        if (k < num_states) st[k] = load_g(x.state[k].data[i]);
       }
       fused_step<B, S>(lanes, update, theta, ref_load<C>(grads[t].data[i]), gamma, g_sum,
                        sq_sum, sign, st, key, index);
       if constexpr (B == Boundary::kUpdate) x.gain.data[i] = store_g_nearest(gamma);
       if constexpr (B != Boundary::kNone) x.prev_sign.data[i] = static_cast<int8_t>(sign);
-      if constexpr (S == StatePrecision::kCompact) {
+      if constexpr (compact_sign_state(S)) {
         x.grad_sum.data[i] = bfloat16_stochastic(static_cast<float>(g_sum), key, index);
         if (keeps_grad_sq_sum) {
           x.grad_sq_sum.data[i] =
@@ -247,7 +249,13 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
       }
       x.param.data[i] = ref_store<P>(theta);
       for (int k = 0; k < T::N; ++k) {
-        if (k < num_states) x.state[k].data[i] = st[k];
+        if (k >= num_states) continue;
+        if constexpr (S == StatePrecision::kBfloat16) {
+          x.state[k].data[i] = bfloat16_stochastic(static_cast<float>(st[k]), moment_key(key, k),
+                                                   index);
+        } else {
+          x.state[k].data[i] = st[k];
+        }
       }
     }
   }
@@ -286,6 +294,7 @@ struct Variant {
 };
 
 const char* kBoundaryNames[] = {"none", "roll", "update"};
+const char* kPrecisionNames[] = {"full", "compact", "bfloat16"};
 
 template <class Kernel>
 std::vector<double> hyper_values(bool flags) {
@@ -365,7 +374,7 @@ bool run_config(const char* name, const char* dtype, const std::vector<Shape>& s
   std::snprintf(label, sizeof label,
                 "%s %s %s (lr %s, grad_scale %d, maximize %d, found_inf %d, sign_test %d, "
                 "flags %d, weight_decay %g, %zu tensors)",
-                name, dtype, S == StatePrecision::kCompact ? "compact" : "full",
+                name, dtype, kPrecisionNames[static_cast<int>(S)],
                 v.lr_is_double ? "double" : "float", v.grad_scale, v.maximize, v.found_inf,
                 v.sign_test, v.flags, v.weight_decay, n);
   ++g_configs;
@@ -481,6 +490,12 @@ void test_kernel(const char* name, uint32_t& seed) {
   run_variants<Kernel, float, K>(name, "float32", seed);
   run_variants<Kernel, __nv_bfloat16, K>(name, "bfloat16", seed);
   run_variants<Kernel, __half, K>(name, "float16", seed);
+  if constexpr (kMomentsInBfloat16<Kernel>) {  // state_precision="bfloat16"
+    constexpr auto B = StatePrecision::kBfloat16;
+    run_variants<Kernel, float, B>(name, "float32", seed);
+    run_variants<Kernel, __nv_bfloat16, B>(name, "bfloat16", seed);
+    run_variants<Kernel, __half, B>(name, "float16", seed);
+  }
 }
 
 // More tensors than one launch's slots: the plan splits between tensors.

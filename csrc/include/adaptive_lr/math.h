@@ -271,6 +271,11 @@ struct Lion {
 template <class K>
 constexpr bool kKeepsGradSqSum = K::kSecondMoment < 0;
 
+// Whether kernel K may keep its state in bfloat16 (StatePrecision::kBfloat16): only momenta, which
+// stochastic rounding keeps unbiased; a second moment is left in float32 (docs/precision.md).
+template <class K>
+constexpr bool kMomentsInBfloat16 = K::kSecondMoment < 0;
+
 // The sign test's factor for one tensor whose step count (before this step) is `step`: its
 // epoch sum G counts as a sign where G^2 > factor * v (or factor * Q: the factor is then k^2).
 // Step 0 (never stepped: v = 0, G = 0) divides by 0; any factor then gives "no sign".
@@ -296,7 +301,15 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 // These scalar functions are the one definition; the CPU kernels' AVX2/AVX-512 builds compute
 // the epoch sums' bits in integer SIMD (fused_step_kernel.cpp), checked against them.
 
-enum class StatePrecision : int { kFull = 0, kCompact = 1 };
+// kBfloat16 (state_precision="bfloat16"): compact state, and the moments in bfloat16 too, each
+// rounded stochastically at every step under a key of its own (moment_key). Only for kernels whose
+// state is momenta (kMomentsInBfloat16): a bfloat16 second moment stalls (docs/precision.md).
+enum class StatePrecision : int { kFull = 0, kCompact = 1, kBfloat16 = 2 };
+
+// Whether gain, grad_sum and grad_sq_sum are bfloat16 (rounded stochastically).
+ADAPTIVE_LR_HOST_DEVICE constexpr bool compact_sign_state(StatePrecision s) {
+  return s != StatePrecision::kFull;
+}
 
 // The bits of a float and back (memcpy: defined behaviour, and free, on host and device).
 template <class To, class From>
@@ -355,6 +368,13 @@ ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_stochastic_low_bits(float x, uint32_t 
 // salted and hashed again, so that its draws are independent of both sums' (one more hash per
 // element, on a boundary step only).
 ADAPTIVE_LR_HOST_DEVICE uint32_t gain_key(uint32_t key) { return mix32(key ^ 0x9e3779b9U); }
+
+// A bfloat16 moment (state k of its kernel) is rounded as a grad_sum under this key: the step's key
+// salted per state and hashed again, independent of the sums' and the gain's draws (one more hash
+// per element and moment, at every step).
+ADAPTIVE_LR_HOST_DEVICE uint32_t moment_key(uint32_t key, int k) {
+  return mix32(key ^ (0x85ebca6bU + static_cast<uint32_t>(k)));
+}
 
 ADAPTIVE_LR_HOST_DEVICE float bfloat16_value(uint16_t bits) {
   return bit_cast<float>(static_cast<uint32_t>(bits) << 16);
@@ -423,7 +443,7 @@ ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T&
       gain = Ops<T>::round_to_float(
           Ops<T>::where_positive(agreement, gain + c.gain_inc, decreased));
       gain = Ops<T>::minimum(Ops<T>::maximum(gain, c.min_gain), c.max_gain);
-      if constexpr (S == StatePrecision::kCompact) {
+      if constexpr (compact_sign_state(S)) {
         gain = Ops<T>::round_gain_to_bfloat16(gain, key, index);
       }
     }
