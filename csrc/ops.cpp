@@ -113,8 +113,8 @@ void step(const char* kernel, const ActiveArgs& a, TensorList states,
   const std::vector<NamedList> lists =
       state_lists<Kernel>(kOp, kernel, hyper, states, a.params.size());
   TORCH_CHECK(kMomentsInBfloat16<Kernel> || !moments_in_bfloat16(lists), kOp, ": kernel '", kernel,
-              "' keeps a second moment, which stays float32 (in bfloat16 it would stall: "
-              "docs/precision.md); bfloat16 moments are for kernels whose state is momenta");
+              "' keeps a second moment, which stays float32 (docs/precision.md); bfloat16 "
+              "moments are for kernels whose state is momenta");
 #ifdef ADAPTIVE_LR_WITH_CUDA
   if (!a.params.empty() && a.params[0].defined() && a.params[0].is_cuda()) {
     return cuda::fused_step<Kernel>(kOp, a, lists, hyper);  // the kernels read a.lr

@@ -113,8 +113,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         check(
             state_precision != "bfloat16" or self.spec.moments_in_bfloat16,
             f"state_precision='bfloat16' keeps the momentum in bfloat16, which "
-            f"{type(self).__name__} does not offer: its second moment would stall in bfloat16 "
-            "(docs/precision.md); choose 'compact' or 'full'",
+            f"{type(self).__name__} does not offer: its state has a second moment, and only a "
+            "momentum's effect in bfloat16 was measured (docs/precision.md); choose 'compact' "
+            "or 'full'",
         )
         self.steps_per_epoch = steps_per_epoch
         self.backend = backend

@@ -133,7 +133,8 @@ class OptimizerSpec:
     @property
     def moments_in_bfloat16(self) -> bool:
         """Whether state_precision="bfloat16" is offered: the state is momenta (no second moment,
-        which would stall in bfloat16: docs/precision.md), as the kernels' kMomentsInBfloat16."""
+        whose effect in bfloat16 was not measured: docs/precision.md), as the kernels'
+        kMomentsInBfloat16."""
         return self.second_moment is None
 
     def keeps_grad_sq_sum(self, h: GainHyper) -> bool:

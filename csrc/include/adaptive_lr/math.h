@@ -303,7 +303,8 @@ ADAPTIVE_LR_HOST_DEVICE double sign_test_factor(const CommonHyper& c,
 
 // kBfloat16 (state_precision="bfloat16"): compact state, and the moments in bfloat16 too, each
 // rounded stochastically at every step under a key of its own (moment_key). Only for kernels whose
-// state is momenta (kMomentsInBfloat16): a bfloat16 second moment stalls (docs/precision.md).
+// state is momenta (kMomentsInBfloat16): only a momentum was measured in bfloat16
+// (docs/precision.md).
 enum class StatePrecision : int { kFull = 0, kCompact = 1, kBfloat16 = 2 };
 
 // Whether gain, grad_sum and grad_sq_sum are bfloat16 (rounded stochastically).
