@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -82,8 +83,21 @@ inline void check_tensor(const char* op, const char* list, size_t i, const at::T
                               like->strides(), "; every tensor of a param must share its layout");
 }
 
+// The name of list entry `index` (-1: a tensor of its own), for error messages only: TORCH_CHECK
+// formats its message only when the check fails, so a passing step builds no string.
+struct Named {
+  const char* name;
+  int64_t index;
+};
+
+inline std::ostream& operator<<(std::ostream& out, const Named& n) {
+  out << n.name;
+  if (n.index >= 0) out << "[" << n.index << "]";
+  return out;
+}
+
 // steps[i], grad_scale and found_inf: one float32 on `device`.
-inline void check_scalar_tensor(const char* op, const std::string& name, const at::Tensor& t,
+inline void check_scalar_tensor(const char* op, Named name, const at::Tensor& t,
                                 at::Device device) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.device() == device && t.layout() == at::kStrided &&
@@ -179,10 +193,10 @@ inline void validate(const char* op, const ActiveArgs& a, const std::vector<Name
     for (const NamedList& s : states) {
       check_tensor(op, s.name, i, s.tensors[i], device, moment_dtype, &p);
     }
-    check_scalar_tensor(op, "steps[" + std::to_string(i) + "]", a.steps[i], device);
+    check_scalar_tensor(op, {"steps", static_cast<int64_t>(i)}, a.steps[i], device);
   }
-  if (a.grad_scale) check_scalar_tensor(op, "grad_scale", *a.grad_scale, device);
-  if (a.found_inf) check_scalar_tensor(op, "found_inf", *a.found_inf, device);
+  if (a.grad_scale) check_scalar_tensor(op, {"grad_scale", -1}, *a.grad_scale, device);
+  if (a.found_inf) check_scalar_tensor(op, {"found_inf", -1}, *a.found_inf, device);
 }
 
 

@@ -187,9 +187,9 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
 
     # ---- state --------------------------------------------------------------------------
 
-    def _init_state(self, p: Tensor, group: dict, keys: tuple[str, ...],
+    def _init_state(self, p: Tensor, state: dict, group: dict, keys: tuple[str, ...],
                     seeds: RoundingSeeds) -> None:
-        state = self.state[p]
+        """Param p's lazy state (``state``: its entry in self.state)."""
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state.update(sign_state(p, group["epoch"], self._sign_state_dtype(p)))
@@ -199,14 +199,15 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=self._moment_dtype(p))
 
-    def _grad_sq_sum(self, p: Tensor, kept: bool, fresh: bool = False) -> Tensor | None:
-        """Param p's Q where its group keeps one (``spec.keeps_grad_sq_sum``), else None. Q must
+    def _grad_sq_sum(self, p: Tensor, state: dict, kept: bool,
+                     fresh: bool = False) -> Tensor | None:
+        """Param p's Q (``state``: p's) where its group keeps one (``spec.keeps_grad_sq_sum``),
+        else None. Q must
         cover the steps the epoch sum G covers: a param stepped for the first time (``fresh``)
         starts it at 0; one whose sign test is switched on mid-run starts it at +inf, so that
         the G under way counts as no sign (its gain is held) and the next boundary resets Q to
         0 (as Active(...) does). Switched off, Q is dropped (one kept would be stale when the
         test comes back)."""
-        state = self.state[p]
         if not kept:
             state.pop(GRAD_SQ_SUM, None)
             return None
@@ -265,25 +266,27 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             hyper = self.spec.record(group)
             keys = self.spec.state_keys(hyper)
             keeps_grad_sq_sum = self.spec.keeps_grad_sq_sum(hyper)
-            buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+            # (param, its state) by bucket: one lookup of each param's state per step
+            buckets: dict[tuple, list[tuple[Tensor, dict]]] = defaultdict(list)
             for p in params:
-                fresh = not self.state[p]
-                self._init_state(p, group, keys, seeds)
-                self._grad_sq_sum(p, keeps_grad_sq_sum, fresh)
-                buckets[(p.device, p.dtype, self._catch_up(p, group))].append(p)
-            for (device, _, boundary), bucket_params in buckets.items():
-                bucket = self._make_bucket(group, hyper, keys, bucket_params, boundary,
-                                           grad_scale, found_inf)
+                state = self.state[p]
+                fresh = not state
+                self._init_state(p, state, group, keys, seeds)
+                self._grad_sq_sum(p, state, keeps_grad_sq_sum, fresh)
+                buckets[(p.device, p.dtype, self._catch_up(p, state, group))].append((p, state))
+            for (device, _, boundary), members in buckets.items():
+                bucket = self._make_bucket(group, hyper, keys, members, boundary, grad_scale,
+                                           found_inf)
                 plan.append((backends.resolve(self.backend, device), bucket))
                 if boundary != Boundary.NONE:
-                    crossing += [self.state[p] for p in bucket_params]
+                    crossing += [state for _, state in members]
         return plan, crossing
 
     def _apply_missed_boundary(self, p: Tensor, group: dict) -> None:
         hyper = self.spec.record(group)
         rule = hyper.gain_rule()
         state = self.state[p]
-        grad_sq_sum = self._grad_sq_sum(p, self.spec.keeps_grad_sq_sum(hyper))
+        grad_sq_sum = self._grad_sq_sum(p, state, self.spec.keeps_grad_sq_sum(hyper))
         floor = None
         if grad_sq_sum is not None:
             grad_sq_sum = _local(grad_sq_sum)
@@ -299,19 +302,27 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
                        rounding, grad_sq_sum)
         record_boundary(state)
 
-    def _make_bucket(self, group, hyper, keys, params, boundary, grad_scale,
+    def _make_bucket(self, group, hyper, keys, members, boundary, grad_scale,
                      found_inf) -> Bucket:
-        states = [self.state[p] for p in params]
+        """``members``: the bucket's (param, state) pairs."""
+        params = [p for p, _ in members]
+        states = [s for _, s in members]
         device = params[0].device
+        # a plain param's state is plain: only DTensor params need their local shards
+        sharded = any(isinstance(p, DTensor) for p in params)
+
+        def local(tensors) -> list[Tensor]:
+            return [_local(t) for t in tensors] if sharded else list(tensors)
+
         return Bucket(
             spec=self.spec,
-            params=[_local(p) for p in params],
-            grads=[_local(p.grad) for p in params],
-            gains=[_local(s["gain"]) for s in states],
-            grad_sums=[_local(s["grad_sum"]) for s in states],
-            prev_signs=[_local(s["prev_sign"]) for s in states],
+            params=local(params),
+            grads=local(p.grad for p in params),
+            gains=local(s["gain"] for s in states),
+            grad_sums=local(s["grad_sum"] for s in states),
+            prev_signs=local(s["prev_sign"] for s in states),
             steps=[s["step"] for s in states],
-            state={k: [_local(s[k]) for s in states] for k in keys},
+            state={k: local(s[k] for s in states) for k in keys},
             hyper=hyper,
             boundary=boundary,
             epoch_steps=group["epoch_steps"],
@@ -319,7 +330,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             rounding_seeds=([int(s["rounding_seed"]) for s in states] if self._compact(params[0])
                             else None),
             bfloat16_moments=self._moment_dtype(params[0]) == torch.bfloat16,
-            grad_sq_sums=([_local(s[GRAD_SQ_SUM]) for s in states]
+            grad_sq_sums=(local(s[GRAD_SQ_SUM] for s in states)
                           if self.spec.keeps_grad_sq_sum(hyper) else None),
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),

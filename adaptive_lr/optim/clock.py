@@ -179,14 +179,13 @@ class EpochClock:
         with its own sign test and state), and recorded."""
         raise NotImplementedError
 
-    def _catch_up(self, p: Tensor, group: dict) -> Boundary:
+    def _catch_up(self, p: Tensor, state: dict, group: dict) -> Boundary:
         """The kind of boundary the backend fuses into this step of param p. It is recorded in
         the param's state by _advance_clock, once every bucket has run: a step that fails (an op
         rejecting its input) leaves it pending instead of losing it. _mark_boundary keeps every
         param at most one boundary behind; a checkpoint saved by an earlier version may hold params
         further behind, whose older boundaries are applied here (their epochs' lengths are
-        lost: the sign test takes the last epoch's)."""
-        state = self.state[p]
+        lost: the sign test takes the last epoch's). ``state``: p's."""
         behind = group["epoch"] - int(state["epoch"])  # one host read: each applied boundary adds 1
         while behind > 1:
             self._apply_missed_boundary(p, group)

@@ -217,7 +217,7 @@ class Active(EpochClock, torch.optim.Optimizer):
             if fresh:
                 self.state[p] = sign_state(p, group["epoch"])
             self._fit_squares(p, group, fresh)
-        return [self._catch_up(p, group) for p in params]
+        return [self._catch_up(p, self.state[p], group) for p in params]
 
     # ---- the sign test's noise ----------------------------------------------------------
 
