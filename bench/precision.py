@@ -125,14 +125,19 @@ def train_one(task: dict) -> dict:
                 test_accuracy=history["test_accuracy"][-1])
 
 
+def _rows(function, tasks: list[dict], workers: int, name: str) -> list[dict]:
+    """Every task's result row; exits if any run failed or was interrupted."""
+    outcome = run_tasks(function, tasks, workers, name)
+    if outcome.failed or outcome.interrupted:
+        sys.exit(f"{name}: {describe(outcome.status())}; no table")
+    return outcome.rows
+
+
 def print_training_table(seeds: int, epochs: int, lrs: list[float], workers: int) -> None:
     tasks = [dict(optimizer=optimizer, params=params, lr=lr, seed=seed, epochs=epochs)
              for lr in lrs for optimizer in OPTIMIZERS for params in PARAM_DTYPES
              for seed in range(seeds)]
-    outcome = run_tasks(train_one, tasks, workers, "digits MLP")
-    if outcome.failed or outcome.interrupted:
-        sys.exit(f"digits MLP: {describe(outcome.status())}; no table")
-    results = outcome.rows
+    results = _rows(train_one, tasks, workers, "digits MLP")
     print(f"\ndigits MLP, {epochs} epochs, batch 64, seeds 0-{seeds - 1}: mean ± sd")
     print("| lr | optimizer | params | final train loss | final test accuracy |")
     print("|---|---|---|---|---|")
@@ -172,13 +177,10 @@ def print_momentum_table(seeds: int, epochs: int, lrs: list[float], workers: int
     tasks = [dict(model=model, optimizer=optimizer, lr=lr, seed=seed, epochs=epochs)
              for model in MOMENTUM_MODELS for lr in lrs for optimizer in MOMENTUM_OPTIMIZERS
              for seed in range(seeds)]
-    outcome = run_tasks(train_momentum, tasks, workers, "bfloat16 momentum")
-    if outcome.failed or outcome.interrupted:
-        sys.exit(f"bfloat16 momentum: {describe(outcome.status())}; no table")
+    rows = _rows(train_momentum, tasks, workers, "bfloat16 momentum")
     accuracy = {(r["model"], r["lr"], r["optimizer"], r["seed"]): 100 * r["test_accuracy"]
-                for r in outcome.rows}
-    loss = {(r["model"], r["lr"], r["optimizer"], r["seed"]): r["train_loss"]
-            for r in outcome.rows}
+                for r in rows}
+    loss = {(r["model"], r["lr"], r["optimizer"], r["seed"]): r["train_loss"] for r in rows}
     print(f"\nbfloat16 params, {epochs} epochs, batch 64, seeds 0-{seeds - 1}: final test "
           "accuracy, %, mean ± sd (final train loss); the last column: bfloat16 momentum minus "
           "float32 momentum, seed by seed, mean ± standard error")

@@ -18,6 +18,20 @@ STEPS = 14  # 4 boundaries at 3 steps per epoch: the gains move
 SKIP = {(2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (10, 3)}
 
 
+def _reference_and_backend(config, dtype, device, backend, **overrides):
+    """The same run (``overrides``: optimizer keywords) on the reference backend (CPU) and on
+    ``backend`` (``device``): the start params, the grads, the reference's params and optimizer,
+    and the backend's params and states moved to the CPU."""
+    start = make_params(dtype)
+    grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
+    ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP,
+                              **overrides)
+    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
+                                         clone_params(start, device=device), grads, SKIP,
+                                         **overrides))
+    return start, grads, ref_params, ref_opt, out_params, out_states
+
+
 def _max_error(params, exact):
     return max(((p.double() - e).abs().max().item() for p, e in zip(params, exact)), default=0.0)
 
@@ -26,11 +40,8 @@ def _max_error(params, exact):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_backend_matches_reference(device, backend, config, dtype):
-    start = make_params(dtype)
-    grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
-    ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP)
-    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
-                                         clone_params(start, device=device), grads, SKIP))
+    start, grads, ref_params, ref_opt, out_params, out_states = _reference_and_backend(
+        config, dtype, device, backend)
 
     # discrete state is identical: same sign decisions, same gains and epoch sums (of g and of
     # g**2: compact state's stochastic rounding draws the same bits everywhere), same step counts
@@ -72,13 +83,8 @@ def test_backend_matches_reference(device, backend, config, dtype):
 def test_full_state_matches_reference(device, backend, config, dtype):
     """state_precision="full" (float32 gains and epoch sums; float64 params always have it):
     the same discrete state as the reference, params as close as with compact state."""
-    start = make_params(dtype)
-    grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
-    ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP,
-                              state_precision="full")
-    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
-                                         clone_params(start, device=device), grads, SKIP,
-                                         state_precision="full"))
+    _, _, ref_params, ref_opt, out_params, out_states = _reference_and_backend(
+        config, dtype, device, backend, state_precision="full")
     for p_ref, p_out, s_out in zip(ref_params, out_params, out_states):
         s_ref = ref_opt.state[p_ref]
         assert s_ref.keys() == s_out.keys()
@@ -99,14 +105,8 @@ def test_bfloat16_moments_match_reference(device, backend, config):
     stochastically with the bits every backend draws alike, so on the CPU the whole state and
     the params equal the reference's bit for bit (a GPU may fuse the update's multiply-adds).
     bfloat16 params, the option's use; the moments' path is the same for every param dtype."""
-    dtype = torch.bfloat16
-    start = make_params(dtype)
-    grads = grad_sequence([tuple(p.shape) for p in start], STEPS, dtype)
-    ref_params, ref_opt = run(config, dtype, STEPS, "reference", clone_params(start), grads, SKIP,
-                              state_precision="bfloat16")
-    out_params, out_states = on_cpu(*run(config, dtype, STEPS, backend,
-                                         clone_params(start, device=device), grads, SKIP,
-                                         state_precision="bfloat16"))
+    _, _, ref_params, ref_opt, out_params, out_states = _reference_and_backend(
+        config, torch.bfloat16, device, backend, state_precision="bfloat16")
     exact = device == "cpu"
     for p_ref, p_out, s_out in zip(ref_params, out_params, out_states):
         s_ref = ref_opt.state[p_ref]
