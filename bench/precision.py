@@ -8,8 +8,9 @@
    model and its inputs in bfloat16), a few seeds: final train loss and test accuracy, mean ± sd.
    torch's AdamW keeps its state in the param dtype; "AdamW, fp32 state" is AdamW with float32
    state for any param dtype: ActiveAdamW with its gains frozen at 1 (gain_inc=0, gain_dec=1);
-3. ActiveSGD's momentum in bfloat16 (state_precision="bfloat16", rounded stochastically) against
-   its float32 momentum (compact state), bfloat16 params, the digits MLP and CNN, seed by seed.
+3. ActiveSGD's and ActiveLion's momentum in bfloat16 (state_precision="bfloat16", rounded
+   stochastically) against their float32 momentum (compact state), bfloat16 params, the digits MLP
+   and CNN, seed by seed.
 
     .venv/bin/python bench/precision.py [--tables ...] [--seeds 3] [--epochs 30] [--workers 2]
 """
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD
+from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
 from adaptive_lr.backends.rounding import bfloat16_stochastic, element_index, rounding_key
 from adaptive_lr.study.digits import load_digits, train
 from adaptive_lr.study.runner import describe, mean_sd, run_tasks
@@ -152,51 +153,66 @@ def print_training_table(seeds: int, epochs: int, lrs: list[float], workers: int
                       f"{accuracy[0]:.2f} ± {accuracy[1]:.2f} % |")
 
 
-# ActiveSGD (momentum 0.9, its defaults) with its momentum in float32 (compact state, the default)
-# and in bfloat16 (state_precision="bfloat16"), and torch's SGD, whose bfloat16 momentum rounds to
-# nearest; bfloat16 params
-MOMENTUM_OPTIMIZERS = {
-    "SGD": lambda params, lr, steps_per_epoch: torch.optim.SGD(params, lr=lr, momentum=0.9),
-    "ActiveSGD": lambda params, lr, steps_per_epoch: ActiveSGD(
-        params, lr=lr, steps_per_epoch=steps_per_epoch),
-    "ActiveSGD, bfloat16 state": lambda params, lr, steps_per_epoch: ActiveSGD(
-        params, lr=lr, steps_per_epoch=steps_per_epoch, state_precision="bfloat16"),
+# pair -> (its base optimizer, whose bfloat16 momentum rounds to nearest; its Active optimizer; the
+# lrs: the base's tuned lr on the digits and 10x, 100x below it). The Active optimizer runs at its
+# defaults with its momentum in float32 (compact state, the default) and in bfloat16
+# (state_precision="bfloat16"); bfloat16 params.
+def _lion(params, lr):
+    from lion_pytorch import Lion
+
+    return Lion(params, lr=lr)
+
+
+MOMENTUM_PAIRS = {
+    "SGD": (lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9), ActiveSGD,
+            (0.1, 0.01, 1e-3)),
+    "Lion": (_lion, ActiveLion, (1e-3, 1e-4, 1e-5)),
 }
+MOMENTUM_VARIANTS = ("base", "compact", "bfloat16")
 MOMENTUM_MODELS = ("mlp", "cnn")
 
 
 def train_momentum(task: dict) -> dict:
-    make = MOMENTUM_OPTIMIZERS[task["optimizer"]]
-    history = train(task["model"], lambda params, spe: make(params, task["lr"], spe),
-                    load_digits(0), task["epochs"], 64, task["seed"], torch.bfloat16)
+    base, active, _ = MOMENTUM_PAIRS[task["pair"]]
+
+    def make(params, steps_per_epoch):
+        if task["variant"] == "base":
+            return base(params, task["lr"])
+        return active(params, lr=task["lr"], steps_per_epoch=steps_per_epoch,
+                      state_precision=task["variant"])
+
+    history = train(task["model"], make, load_digits(0), task["epochs"], 64, task["seed"],
+                    torch.bfloat16)
     return dict(task, train_loss=history["train_loss"][-1],
                 test_accuracy=history["test_accuracy"][-1])
 
 
-def print_momentum_table(seeds: int, epochs: int, lrs: list[float], workers: int) -> None:
-    tasks = [dict(model=model, optimizer=optimizer, lr=lr, seed=seed, epochs=epochs)
-             for model in MOMENTUM_MODELS for lr in lrs for optimizer in MOMENTUM_OPTIMIZERS
-             for seed in range(seeds)]
+def print_momentum_table(seeds: int, epochs: int, workers: int) -> None:
+    tasks = [dict(pair=pair, model=model, variant=variant, lr=lr, seed=seed, epochs=epochs)
+             for pair, (_, _, lrs) in MOMENTUM_PAIRS.items() for model in MOMENTUM_MODELS
+             for lr in lrs for variant in MOMENTUM_VARIANTS for seed in range(seeds)]
     rows = _rows(train_momentum, tasks, workers, "bfloat16 momentum")
-    accuracy = {(r["model"], r["lr"], r["optimizer"], r["seed"]): 100 * r["test_accuracy"]
-                for r in rows}
-    loss = {(r["model"], r["lr"], r["optimizer"], r["seed"]): r["train_loss"] for r in rows}
+    cell = {(r["pair"], r["model"], r["lr"], r["variant"], r["seed"]): r for r in rows}
     print(f"\nbfloat16 params, {epochs} epochs, batch 64, seeds 0-{seeds - 1}: final test "
           "accuracy, %, mean ± sd (final train loss); the last column: bfloat16 momentum minus "
           "float32 momentum, seed by seed, mean ± standard error")
-    print(f"| model | lr | {' | '.join(MOMENTUM_OPTIMIZERS)} | bfloat16 − float32 momentum |")
-    print("|---|---|" + "---|" * (len(MOMENTUM_OPTIMIZERS) + 1))
-    for model in MOMENTUM_MODELS:
-        for lr in lrs:
-            cells = []
-            for optimizer in MOMENTUM_OPTIMIZERS:
-                acc = mean_sd(accuracy[model, lr, optimizer, s] for s in range(seeds))
-                train_loss = mean_sd(loss[model, lr, optimizer, s] for s in range(seeds))
-                cells.append(f"{acc[0]:.2f} ± {acc[1]:.2f} ({train_loss[0]:.3g})")
-            diff = mean_sd(accuracy[model, lr, "ActiveSGD, bfloat16 state", s]
-                           - accuracy[model, lr, "ActiveSGD", s] for s in range(seeds))
-            cells.append(f"{diff[0]:+.2f} ± {diff[1] / seeds**0.5:.2f}")
-            print(f"| {model} | {lr:g} | {' | '.join(cells)} |")
+    print("| pair | model | lr | base (bf16 momentum, nearest) | Active, float32 momentum "
+          "| Active, bfloat16 momentum | difference |")
+    print("|---|---|---|---|---|---|---|")
+    for pair, (_, _, lrs) in MOMENTUM_PAIRS.items():
+        for model in MOMENTUM_MODELS:
+            for lr in lrs:
+                runs = {v: [cell[pair, model, lr, v, s] for s in range(seeds)]
+                        for v in MOMENTUM_VARIANTS}
+                cells = []
+                for variant in MOMENTUM_VARIANTS:
+                    acc = mean_sd(100 * r["test_accuracy"] for r in runs[variant])
+                    train_loss = mean_sd(r["train_loss"] for r in runs[variant])
+                    cells.append(f"{acc[0]:.2f} ± {acc[1]:.2f} ({train_loss[0]:.3g})")
+                diff = mean_sd(100 * (b["test_accuracy"] - c["test_accuracy"])
+                               for b, c in zip(runs["bfloat16"], runs["compact"]))
+                cells.append(f"{diff[0]:+.2f} ± {diff[1] / seeds**0.5:.2f}")
+                print(f"| {pair} | {model} | {lr:g} | {' | '.join(cells)} |")
 
 
 TABLES = ("ema", "grad_sum", "training", "momentum")
@@ -208,7 +224,6 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4])
-    parser.add_argument("--momentum-lrs", type=float, nargs="+", default=[0.1, 0.01, 1e-3])
     parser.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     args = parser.parse_args(argv)
@@ -219,7 +234,7 @@ def main(argv=None) -> None:
     if "training" in args.tables:
         print_training_table(args.seeds, args.epochs, args.lrs, args.workers)
     if "momentum" in args.tables:
-        print_momentum_table(args.seeds, args.epochs, args.momentum_lrs, args.workers)
+        print_momentum_table(args.seeds, args.epochs, args.workers)
 
 
 if __name__ == "__main__":
