@@ -1,7 +1,7 @@
 """Optimizer step-time benchmark: torch's AdamW/SGD/RAdam (for-loop, foreach, fused) against the
-Active optimizers on every available backend, with full and compact state (state_precision),
-and the training-quality study's parameter-free anchors where installed, measured side by side
-in one run.
+Active optimizers on every available backend, in the state_precisions --state-precision names, and
+the training-quality study's parameter-free anchors where installed, measured side by side in one
+run.
 
 For every (size, layout, dtype) case all optimizers step the SAME params and grads (the values
 drift, the cost does not), in interleaved rounds so that machine noise hits them alike. Reports
@@ -156,7 +156,7 @@ def contenders(backends: list[str], size: int, precisions=BOTH) -> list[Contende
             moments = len(cls.spec.state) - (cls.spec.amsgrad_state is not None)
             squares = _keeps_squares(cls)
             for precision in precisions:
-                if precision == "bfloat16" and not cls.spec.moments_in_bfloat16:
+                if precision == "bfloat16" and not cls.spec.offers_bfloat16_moments:
                     continue
                 suffix = "" if precision == "full" else f" {precision}"
                 out.append(Contender(

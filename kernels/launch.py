@@ -203,13 +203,19 @@ def active_step(
     compact = rounding_seeds is not None
     if compact and compute == torch.float64:
         raise TypeError("adaptive_lr triton backend: compact state is not for float64 params")
-    # bfloat16 moments (state_precision="bfloat16") are named by the state lists' dtype
     n_states = len(rows) - len(ROWS) - int(grad_sq)
-    bf16_moments = n_states > 0 and rows[len(ROWS)][0].dtype == torch.bfloat16
-    if bf16_moments and (not compact or moment is not None):
-        raise TypeError(f"adaptive_lr triton backend: bfloat16 moments need compact state and "
-                        f"an update without a second moment; {update} has "
-                        f"{'one' if moment is not None else 'none'}, compact={compact}")
+    moment_dtypes = {t.dtype for row in rows[len(ROWS):len(ROWS) + n_states] for t in row}
+    if len(moment_dtypes) > 1:
+        raise TypeError(f"adaptive_lr triton backend: {update}'s state lists mix the dtypes "
+                        f"{sorted(map(str, moment_dtypes))}")
+    # bfloat16 moments (state_precision="bfloat16") are named by the state lists' dtype
+    bf16_moments = moment_dtypes == {torch.bfloat16}
+    if bf16_moments and moment is not None:
+        raise TypeError(f"adaptive_lr triton backend: {update} keeps a second moment, which "
+                        "stays float32: bfloat16 state lists are for updates whose state is momenta")
+    if bf16_moments and not compact:
+        raise TypeError("adaptive_lr triton backend: bfloat16 moments are rounded stochastically: "
+                        "they need compact state (rounding_seeds)")
     plan = _plan_for(rows, device, contiguous, tuple(rounding_seeds or ()))
     # COMMON_HYPER, then the update's own in its order
     values = (weight_decay, *gain_rule, epoch_steps, *(hyper[name] for name in names))

@@ -64,14 +64,20 @@ def _assert_state_equal(opt, params, expected: list[dict]) -> None:
 PENDING = {4: Boundary.NONE, 3: Boundary.ROLL, 6: Boundary.UPDATE}
 
 
+# every config at the default (compact) state, and with bfloat16 moments where it offers them
+PRECISIONS = [(c, "compact") for c in CONFIGS] + [
+    (c, "bfloat16") for c in CONFIGS if c.cls.spec.offers_bfloat16_moments]
+
+
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+@pytest.mark.parametrize(("config", "precision"), PRECISIONS,
+                         ids=lambda c: c if isinstance(c, str) else c.id)
 @pytest.mark.parametrize("steps_before", PENDING, ids=lambda n: PENDING[n].name)
-def test_found_inf_skips_all_but_the_boundary(device, backend, config, steps_before):
+def test_found_inf_skips_all_but_the_boundary(device, backend, config, precision, steps_before):
     """An overflow step (non-finite grads, found_inf set) changes no param, no state tensor and
     no step count, on every backend; only a pending boundary is applied."""
     params, grads = _params_and_grads(steps_before, device)
-    opt = config.make(params, backend=backend)
+    opt = config.make(params, backend=backend, state_precision=precision)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()

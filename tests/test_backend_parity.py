@@ -97,14 +97,17 @@ def test_full_state_matches_reference(device, backend, config, dtype):
     assert any((ref_opt.state[p]["gain"] != 1).any() for p in ref_params), "gains never moved"
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c.cls.spec.moments_in_bfloat16],
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.cls.spec.offers_bfloat16_moments],
                          ids=lambda c: c.id)
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_bfloat16_moments_match_reference(device, backend, config):
     """state_precision="bfloat16" (ActiveSGD, ActiveLion): the moments in bfloat16, rounded
     stochastically with the bits every backend draws alike, so on the CPU the whole state and
-    the params equal the reference's bit for bit (a GPU may fuse the update's multiply-adds).
-    bfloat16 params, the option's use; the moments' path is the same for every param dtype."""
+    the params equal the reference's bit for bit. A GPU may fuse the update's multiply-adds, so
+    a float32 moment may differ in its last bit and round to the other bfloat16 neighbour: there
+    every moment is within one bfloat16 ulp and nearly all are equal (other draws, or rounding
+    to nearest, would leave about half of them a step apart after 14 steps). bfloat16 params,
+    the option's use; the moments' path is the same for every param dtype."""
     _, _, ref_params, ref_opt, out_params, out_states = _reference_and_backend(
         config, torch.bfloat16, device, backend, state_precision="bfloat16")
     exact = device == "cpu"
@@ -112,10 +115,14 @@ def test_bfloat16_moments_match_reference(device, backend, config):
         s_ref = ref_opt.state[p_ref]
         assert s_ref.keys() == s_out.keys()
         for key, value in s_ref.items():
-            moment = key in config.cls.spec.state
-            if moment:
+            if key in config.cls.spec.state:
                 assert value.dtype == s_out[key].dtype == torch.bfloat16, key
-            if isinstance(value, torch.Tensor) and (exact or not moment):
+                if not exact and value.numel():
+                    got, expected = s_out[key].float(), value.float()
+                    torch.testing.assert_close(got, expected, rtol=2**-7, atol=0, msg=key)
+                    assert (got == expected).float().mean() > 0.99, key
+                    continue
+            if isinstance(value, torch.Tensor):
                 assert torch.equal(value, s_out[key]), key
         if exact:
             assert torch.equal(p_out, p_ref.detach())

@@ -281,3 +281,14 @@ def test_the_fused_op_checks_bfloat16_moments():
     moment = bf16(0, 0, 0, 0)
     op(**common, **compact, kernel="sgd", states=[moment], hyper=[0.0, 0.0, 0.0])
     assert torch.equal(p, torch.full((4,), -0.1)) and torch.equal(moment, bf16(1, 1, 1, 1))
+
+
+def test_switching_from_torch_sgd_names_what_was_rounded():
+    """torch's SGD keeps a float16 param's momentum in float16: the warning says so."""
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.float16))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn_like(p)
+    sgd.step()
+    with pytest.warns(UserWarning, match=r"keeps float16 moments; .*\(state_precision='bfloat16'\)"
+                                         r".*a moment may move by 0\.2 %\)"):
+        ActiveSGD.from_optimizer(sgd, steps_per_epoch=4, state_precision="bfloat16")

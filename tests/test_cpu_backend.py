@@ -92,6 +92,13 @@ def make_compact_case(row, dtype, sizes=SIZES):
     return bucket, grads
 
 
+def make_bfloat16_moments_case(row, dtype, sizes=SIZES):
+    """make_compact_case's bucket and grads with bfloat16 moments (state_precision="bfloat16")."""
+    bucket, grads = make_compact_case(row, dtype, sizes)
+    moments = {key: [t.bfloat16() for t in tensors] for key, tensors in bucket.state.items()}
+    return dataclasses.replace(bucket, state=moments), grads
+
+
 def make_grads(bucket, steps=len(SCHEDULE), seed=1):
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in bucket.params]
@@ -289,6 +296,10 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             bucket, grads = t.make_compact_case(row, dtype, sizes=(1, 15, 17, 33, 1000))
             t.run(t.cpu.step, bucket, grads, t.COMPACT_SCHEDULE)
             results[(row.id, str(dtype), "compact")] = t.tensors(bucket)
+        if dtype != torch.float64 and row.cls.spec.offers_bfloat16_moments:
+            bucket, grads = t.make_bfloat16_moments_case(row, dtype, sizes=(1, 15, 17, 33, 1000))
+            t.run(t.cpu.step, bucket, grads, t.COMPACT_SCHEDULE)
+            results[(row.id, str(dtype), "bfloat16")] = t.tensors(bucket)
 torch.save((torch.ops.adaptive_lr.cpu_capability(), results), {out!r})
 """
 

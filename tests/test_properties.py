@@ -114,7 +114,7 @@ def runs(draw, max_tensors=4, max_size=5, max_steps=8, dtypes=DTYPES):
     has_grad = draw(st.lists(st.lists(st.floats(0, 1).map(lambda u: u < 0.8), min_size=len(shapes),
                                       max_size=len(shapes)), min_size=steps, max_size=steps))
     # drawn last, so that the examples drawn before compact state existed stay as they were
-    precisions = ["compact", "full"] + (["bfloat16"] if cls.spec.moments_in_bfloat16 else [])
+    precisions = ["compact", "full"] + (["bfloat16"] if cls.spec.offers_bfloat16_moments else [])
     state_precision = draw(st.sampled_from(precisions))
     return dict(cls=cls, kwargs=dict(kwargs, steps_per_epoch=steps_per_epoch,
                                      state_precision=state_precision),

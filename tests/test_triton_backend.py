@@ -524,11 +524,13 @@ DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": t
 SPECS = [cls.spec for cls in map(adaptive_lr.__dict__.get, adaptive_lr.__all__)
          if hasattr(cls, "spec")]
 # flags on: every option that adds code (amsgrad's state, weight decay, maximize, AMP)
-VARIANTS = [(90, spec, dtype, boundary, flags) for spec in SPECS
+# last: bfloat16 moments (state_precision="bfloat16"), for the updates that offer them
+VARIANTS = [(90, spec, dtype, boundary, flags, False) for spec in SPECS
             for dtype, boundary, flags in (("fp32", 2, True), ("bf16", 0, False))]
-VARIANTS += [(80, spec, "bf16", 2, True) for spec in SPECS]
-VARIANTS += [(90, SPECS[0], "fp64", 1, True), (90, SPECS[-1], "fp16", 0, True)]
-for arch, spec, dtype, boundary, flags in VARIANTS:
+VARIANTS += [(80, spec, "bf16", 2, True, False) for spec in SPECS]
+VARIANTS += [(80, spec, "bf16", 2, True, True) for spec in SPECS if spec.offers_bfloat16_moments]
+VARIANTS += [(90, SPECS[0], "fp64", 1, True, False), (90, SPECS[-1], "fp16", 0, True, False)]
+for arch, spec, dtype, boundary, flags, bf16_moments in VARIANTS:
     ct = tl.float64 if dtype == "fp64" else tl.float32
     update = UPDATES[spec.kernel]
     n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
@@ -539,9 +541,7 @@ for arch, spec, dtype, boundary, flags in VARIANTS:
                      BETA2=update.hyper.index("beta2") if flags and update.second_moment is not None
                      else 0, SIGN_TEST=flags,
                      GRAD_SQ=flags and update.second_moment is None,
-                     COMPACT=dtype in ("bf16", "fp16"),
-                     # the sm_80 builds of ActiveSGD and ActiveLion: state_precision="bfloat16"
-                     BF16_MOMENTS=arch == 80 and spec.moments_in_bfloat16,
+                     COMPACT=dtype in ("bf16", "fp16"), BF16_MOMENTS=bf16_moments,
                      MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                      HAS_GRAD_SCALE=flags, HAS_FOUND_INF=flags, PARAM_DTYPE=DTYPES[dtype], CT=ct,
                      ALIGNED=True, SOFTWARE_BF16_ROUNDING=False,
@@ -553,8 +553,8 @@ for arch, spec, dtype, boundary, flags in VARIANTS:
         target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
     vector_loads = len(re.findall(r"ld[.]global[.](v4|v2[.]b64)", ptx))
-    print(arch, spec.kernel, n_state, dtype, boundary, flags, "vector loads", vector_loads,
-          flush=True)
+    print(arch, spec.kernel, n_state, dtype, boundary, flags, bf16_moments, "vector loads",
+          vector_loads, flush=True)
     assert vector_loads > 0, "full blocks are not vectorised"
     assert ".local" not in ptx, "register spills"
     # the update's float64 scalars (bias corrections ...) are hoisted out of the block loop

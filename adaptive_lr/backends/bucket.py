@@ -88,8 +88,6 @@ class Bucket:
     epoch_steps: int = 0
     # compact state (bfloat16 gain and grad_sum): each param's rounding seed; None: float32
     rounding_seeds: list[int] | None = None
-    # state_precision="bfloat16": the moments are bfloat16 too (rounded stochastically)
-    bfloat16_moments: bool = False
     # the sign test of an optimizer without a second moment (spec.keeps_grad_sq_sum): each
     # param's Q, of grad_sum's dtype; None: not kept
     grad_sq_sums: list[Tensor] | None = None
@@ -97,12 +95,18 @@ class Bucket:
     found_inf: Tensor | None = None
     device: torch.device = field(init=False)
     dtype: torch.dtype = field(init=False)
+    # state_precision="bfloat16": the moments are bfloat16 too (rounded stochastically), named by
+    # their dtype, as the fused kernels name it
+    bfloat16_moments: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
+        self.bfloat16_moments = any(t.dtype == torch.bfloat16 for ts in self.state.values()
+                                    for t in ts[:1])
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Moments are float64 for float64 params, float32 otherwise (low-precision params too)."""
+    """The dtype a param's math runs in, and its moments' unless they are bfloat16: float64 for
+    float64 params, float32 otherwise (low-precision params too)."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32

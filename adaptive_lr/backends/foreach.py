@@ -1,7 +1,8 @@
 """The foreach backend: ``torch._foreach_*`` ops over a whole bucket, for any device.
 
 Portable but not fused: each op is one pass over the bucket, and some allocate param-sized
-temporaries (compact state's roundings do not: they run in bounded batches, rounding.CHUNK). It
+temporaries (compact state's roundings do not: they run in bounded batches, rounding.CHUNK; bfloat16
+moments are updated in float32 copies, param-sized, then rounded so). It
 reads the step counts and found_inf on the host. Each optimizer's own update is its spec's
 ``foreach`` function (adaptive_lr/optim/)."""
 

@@ -111,7 +111,7 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             f"unknown state_precision {state_precision!r}; choose one of {STATE_PRECISIONS}",
         )
         check(
-            state_precision != "bfloat16" or self.spec.moments_in_bfloat16,
+            state_precision != "bfloat16" or self.spec.offers_bfloat16_moments,
             f"state_precision='bfloat16' keeps the momentum in bfloat16, which "
             f"{type(self).__name__} does not offer: its state has a second moment, and only a "
             "momentum's effect in bfloat16 was measured (docs/precision.md); choose 'compact' "
@@ -329,7 +329,6 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             # a bucket holds one dtype: all of its params keep compact state, or none
             rounding_seeds=([int(s["rounding_seed"]) for s in states] if self._compact(params[0])
                             else None),
-            bfloat16_moments=self._moment_dtype(params[0]) == torch.bfloat16,
             grad_sq_sums=(local(s[GRAD_SQ_SUM] for s in states)
                           if self.spec.keeps_grad_sq_sum(hyper) else None),
             grad_scale=None if grad_scale is None else grad_scale.to(device),

@@ -79,7 +79,7 @@ def load_state_dict(opt, state_dict: dict) -> None:
         for param_id, p in zip(saved["params"], group["params"]):
             id_to_param[param_id] = (p, saved)
     new_state = defaultdict(dict)
-    rounded = set()  # float32 state loaded into bfloat16: "gains and epoch sums", "moments"
+    rounded: dict[str, set[str]] = {}  # state loaded into bfloat16: its kind -> its saved dtypes
     for param_id, saved in saved_state.items():
         # a key of no param that is no param index (a hook's entry) is kept, as torch does;
         # keys are indices, or names under torch.distributed.checkpoint
@@ -91,18 +91,23 @@ def load_state_dict(opt, state_dict: dict) -> None:
         if from_torch:
             saved = _param_state_from_base(opt, p, saved, param_id, group)
         new_state[p] = _loaded_param_state(opt, p, saved, param_id, group, seeds)
-        if opt._compact(p) and _wider_than_bfloat16(saved.get("gain")):
-            rounded.add("gains and epoch sums")
-        if opt._moment_dtype(p) == torch.bfloat16 and any(
-                _wider_than_bfloat16(saved.get(key)) for key in opt.spec.state):
-            rounded.add("moments")
+        wider = {"gains and epoch sums": [saved.get("gain")] if opt._compact(p) else [],
+                 "moments": ([saved.get(key) for key in opt.spec.state]
+                             if opt._moment_dtype(p) == torch.bfloat16 else [])}
+        for kind, values in wider.items():
+            for value in values:
+                if _wider_than_bfloat16(value):
+                    rounded.setdefault(kind, set()).add(str(value.dtype).removeprefix("torch."))
     if rounded:
-        what = " and ".join(sorted(rounded))
+        what = " and ".join(f"{'/'.join(sorted(rounded[kind]))} {kind}" for kind in sorted(rounded))
+        effects = {"gains and epoch sums": "no epoch sum changes sign, a gain may move by 0.2 %",
+                   "moments": "a moment may move by 0.2 %"}
         warnings.warn(
-            f"{name}: the state dict keeps float32 {what}; this optimizer "
-            f"(state_precision={opt.state_precision!r}) keeps them in bfloat16, so each was "
-            "rounded to the nearest bfloat16 (relative error at most 2**-9: no epoch sum changes "
-            "sign, a gain may move by 0.2 %); everything else is loaded exactly",
+            f"{name}: the state dict keeps {what}; this optimizer "
+            f"(state_precision={opt.state_precision!r}) keeps them in bfloat16, so each value "
+            "was rounded to the nearest bfloat16 (relative error at most 2**-9: "
+            f"{'; '.join(effects[kind] for kind in sorted(rounded))}); everything else is "
+            "loaded exactly",
             stacklevel=3,
         )
     opt.state = new_state

@@ -131,7 +131,7 @@ class OptimizerSpec:
         return tuple(k for k in self.state if k != self.amsgrad_state or h.amsgrad)
 
     @property
-    def moments_in_bfloat16(self) -> bool:
+    def offers_bfloat16_moments(self) -> bool:
         """Whether state_precision="bfloat16" is offered: the state is momenta (no second moment,
         whose effect in bfloat16 was not measured: docs/precision.md), as the kernels'
         kMomentsInBfloat16."""

@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstring>
@@ -452,11 +453,11 @@ void run_chunks(const Bucket<Kernel>& b, int64_t begin, int64_t end) {
     case StatePrecision::kFull: return run_chunks<B, StatePrecision::kFull>(b, begin, end);
     case StatePrecision::kCompact: return run_chunks<B, StatePrecision::kCompact>(b, begin, end);
     case StatePrecision::kBfloat16:
-      // the op refuses bfloat16 moments for the other kernels
       if constexpr (kMomentsInBfloat16<Kernel>) {
-        run_chunks<B, StatePrecision::kBfloat16>(b, begin, end);
+        return run_chunks<B, StatePrecision::kBfloat16>(b, begin, end);
       }
-      return;
+      TORCH_INTERNAL_ASSERT(false, "bfloat16 moments reached a kernel with a second moment, "
+                            "which the op refuses before anything is written");
   }
 }
 

@@ -120,6 +120,7 @@ struct ActiveStep {
     typename Kernel::Scalars scalars;
     double sign_test_factor;  // from the step count before this step
     uint32_t rounding_key;    // compact state: rounding_key(seed, next_step)
+    uint32_t moment_keys[kMaxStates];  // kBfloat16: moment_key(rounding_key, k)
     float next_step;
     bool skip;  // found_inf: apply a due boundary, nothing else
   };
@@ -161,12 +162,14 @@ struct ActiveStep {
     s.next_step = step + 1;  // float32, like the reference's steps[i].add_(1)
     s.scalars = Kernel::step_scalars(s.hyper, static_cast<double>(s.next_step));
     s.rounding_key = rounding_key(rounding_seed, static_cast<uint32_t>(s.next_step));
+    for (int k = 0; k < kMaxStates; ++k) s.moment_keys[k] = moment_key(s.rounding_key, k);
     return s;
   }
 
   template <int W>
   static __device__ void step_elements(const ChunkPtrs& c, int i, const CommonLanes<C>& common,
-                                       const Update<Kernel, C>& update, uint32_t key) {
+                                       const Update<Kernel, C>& update, uint32_t key,
+                                       const uint32_t (&moment_keys)[kMaxStates]) {
     Pack<P, W> param = load<W>(c.param + i);
     const Pack<P, W> grad = load<W>(c.grad + i);
     Pack<G, W> gain = load<W>(c.gain + i);
@@ -202,7 +205,7 @@ struct ActiveStep {
       sign.v[j] = static_cast<int8_t>(prev);
       for (int k = 0; k < kMaxStates; ++k) {
         if constexpr (S == StatePrecision::kBfloat16) {
-          state[k].v[j] = bfloat16_stochastic(st[k], moment_key(key, k), index);
+          state[k].v[j] = bfloat16_stochastic(st[k], moment_keys[k], index);
         } else {
           state[k].v[j] = st[k];
         }
@@ -315,7 +318,7 @@ struct ActiveStep {
     const CommonLanes<C> common(s.common, s.sign_test_factor);
     const Update<Kernel, C> update(s.hyper, s.scalars);
     for_each_pack<kVec>(length, vectorized, [&](auto w, int i) {
-      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key);
+      step_elements<decltype(w)::value>(c, i, common, update, s.rounding_key, s.moment_keys);
     });
     advance_step(meta, args.arrivals, slot, step, s.next_step);
   }
