@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW
+from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
 from adaptive_lr.backends import (
     Boundary, apply_boundary, grad_sq_sum_floor, sign_test_floor, state_dtype,
 )
@@ -64,20 +64,26 @@ def _assert_state_equal(opt, params, expected: list[dict]) -> None:
 PENDING = {4: Boundary.NONE, 3: Boundary.ROLL, 6: Boundary.UPDATE}
 
 
-# every config at the default (compact) state, and with bfloat16 moments where it offers them
-PRECISIONS = [(c, "compact") for c in CONFIGS] + [
-    (c, "bfloat16") for c in CONFIGS if c.cls.spec.offers_bfloat16_moments]
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+@pytest.mark.parametrize("steps_before", PENDING, ids=lambda n: PENDING[n].name)
+def test_found_inf_skips_all_but_the_boundary(device, backend, config, steps_before):
+    """An overflow step (non-finite grads, found_inf set) changes no param, no state tensor and
+    no step count, on every backend; only a pending boundary is applied."""
+    _check_skipped_step(device, backend, config, steps_before)
 
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize(("config", "precision"), PRECISIONS,
-                         ids=lambda c: c if isinstance(c, str) else c.id)
-@pytest.mark.parametrize("steps_before", PENDING, ids=lambda n: PENDING[n].name)
-def test_found_inf_skips_all_but_the_boundary(device, backend, config, precision, steps_before):
-    """An overflow step (non-finite grads, found_inf set) changes no param, no state tensor and
-    no step count, on every backend; only a pending boundary is applied."""
+@pytest.mark.parametrize("cls", [ActiveSGD, ActiveLion], ids=lambda c: c.__name__)
+def test_found_inf_leaves_bfloat16_moments_as_they_were(device, backend, cls):
+    """The same with state_precision="bfloat16", at a step with a boundary that moves gains."""
+    _check_skipped_step(device, backend, config("defaults", cls=cls), 6,
+                        state_precision="bfloat16")
+
+
+def _check_skipped_step(device, backend, config, steps_before, **kwargs):
     params, grads = _params_and_grads(steps_before, device)
-    opt = config.make(params, backend=backend, state_precision=precision)
+    opt = config.make(params, backend=backend, **kwargs)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
