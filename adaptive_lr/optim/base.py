@@ -202,12 +202,11 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
     def _grad_sq_sum(self, p: Tensor, state: dict, kept: bool,
                      fresh: bool = False) -> Tensor | None:
         """Param p's Q (``state``: p's) where its group keeps one (``spec.keeps_grad_sq_sum``),
-        else None. Q must
-        cover the steps the epoch sum G covers: a param stepped for the first time (``fresh``)
-        starts it at 0; one whose sign test is switched on mid-run starts it at +inf, so that
-        the G under way counts as no sign (its gain is held) and the next boundary resets Q to
-        0 (as Active(...) does). Switched off, Q is dropped (one kept would be stale when the
-        test comes back)."""
+        else None. Q must cover the steps the epoch sum G covers: a param stepped for the first
+        time (``fresh``) starts it at 0; one whose sign test is switched on mid-run starts it at
+        +inf, so that the G under way counts as no sign (its gain is held) and the next boundary
+        resets Q to 0 (as Active(...) does). Switched off, Q is dropped (one kept would be stale
+        when the test comes back)."""
         if not kept:
             state.pop(GRAD_SQ_SUM, None)
             return None
