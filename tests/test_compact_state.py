@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adaptive_lr import ActiveAdamW, ActiveLion, ActiveSGD
+from adaptive_lr.backends import rounding
 from adaptive_lr.backends.rounding import bfloat16_stochastic, element_index, mix32, rounding_key
 from optim_configs import config, grad_sequence, make_params, run
 
@@ -292,3 +293,21 @@ def test_switching_from_torch_sgd_names_what_was_rounded():
     with pytest.warns(UserWarning, match=r"keeps float16 moments; .*\(state_precision='bfloat16'\)"
                                          r".*a moment may move by 0\.2 %\)"):
         ActiveSGD.from_optimizer(sgd, steps_per_epoch=4, state_precision="bfloat16")
+
+
+def test_the_batched_rounding_hashes_in_int32_where_the_device_wraps(monkeypatch):
+    """The foreach backend's batches hash in int32 where int32 products wrap (every CPU), and
+    store the same bits as the int64 hash that a device without wrapping gets."""
+    assert rounding.int32_wraps(torch.device("cpu"))
+    values = 2**31 + torch.arange(50_000, dtype=torch.int64) * 104_729 & rounding.MASK32
+    narrow = rounding.mix32(values.to(torch.int32), torch.empty(50_000, dtype=torch.int32))
+    assert torch.equal(narrow.to(torch.int64) & rounding.MASK32, rounding.mix32(values.clone()))
+    params = [torch.zeros(70_000), torch.zeros(3, 5)]
+    sums = {}
+    for wraps in (True, False):
+        monkeypatch.setattr(rounding, "int32_wraps", lambda device, wraps=wraps: wraps)
+        sums[wraps] = [torch.full_like(p, 1.0, dtype=torch.bfloat16) for p in params]
+        rounding.accumulate_stochastic(sums[wraps], [torch.full_like(p, 0.003) for p in params],
+                                       [(key, p) for key, p in zip((7, 2**32 - 3), params)])
+    assert all(torch.equal(a, b) for a, b in zip(sums[True], sums[False]))
+    assert len(sums[True][0].unique()) == 2  # rounded stochastically: both neighbours drawn

@@ -7,10 +7,11 @@ draws the same bits and stores the same bfloat16 grad_sum, grad_sq_sum and gain
 A ``bfloat16`` state (``state_precision="bfloat16"``) also rounds its moments so, each under a
 key of its own (``moment_key``).
 
-The 32-bit hash runs on int64 tensors holding unsigned 32-bit values (torch does not promise that
-an int32 product wraps around), with multipliers chosen so that no product leaves int64; the
-rounding adds its draws in int32, where no sum overflows. ``mix32`` and ``rounding_key`` also
-take Python ints."""
+The 32-bit hash runs on int64 tensors holding unsigned 32-bit values, with multipliers chosen so
+that no product leaves int64; the foreach backend's batches hash on int32 tensors instead (half
+the bytes) where the device's int32 products and narrowing casts wrap around, which torch does not
+promise and ``int32_wraps`` checks once per device type. The rounding adds its draws in int32,
+where no sum overflows. ``mix32`` and ``rounding_key`` also take Python ints."""
 
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ from .layout import is_dense
 MASK32 = 0xFFFFFFFF
 
 
+def _is_int32(x) -> bool:
+    return isinstance(x, Tensor) and x.dtype == torch.int32
+
+
 def _mul32(x, c: int):
     """x * c mod 2**32 (x an unsigned 32-bit value, c a constant); a tensor x in place. A c of
     2**31 or more is taken as c - 2**32 (the same mod 2**32): the product's magnitude stays below
-    2**63, so int64 never overflows, and the mask leaves its low 32 bits (two's complement)."""
+    2**63, so int64 never overflows, and the mask leaves its low 32 bits (two's complement). An
+    int32 tensor (the bits of the value) wraps by itself (int32_wraps)."""
     x *= c if c < 1 << 31 else c - (1 << 32)
-    x &= MASK32
+    if not _is_int32(x):
+        x &= MASK32
     return x
 
 
@@ -53,7 +60,10 @@ def _mix32_high(x, scratch: Tensor | None = None):
 
 
 def _xorshift(x, shift: int, scratch: Tensor | None):
-    x ^= x >> shift if scratch is None else torch.bitwise_right_shift(x, shift, out=scratch)
+    shifted = x >> shift if scratch is None else torch.bitwise_right_shift(x, shift, out=scratch)
+    if _is_int32(x):  # a logical shift: the arithmetic one's copies of the sign bit cleared
+        shifted &= (1 << (32 - shift)) - 1
+    x ^= shifted
     return x
 
 
@@ -105,6 +115,23 @@ def element_index(t: Tensor) -> Tensor:
     if is_dense(t):
         return flat.as_strided(t.shape, t.stride())
     return flat.view(t.shape)
+
+
+_WRAPS: dict[str, bool] = {}
+
+
+def int32_wraps(device: torch.device) -> bool:
+    """Whether the device's int32 products and int64 -> int32 casts wrap around (two's
+    complement), as on every CPU and GPU torch runs on but not promised by torch: checked once
+    per device type on values that overflow, in an odd length (SIMD lanes and a scalar tail)."""
+    if device.type not in _WRAPS:
+        values = [0x7FFFFFFF, -0x80000000, 0x12345678, -1, 65537, 0x7FEB352D, 3] * 9
+        c = 0x846CA68B - (1 << 32)
+        product = (torch.tensor(values, dtype=torch.int32, device=device) * c).tolist()
+        narrowed = torch.tensor([2**31 + 5, 2**32 - 1, 7], device=device).to(torch.int32).tolist()
+        _WRAPS[device.type] = (product == [(v * c + 2**31) % 2**32 - 2**31 for v in values]
+                               and narrowed == [5 - 2**31, -1, 7])
+    return _WRAPS[device.type]
 
 
 def _round_with(x: Tensor, draws: Tensor) -> Tensor:
@@ -207,8 +234,10 @@ def _store(roundings: list[tuple[int, Tensor]], outputs) -> None:
     sizes = [f.numel() for f in flats[0]]
     device = params[0].device
     size = min(CHUNK, sum(sizes))
-    index = torch.empty(size, dtype=torch.int64, device=device)
-    scratch = torch.empty_like(index)
+    index = torch.empty(size, dtype=torch.int64, device=device)  # element indices pass 2**31
+    # the hash's dtype: int32 (half the bytes of int64) where it wraps on this device
+    narrow = torch.empty(size, dtype=torch.int32, device=device) if int32_wraps(device) else None
+    scratch = torch.empty_like(index if narrow is None else narrow)
     draws = torch.empty(size, dtype=torch.int32, device=device)
     x = torch.empty(size, dtype=torch.float32, device=device)
     # the high bits need no more than mix32's last xor-shift spares
@@ -219,6 +248,8 @@ def _store(roundings: list[tuple[int, Tensor]], outputs) -> None:
             torch.arange(key + start, key + stop, out=index[at:at + stop - start])
         hashed = index[:used]
         hashed &= MASK32
+        if narrow is not None:
+            hashed = narrow[:used].copy_(hashed)  # the same 32 bits
         hashed = mix(hashed, scratch[:used])
         for (_, fill, low_bits), flat in zip(outputs, flats):
             for i, start, stop, at in batch:
@@ -227,6 +258,8 @@ def _store(roundings: list[tuple[int, Tensor]], outputs) -> None:
                 torch.bitwise_and(hashed, 0xFFFF, out=draws[:used])
             else:
                 torch.bitwise_right_shift(hashed, 16, out=draws[:used])
+                if narrow is not None:  # an int32 hash shifts in copies of its sign bit
+                    draws[:used] &= 0xFFFF
             rounded = _round_with(x[:used], draws[:used])
             for i, start, stop, at in batch:  # each piece's bfloat16 bits, shifted into place
                 torch.bitwise_right_shift(rounded[at:at + stop - start], 16,
