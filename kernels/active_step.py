@@ -82,12 +82,13 @@ def _stochastic_bf16(x, key, index, LOW_BITS: tl.constexpr = False):
     """math.h's bfloat16_stochastic (LOW_BITS: bfloat16_stochastic_low_bits) as a float32 that a
     bfloat16 store keeps exactly: 16 hashed bits of (key, element index), the hash's high half
     for grad_sum (and a gain, under _gain_key) and its low half for grad_sq_sum, added below the
-    kept bits, then truncation (unbiased); infinities and NaN round to nearest."""
+    kept bits, then truncation (unbiased); an infinity stays one (its low bits are 0), a NaN
+    stays NaN."""
     bits = x.to(tl.uint32, bitcast=True)
     hashed = _mix32(key + index)
     draws = hashed & 0xFFFF if LOW_BITS else hashed >> 16
     rounded = ((bits + draws) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where((bits & 0x7F800000) == 0x7F800000, _round_to_bf16(x), rounded)
+    return tl.where(x == x, rounded, x)
 
 
 @triton.jit

@@ -72,17 +72,22 @@ COMPACT_SCHEDULE = (Boundary.NONE, Boundary.NONE, Boundary.UPDATE, Boundary.NONE
 
 def make_compact_case(row, dtype, sizes=SIZES):
     """make_bucket's bucket with compact state (bfloat16 gains and epoch sums, rounding seeds)
-    and its grads, with epoch sums that stochastic rounding must keep (infinities, NaN) or may
-    carry to infinity (the largest bfloat16 plus a grad of a fraction of its ulp)."""
+    and its grads, with epoch sums that stochastic rounding must keep (infinities, NaN: a NaN
+    grad's payload too, which a draw would carry out of the NaN) or may carry to infinity (the
+    largest bfloat16 plus a grad of a fraction of its ulp)."""
     bucket = make_bucket(row, dtype, sizes)
     grads = make_grads(bucket, len(COMPACT_SCHEDULE))
     largest = torch.finfo(torch.bfloat16).max
-    specials = torch.tensor([math.inf, -math.inf, math.nan, largest, -largest])
+    specials = torch.tensor([math.inf, -math.inf, math.nan, largest, -largest, 0.0])
     nudge = min(largest / 2**9, torch.finfo(dtype).max)  # half an ulp: 0 or 1 ulp on rounding
+    payload_nan = torch.tensor([-1], dtype=torch.int32).view(torch.float32)  # all bits set
     for g, first_grad in zip(bucket.grad_sums, grads[0]):
         at = torch.arange(1, len(g), 41)[:len(specials)]  # in SIMD groups and in tails
         g[at] = specials[:len(at)]
-        first_grad[at] = torch.tensor([0, 0, 0, nudge, -nudge])[:len(at)].to(dtype)
+        nudges = torch.tensor([0, 0, 0, nudge, -nudge, 0])[:len(at)].to(dtype)
+        if dtype == torch.float32 and len(at) == len(specials):
+            nudges[-1] = payload_nan
+        first_grad[at] = nudges
     bucket = dataclasses.replace(
         bucket, gains=[g.bfloat16() for g in bucket.gains],
         grad_sums=[g.bfloat16() for g in bucket.grad_sums],
@@ -280,6 +285,8 @@ def test_compact_state_rounds_like_the_reference(row, dtype):
         if t == 0:  # the special sums were rounded and stored
             assert all(s[1::41][:3].isinf().sum() == 2 and s[83].isnan()
                        for s in fused.grad_sums if len(s) > 83)
+            assert all(s[206].isnan() == (dtype == torch.float32)
+                       for s in fused.grad_sums if len(s) > 206)
 
 
 _CAPABILITY_SCRIPT = """

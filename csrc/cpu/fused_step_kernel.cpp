@@ -49,12 +49,10 @@ struct SimdRounding {
   }
 
   // bfloat16_round_with on float32 bit patterns `u` and 16-bit draws: the rounded bits in the
-  // high halves of the lanes (the low halves are garbage for a stochastic result).
+  // high halves of the lanes (the low halves are garbage for a stochastic result). Only NaN
+  // needs a lane of its own (infinities round right as they are).
   static I round_with(const I& u, const I& draws) {
-    const I nearest = u + I(0x7fff) + (shift_right<16>(u) & I(1));  // bfloat16_nearest
-    const I exponent = I(0x7f800000);
-    I rounded = I::blendv(u + draws, nearest, (u & exponent) == exponent);  // inf, NaN
-    return I::blendv(rounded, I(0x7fc00000), (u & I(0x7fffffff)) > exponent);  // NaN
+    return I::blendv(u + draws, I(0x7fc00000), (u & I(0x7fffffff)) > I(0x7f800000));
   }
 };
 #endif

@@ -431,6 +431,15 @@ void test_compact_rounding() {
   CHECK(bfloat16_stochastic(-INFINITY, key, 5) == 0xff80);
   CHECK(bfloat16_stochastic(NAN, key, 5) == 0x7fc0);
   CHECK(bfloat16_stochastic(bit_cast<float>(0x7f7fffff), key, 0) >= 0x7f7f);  // may round to inf
+  // whatever the draw: an infinity stays itself, a NaN becomes the quiet NaN, even one whose
+  // payload a draw would carry into infinity (0x7f800001) or out of the exponent (0x7fffffff)
+  for (uint32_t draw : {0U, 1U, 0x8000U, 0xffffU}) {
+    CHECK(bfloat16_round_with(INFINITY, draw) == 0x7f80);
+    CHECK(bfloat16_round_with(-INFINITY, draw) == 0xff80);
+    for (uint32_t nan : {0x7f800001U, 0x7fffffffU, 0xffc00000U, 0xffffffffU}) {
+      CHECK(bfloat16_round_with(bit_cast<float>(nan), draw) == 0x7fc0);
+    }
+  }
 }
 
 int main() {

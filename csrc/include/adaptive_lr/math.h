@@ -346,11 +346,11 @@ ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_nearest(float x) {
 
 // The bits of x rounded stochastically to bfloat16 with the 16 uniform bits `draw`: adding them
 // below the kept bits and truncating rounds up with probability equal to the dropped fraction, so
-// E[result] = x. Infinities and NaN are kept (as bfloat16_nearest).
+// E[result] = x. An infinity stays one (its low 16 bits are 0: the draw cannot carry); a NaN
+// becomes the quiet NaN, as in bfloat16_nearest (a draw could carry its payload into infinity).
 ADAPTIVE_LR_HOST_DEVICE uint16_t bfloat16_round_with(float x, uint32_t draw) {
-  const uint32_t u = bit_cast<uint32_t>(x);
-  if ((u & 0x7f800000U) == 0x7f800000U) return bfloat16_nearest(x);
-  return static_cast<uint16_t>((u + draw) >> 16);
+  if (x != x) return 0x7fc0;
+  return static_cast<uint16_t>((bit_cast<uint32_t>(x) + draw) >> 16);
 }
 
 // A compact grad_sum: element `index`'s draw under `key`, the hash's high 16 bits.
