@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptive_lr import ActiveAdamW, ActiveSGD, available_backends
+from adaptive_lr import Active, ActiveAdamW, ActiveSGD, available_backends
 
 # 6 elements: the first 4 keep their gradient sign every epoch, the last 2 flip it.
 SIGNS = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, -1.0])
@@ -14,13 +14,23 @@ def _epoch_grad(epoch: int) -> torch.Tensor:
     return torch.where(FLIPS, SIGNS * (-1) ** epoch, SIGNS)
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
+def _paper_rule_sgd(backend: str, named_params: list):
+    """Plain SGD with the paper's gain rule, one step per epoch: ActiveSGD on ``backend``, or
+    Active(torch.optim.SGD) for ``"wrapper"``."""
+    if backend == "wrapper":
+        return Active(torch.optim.SGD(named_params, lr=1e-3), steps_per_epoch=1,
+                      sign_threshold=0.0)
+    return ActiveSGD(named_params, lr=1e-3, steps_per_epoch=1, momentum=0.0,
+                     sign_threshold=0.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu") + ["wrapper"])
 def test_statistics_and_growth_fractions_per_epoch(backend):
     w = torch.nn.Parameter(torch.zeros(6))
     b = torch.nn.Parameter(torch.zeros(2))
-    opt = ActiveSGD([("w", w), ("b", b)], lr=1e-3, steps_per_epoch=1, momentum=0.0,
-                    sign_threshold=0.0, backend=backend)  # the paper's rule
+    opt = _paper_rule_sgd(backend, [("w", w), ("b", b)])
     assert opt.gain_stats() == {}  # no state before the first step
+    assert len(opt.state) == 0  # and reading it adds none (Active(...) took an empty one for state)
     history = []
     for epoch in range(4):
         w.grad = _epoch_grad(epoch)

@@ -22,6 +22,7 @@ from .clock import (
     GRAD_SQ_SUM, SIGN_KEYS, EpochClock, RoundingSeeds, boundary_kind, check_grad,
     check_steps_per_epoch, record_boundary, sign_state,
 )
+from .gain_stats import GainStats
 from .spec import OptimizerSpec, check
 
 GAIN_ARGS_DOC = """
@@ -91,7 +92,7 @@ def _placement(t: Tensor):
     return (t.device_mesh, t.placements) if isinstance(t, DTensor) else None
 
 
-class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
+class ActiveOptimizer(GainStats, EpochClock, torch.optim.Optimizer):
     """Base class; a subclass sets ``spec``, its optimizer's one definition (optim/spec.py)."""
 
     spec: OptimizerSpec
@@ -334,42 +335,6 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
             found_inf=None if found_inf is None else found_inf.to(device),
         )
 
-    # ---- inspection ---------------------------------------------------------------------
-
-    @torch.no_grad()
-    def gain_stats(self, since: dict | None = None) -> dict[str, dict]:
-        """Per param that has state: statistics of its gains, the ones the current epoch's
-        steps use (a boundary marked but not yet applied is not in them).
-
-        Keys are the param names (``named_parameters()`` given to the optimizer) or
-        ``"<group>.<index>"``. Each entry: ``numel``, ``median``, ``p99``, ``max`` (nearest-rank
-        quantiles, as floats), ``gain`` (a copy of the gain tensor), and, when ``since`` is an
-        earlier result of this method, ``grew`` / ``shrank``: the fraction of elements whose
-        gain is larger / smaller than in ``since`` (one call per epoch: at the last boundary).
-        A param with no elements (an FSDP shard may have none) has None quantiles and no
-        fractions.
-        Reads state only (works on every backend); costs a copy and two selections per param.
-        For a sharded (DTensor) param it describes this rank's shard."""
-        stats = {}
-        for g, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"{g}.{i}" for i in range(len(group["params"]))]
-            for name, p in zip(names, group["params"]):
-                if "gain" not in self.state[p]:
-                    continue
-                gain = _local(self.state[p]["gain"]).detach().to(torch.float32, copy=True)
-                flat = gain.reshape(-1)
-                entry = {"numel": flat.numel(), "gain": gain, "median": None, "p99": None,
-                         "max": None}
-                if flat.numel():  # (an empty param, or an FSDP shard with no elements: None)
-                    entry.update(median=_nearest_rank(flat, 0.5), p99=_nearest_rank(flat, 0.99),
-                                 max=flat.max().item())
-                before = (since or {}).get(name)
-                if before is not None and flat.numel():
-                    entry["grew"] = (gain > before["gain"]).float().mean().item()
-                    entry["shrank"] = (gain < before["gain"]).float().mean().item()
-                stats[name] = entry
-        return stats
-
     # ---- checkpoints --------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -396,8 +361,3 @@ class ActiveOptimizer(EpochClock, torch.optim.Optimizer):
         state dict into an Active optimizer does the same."""
         return checkpoint.from_optimizer(cls, optimizer, steps_per_epoch, kwargs)
 
-
-def _nearest_rank(flat: Tensor, q: float) -> float:
-    """The q-quantile by nearest rank (torch.quantile refuses tensors over 2**24 elements)."""
-    k = max(1, math.ceil(q * flat.numel()))
-    return flat.kthvalue(k).values.item()

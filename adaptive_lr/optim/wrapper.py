@@ -22,6 +22,7 @@ from .clock import (
     BOOKKEEPING_KEYS, CLOCK_KEYS, SIGN_KEYS, EpochClock, bookkeeping, boundary_kind, check_grad,
     check_steps_per_epoch, new_clock, record_boundary, sign_state,
 )
+from .gain_stats import GainStats
 
 # the wrapper's epoch sum of g**2, kept where the sign test has no moment to read (MEAN_SQUARES)
 SQUARES = "grad_sq_sum"
@@ -34,7 +35,7 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-class Active(EpochClock, torch.optim.Optimizer):
+class Active(GainStats, EpochClock, torch.optim.Optimizer):
     """Wraps ``optimizer`` (any ``torch.optim.Optimizer``): its step runs, then every element's
     step is scaled by the element's gain, ``θ ← θ_before + γ·(θ_after − θ_before)``, where ``γ``
     follows ActiveLR's gain rule once per epoch, as in the native Active optimizers.
