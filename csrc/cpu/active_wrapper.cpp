@@ -243,11 +243,8 @@ void active_rescale_(TensorList params, TensorList befores, TensorList grads, Te
                                maximize, 0.0, nullptr),
                   !grad_sq_sums.empty(), sign_test_factors.data(), tensors.data(), chunks.data()};
   static const RunChunks run_chunks = pick_capability();
-  // below 2^15 elements one thread is cheaper than waking the others (as fused_step.cpp)
-  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
-  const int64_t grain = numel < (1 << 15) ? num_chunks : 1;
-  at::parallel_for(0, num_chunks, grain,
-                   [&](int64_t begin, int64_t end) { run_chunks(pass, begin, end); });
+  parallel_over_shares(chunks.data(), static_cast<int64_t>(chunks.size()), numel,
+                       [&](int64_t begin, int64_t end) { run_chunks(pass, begin, end); });
 }
 
 void active_rescale_meta(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,

@@ -59,12 +59,24 @@ std::string kernel_capability() {
 #endif
 }
 
+void parallel_over_shares(const Chunk* chunks, int64_t num_chunks, int64_t numel,
+                          const std::function<void(int64_t, int64_t)>& run) {
+  const int64_t threads = numel < kMinParallelNumel ? 1 : at::get_num_threads();
+  if (threads == 1) {
+    run(0, num_chunks);
+    return;
+  }
+  const std::vector<int64_t> bounds = share_bounds(chunks, num_chunks, numel, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) run(bounds[s], bounds[s + 1]);
+  });
+}
+
 template <class Kernel>
 void step(const Bucket<Kernel>& bucket) {
   static const KernelFn<Kernel> kernel = pick_kernel<Kernel>();
-  const int64_t grain = bucket.numel < kMinParallelNumel ? bucket.num_chunks : 1;
-  at::parallel_for(0, bucket.num_chunks, grain,
-                   [&](int64_t begin, int64_t end) { kernel(bucket, begin, end); });
+  parallel_over_shares(bucket.chunks, bucket.num_chunks, bucket.numel,
+                       [&](int64_t begin, int64_t end) { kernel(bucket, begin, end); });
 }
 
 #define ADAPTIVE_LR_INSTANTIATE(name, Kernel) template void step<Kernel>(const Bucket<Kernel>&);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "adaptive_lr/chunks.h"
@@ -52,6 +53,12 @@ std::string kernel_capability();
 // One step of a whole bucket: every chunk of every tensor, in parallel (csrc/cpu/fused_step.cpp).
 template <class Kernel>
 void step(const Bucket<Kernel>& bucket);
+
+// run(begin, end) over chunks [begin, end) of a chunk table of `numel` elements, one share of
+// the elements per thread (chunks.h's share_bounds); all on the calling thread below 2^15
+// elements, where waking the others costs more than they save.
+void parallel_over_shares(const Chunk* chunks, int64_t num_chunks, int64_t numel,
+                          const std::function<void(int64_t, int64_t)>& run);
 
 // The kernels, compiled once per CPU capability into namespaces DEFAULT, AVX2 and AVX512
 // (csrc/cpu/fused_step_kernel.cpp); each processes chunks [begin, end) of the bucket.

@@ -7,6 +7,7 @@
 
 using adaptive_lr::Chunk;
 using adaptive_lr::make_chunks;
+using adaptive_lr::share_bounds;
 
 namespace {
 
@@ -57,6 +58,36 @@ void test_lengths_cover_every_element_once() {
   CHECK(covered == numels);
 }
 
+// Each share's chunks hold about numel / shares elements (within a chunk), where equal counts
+// of chunks would not: many short tails first (a model's small tensors), then full chunks.
+void test_shares_split_elements_not_chunks() {
+  std::vector<int64_t> numels(40, 3);
+  numels.push_back(16 * 20);
+  const std::vector<Chunk> chunks = make_chunks(numels.data(), 41, 16);  // 40 tails, 20 full
+  const int64_t numel = 40 * 3 + 16 * 20;
+  for (int64_t shares : {1, 2, 3, 7}) {
+    const std::vector<int64_t> bounds = share_bounds(chunks.data(), 60, numel, shares);
+    CHECK(bounds.size() == static_cast<size_t>(shares + 1));
+    CHECK(bounds.front() == 0 && bounds.back() == 60);
+    for (int64_t s = 0; s < shares; ++s) {
+      CHECK(bounds[s] <= bounds[s + 1]);
+      int64_t elements = 0;
+      for (int64_t c = bounds[s]; c < bounds[s + 1]; ++c) elements += chunks[c].length;
+      CHECK(elements <= numel / shares + 16 && elements >= numel / shares - 16);
+    }
+  }
+  // two shares: the second starts at the first chunk at or after element 220, after the 40
+  // tails and 7 full chunks (120 + 7 * 16 = 232); 30 chunks each would be 90 against 350 elements
+  CHECK(share_bounds(chunks.data(), 60, numel, 2)[1] == 47);
+}
+
+void test_more_shares_than_chunks_leave_some_empty() {
+  const std::vector<int64_t> numels = {5, 5};
+  const std::vector<Chunk> chunks = make_chunks(numels.data(), 2, 16);
+  CHECK((share_bounds(chunks.data(), 2, 10, 4) == std::vector<int64_t>{0, 1, 1, 2, 2}));
+  CHECK((share_bounds(nullptr, 0, 0, 3) == std::vector<int64_t>{0, 0, 0, 0}));
+}
+
 }  // namespace
 
 int main() {
@@ -64,5 +95,7 @@ int main() {
   test_no_tensors_or_only_empty_ones();
   test_offsets_past_2_to_the_31();
   test_lengths_cover_every_element_once();
+  test_shares_split_elements_not_chunks();
+  test_more_shares_than_chunks_leave_some_empty();
   return report("test_chunks");
 }

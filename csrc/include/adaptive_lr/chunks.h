@@ -31,4 +31,24 @@ inline std::vector<Chunk> make_chunks(const int64_t* numels, int32_t num_tensors
   return chunks;
 }
 
+// The chunk ranges of `shares` threads that each get about numel / shares elements: share s runs
+// chunks [bounds[s], bounds[s + 1]), its first chunk the first that starts at or after element
+// s * numel / shares. An equal count of chunks per thread is not an equal count of elements: a
+// model's small tensors are one short chunk each, and ResNet-50's 508 chunks (of 2^16) split in
+// halves of 10.2M and 15.4M elements.
+inline std::vector<int64_t> share_bounds(const Chunk* chunks, int64_t num_chunks, int64_t numel,
+                                         int64_t shares) {
+  std::vector<int64_t> bounds(static_cast<std::size_t>(shares + 1), num_chunks);
+  bounds[0] = 0;
+  int64_t start = 0;  // elements before chunk c
+  int64_t s = 1;
+  for (int64_t c = 0; c < num_chunks && s < shares; ++c) {
+    while (s < shares && start >= numel * s / shares) {
+      bounds[static_cast<std::size_t>(s++)] = c;
+    }
+    start += chunks[c].length;
+  }
+  return bounds;
+}
+
 }  // namespace adaptive_lr
