@@ -23,7 +23,6 @@
 // Heavy headers only in the DEFAULT build: an inline function they define, compiled with AVX-512
 // flags, could be the copy the linker keeps for the whole library.
 #if defined(CPU_CAPABILITY_DEFAULT) || defined(ADAPTIVE_LR_ONE_CAPABILITY)
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cmath>
