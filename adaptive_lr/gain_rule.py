@@ -18,13 +18,16 @@ from torch import Tensor
 class GainRule:
     """The epoch boundary's arguments. ``sign_threshold`` k > 0 turns the sign test on: an epoch
     sum counts as a sign only where it stands out of the gradient's noise (a second moment, or
-    the epoch's sum of g**2); 0 is the paper's rule."""
+    the epoch's sum of g**2); 0 is the paper's rule. ``relax_gains``: under the sign test, a gain
+    above 1 with no evidence either way moves toward 1 (``1 + (gain - 1) * gain_dec``) instead of
+    being held."""
 
     gain_inc: float
     gain_dec: float
     min_gain: float
     max_gain: float
     sign_threshold: float
+    relax_gains: bool
 
     @classmethod
     def from_group(cls, group: dict) -> "GainRule":
@@ -40,7 +43,10 @@ class GainRule:
         """The rule's values, checked as a TypeError or ValueError naming the value."""
         for key in GAIN_KEYS:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if key == "relax_gains":
+                if not isinstance(value, bool):
+                    raise TypeError(f"relax_gains must be a bool, got {value!r:.40}")
+            elif isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{key} must be a real number, got {value!r:.40}")
         if not self.gain_inc >= 0:
             raise ValueError(f"gain_inc must be >= 0, got {self.gain_inc}")
@@ -51,6 +57,9 @@ class GainRule:
                              f"min_gain={self.min_gain}, max_gain={self.max_gain}")
         if not 0 <= self.sign_threshold < math.inf:
             raise ValueError(f"sign_threshold must be finite and >= 0, got {self.sign_threshold}")
+        if self.relax_gains and self.sign_threshold == 0:
+            raise ValueError("relax_gains needs the sign test (sign_threshold > 0): the paper's "
+                             "rule (sign_threshold=0) holds no gain")
 
 
 # the gain rule's keys in a param group
@@ -60,6 +69,15 @@ GAIN_KEYS = tuple(f.name for f in dataclasses.fields(GainRule))
 def check_gain_args(group: dict) -> None:
     """The gain arguments of a param group (or of a constructor), all present and valid."""
     GainRule.from_group(group).validate()
+
+
+def held_gain(gain32: Tensor, rule: GainRule) -> Tensor:
+    """What the sign test makes of a float32 gain with no evidence either way: the gain itself,
+    or with ``relax_gains`` a gain above 1 moved toward 1, ``(gain - 1) * gain_dec + 1`` (each op
+    rounded once in float32, as the kernels do)."""
+    if not rule.relax_gains:
+        return gain32
+    return torch.where(gain32 > 1, (gain32 - 1) * rule.gain_dec + 1, gain32)
 
 
 def sign_test_factor(rule: GainRule, epoch_steps: int, beta2: float, step: float) -> float:

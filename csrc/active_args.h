@@ -30,6 +30,7 @@ struct ActiveArgs {
   bool maximize;
   double gain_inc, gain_dec, min_gain, max_gain;
   double sign_threshold;  // > 0: the sign test
+  bool relax_gains;       // the sign test's held gains above 1 move toward 1
   int64_t epoch_steps;    // the length of the epoch that ended (the sign test's S)
   // compact state (bfloat16 gains and grad_sums): each param's seed of the stochastic rounding
   // of its grad_sum (math.h, rounding_key); empty for float32 gains and grad_sums

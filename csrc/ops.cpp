@@ -50,7 +50,8 @@ void cpu_step(const ActiveArgs& a, const std::vector<NamedList>& states,
   if (skip && boundary == Boundary::kNone) return;
 
   const CommonHyper common = common_hyper(
-      a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold, a.epoch_steps,
+      a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold, a.relax_gains,
+      a.epoch_steps,
       a.weight_decay, a.maximize, lr, a.grad_scale ? a.grad_scale->const_data_ptr<float>() : nullptr);
   const size_t n = a.params.size();
   std::vector<cpu::TensorPtrs<Kernel>> tensors(n);
@@ -101,6 +102,8 @@ void step(const char* kernel, const ActiveArgs& a, TensorList states,
           c10::ArrayRef<double> hyper_values) {
   TORCH_CHECK(a.sign_threshold >= 0 && a.sign_threshold < INFINITY, kOp,
               ": sign_threshold must be finite and >= 0, got ", a.sign_threshold);
+  TORCH_CHECK(!a.relax_gains || a.sign_threshold > 0, kOp,
+              ": relax_gains needs the sign test (sign_threshold > 0)");
   // a kernel without a second moment keeps its sign test's sum of g^2 while the test is on
   const size_t grad_sq_sums =
       kKeepsGradSqSum<Kernel> && a.sign_threshold > 0 ? a.params.size() : 0;
@@ -142,12 +145,13 @@ void active_step_(std::string_view kernel, TensorList params, TensorList grads, 
                   TensorList steps, TensorList states, const Tensor& lr,
                   c10::ArrayRef<double> hyper, double weight_decay, bool maximize,
                   double gain_inc, double gain_dec, double min_gain, double max_gain,
-                  double sign_threshold, int64_t epoch_steps, int64_t boundary,
+                  double sign_threshold, bool relax_gains, int64_t epoch_steps, int64_t boundary,
                   const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                   c10::ArrayRef<int64_t> rounding_seeds) {
   const ActiveArgs args{params,      grads,          gains,    grad_sums,  grad_sq_sums,
                         prev_signs,  steps,          lr,       weight_decay, maximize,
                         gain_inc,    gain_dec,       min_gain, max_gain,   sign_threshold,
+                        relax_gains,
                         epoch_steps, rounding_seeds, boundary, grad_scale, found_inf};
   with_kernel(kOp, kernel, [&](auto tag, const char* name) {
     step<decltype(tag)>(name, args, states, hyper);
@@ -194,7 +198,7 @@ TORCH_LIBRARY(adaptive_lr, m) {
         "Tensor(c!)[] grad_sums, Tensor(g!)[] grad_sq_sums, Tensor(d!)[] prev_signs, "
         "Tensor(e!)[] steps, Tensor(f!)[] states, Tensor lr, float[] hyper, float weight_decay, "
         "bool maximize, float gain_inc, float gain_dec, float min_gain, float max_gain, "
-        "float sign_threshold, int epoch_steps, int boundary, "
+        "float sign_threshold, bool relax_gains, int epoch_steps, int boundary, "
         "Tensor? grad_scale, Tensor? found_inf, int[] rounding_seeds=[]) -> ()");
   // the SIMD build the cpu backend's kernels run, for benchmarks and tests to name
   m.def("cpu_capability() -> str", &cpu::kernel_capability);

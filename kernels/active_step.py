@@ -120,13 +120,14 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment, factor, key,
-                    start, SIGN_TEST: tl.constexpr, BOUNDARY: tl.constexpr,
+                    start, SIGN_TEST: tl.constexpr, RELAX: tl.constexpr, BOUNDARY: tl.constexpr,
                     COMPACT: tl.constexpr, MASKED: tl.constexpr):
     """The fused boundary (docs/algorithm.md): returns the gain this step uses (float32). The
     caller stores the reset grad_sum (0, plus this step's gradient unless the step is skipped),
     and grad_sq_sum likewise. Under SIGN_TEST, ``moment`` is the noise block the test reads (the
     second moment, or grad_sq_sum; before this step) and ``factor`` the tensor's sign-test
-    factor, in its compute dtype. COMPACT: bfloat16 gain and grad_sum,
+    factor, in its compute dtype; RELAX (relax_gains): a gain above 1 that the test holds moves
+    toward 1 instead, (gain - 1) * gain_dec + 1. COMPACT: bfloat16 gain and grad_sum,
     a new gain rounded stochastically after its clamp (``key``; element index start + offs)."""
     gain_inc, gain_dec, min_gain, max_gain = gain_rule
     old_sum = _load(grad_sum, offs, mask, MASKED).to(tl.float32)
@@ -139,8 +140,11 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
         prev = _load(prev_sign, offs, mask, MASKED)
         agreement = prev.to(tl.int32) * sign.to(tl.int32)
         decreased = gain * gain_dec
-        if SIGN_TEST:  # no evidence either way: the gain is held
-            decreased = tl.where(agreement < 0, decreased, gain)
+        if SIGN_TEST:  # no evidence either way: the gain is held (or relaxed toward 1)
+            held = gain
+            if RELAX:
+                held = tl.where(gain > 1, (gain - 1) * gain_dec + 1, gain)
+            decreased = tl.where(agreement < 0, decreased, held)
         gain = tl.where(agreement > 0, gain + gain_inc, decreased)
         gain = tl.minimum(tl.maximum(gain, min_gain), max_gain)
         if COMPACT:  # the value the bfloat16 store keeps, computed (the interpreter truncates)
@@ -154,8 +158,9 @@ def _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, moment
 def _step_block(
     offs, mask, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign, states, h, t, lr, decay,
     grad_scale, gain_rule, factor, key, start, UPDATE: tl.constexpr, BOUNDARY: tl.constexpr,
-    MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr,
-    BF16_MOMENTS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    MOMENT: tl.constexpr, SIGN_TEST: tl.constexpr, RELAX: tl.constexpr, GRAD_SQ: tl.constexpr,
+    COMPACT: tl.constexpr, BF16_MOMENTS: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, PARAM_DTYPE: tl.constexpr, CT: tl.constexpr,
     SOFTWARE_BF16_ROUNDING: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -170,7 +175,7 @@ def _step_block(
     if BOUNDARY != 0:
         noise = sq_before.to(CT) if GRAD_SQ else state[MOMENT]
         gain = _epoch_boundary(offs, mask, gain_ptr, grad_sum, prev_sign, gain_rule, noise,
-                               factor, key, start, SIGN_TEST, BOUNDARY, COMPACT, MASKED)
+                               factor, key, start, SIGN_TEST, RELAX, BOUNDARY, COMPACT, MASKED)
         sum_before = tl.zeros_like(gain)
         sq_before = tl.zeros_like(gain)
     else:
@@ -218,7 +223,7 @@ def active_step_kernel(
     hyper, lr_ptr, grad_scale_ptr, found_inf_ptr,
     UPDATE: tl.constexpr, N_HYPER: tl.constexpr, N_STATE: tl.constexpr,
     BOUNDARY: tl.constexpr, MOMENT: tl.constexpr, BETA2: tl.constexpr, SIGN_TEST: tl.constexpr,
-    GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr, BF16_MOMENTS: tl.constexpr,
+    RELAX: tl.constexpr, GRAD_SQ: tl.constexpr, COMPACT: tl.constexpr, BF16_MOMENTS: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
@@ -288,13 +293,13 @@ def active_step_kernel(
             _step_block(
                 it * BLOCK + offs, None, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign,
                 states, h, t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE,
-                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, BF16_MOMENTS, MAXIMIZE,
+                BOUNDARY, MOMENT, SIGN_TEST, RELAX, GRAD_SQ, COMPACT, BF16_MOMENTS, MAXIMIZE,
                 HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, False)
         if n_full * BLOCK < n_here:
             _step_block(
                 tail, tail < n_here, param, grad, gain_ptr, grad_sum, grad_sq_sum, prev_sign,
                 states, h, t64, lr, decay, grad_scale, gain_rule, factor, key, start, UPDATE,
-                BOUNDARY, MOMENT, SIGN_TEST, GRAD_SQ, COMPACT, BF16_MOMENTS, MAXIMIZE,
+                BOUNDARY, MOMENT, SIGN_TEST, RELAX, GRAD_SQ, COMPACT, BF16_MOMENTS, MAXIMIZE,
                 HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, PARAM_DTYPE, CT, SOFTWARE_BF16_ROUNDING, True)
     else:
         # found_inf: the step is skipped, but a due boundary is applied (and the sums reset)
@@ -309,7 +314,8 @@ def active_step_kernel(
                 elif SIGN_TEST:
                     moment = tl.load(states[MOMENT] + block, mask=in_chunk, other=0)
                 _epoch_boundary(block, in_chunk, gain_ptr, grad_sum, prev_sign, gain_rule,
-                                moment, factor, key, start, SIGN_TEST, BOUNDARY, COMPACT, True)
+                                moment, factor, key, start, SIGN_TEST, RELAX, BOUNDARY, COMPACT,
+                                True)
                 tl.store(grad_sum + block, tl.zeros([BLOCK], SIGN_STATE), mask=in_chunk)
 
     # ---- step counter: the last program of this tensor to finish increments it ------------

@@ -147,7 +147,7 @@ def active_step(
     *,
     lr: Tensor,
     weight_decay: float,
-    gain_rule: tuple[float, float, float, float, float],
+    gain_rule: tuple[float, float, float, float, float, bool],
     epoch_steps: int,
     maximize: bool,
     boundary: int,
@@ -166,8 +166,9 @@ def active_step(
     strides (the caller runs other layouts on copies); ``contiguous``: whether every tensor is
     (then the plan's key needs no strides). ``lr``: a one-element tensor on the params' device,
     read by the kernel; ``weight_decay``: decoupled, applied before the update (0: none);
-    ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain, sign_threshold), the sign test on
-    when sign_threshold > 0, against the second moment over epochs of ``epoch_steps`` steps, or
+    ``gain_rule``: (gain_inc, gain_dec, min_gain, max_gain, sign_threshold, relax_gains), the
+    sign test on when sign_threshold > 0 (relaxing held gains above 1 with relax_gains),
+    against the second moment over epochs of ``epoch_steps`` steps, or
     for an update without one against ``grad_sq_sums`` (the epochs' sums of g**2, of grad_sums'
     dtype and layout, given exactly then); ``boundary`` 0 / 1 (roll) / 2 (update), as
     ``adaptive_lr.backends.bucket.Boundary``. ``rounding_seeds``: one per param for compact
@@ -183,7 +184,11 @@ def active_step(
         unknown = [name for name in hyper if name not in names]
         raise ValueError(f"adaptive_lr triton backend: {update} takes the hyperparameters "
                          f"{names}; missing {missing}, unknown {unknown}")
-    sign_test = gain_rule[4] > 0
+    *numbers, relax_gains = gain_rule
+    sign_test = numbers[4] > 0
+    if relax_gains and not sign_test:
+        raise ValueError("adaptive_lr triton backend: relax_gains needs the sign test "
+                         "(sign_threshold > 0)")
     moment = UPDATES[update].second_moment
     # the sign test against the second moment bias-corrects it with beta2
     if sign_test and moment is not None and "beta2" not in names:
@@ -218,7 +223,7 @@ def active_step(
                         "they need compact state (rounding_seeds)")
     plan = _plan_for(rows, device, contiguous, tuple(rounding_seeds or ()))
     # COMMON_HYPER, then the update's own in its order
-    values = (weight_decay, *gain_rule, epoch_steps, *(hyper[name] for name in names))
+    values = (weight_decay, *numbers, epoch_steps, *(hyper[name] for name in names))
     table = _hyper_table(plan, tuple(float(v) for v in values), device)
     active_step_kernel[(plan.n_chunks,)](
         plan.ptr_table, plan.numels, plan.seeds, plan.chunk_tensor, plan.chunk_start,
@@ -228,7 +233,8 @@ def active_step(
         UPDATE=UPDATES[update].function, N_HYPER=len(names),
         N_STATE=n_states, BOUNDARY=int(boundary), MOMENT=moment or 0,
         BETA2=names.index("beta2") if sign_test and not grad_sq else 0,
-        SIGN_TEST=sign_test, GRAD_SQ=grad_sq, COMPACT=compact, BF16_MOMENTS=bf16_moments,
+        SIGN_TEST=sign_test, RELAX=bool(relax_gains), GRAD_SQ=grad_sq, COMPACT=compact,
+        BF16_MOMENTS=bf16_moments,
         MAXIMIZE=bool(maximize), HAS_WEIGHT_DECAY=weight_decay != 0,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         PARAM_DTYPE=_TL_DTYPES[dtype], CT=_TL_DTYPES[compute], ALIGNED=plan.aligned,

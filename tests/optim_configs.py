@@ -101,7 +101,7 @@ CONFIGS = [
             maximize=True),
     _config(ActiveAdam, "decoupled_weight_decay", decoupled_weight_decay=True, weight_decay=0.1),
     # the sign test (k > 0): thresholds low enough that some epoch sums pass and some do not
-    _config(ActiveAdamW, "sign_test", sign_threshold=1.0),
+    _config(ActiveAdamW, "sign_test relax_gains", sign_threshold=1.0, relax_gains=True),
     _config(ActiveRAdam, "sign_test both_rectify_branches", betas=(0.9, 0.9), sign_threshold=1.0),
     _config(ActiveAdaBelief, "sign_test amsgrad clamps", amsgrad=True, sign_threshold=0.5,
             max_gain=3.0),
@@ -109,8 +109,8 @@ CONFIGS = [
             weight_decay=0.1, maximize=True, sign_threshold=1.5),
     # ActiveSGD's and ActiveLion's sign test reads the epoch's sum of g**2 (grad_sq_sum)
     _config(ActiveSGD, "sign_test grad_sq_sum nesterov", nesterov=True, sign_threshold=1.0),
-    _config(ActiveLion, "sign_test grad_sq_sum maximize clamps", maximize=True, max_gain=3.0,
-            sign_threshold=0.8),
+    _config(ActiveLion, "sign_test grad_sq_sum maximize clamps relax_gains", maximize=True,
+            max_gain=3.0, sign_threshold=0.8, relax_gains=True),
     _config(ActiveLion, "defaults"),
     _config(ActiveLion, "weight_decay maximize clamps", betas=(0.8, 0.95), weight_decay=0.1,
             maximize=True, max_gain=3.0),
@@ -141,7 +141,9 @@ class OptimizerInfo:
 
 
 _SIGN_THRESHOLD_ERRORS = ((dict(sign_threshold=-1.0), "sign_threshold must be finite and >= 0"),
-                          (dict(sign_threshold=float("inf")), "sign_threshold must be finite"))
+                          (dict(sign_threshold=float("inf")), "sign_threshold must be finite"),
+                          (dict(sign_threshold=0.0, relax_gains=True),
+                           r"relax_gains needs the sign test \(sign_threshold > 0\)"))
 _BETAS_EPS_ERRORS = ((dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
                      (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
                      (dict(eps=-1e-8), "epsilon")) + _SIGN_THRESHOLD_ERRORS

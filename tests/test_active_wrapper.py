@@ -93,9 +93,10 @@ class HandOracle:
     test as docs/active_wrapper.md gives its noise): the inner optimizer's step comes from a
     deep copy of it taken before each step, a boundary reads that copy's moments after it."""
 
-    def __init__(self, params, epoch_steps, sign_threshold, gain_inc=2.0, gain_dec=0.5,
-                 min_gain=0.0, max_gain=math.inf):
+    def __init__(self, params, epoch_steps, sign_threshold, relax_gains=False, gain_inc=2.0,
+                 gain_dec=0.5, min_gain=0.0, max_gain=math.inf):
         self.params, self.epoch_steps, self.k = params, epoch_steps, sign_threshold
+        self.relax_gains = relax_gains
         self.rule = gain_inc, gain_dec, min_gain, max_gain
         self.state = {}  # id(param) -> dict(gain, grad_sum, grad_sq_sum, prev_sign, has_prev)
 
@@ -120,8 +121,11 @@ class HandOracle:
             if s["has_prev"]:
                 product = s["prev_sign"] * sign
                 decreased = s["gain"] * dec
-                if self.k > 0:  # no significant sign on one side: held
-                    decreased = torch.where(product < 0, decreased, s["gain"])
+                if self.k > 0:  # no significant sign on one side: held (relaxed toward 1)
+                    held = s["gain"]
+                    if self.relax_gains:
+                        held = torch.where(held > 1, 1 + (held - 1) * dec, held)
+                    decreased = torch.where(product < 0, decreased, held)
                 s["gain"] = torch.where(product > 0, s["gain"] + inc, decreased).clamp(lo, hi)
             s.update(grad_sum=torch.zeros_like(sign), grad_sq_sum=torch.zeros_like(sign),
                      prev_sign=sign, has_prev=True)
@@ -152,7 +156,7 @@ class HandOracle:
 
 def run_against_oracle(opt, params, grad_seq, end_epoch_every=None):
     oracle = HandOracle(params, opt.steps_per_epoch or end_epoch_every,
-                        opt.defaults["sign_threshold"])
+                        opt.defaults["sign_threshold"], opt.defaults["relax_gains"])
     for k, grads in enumerate(grad_seq):
         if k and end_epoch_every and k % end_epoch_every == 0:
             opt.end_epoch()
@@ -183,16 +187,29 @@ def assert_sums_match(opt, p, oracle_state):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inner", ["SGD", "AdamW", "Adafactor", "Adagrad", "RMSprop"])
-@pytest.mark.parametrize("sign_threshold", [0.0, 2.0])
-def test_moving_gains_match_a_float64_hand_transcription(inner, backend, sign_threshold):
+@pytest.mark.parametrize(("sign_threshold", "relax_gains"), [(0.0, False), (2.0, False),
+                                                           (2.0, True)])
+def test_moving_gains_match_a_float64_hand_transcription(inner, backend, sign_threshold,
+                                                         relax_gains):
     params = make_params()
     opt = Active(INNERS[inner](params), steps_per_epoch=6, backend=backend,
-                 sign_threshold=sign_threshold)
-    oracle = run_against_oracle(opt, params, grad_sequence(31))
+                 sign_threshold=sign_threshold, relax_gains=relax_gains)
+    grads = grad_sequence(30)
+    # then two epochs whose sums are exactly 0 (each gradient followed by its negation): no
+    # evidence, so grown gains are held, or relaxed toward 1
+    grads += [[g if k % 2 == 0 else -g for g in grads[k - k % 2]] for k in range(13)]
+    oracle = run_against_oracle(opt, params, grads)
     gains = torch.cat([s["gain"].flatten() for s in oracle.state.values()])
     assert (gains > 1).any() and (gains < 1).any()  # the rule moved them both ways
     if sign_threshold:  # and held the gains of the noise (the paper's rule halves them)
         assert (gains == 1).float().mean() > 0.2
+    if relax_gains:  # the gains that grew and then lost their evidence relaxed toward 1
+        held_params = make_params()
+        held = run_against_oracle(Active(INNERS[inner](held_params), steps_per_epoch=6,
+                                         backend=backend, sign_threshold=sign_threshold),
+                                  held_params, grads)
+        held_gains = torch.cat([s["gain"].flatten() for s in held.state.values()])
+        assert (gains <= held_gains).all() and (gains < held_gains).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -521,6 +538,8 @@ def test_bad_constructor_arguments_raise_and_leave_the_inner_optimizer_alone():
             Active(inner, **kwargs)
     with pytest.raises(TypeError, match="sign_threshold must be a real number"):
         Active(inner, steps_per_epoch=3, sign_threshold=True)
+    with pytest.raises(ValueError, match="relax_gains needs the sign test"):
+        Active(inner, steps_per_epoch=3, sign_threshold=0.0, relax_gains=True)
     assert [set(g) for g in inner.param_groups] == [set(g) for g in groups]
     Active(inner, steps_per_epoch=3)
     with pytest.raises(ValueError, match="wrapped by another Active"):
@@ -684,7 +703,7 @@ def test_add_param_group_joins_the_clock_with_its_own_gain_arguments():
 @pytest.mark.parametrize("noise", [None, "grad_sq_sums", "moments"])
 def test_scaling_pass_equals_the_reference(backend, dtype, boundary, maximize, noise):
     """noise: the sign test off, or its noise from the wrapper's sums of g**2 or from moments
-    (floors near the sums' squares: some counted, some not)."""
+    (floors near the sums' squares: some counted, some not; relax_gains with the moments)."""
     # a tensor spanning several chunks of the cpu kernel and odd sizes (SIMD tails)
     sizes = [(1 << 16) + 37, 5, 1000]
     gen = torch.Generator().manual_seed(2)
@@ -702,7 +721,8 @@ def test_scaling_pass_equals_the_reference(backend, dtype, boundary, maximize, n
             prev_signs=[torch.randint(-1, 2, (n,), generator=gen, dtype=torch.int8)
                         for n in sizes],
             rule=GainRule(gain_inc=2.0, gain_dec=0.5, min_gain=0.1, max_gain=3.0,
-                          sign_threshold=0.0 if noise is None else 2.0),
+                          sign_threshold=0.0 if noise is None else 2.0,
+                          relax_gains=noise == "moments"),
             maximize=maximize,
             boundary=boundary,
             **({} if noise is None else {
@@ -768,12 +788,13 @@ def test_the_cpu_op_checks_its_inputs_before_writing():
         (([sign], [squares], [], [], 2.0, 2), "sign_test_factors"),
         (([sign], [torch.zeros(3)], [], [4.0], 2.0, 2), "grad_sq_sums"),
         (([sign], [squares], [], [4.0], -1.0, 2), "sign_threshold"),
+        (([sign], [], [], [], 0.0, 2, True), r"relax_gains needs the sign test"),
     ]:
-        prev_signs, grad_sq_sums, moments, factors, k, boundary = args
+        prev_signs, grad_sq_sums, moments, factors, k, boundary, *relax = args
         with pytest.raises(RuntimeError, match=match):
             torch.ops.adaptive_lr.active_rescale_(
                 [p], [before], [grad], [gain], [grad_sum], prev_signs, grad_sq_sums, moments,
-                factors, 2.0, 0.5, 0.0, math.inf, k, False, boundary)
+                factors, 2.0, 0.5, 0.0, math.inf, k, bool(relax), False, boundary)
         assert torch.equal(p, torch.ones(4)) and torch.equal(grad_sum, torch.zeros(4))
         assert torch.equal(squares, torch.zeros(4))
 
@@ -783,6 +804,7 @@ def test_the_cpu_op_checks_its_inputs_before_writing():
     (dict(gain_dec=2.0), "gain_dec"), (dict(gain_inc=-1.0), "gain_inc"),
     (dict(gain_inc="2"), "gain_inc must be a real number"), (dict(max_gain=0.5), "max_gain"),
     (dict(sign_threshold=-1.0), "sign_threshold"), (dict(sign_threshold=None), "sign_threshold"),
+    (dict(relax_gains=1), "relax_gains must be a bool"),
 ])
 def test_a_bad_gain_argument_set_mid_run_fails_before_the_inner_step(backend, edit, message):
     """Every group's gain arguments are checked before the inner optimizer steps (they used to

@@ -57,6 +57,12 @@ def test_a_sign_threshold_that_is_no_real_number_is_a_type_error(cls, value):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_relax_gains_that_is_no_bool_is_a_type_error(cls):
+    with pytest.raises(TypeError, match="relax_gains must be a bool, got 1"):
+        _make(cls, [torch.zeros(2, requires_grad=True)], relax_gains=1)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_a_nan_sign_threshold_is_refused(cls):
     with pytest.raises(ValueError, match="sign_threshold must be finite and >= 0, got nan"):
         _make(cls, [torch.zeros(2, requires_grad=True)], sign_threshold=float("nan"))

@@ -250,6 +250,32 @@ def test_a_checkpoint_from_before_the_sign_test_of_sgd_and_lion_resumes_with_the
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_from_before_relax_gains_resumes_holding_its_gains(backend, tmp_path):
+    """Groups saved before relax_gains existed held their gains under the sign test: such a
+    state dict loads into an optimizer built with relax_gains=True, resumes with False and goes
+    on as the uninterrupted run of the rule it was saved with."""
+    config = configs("sign_test", "grad_sq_sum", cls=ActiveLion)[0]
+    params = make_params(torch.float32)
+    grads = grad_sequence([tuple(p.shape) for p in params], 14, torch.float32)
+    opt = config.make(params, backend="reference")
+    opt.param_groups[0]["relax_gains"] = False
+    _feed(opt, params, grads[:8])
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group["relax_gains"]
+    saved = _through_file({"params": [p.detach() for p in params], "opt": old}, tmp_path)
+    _feed(opt, params, grads[8:])
+
+    resumed_params = clone_params(saved["params"])
+    resumed = config.make(resumed_params, backend=backend)
+    assert resumed.defaults["relax_gains"]
+    resumed.load_state_dict(saved["opt"])
+    assert [g["relax_gains"] for g in resumed.param_groups] == [False]
+    _feed(resumed, resumed_params, grads[8:])
+    _assert_same_state(resumed, resumed_params, opt, params, tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_switching_the_sign_test_of_sgd_on_and_off_makes_and_drops_q(backend, tmp_path):
     """A group switched to k > 0 mid-run gets Q (of grad_sum's dtype) at its next step: +inf
     for the epoch under way (its sum G did not have Q beside it), the steps' g**2 from the next

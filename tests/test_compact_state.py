@@ -176,6 +176,7 @@ def test_the_fused_op_checks_compact_arguments():
                   steps=[torch.zeros(())], states=[torch.zeros(4)], lr=torch.tensor(0.1),
                   hyper=[0.0, 0.0, 0.0], weight_decay=0.0, maximize=False, gain_inc=2.0,
                   gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), sign_threshold=0.0,
+                  relax_gains=False,
                   epoch_steps=0, boundary=0, grad_scale=None, found_inf=None)
     op = torch.ops.adaptive_lr.active_step_
     bf16 = dict(gains=[torch.ones(4, dtype=torch.bfloat16)], grad_sums=[torch.zeros(4, dtype=torch.bfloat16)])
@@ -269,6 +270,7 @@ def test_the_fused_op_checks_bfloat16_moments():
                   prev_signs=[torch.zeros(4, dtype=torch.int8)], steps=[torch.zeros(())],
                   lr=torch.tensor(0.1), weight_decay=0.0, maximize=False, gain_inc=2.0,
                   gain_dec=0.5, min_gain=0.0, max_gain=float("inf"), sign_threshold=0.0,
+                  relax_gains=False,
                   epoch_steps=0, boundary=0, grad_scale=None, found_inf=None)
     compact = dict(gains=[bf16(1, 1, 1, 1)], grad_sums=[bf16(0, 0, 0, 0)], rounding_seeds=[1])
     op = torch.ops.adaptive_lr.active_step_

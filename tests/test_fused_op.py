@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"fused cpu backend:
 
 OP = torch.ops.adaptive_lr.active_step_.default
 GAIN_RULE = dict(gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=3.0, sign_threshold=0.0,
-                 epoch_steps=3)
+                 relax_gains=False, epoch_steps=3)
 SIZES = (1, 17, 300)  # a lone element, SIMD groups plus a tail
 SCHEDULE = (Boundary.ROLL, Boundary.NONE, Boundary.UPDATE, Boundary.NONE, Boundary.UPDATE)
 
@@ -29,7 +29,8 @@ def num_states(kernel, hyper):
     return 3 if hyper[3] else 2  # adam: exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad
 
 
-def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_threshold=0.0, seed=0):
+def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_threshold=0.0,
+              relax_gains=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -61,7 +62,7 @@ def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_thres
         boundary=int(Boundary.NONE),
         grad_scale=None,
         found_inf=None,
-        **dict(GAIN_RULE, sign_threshold=sign_threshold),
+        **dict(GAIN_RULE, sign_threshold=sign_threshold, relax_gains=relax_gains),
     )
     # lion's sign test reads the epoch's sum of g**2 (drawn last: the other tensors stay as they were)
     keeps_q = kernel == "lion" and sign_threshold > 0
@@ -92,8 +93,11 @@ def transcription(a: dict) -> None:
             product = prev * sign
             if a["boundary"] == Boundary.UPDATE:
                 held = (product == 0) & (k > 0)
+                kept = gain  # a held gain, or with relax_gains one above 1 moved toward 1
+                if a["relax_gains"]:
+                    kept = torch.where(gain > 1, 1 + (gain - 1) * a["gain_dec"], gain)
                 gain = torch.where(product > 0, gain + a["gain_inc"],
-                                   torch.where(held, gain, gain * a["gain_dec"]))
+                                   torch.where(held, kept, gain * a["gain_dec"]))
                 gain = gain.float().double().clamp(a["min_gain"], a["max_gain"])
             prev, gsum = sign, torch.zeros_like(gsum)
         gsum = gsum + g.float().double()
@@ -143,6 +147,7 @@ CASES = {
     "lion": ("lion", [0.9, 0.99], dict(weight_decay=0.1)),
     "lion-maximize": ("lion", [0.95, 0.98], dict(maximize=True)),
     "lion-sign-test": ("lion", [0.9, 0.99], dict(sign_threshold=0.5, maximize=True)),
+    "lion-sign-test-relax": ("lion", [0.9, 0.99], dict(sign_threshold=0.5, relax_gains=True)),
 }
 
 
@@ -189,6 +194,7 @@ BAD_ARGS = {
     "l2": (dict(hyper=[0.9, 0.999, 1e-8, 0.0, -1.0]), r"adam's weight_decay must be >= 0"),
     "sign_threshold": (dict(sign_threshold=-1.0), r"sign_threshold must be finite and >= 0"),
     "epoch_steps": (dict(epoch_steps=-1), r"epoch_steps must be >= 0"),
+    "relax_gains": (dict(relax_gains=True), r"relax_gains needs the sign test"),
     "state count": (dict(hyper=[0.9, 0.999, 1e-8, 1.0, 0.1]),
                     r"adam with these hyperparameters keeps 3 states per param \(exp_avg, "
                     r"exp_avg_sq, max_exp_avg_sq\), so states must hold 3 \* 3 = 9 tensors"),

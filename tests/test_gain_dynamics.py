@@ -50,14 +50,14 @@ def test_zero_gradients_shrink(backend):
     torch.testing.assert_close(gain, expected)
 
 
-def _run_grads(cls, grads_per_epoch, backend, sign_threshold):
+def _run_grads(cls, grads_per_epoch, backend, sign_threshold, **kwargs):
     """``cls`` on one param of 4 elements; epoch e's steps get grads_per_epoch[e][step]. With a
     constant gradient g the epoch sum is S g and the noise estimate S g**2 (ActiveAdamW: S v_hat,
     v_hat = g**2; ActiveSGD and ActiveLion: Q, the sum of g**2): the sign test passes exactly
     when S > sign_threshold^2."""
     p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     opt = cls([p], lr=1e-6, steps_per_epoch=S, weight_decay=0.0, sign_threshold=sign_threshold,
-              backend=backend)
+              backend=backend, **kwargs)
     for epoch in grads_per_epoch:
         for grad in epoch:
             p.grad = torch.tensor(grad, dtype=torch.float64)
@@ -97,6 +97,21 @@ def test_sign_test_holds_gains_without_evidence(backend, cls):
     torch.testing.assert_close(paper, torch.tensor([7.0, 7.0, 0.125, 0.125]))
     tested, _ = _run_grads(cls, noise, backend, 1.0)
     torch.testing.assert_close(tested, torch.ones(4))
+
+
+@pytest.mark.parametrize("cls", SIGN_TESTED, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relax_gains_moves_held_gains_above_1_toward_1(backend, cls):
+    """relax_gains: with no evidence a gain above 1 becomes 1 + (gain - 1) * gain_dec per epoch
+    (the closed form 1 + (gain - 1) * d**n after n such epochs); a gain below 1 is held, and
+    persistent or flipping signs move a gain as without it. Elements: persistent for 4 epochs
+    then zero for 3; persistent for all 7; alternating for 4 then zero; zero throughout."""
+    grads = [[[1.0, -2.0, 2.0 if e % 2 == 0 else -2.0, 0.0]] * S if e < 4 else
+             [[0.0, -2.0, 0.0, 0.0]] * S for e in range(7)]
+    relaxed, _ = _run_grads(cls, grads, backend, 1.5, relax_gains=True)
+    torch.testing.assert_close(relaxed, torch.tensor([1 + 6 * 0.5**3, 1 + 6 * 2.0, 0.5**3, 1.0]))
+    held, _ = _run_grads(cls, grads, backend, 1.5)
+    torch.testing.assert_close(held, torch.tensor([7.0, 13.0, 0.5**3, 1.0]))
 
 
 @pytest.mark.parametrize("cls", [ActiveSGD, ActiveLion], ids=lambda c: c.__name__)

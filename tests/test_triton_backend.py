@@ -163,7 +163,7 @@ def test_wrong_hyperparameter_names_or_update_are_refused():
     rows = [[p], [p.clone()], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3, dtype=torch.int8)],
             [torch.zeros(())], [torch.zeros(3)], [torch.zeros(3)]]
     args = dict(lr=torch.tensor(0.1, dtype=torch.float64), weight_decay=0.0,
-                gain_rule=(2.0, 0.5, 0.0, math.inf, 0.0), epoch_steps=3, maximize=False,
+                gain_rule=(2.0, 0.5, 0.0, math.inf, 0.0, False), epoch_steps=3, maximize=False,
                 boundary=0, contiguous=True)
     adamw = dict(beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=0.0)
     lion = dict(beta1=0.9, beta2=0.99)
@@ -178,9 +178,12 @@ def test_wrong_hyperparameter_names_or_update_are_refused():
         kernels.active_step("adamx", rows, adamw, **args)
     with pytest.raises(ValueError, match="lion with sign_threshold 1.0 takes grad_sq_sums"):
         kernels.active_step("lion", rows[:7], lion,
-                            **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0)))
+                            **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0, False)))
     with pytest.raises(ValueError, match="lion with sign_threshold 0.0 takes no grad_sq_sums"):
         kernels.active_step("lion", rows[:7], lion, grad_sq_sums=[torch.zeros(3)], **args)
+    with pytest.raises(ValueError, match=r"relax_gains needs the sign test"):
+        kernels.active_step("lion", rows[:7], lion,
+                            **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 0.0, True)))
     assert torch.equal(p, torch.zeros(3)) and rows[5][0].item() == 0  # nothing ran
 
 
@@ -467,8 +470,8 @@ if INTERPRETED:
 def test_the_sign_test_finds_beta2_by_name(monkeypatch):
     """The sign test bias-corrects the second moment with beta2 wherever the update lists it."""
     sign_test = dict(lr=torch.tensor(0.1, dtype=torch.float64), weight_decay=0.0,
-                     gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0), epoch_steps=2, maximize=False,
-                     boundary=2, contiguous=True)
+                     gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0, False), epoch_steps=2,
+                     maximize=False, boundary=2, contiguous=True)
 
     def gains_after_a_boundary(update):
         monkeypatch.setitem(kernels.UPDATES, "keep", update)
@@ -535,11 +538,11 @@ for arch, spec, dtype, boundary, flags, bf16_moments in VARIANTS:
     update = UPDATES[spec.kernel]
     n_state = len(spec.state) - (spec.amsgrad_state is not None and not flags)
     # flags on: the sign test too (on the second moment, or on grad_sq_sum for an update
-    # without one); low-precision params compile with compact state, the others with full state
+    # without one), relaxing held gains; low-precision params compile with compact state, the others with full state
     constants = dict(UPDATE=update.function, N_HYPER=len(update.hyper), N_STATE=n_state,
                      BOUNDARY=boundary, MOMENT=update.second_moment or 0,
                      BETA2=update.hyper.index("beta2") if flags and update.second_moment is not None
-                     else 0, SIGN_TEST=flags,
+                     else 0, SIGN_TEST=flags, RELAX=flags,
                      GRAD_SQ=flags and update.second_moment is None,
                      COMPACT=dtype in ("bf16", "fp16"), BF16_MOMENTS=bf16_moments,
                      MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,

@@ -13,8 +13,8 @@ index ``i`` of the bucket, exactly the per-element step of docs/algorithm.md:
    grad_sum**2 > k**2 * epoch_steps * v / (1 - beta2**step) (the Adam family: v its second
    moment, step its count, both before this step), or grad_sum**2 > k**2 * grad_sq_sum (an
    optimizer without a second moment), else it is 0; and a gain whose signs' product is 0 is
-   held instead of decreased (docs/algorithm.md, "The sign test"). ``grad_sq_sums`` is reset
-   with grad_sum.
+   held instead of decreased, or with ``relax_gains`` becomes 1 + (gain - 1) * gain_dec where it
+   is above 1 (docs/algorithm.md, "The sign test"). ``grad_sq_sums`` is reset with grad_sum.
    The boundary is applied even when ``found_inf`` is set (it never reads this step's gradient).
 2. if ``found_inf`` is given and non-zero: nothing else (no accumulation, no update, step unchanged);
 3. g = grad / grad_scale (if given), negated when ``maximize``; grad_sum += g (float32);

@@ -14,7 +14,7 @@ import torch
 
 from torch import Tensor
 
-from ..gain_rule import GainRule
+from ..gain_rule import GainRule, held_gain
 from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
     accumulate_stochastic, moment_key, rounding_key, store_stochastic, store_stochastic_gain,
@@ -57,7 +57,8 @@ def apply_boundary(boundary: Boundary, gains: list[Tensor], grad_sums: list[Tens
         decreased = torch._foreach_mul(gains32, rule.gain_dec)
         torch._foreach_mul_(decreased, flipped)
         torch._foreach_add_(increased, decreased)
-        torch._foreach_add_(increased, torch._foreach_mul(gains32, held))
+        held_gains = [held_gain(gain, rule) for gain in gains32]
+        torch._foreach_add_(increased, torch._foreach_mul(held_gains, held))
         torch._foreach_clamp_min_(increased, rule.min_gain)
         torch._foreach_clamp_max_(increased, rule.max_gain)
         if roundings is None:

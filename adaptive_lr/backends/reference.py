@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..gain_rule import GainRule
+from ..gain_rule import GainRule, held_gain
 from .bucket import Boundary, Bucket, sign_test_floors, state_dtype
 from .rounding import (
     bfloat16_stochastic, bfloat16_stochastic_gain, bfloat16_stochastic_low_bits, element_index,
@@ -41,8 +41,8 @@ def apply_boundary(boundary: Boundary, gain: Tensor, grad_sum: Tensor, prev_sign
         product = prev_sign.to(torch.int32) * sign.to(torch.int32)
         gain32 = gain.float()  # a compact (bfloat16) gain is computed in float32
         decreased = gain32 * rule.gain_dec
-        if rule.sign_threshold > 0:  # no evidence either way: the gain is held
-            decreased = torch.where(product < 0, decreased, gain32)
+        if rule.sign_threshold > 0:  # no evidence either way: the gain is held (or relaxed)
+            decreased = torch.where(product < 0, decreased, held_gain(gain32, rule))
         new_gain = torch.where(product > 0, gain32 + rule.gain_inc, decreased)
         new_gain.clamp_(rule.min_gain, rule.max_gain)
         if gain.dtype == torch.bfloat16:  # compact: rounded stochastically, after the clamp

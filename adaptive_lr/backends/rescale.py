@@ -116,7 +116,7 @@ def cpu(b: RescaleBucket) -> None:
         prev_signs=b.prev_signs, grad_sq_sums=b.grad_sq_sums or [], moments=b.moments or [],
         sign_test_factors=b.sign_test_factors or [], gain_inc=h.gain_inc, gain_dec=h.gain_dec,
         min_gain=h.min_gain, max_gain=h.max_gain, sign_threshold=h.sign_threshold,
-        maximize=b.maximize, boundary=int(b.boundary)))
+        relax_gains=h.relax_gains, maximize=b.maximize, boundary=int(b.boundary)))
 
 
 # The pass each backend runs (every name of adaptive_lr.backends.NAMES)

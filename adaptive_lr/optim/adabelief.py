@@ -99,9 +99,11 @@ class ActiveAdaBelief(ActiveOptimizer):
     def __init__(self, params, lr=1e-3, *, steps_per_epoch, betas=(0.9, 0.999), eps=1e-16,
                  weight_decay=0.0, amsgrad=False, rectify=True, gain_inc=2.0, gain_dec=0.5,
                  min_gain=0.0, max_gain=float("inf"), sign_threshold=DEFAULT_SIGN_THRESHOLD,
+                 relax_gains=False,
                  maximize=False, backend="auto", state_precision="compact"):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, rectify=rectify, gain_inc=gain_inc, gain_dec=gain_dec,
                         min_gain=min_gain, max_gain=max_gain, sign_threshold=sign_threshold,
+                        relax_gains=relax_gains,
                         maximize=maximize)
         super().__init__(params, defaults, steps_per_epoch, backend, state_precision)

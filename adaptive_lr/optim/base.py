@@ -32,6 +32,8 @@ GAIN_ARGS_DOC = """
     gain_inc (float): additive gain increase when an element's epoch-gradient sign persists (2.0).
     gain_dec (float): multiplicative gain decrease when it flips or is zero (0.5).
     min_gain, max_gain (float): clamp of every gain (0 and inf: off, as in the paper).
+    relax_gains (bool): under the sign test, a gain above 1 with no significant sign to compare
+        moves toward 1, to ``1 + (gain - 1) * gain_dec``, instead of being held (False).
     maximize (bool): maximize the objective instead of minimizing it.
     backend (str): "auto" (fastest available), "reference", "foreach", "cpu", "cuda" or "triton".
     state_precision (str): "compact" (default): bfloat16 gains and epoch sums (rounded

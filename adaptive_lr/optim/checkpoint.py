@@ -33,8 +33,10 @@ def upgrade_saved_group(saved: dict) -> None:
     """A param group saved by an earlier version, completed in place: one without a sign test
     (any optimizer up to 0.1.0; ActiveSGD and ActiveLion until they had one) resumes with the
     rule it was saved with, the paper's (sign_threshold 0); versions up to 0.1.0 had no
-    epoch_steps either (which only the sign test reads). Shared with ``Active(optimizer)``."""
+    epoch_steps either (which only the sign test reads); a group saved before relax_gains held
+    its gains (relax_gains False). Shared with ``Active(optimizer)``."""
     saved.setdefault("sign_threshold", 0.0)
+    saved.setdefault("relax_gains", False)
     saved.setdefault("epoch_steps", 0)
 
 

@@ -71,9 +71,10 @@ class ActiveLion(ActiveOptimizer):
 
     def __init__(self, params, lr=1e-4, *, steps_per_epoch, betas=(0.9, 0.99), weight_decay=0.0,
                  gain_inc=2.0, gain_dec=0.5, min_gain=0.0, max_gain=float("inf"),
-                 sign_threshold=DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, maximize=False, backend="auto",
+                 sign_threshold=DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, relax_gains=False,
+                 maximize=False, backend="auto",
                  state_precision="compact"):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, gain_inc=gain_inc,
                         gain_dec=gain_dec, min_gain=min_gain, max_gain=max_gain,
-                        maximize=maximize, sign_threshold=sign_threshold)
+                        maximize=maximize, sign_threshold=sign_threshold, relax_gains=relax_gains)
         super().__init__(params, defaults, steps_per_epoch, backend, state_precision)

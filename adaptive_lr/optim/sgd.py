@@ -88,9 +88,9 @@ class ActiveSGD(ActiveOptimizer):
     def __init__(self, params, lr, steps_per_epoch, momentum=0.9, dampening=0.0, nesterov=False,
                  weight_decay=0.0, gain_inc=2.0, gain_dec=0.5, min_gain=0.0,
                  max_gain=float("inf"), maximize=False, backend="auto", state_precision="compact",
-                 sign_threshold=DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD):
+                 sign_threshold=DEFAULT_GRAD_SQ_SUM_SIGN_THRESHOLD, relax_gains=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, gain_inc=gain_inc, gain_dec=gain_dec,
                         min_gain=min_gain, max_gain=max_gain, maximize=maximize,
-                        sign_threshold=sign_threshold)
+                        sign_threshold=sign_threshold, relax_gains=relax_gains)
         super().__init__(params, defaults, steps_per_epoch, backend, state_precision)

@@ -46,7 +46,8 @@ class Active(GainStats, EpochClock, torch.optim.Optimizer):
 
     Args:
         optimizer: the optimizer to wrap (its param groups get the keys ``gain_inc``,
-            ``gain_dec``, ``min_gain``, ``max_gain``, ``sign_threshold``, ``epoch``,
+            ``gain_dec``, ``min_gain``, ``max_gain``, ``sign_threshold``, ``relax_gains``,
+            ``epoch``,
             ``steps_in_epoch``, ``boundary_pending`` and ``epoch_steps``).
         steps_per_epoch (int or None): optimizer steps per epoch; ``None``: call
             :meth:`end_epoch` at each epoch's end instead.
@@ -59,6 +60,8 @@ class Active(GainStats, EpochClock, torch.optim.Optimizer):
             RAdam, RMSprop, Adadelta, Adagrad), else it is the epoch's sum of g**2, kept by
             Active (4 more bytes per element). 0: the paper's rule (every nonzero sum counts, a
             zero product decreases the gain), with no extra state.
+        relax_gains (bool): under the sign test, a gain above 1 with no counted sign to compare
+            moves toward 1, to ``1 + (gain - 1) * gain_dec``, instead of being held (False).
         backend (str): "auto", "reference", "foreach", "cpu", "cuda" or "triton" (the last two
             run the scaling pass with foreach ops).
     """
@@ -70,6 +73,7 @@ class Active(GainStats, EpochClock, torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int | None,
                  gain_inc: float = 2.0, gain_dec: float = 0.5, min_gain: float = 0.0,
                  max_gain: float = math.inf, sign_threshold: float = DEFAULT_SIGN_THRESHOLD,
+                 relax_gains: bool = False,
                  backend: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -86,7 +90,8 @@ class Active(GainStats, EpochClock, torch.optim.Optimizer):
             f"unknown backend {backend!r}; choose one of {('auto',) + backends.NAMES}",
         )
         rule = GainRule(gain_inc=gain_inc, gain_dec=gain_dec, min_gain=min_gain,
-                        max_gain=max_gain, sign_threshold=sign_threshold)
+                        max_gain=max_gain, sign_threshold=sign_threshold,
+                        relax_gains=relax_gains)
         rule.validate()
         gains = asdict(rule)
         for i, group in enumerate(optimizer.param_groups):

@@ -170,13 +170,16 @@ CANDIDATES = {
     "sq-k=1": {"sign_threshold": 1.0},
     "sq-k=2": {"sign_threshold": 2.0},
     "sq-k=3": {"sign_threshold": 3.0},
+    # issue 21's third round (docs/RESULTS.md §5.8): sq-k=2, and a held gain above 1 relaxes
+    # toward 1 by gain_dec
+    "sq-k=2-relax": {"sign_threshold": 2.0, "relax_gains": True},
 }
 # optimizers with a second moment: the sign test on it (k=...)
 ADAM_FAMILY = ("AdamW", "RAdam", "AdaBelief", "Adam")
 SECOND_MOMENT_CANDIDATES = ("k=1", "k=2", "k=3")
 # optimizers without one: the sign test on the epoch's sum of g**2 (issue 21, sq-k=...)
 NO_SECOND_MOMENT = ("SGD", "Lion")
-NOISE_CANDIDATES = ("sq-k=1", "sq-k=2", "sq-k=3")
+NOISE_CANDIDATES = ("sq-k=1", "sq-k=2", "sq-k=3", "sq-k=2-relax")
 # anchor -> its default lr
 ANCHORS = {"Prodigy": 1.0, "SF-AdamW": 0.0025, "DoG": 1.0, "DAdaptSGD": 1.0}
 # pair -> the anchors it is compared with, parameter-free methods of its kind; Lion's is Prodigy

@@ -164,11 +164,13 @@ RunChunks pick_capability() {
 void validate(const char* op, TensorList params, TensorList befores, TensorList grads,
               TensorList gains, TensorList grad_sums, TensorList prev_signs,
               TensorList grad_sq_sums, TensorList moments, at::ArrayRef<double> sign_test_factors,
-              double sign_threshold, int64_t boundary) {
+              double sign_threshold, bool relax_gains, int64_t boundary) {
   TORCH_CHECK(boundary >= 0 && boundary <= 2, op,
               ": boundary must be 0 (none), 1 (roll) or 2 (update), got ", boundary);
   TORCH_CHECK(std::isfinite(sign_threshold) && sign_threshold >= 0, op,
               ": sign_threshold must be finite and >= 0, got ", sign_threshold);
+  TORCH_CHECK(!relax_gains || sign_threshold > 0, op,
+              ": relax_gains needs the sign test (sign_threshold > 0)");
   const size_t n = params.size();
   TORCH_CHECK(n > 0 && params[0].defined(), op, ": params is empty");
   const std::vector<NamedList> lists = {{"befores", befores}, {"grads", grads}, {"gains", gains},
@@ -216,9 +218,9 @@ void active_rescale_(TensorList params, TensorList befores, TensorList grads, Te
                      TensorList grad_sums, TensorList prev_signs, TensorList grad_sq_sums,
                      TensorList moments, at::ArrayRef<double> sign_test_factors, double gain_inc,
                      double gain_dec, double min_gain, double max_gain, double sign_threshold,
-                     bool maximize, int64_t boundary) {
+                     bool relax_gains, bool maximize, int64_t boundary) {
   validate("active_rescale_", params, befores, grads, gains, grad_sums, prev_signs, grad_sq_sums,
-           moments, sign_test_factors, sign_threshold, boundary);
+           moments, sign_test_factors, sign_threshold, relax_gains, boundary);
   const size_t n = params.size();
   std::vector<Ptrs> tensors(n);
   std::vector<int64_t> numels(n);
@@ -237,8 +239,8 @@ void active_rescale_(TensorList params, TensorList befores, TensorList grads, Te
   // no weight decay or lr here (decay 1): only the gain rule and maximize's sign are used; the
   // sign test's factors come per tensor (no epoch length here)
   const Pass pass{params[0].scalar_type(), static_cast<Boundary>(boundary),
-                  common_hyper(gain_inc, gain_dec, min_gain, max_gain, sign_threshold, 0, 0.0,
-                               maximize, 0.0, nullptr),
+                  common_hyper(gain_inc, gain_dec, min_gain, max_gain, sign_threshold,
+                               relax_gains, 0, 0.0, maximize, 0.0, nullptr),
                   !grad_sq_sums.empty(), sign_test_factors.data(), tensors.data(), chunks.data()};
   static const RunChunks run_chunks = pick_capability();
   parallel_over_shares(chunks.data(), static_cast<int64_t>(chunks.size()), numel,
@@ -247,7 +249,7 @@ void active_rescale_(TensorList params, TensorList befores, TensorList grads, Te
 
 void active_rescale_meta(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
                          TensorList, TensorList, at::ArrayRef<double>, double, double, double,
-                         double, double, bool, int64_t) {}
+                         double, double, bool, bool, int64_t) {}
 
 }  // namespace
 
@@ -256,7 +258,8 @@ TORCH_LIBRARY_FRAGMENT(adaptive_lr, m) {
   m.def("active_rescale_(Tensor(a!)[] params, Tensor[] befores, Tensor[] grads, "
         "Tensor(b!)[] gains, Tensor(c!)[] grad_sums, Tensor(d!)[] prev_signs, "
         "Tensor(e!)[] grad_sq_sums, Tensor[] moments, float[] sign_test_factors, float gain_inc, "
-        "float gain_dec, float min_gain, float max_gain, float sign_threshold, bool maximize, "
+        "float gain_dec, float min_gain, float max_gain, float sign_threshold, bool relax_gains, "
+        "bool maximize, "
         "int boundary) -> ()");
 }
 

@@ -154,7 +154,8 @@ struct ActiveStep {
     const double lr = a.lr_is_double ? *static_cast<const double*>(a.lr)
                                      : *static_cast<const float*>(a.lr);
     s.common = common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold,
-                            a.epoch_steps, a.weight_decay, a.maximize, lr, a.grad_scale);
+                            a.relax_gains, a.epoch_steps, a.weight_decay, a.maximize, lr,
+                            a.grad_scale);
     s.hyper = a.hyper;
     s.hyper.lr = lr;
     s.sign_test_factor = sign_test_factor<Kernel>(s.common, s.hyper, static_cast<double>(step));

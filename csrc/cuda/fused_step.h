@@ -51,6 +51,7 @@ template <class Kernel>
 struct StepArgs {
   typename Kernel::Hyper hyper;  // its lr is ignored: the kernel reads *lr
   double gain_inc, gain_dec, min_gain, max_gain, sign_threshold;
+  bool relax_gains;
   int64_t epoch_steps;
   double weight_decay;
   bool maximize;

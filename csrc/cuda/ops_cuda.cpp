@@ -76,6 +76,7 @@ void fused_step(const char* op, const ActiveArgs& a, const std::vector<NamedList
                               a.min_gain,
                               a.max_gain,
                               a.sign_threshold,
+                              a.relax_gains,
                               a.epoch_steps,
                               a.weight_decay,
                               a.maximize,

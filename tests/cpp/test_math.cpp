@@ -13,12 +13,13 @@ namespace {
 
 CommonHyper hyper(float min_gain = 0, float max_gain = INFINITY, double decay = 1,
                   double grad_divisor = 1, bool divide_grad = false) {
-  return {2.0f, 0.5f, min_gain, max_gain, false, 0.0, 0.0, decay, grad_divisor, divide_grad};
+  return {2.0f, 0.5f, min_gain, max_gain, false, false, 0.0, 0.0, decay, grad_divisor, divide_grad};
 }
 
 // The paper's gains (2, 0.5, no clamp) with the sign test at threshold k over epochs of S steps.
-CommonHyper sign_test_hyper(double k, int64_t epoch_steps) {
-  return common_hyper(2.0, 0.5, 0.0, INFINITY, k, epoch_steps, 0.0, false, 0.0, nullptr);
+CommonHyper sign_test_hyper(double k, int64_t epoch_steps, bool relax_gains = false) {
+  return common_hyper(2.0, 0.5, 0.0, INFINITY, k, relax_gains, epoch_steps, 0.0, false, 0.0,
+                      nullptr);
 }
 
 // Kernel K's Hyper from the op's hyperparameter list, in K::kHyper's order.
@@ -103,6 +104,29 @@ void test_sign_test() {
   T gain = 1, sum = 3.5, prev = 1;
   apply_boundary<Boundary::kRoll>(c, gain, sum, prev, T(1));
   CHECK(gain == 1 && prev == 0);
+}
+
+// relax_gains: a gain the sign test holds moves toward 1 from above, 1 + (gain - 1) * gain_dec;
+// a gain at or below 1 is held; an increase or a flip is as without it.
+template <class T>
+void test_relax_gains() {
+  const CommonLanes<T> c(sign_test_hyper(2, 4, true), 16);  // v = 1: a sum counts where |G| > 4
+  CHECK(c.relax_gains && !CommonLanes<T>(sign_test_hyper(2, 4), 16).relax_gains);
+  const auto after = [&](T gain, T prev, T sum) {
+    apply_boundary<Boundary::kUpdate>(c, gain, sum, prev, T(1));
+    return gain;
+  };
+  CHECK(after(9, 1, 3.5) == 5);      // within the noise: halfway back to 1
+  CHECK(after(9, 0, 4.5) == 5);      // no previous sign
+  CHECK(after(9, 1, 0) == 5);        // a zero sum
+  CHECK(after(1.5, 1, 3.5) == 1.25);
+  CHECK(after(1, 1, 3.5) == 1);      // at 1: held
+  CHECK(after(0.25, 1, 3.5) == 0.25);  // below 1: held (a shrunk gain stays shrunk)
+  CHECK(after(9, 1, 4.5) == 11);     // significant, same sign: + gain_inc
+  CHECK(after(9, 1, -4.5) == 4.5);   // significant flip: * gain_dec
+  // float32 arithmetic in double lanes too: (gain - 1) * d + 1, each rounded to float
+  const float g = 1.0f + 3.0f * 0x1p-23f;
+  CHECK(after(T(g), 1, 0) == T((g - 1.0f) * 0.5f + 1.0f));
 }
 
 // One fused step (the tensor's t-th) of a single element for kernel K; returns theta, updates the
@@ -346,6 +370,7 @@ template <class T>
 void test_all() {
   test_boundary<T>();
   test_sign_test<T>();
+  test_relax_gains<T>();
   test_grad_sq_sum<Sgd, T>(hyper_of<Sgd>(0.1, {0.9, 0, 0}));
   test_grad_sq_sum<Lion, T>(hyper_of<Lion>(0.1, {0.9, 0.99}));
   test_accumulation_and_grad_scaling<T>();

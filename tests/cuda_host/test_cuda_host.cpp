@@ -177,7 +177,7 @@ void reference_step(std::vector<Tensors<Kernel, P, S>>& ts, const std::vector<Ar
   if (skip && B == Boundary::kNone) return;
   const CommonHyper common =
       common_hyper(a.gain_inc, a.gain_dec, a.min_gain, a.max_gain, a.sign_threshold,
-                   a.epoch_steps, a.weight_decay, a.maximize, lr, a.grad_scale);
+                   a.relax_gains, a.epoch_steps, a.weight_decay, a.maximize, lr, a.grad_scale);
   const int num_states = hyper.num_states();
   const bool keeps_grad_sq_sum = kKeepsGradSqSum<Kernel> && common.sign_test;
   for (size_t t = 0; t < ts.size(); ++t) {
@@ -289,7 +289,7 @@ struct Shape {
 
 // A config: one kernel, param dtype and state precision, and the step arguments' variants.
 struct Variant {
-  bool lr_is_double, grad_scale, maximize, found_inf, sign_test, flags;
+  bool lr_is_double, grad_scale, maximize, found_inf, sign_test, relax_gains, flags;
   double weight_decay;
 };
 
@@ -362,6 +362,7 @@ bool run_config(const char* name, const char* dtype, const std::vector<Shape>& s
                                    0.1,
                                    8.0,
                                    v.sign_test ? 0.5 : 0.0,
+                                   v.relax_gains,
                                    3,
                                    v.weight_decay,
                                    v.maximize,
@@ -373,10 +374,10 @@ bool run_config(const char* name, const char* dtype, const std::vector<Shape>& s
   char label[256];
   std::snprintf(label, sizeof label,
                 "%s %s %s (lr %s, grad_scale %d, maximize %d, found_inf %d, sign_test %d, "
-                "flags %d, weight_decay %g, %zu tensors)",
+                "relax_gains %d, flags %d, weight_decay %g, %zu tensors)",
                 name, dtype, kPrecisionNames[static_cast<int>(S)],
                 v.lr_is_double ? "double" : "float", v.grad_scale, v.maximize, v.found_inf,
-                v.sign_test, v.flags, v.weight_decay, n);
+                v.sign_test, v.relax_gains, v.flags, v.weight_decay, n);
   ++g_configs;
   for (size_t s = 0; s < schedule.size(); ++s) {
     // this step's gradients: a per-element constant sign plus noise, so epochs agree or flip
@@ -474,8 +475,10 @@ std::vector<Shape> shapes_for(uint32_t seed) {
 template <class Kernel, class P, StatePrecision S>
 void run_variants(const char* name, const char* dtype, uint32_t& seed) {
   const int variant = static_cast<int>(seed % 8);
-  const Variant v{(variant & 1) != 0, (variant & 2) != 0, variant % 3 == 1, variant % 4 != 3,
-                  (variant & 4) == 0, S == StatePrecision::kFull, variant % 2 == 0 ? 0.01 : 0.0};
+  const bool sign_test = (variant & 4) == 0;
+  const Variant v{(variant & 1) != 0,        (variant & 2) != 0, variant % 3 == 1,
+                  variant % 4 != 3,          sign_test,          sign_test && variant % 3 == 0,
+                  S == StatePrecision::kFull, variant % 2 == 0 ? 0.01 : 0.0};
   run_config<Kernel, P, S>(name, dtype, shapes_for(seed), v, kSchedule, kInfSteps, seed);
   ++seed;
 }
@@ -513,7 +516,7 @@ void test_many_tensors(const char* name, uint32_t& seed) {
                                   acu::launch_limits<Kernel>());
   CHECK(plan.size() == 2);
   const uint64_t before = cuda_host::launcher().launches;
-  const Variant v{true, true, false, true, true, true, 0.01};
+  const Variant v{true, true, false, true, true, true, true, 0.01};
   const std::vector<Boundary> schedule = {Boundary::kNone, Boundary::kRoll, Boundary::kUpdate,
                                           Boundary::kUpdate};
   run_config<Kernel, float, StatePrecision::kCompact>(name, "float32", shapes, v, schedule, {2},
@@ -537,7 +540,7 @@ void test_split_tensor(const char* name, const char* dtype, uint32_t& seed) {
   CHECK(plan.size() == 2);
   CHECK(plan.size() == 2 && !plan[0].slots.back().finishes && plan[1].slots[0].tensor == 1);
   const std::vector<Boundary> schedule = {Boundary::kRoll, Boundary::kUpdate};
-  const Variant v{false, false, true, true, true, true, 0.01};
+  const Variant v{false, false, true, true, true, false, true, 0.01};
   run_config<Kernel, P, S>(name, dtype, shapes, v, schedule, {}, seed++);
 }
 

@@ -49,8 +49,9 @@ struct CommonHyper {
   float gain_inc, gain_dec, min_gain, max_gain;
   // The sign test (sign_threshold k > 0; docs/algorithm.md): an epoch sum G counts as a sign
   // only where G^2 > k^2 S / (1 - beta2^t) * v (v the second moment), or G^2 > k^2 Q for a kernel
-  // without one (Q the epoch's sum of g^2), and a gain with no sign to compare is held.
-  bool sign_test;
+  // without one (Q the epoch's sum of g^2), and a gain with no sign to compare is held, or, with
+  // relax_gains, a gain above 1 moves toward 1: 1 + (gain - 1) * gain_dec.
+  bool sign_test, relax_gains;
   double sign_threshold_squared;  // k^2
   double sign_test_numerator;     // k^2 S, S the length of the epoch that ended
   double decay;         // 1 - lr * weight_decay: decoupled weight decay, not scaled by the gain
@@ -62,7 +63,8 @@ struct CommonHyper {
 // read for this step: by the CPU op on the host, by the CUDA kernels from device memory.
 ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_dec, double min_gain,
                                                  double max_gain, double sign_threshold,
-                                                 int64_t epoch_steps, double weight_decay,
+                                                 bool relax_gains, int64_t epoch_steps,
+                                                 double weight_decay,
                                                  bool maximize, double lr,
                                                  const float* grad_scale) {
   const double scale = grad_scale != nullptr ? *grad_scale : 1.0;
@@ -72,6 +74,7 @@ ADAPTIVE_LR_HOST_DEVICE CommonHyper common_hyper(double gain_inc, double gain_de
           static_cast<float>(min_gain),
           static_cast<float>(max_gain),
           sign_threshold > 0,
+          relax_gains,
           k2,
           k2 * static_cast<double>(epoch_steps),
           1 - lr * weight_decay,
@@ -412,11 +415,12 @@ struct Ops {
 template <class T>
 struct CommonLanes {
   T gain_inc, gain_dec, min_gain, max_gain, sign_test_factor, decay, grad_divisor;
-  bool sign_test, divide_grad;
+  bool sign_test, relax_gains, divide_grad;
   ADAPTIVE_LR_HOST_DEVICE explicit CommonLanes(const CommonHyper& h, double sign_test_factor = 0)
       : gain_inc(T(h.gain_inc)), gain_dec(T(h.gain_dec)), min_gain(T(h.min_gain)),
         max_gain(T(h.max_gain)), sign_test_factor(T(sign_test_factor)), decay(T(h.decay)),
-        grad_divisor(T(h.grad_divisor)), sign_test(h.sign_test), divide_grad(h.divide_grad) {}
+        grad_divisor(T(h.grad_divisor)), sign_test(h.sign_test), relax_gains(h.relax_gains),
+        divide_grad(h.divide_grad) {}
 };
 
 // The epoch boundary (docs/algorithm.md). prev_sign holds -1, 0 or +1 as a T; noise is what the
@@ -436,10 +440,17 @@ ADAPTIVE_LR_HOST_DEVICE void apply_boundary(const CommonLanes<T>& c, T& gain, T&
     }
     if constexpr (B == Boundary::kUpdate) {
       // same sign: the steps were too small (additive increase); a flip: too large; a zero
-      // product decreases too in the paper's rule, and is held under the sign test
+      // product decreases too in the paper's rule, and is held under the sign test (relaxed
+      // toward 1 from above with relax_gains)
       const T agreement = prev_sign * sign;
+      T held = gain;
+      if (c.relax_gains) {
+        const T excess = Ops<T>::round_to_float(gain - T(1));  // each op rounded as in float32
+        held = Ops<T>::where_positive(excess, Ops<T>::round_to_float(excess * c.gain_dec) + T(1),
+                                      gain);
+      }
       const T decreased = c.sign_test
-                              ? Ops<T>::where_positive(T(0) - agreement, gain * c.gain_dec, gain)
+                              ? Ops<T>::where_positive(T(0) - agreement, gain * c.gain_dec, held)
                               : gain * c.gain_dec;
       gain = Ops<T>::round_to_float(
           Ops<T>::where_positive(agreement, gain + c.gain_inc, decreased));
