@@ -59,7 +59,8 @@ class GainRule:
             raise ValueError(f"sign_threshold must be finite and >= 0, got {self.sign_threshold}")
         if self.relax_gains and self.sign_threshold == 0:
             raise ValueError("relax_gains needs the sign test (sign_threshold > 0): the paper's "
-                             "rule (sign_threshold=0) holds no gain")
+                             "rule (sign_threshold=0) holds no gain; set relax_gains=False "
+                             "where sign_threshold is 0")
 
 
 # the gain rule's keys in a param group

@@ -184,6 +184,9 @@ def active_step(
         unknown = [name for name in hyper if name not in names]
         raise ValueError(f"adaptive_lr triton backend: {update} takes the hyperparameters "
                          f"{names}; missing {missing}, unknown {unknown}")
+    if len(gain_rule) != 6:
+        raise ValueError("adaptive_lr triton backend: gain_rule is (gain_inc, gain_dec, min_gain, "
+                         f"max_gain, sign_threshold, relax_gains), got {gain_rule}")
     *numbers, relax_gains = gain_rule
     sign_test = numbers[4] > 0
     if relax_gains and not sign_test:

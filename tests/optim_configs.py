@@ -101,7 +101,7 @@ CONFIGS = [
             maximize=True),
     _config(ActiveAdam, "decoupled_weight_decay", decoupled_weight_decay=True, weight_decay=0.1),
     # the sign test (k > 0): thresholds low enough that some epoch sums pass and some do not
-    _config(ActiveAdamW, "sign_test relax_gains", sign_threshold=1.0, relax_gains=True),
+    _config(ActiveAdamW, "sign_test", sign_threshold=1.0),
     _config(ActiveRAdam, "sign_test both_rectify_branches", betas=(0.9, 0.9), sign_threshold=1.0),
     _config(ActiveAdaBelief, "sign_test amsgrad clamps", amsgrad=True, sign_threshold=0.5,
             max_gain=3.0),
@@ -109,8 +109,13 @@ CONFIGS = [
             weight_decay=0.1, maximize=True, sign_threshold=1.5),
     # ActiveSGD's and ActiveLion's sign test reads the epoch's sum of g**2 (grad_sq_sum)
     _config(ActiveSGD, "sign_test grad_sq_sum nesterov", nesterov=True, sign_threshold=1.0),
-    _config(ActiveLion, "sign_test grad_sq_sum maximize clamps relax_gains", maximize=True,
-            max_gain=3.0, sign_threshold=0.8, relax_gains=True),
+    _config(ActiveLion, "sign_test grad_sq_sum maximize clamps", maximize=True, max_gain=3.0,
+            sign_threshold=0.8),
+    # relax_gains, with a gain_dec whose product (gain - 1) * gain_dec is inexact in float32
+    _config(ActiveLion, "sign_test grad_sq_sum relax_gains", sign_threshold=0.8,
+            relax_gains=True, gain_dec=0.7),
+    _config(ActiveAdamW, "sign_test relax_gains weight_decay", sign_threshold=1.0,
+            relax_gains=True, gain_dec=0.7, weight_decay=0.1),
     _config(ActiveLion, "defaults"),
     _config(ActiveLion, "weight_decay maximize clamps", betas=(0.8, 0.95), weight_decay=0.1,
             maximize=True, max_gain=3.0),

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from adaptive_lr import (
-    ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD, available_backends,
+    Active, ActiveAdaBelief, ActiveAdam, ActiveAdamW, ActiveLion, ActiveRAdam, ActiveSGD,
+    available_backends,
 )
 from fixtures import make_checkpoints
 from optim_configs import (
@@ -249,12 +250,31 @@ def test_a_checkpoint_from_before_the_sign_test_of_sgd_and_lion_resumes_with_the
     _assert_same_state(resumed, resumed_params, opt, params, tol=1e-6)
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["ActiveLion", "Active(Adam)"])
+def test_an_optimizer_pickled_before_relax_gains_unpickles_holding_its_gains(wrapped):
+    """A pickled optimizer (torch.save of the object, a deepcopy) whose groups and defaults
+    predate relax_gains steps afterwards with relax_gains False."""
+    params = make_params(torch.float32)
+    opt = (Active(torch.optim.Adam(params), steps_per_epoch=3) if wrapped
+           else ActiveLion(params, steps_per_epoch=3))
+    state = opt.__getstate__()
+    for group in [state["defaults"], *opt.param_groups]:
+        del group["relax_gains"]
+    old = object.__new__(type(opt))
+    old.__setstate__(state)
+    assert [g["relax_gains"] for g in [old.defaults, *old.param_groups]] == [False, False]
+    for grads in grad_sequence([tuple(p.shape) for p in params], 4, torch.float32):
+        for p, g in zip(params, grads):
+            p.grad = g
+        old.step()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_checkpoint_from_before_relax_gains_resumes_holding_its_gains(backend, tmp_path):
     """Groups saved before relax_gains existed held their gains under the sign test: such a
     state dict loads into an optimizer built with relax_gains=True, resumes with False and goes
     on as the uninterrupted run of the rule it was saved with."""
-    config = configs("sign_test", "grad_sq_sum", cls=ActiveLion)[0]
+    config = configs("relax_gains", cls=ActiveLion)[0]
     params = make_params(torch.float32)
     grads = grad_sequence([tuple(p.shape) for p in params], 14, torch.float32)
     opt = config.make(params, backend="reference")

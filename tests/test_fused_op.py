@@ -30,7 +30,7 @@ def num_states(kernel, hyper):
 
 
 def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_threshold=0.0,
-              relax_gains=False, seed=0):
+              relax_gains=False, gain_dec=0.5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -62,7 +62,8 @@ def make_args(kernel, hyper, dtype, weight_decay=0.0, maximize=False, sign_thres
         boundary=int(Boundary.NONE),
         grad_scale=None,
         found_inf=None,
-        **dict(GAIN_RULE, sign_threshold=sign_threshold, relax_gains=relax_gains),
+        **dict(GAIN_RULE, sign_threshold=sign_threshold, relax_gains=relax_gains,
+               gain_dec=gain_dec),
     )
     # lion's sign test reads the epoch's sum of g**2 (drawn last: the other tensors stay as they were)
     keeps_q = kernel == "lion" and sign_threshold > 0
@@ -94,10 +95,13 @@ def transcription(a: dict) -> None:
             if a["boundary"] == Boundary.UPDATE:
                 held = (product == 0) & (k > 0)
                 kept = gain  # a held gain, or with relax_gains one above 1 moved toward 1
-                if a["relax_gains"]:
-                    kept = torch.where(gain > 1, 1 + (gain - 1) * a["gain_dec"], gain)
+                if a["relax_gains"]:  # in float32, each op rounded once
+                    g32 = gain.float()
+                    kept = torch.where(g32 > 1, (g32 - 1) * a["gain_dec"] + 1, g32).double()
+                # the kernels take gain_dec as a float32 (exact for 0.5, not for 0.7)
+                gain_dec = float(torch.tensor(a["gain_dec"], dtype=torch.float32))
                 gain = torch.where(product > 0, gain + a["gain_inc"],
-                                   torch.where(held, kept, gain * a["gain_dec"]))
+                                   torch.where(held, kept, gain * gain_dec))
                 gain = gain.float().double().clamp(a["min_gain"], a["max_gain"])
             prev, gsum = sign, torch.zeros_like(gsum)
         gsum = gsum + g.float().double()
@@ -147,7 +151,8 @@ CASES = {
     "lion": ("lion", [0.9, 0.99], dict(weight_decay=0.1)),
     "lion-maximize": ("lion", [0.95, 0.98], dict(maximize=True)),
     "lion-sign-test": ("lion", [0.9, 0.99], dict(sign_threshold=0.5, maximize=True)),
-    "lion-sign-test-relax": ("lion", [0.9, 0.99], dict(sign_threshold=0.5, relax_gains=True)),
+    "lion-sign-test-relax": ("lion", [0.9, 0.99], dict(sign_threshold=0.5, relax_gains=True,
+                                                       gain_dec=0.7)),
 }
 
 

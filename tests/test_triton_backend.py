@@ -181,6 +181,9 @@ def test_wrong_hyperparameter_names_or_update_are_refused():
                             **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 1.0, False)))
     with pytest.raises(ValueError, match="lion with sign_threshold 0.0 takes no grad_sq_sums"):
         kernels.active_step("lion", rows[:7], lion, grad_sq_sums=[torch.zeros(3)], **args)
+    with pytest.raises(ValueError, match=r"gain_rule is \(gain_inc, gain_dec, min_gain"):
+        kernels.active_step("lion", rows[:7], lion,
+                            **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 0.0)))
     with pytest.raises(ValueError, match=r"relax_gains needs the sign test"):
         kernels.active_step("lion", rows[:7], lion,
                             **dict(args, gain_rule=(2.0, 0.5, 0.0, math.inf, 0.0, True)))

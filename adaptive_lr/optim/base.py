@@ -134,6 +134,8 @@ class ActiveOptimizer(GainStats, EpochClock, torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("state_precision", "full")  # pickled before compact state existed
         super().__setstate__(state)
+        for group in [self.defaults, *self.param_groups]:  # pickled before a gain key existed
+            checkpoint.upgrade_saved_group(group)
 
     def _compact(self, p: Tensor) -> bool:
         """Whether param p keeps compact state (never a float64 param: its math is float64)."""

@@ -125,6 +125,11 @@ class Active(GainStats, EpochClock, torch.optim.Optimizer):
         return {"optimizer": self.optimizer, "defaults": self.defaults, "state": self.state,
                 "steps_per_epoch": self.steps_per_epoch, "backend": self.backend}
 
+    def __setstate__(self, state: dict) -> None:  # unpickling, and deepcopy
+        super().__setstate__(state)
+        for group in [self.defaults, *self.param_groups]:  # pickled before a gain key existed
+            upgrade_saved_group(group)
+
     def __repr__(self) -> str:
         return f"Active({self.optimizer!r}, steps_per_epoch={self.steps_per_epoch})"
 

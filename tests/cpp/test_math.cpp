@@ -124,9 +124,14 @@ void test_relax_gains() {
   CHECK(after(0.25, 1, 3.5) == 0.25);  // below 1: held (a shrunk gain stays shrunk)
   CHECK(after(9, 1, 4.5) == 11);     // significant, same sign: + gain_inc
   CHECK(after(9, 1, -4.5) == 4.5);   // significant flip: * gain_dec
-  // float32 arithmetic in double lanes too: (gain - 1) * d + 1, each rounded to float
-  const float g = 1.0f + 3.0f * 0x1p-23f;
-  CHECK(after(T(g), 1, 0) == T((g - 1.0f) * 0.5f + 1.0f));
+  // each op rounded to float32, in double lanes too: with d = 0.7 the product (gain - 1) * d is
+  // inexact, and rounding it only after the + 1 (or an FMA) would give 0x1.74a61ep+1
+  const CommonLanes<T> c7(common_hyper(2.0, 0.7, 0.0, INFINITY, 2, true, 4, 0.0, false, 0.0,
+                                       nullptr),
+                          16);
+  T gain = T(0x1.dd7f98p+1f), sum = 0, prev = 1;
+  apply_boundary<Boundary::kUpdate>(c7, gain, sum, prev, T(1));
+  CHECK(gain == T(0x1.74a61cp+1f));
 }
 
 // One fused step (the tensor's t-th) of a single element for kernel K; returns theta, updates the
